@@ -1,0 +1,33 @@
+//! `ssegate publish`: one event from the command line, through the public gRPC API.
+
+use std::io::Read;
+
+use crate::{config::PublishArgs, grpc::pb};
+
+/// Sends the event and returns its id.
+pub async fn publish(args: PublishArgs) -> anyhow::Result<String> {
+    use pb::publisher_client::PublisherClient;
+
+    let data = if args.data == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s
+    } else {
+        args.data
+    };
+    let event = Some(pb::Event { name: args.event, data });
+    let mut client = PublisherClient::connect(args.grpc_url.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.grpc_url))?;
+    let resp = if !args.user.is_empty() {
+        client.publish(pb::PublishRequest { user_ids: args.user, event }).await
+    } else if let Some(group) = args.group {
+        client.publish_group(pb::PublishGroupRequest { group, event }).await
+    } else if let Some(topic) = args.topic {
+        client.publish_topic(pb::PublishTopicRequest { topic, event }).await
+    } else {
+        client.broadcast(pb::BroadcastRequest { event }).await
+    };
+    let resp = resp.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+    Ok(resp.event_id)
+}

@@ -1,0 +1,146 @@
+//! Command-line flags, each also read from an `SSEGATE_…` environment variable, validated once
+//! at start. The README's flag table mirrors this file.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "ssegate", version, about = "Push service: publish over gRPC, receive over Server-Sent Events")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(Box<ServeArgs>),
+    /// Publish one event to a running server over gRPC and print its id.
+    Publish(PublishArgs),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address of the public HTTP port (SSE subscriptions).
+    #[arg(long, env = "SSEGATE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Address of the internal gRPC port (publishers).
+    #[arg(long, env = "SSEGATE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Interval between heartbeat comments on an idle stream.
+    #[arg(long, env = "SSEGATE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Reconnection delay advertised to clients in the `retry:` field.
+    #[arg(long, env = "SSEGATE_RETRY", default_value = "3s", value_parser = duration)]
+    pub retry: Duration,
+
+    /// Events a connection may have queued before it is cut off as a slow consumer.
+    #[arg(long, env = "SSEGATE_QUEUE_CAPACITY", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub queue_capacity: u32,
+
+    /// Largest event accepted (name + data, in bytes).
+    #[arg(long, env = "SSEGATE_MAX_EVENT_BYTES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_event_bytes: u32,
+
+    /// Most ids in one list of a request (users of a Publish, entries of a Presence query).
+    #[arg(long, env = "SSEGATE_MAX_IDS_PER_REQUEST", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_ids_per_request: u32,
+
+    /// Most groups plus topics one connection may join.
+    #[arg(long, env = "SSEGATE_MAX_SUBSCRIPTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub max_subscriptions: u32,
+
+    /// Largest gRPC request message accepted, in bytes.
+    #[arg(long, env = "SSEGATE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=268_435_456))]
+    pub grpc_max_message_bytes: u32,
+
+    /// Time a client may take to send its request headers.
+    #[arg(long, env = "SSEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, the longest wait for streams and calls to end before exiting.
+    #[arg(long, env = "SSEGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Origins allowed to subscribe from a web page on another origin, comma-separated, or `*`.
+    /// Empty: no cross-origin access.
+    #[arg(long, env = "SSEGATE_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+
+    /// Log output: `pretty` for people, `json` for log collectors. Filter with RUST_LOG.
+    #[arg(long, env = "SSEGATE_LOG_FORMAT", default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["user", "group", "topic", "broadcast"])))]
+pub struct PublishArgs {
+    /// gRPC endpoint of the server.
+    #[arg(long, env = "SSEGATE_GRPC_URL", default_value = "http://127.0.0.1:50051")]
+    pub grpc_url: String,
+
+    /// Deliver to this user (repeatable).
+    #[arg(long)]
+    pub user: Vec<String>,
+
+    /// Deliver to the members of this group.
+    #[arg(long)]
+    pub group: Option<String>,
+
+    /// Deliver to the subscribers of this topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+
+    /// Deliver to every connection.
+    #[arg(long)]
+    pub broadcast: bool,
+
+    /// SSE event name; empty for the default `message`.
+    #[arg(long, default_value = "")]
+    pub event: String,
+
+    /// Event data; `-` reads it from standard input.
+    #[arg(long)]
+    pub data: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let Cli { command: Command::Serve(d) } = Cli::try_parse_from(["ssegate", "serve"]).unwrap() else {
+            panic!("not serve")
+        };
+        assert_eq!(d.http_addr.port(), 8080);
+        assert_eq!(d.grpc_addr.port(), 50051);
+        assert_eq!(d.heartbeat_interval, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn publish_needs_exactly_one_target() {
+        assert!(Cli::try_parse_from(["ssegate", "publish", "--data", "x"]).is_err());
+        assert!(Cli::try_parse_from(["ssegate", "publish", "--data", "x", "--user", "a", "--broadcast"]).is_err());
+        assert!(Cli::try_parse_from(["ssegate", "publish", "--data", "x", "--user", "a", "--user", "b"]).is_ok());
+    }
+}

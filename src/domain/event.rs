@@ -1,0 +1,116 @@
+//! Events, their ids and their targets.
+
+use std::{fmt, str::FromStr};
+
+use super::{EventName, GroupId, Topic, UserId};
+
+/// The id of a published event, as subscribers see it in the SSE `id:` field.
+///
+/// `epoch` names the sequence the event belongs to and `seq` is its position in it. The
+/// in-memory backplane draws a random epoch at start, so an id from before a restart is
+/// recognised as foreign; a broker backplane uses the stream's identity as epoch and the
+/// broker's global sequence as `seq`, so every replica produces the same id for an event.
+/// On the wire: `<epoch in lowercase hex>-<seq in decimal>`, for example `1f3a9c0b2d4e5f60-42`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct EventId {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}-{}", self.epoch, self.seq)
+    }
+}
+
+/// The text was not an event id this server could have produced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an ssegate event id (expected `<hex epoch>-<decimal sequence>`)")]
+pub struct MalformedEventId;
+
+impl FromStr for EventId {
+    type Err = MalformedEventId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (epoch, seq) = s.split_once('-').ok_or(MalformedEventId)?;
+        let all = |t: &str, f: fn(&u8) -> bool| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| f(&b));
+        // Only the canonical form Display writes is accepted (no sign, no upper case, no
+        // leading zeros beyond what Display writes), so an id maps to exactly one text.
+        if !all(epoch, |b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) || !all(seq, u8::is_ascii_digit) {
+            return Err(MalformedEventId);
+        }
+        let id = EventId {
+            epoch: u64::from_str_radix(epoch, 16).map_err(|_| MalformedEventId)?,
+            seq: seq.parse().map_err(|_| MalformedEventId)?,
+        };
+        if id.to_string() != s {
+            return Err(MalformedEventId);
+        }
+        Ok(id)
+    }
+}
+
+/// One event as a publisher gave it: an optional name (absent means `message`) and data.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Event {
+    pub name: Option<EventName>,
+    pub data: String,
+}
+
+/// Who receives an event.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Target {
+    /// Every connection of these users; sorted and without duplicates.
+    Users(Vec<UserId>),
+    Group(GroupId),
+    Topic(Topic),
+    Broadcast,
+}
+
+impl Target {
+    /// Targets users, sorted and deduplicated so that a user listed twice receives once.
+    pub fn users(mut ids: Vec<UserId>) -> Self {
+        ids.sort_unstable();
+        ids.dedup();
+        Target::Users(ids)
+    }
+
+    /// A short name of the kind of target, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Users(_) => "user",
+            Target::Group(_) => "group",
+            Target::Topic(_) => "topic",
+            Target::Broadcast => "broadcast",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn event_id_round_trips_and_rejects_junk() {
+        let id = EventId { epoch: 0x1f3a, seq: 42 };
+        assert_eq!(id.to_string(), "1f3a-42");
+        assert_eq!("1f3a-42".parse::<EventId>(), Ok(id));
+        for bad in ["", "42", "-1", "1f3a-", "1F3A-42", "1f3a-+42", "1f3a-042", "g-1", "1-2-3", "01-2"] {
+            assert!(bad.parse::<EventId>().is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_event_id_round_trips(epoch: u64, seq: u64) {
+            let id = EventId { epoch, seq };
+            prop_assert_eq!(id.to_string().parse::<EventId>(), Ok(id));
+        }
+
+        #[test]
+        fn parsing_arbitrary_text_never_panics(s in ".*") {
+            let _ = s.parse::<EventId>();
+        }
+    }
+}

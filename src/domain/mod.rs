@@ -1,0 +1,9 @@
+//! The vocabulary of ssegate, free of any transport: identifiers, events, ids and targets.
+
+mod event;
+mod ids;
+
+pub use event::{Event, EventId, MalformedEventId, Target};
+pub use ids::{
+    EventName, GroupId, InvalidText, MAX_EVENT_NAME_BYTES, MAX_ID_BYTES, RESERVED_EVENT_PREFIX, Topic, UserId,
+};

@@ -1,0 +1,64 @@
+//! Protobuf messages to domain types, validating every field once. Errors name the field the
+//! caller sent (for example `user_ids[2]`).
+
+use super::{ApiError, pb, service::Limits};
+use crate::domain::{Event, EventName, GroupId, InvalidText, Target, Topic, UserId};
+
+fn field<T>(name: impl Into<String>, r: Result<T, InvalidText>) -> Result<T, ApiError> {
+    r.map_err(|reason| ApiError::Invalid { field: name.into(), reason })
+}
+
+pub fn user(name: &str, s: &str) -> Result<UserId, ApiError> {
+    field(name, UserId::parse(s))
+}
+
+/// Parses a list of ids with a per-request cap; `parse` validates one entry.
+pub fn list<T>(
+    name: &'static str,
+    items: &[String],
+    limits: &Limits,
+    parse: fn(&str) -> Result<T, InvalidText>,
+) -> Result<Vec<T>, ApiError> {
+    if items.len() > limits.max_ids_per_request {
+        return Err(ApiError::TooMany { field: name, count: items.len(), max: limits.max_ids_per_request });
+    }
+    items.iter().enumerate().map(|(i, s)| field(format!("{name}[{i}]"), parse(s))).collect()
+}
+
+pub fn users_target(name: &'static str, ids: &[String], limits: &Limits) -> Result<Target, ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::Missing(name));
+    }
+    Ok(Target::users(list(name, ids, limits, UserId::parse)?))
+}
+
+pub fn group(s: &str) -> Result<GroupId, ApiError> {
+    field("group", GroupId::parse(s))
+}
+
+pub fn topic(s: &str) -> Result<Topic, ApiError> {
+    field("topic", Topic::parse(s))
+}
+
+pub fn event(ev: Option<pb::Event>, limits: &Limits) -> Result<Event, ApiError> {
+    let ev = ev.ok_or(ApiError::Missing("event"))?;
+    let len = ev.name.len() + ev.data.len();
+    if len > limits.max_event_bytes {
+        return Err(ApiError::EventTooLarge { len, max: limits.max_event_bytes });
+    }
+    let name = match ev.name.as_str() {
+        "" | "message" => None,
+        n => Some(field("event.name", EventName::parse(n))?),
+    };
+    Ok(Event { name, data: ev.data })
+}
+
+pub fn stream_target(t: Option<pb::publish_stream_request::Target>, limits: &Limits) -> Result<Target, ApiError> {
+    use pb::publish_stream_request::Target as T;
+    match t.ok_or(ApiError::Missing("target"))? {
+        T::Users(u) => users_target("users.user_ids", &u.user_ids, limits),
+        T::Group(g) => Ok(Target::Group(group(&g)?)),
+        T::Topic(t) => Ok(Target::Topic(topic(&t)?)),
+        T::Broadcast(_) => Ok(Target::Broadcast),
+    }
+}

@@ -1,0 +1,42 @@
+//! Errors of the gRPC API and their one mapping to `tonic::Status`.
+
+use tonic::{Code, Status};
+
+use crate::{domain::InvalidText, router::RouterError};
+
+/// Why a request was refused. The message is shown to the caller as is: one line, naming the
+/// field and the rule, never internal detail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field} {reason}")]
+    Invalid { field: String, reason: InvalidText },
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("{field} has {count} entries, over the limit of {max} (--max-ids-per-request)")]
+    TooMany { field: &'static str, count: usize, max: usize },
+    #[error("event is {len} bytes (name + data), over the limit of {max} bytes (--max-event-bytes)")]
+    EventTooLarge { len: usize, max: usize },
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+impl ApiError {
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::Invalid { .. }
+            | ApiError::Missing(_)
+            | ApiError::TooMany { .. }
+            | ApiError::EventTooLarge { .. }
+            | ApiError::OutOfRange(_) => Code::InvalidArgument,
+            ApiError::Router(RouterError::ShuttingDown) => Code::Unavailable,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}

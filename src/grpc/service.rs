@@ -1,0 +1,194 @@
+//! `ssegate.v1.Publisher`: parse, route, answer.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures_util::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::{ApiError, convert, pb};
+use crate::{
+    domain::{GroupId, Target, Topic, UserId},
+    router::{Published, Router},
+};
+
+/// Request-shape limits, from the configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest event (name + data bytes) accepted.
+    pub max_event_bytes: usize,
+    /// Most ids in one list of a request (users of a publish, entries of a presence query).
+    pub max_ids_per_request: usize,
+}
+
+/// Largest page of `Presence.list_online`, and the page size when none is given.
+const MAX_ONLINE_PAGE: u32 = 10_000;
+const DEFAULT_ONLINE_PAGE: u32 = 1_000;
+
+#[derive(Clone)]
+pub struct PublisherService {
+    router: Arc<Router>,
+    limits: Arc<Limits>,
+}
+
+impl PublisherService {
+    pub fn new(router: Arc<Router>, limits: Limits) -> Self {
+        Self { router, limits: Arc::new(limits) }
+    }
+
+    fn publish(&self, target: Target, event: Option<pb::Event>) -> Result<Published, ApiError> {
+        let event = convert::event(event, &self.limits)?;
+        let published = self.router.publish(&target, &event)?;
+        tracing::debug!(target = target.kind(), id = %published.id, recipients = published.recipients, "published");
+        Ok(published)
+    }
+
+    fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
+        let result = convert::stream_target(req.target, &self.limits).and_then(|t| self.publish(t, req.event));
+        match result {
+            Ok(p) => pb::PublishStreamResponse {
+                index,
+                code: Code::Ok as i32,
+                message: String::new(),
+                event_id: p.id.to_string(),
+                recipients: Some(p.recipients),
+            },
+            Err(e) => pb::PublishStreamResponse {
+                index,
+                code: e.code() as i32,
+                message: e.to_string(),
+                event_id: String::new(),
+                recipients: None,
+            },
+        }
+    }
+}
+
+fn answer(p: Published) -> Response<pb::PublishResponse> {
+    Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: Some(p.recipients) })
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::publisher_server::Publisher for PublisherService {
+    async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = req.into_inner();
+        let target = convert::users_target("user_ids", &req.user_ids, &self.limits)?;
+        Ok(answer(self.publish(target, req.event)?))
+    }
+
+    async fn publish_group(
+        &self,
+        req: Request<pb::PublishGroupRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = req.into_inner();
+        let target = Target::Group(convert::group(&req.group)?);
+        Ok(answer(self.publish(target, req.event)?))
+    }
+
+    async fn publish_topic(
+        &self,
+        req: Request<pb::PublishTopicRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = req.into_inner();
+        let target = Target::Topic(convert::topic(&req.topic)?);
+        Ok(answer(self.publish(target, req.event)?))
+    }
+
+    async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        Ok(answer(self.publish(Target::Broadcast, req.into_inner().event)?))
+    }
+
+    type PublishStreamStream = ResponseStream;
+
+    /// Answers each request in order as it arrives. Publishing never waits, so mapping the
+    /// inbound stream is enough: the next request is read only once the previous answer was
+    /// taken by the transport, which gives the caller backpressure for free.
+    async fn publish_stream(
+        &self,
+        req: Request<Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let this = self.clone();
+        let answers = req.into_inner().enumerate().map(move |(i, item)| {
+            // A transport or decoding error ends the stream: framing can no longer be trusted.
+            item.map(|r| this.stream_item(i as u64, r))
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn disconnect(
+        &self,
+        req: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::DisconnectResponse>, Status> {
+        let req = req.into_inner();
+        let user = convert::user("user_id", &req.user_id)?;
+        if req.reason.len() > 1024 {
+            return Err(
+                ApiError::OutOfRange(format!("reason is {} bytes, over the limit of 1024", req.reason.len())).into()
+            );
+        }
+        let closed = self.router.disconnect(&user, &req.reason);
+        Ok(Response::new(pb::DisconnectResponse { closed }))
+    }
+
+    async fn presence(&self, req: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
+        let req = req.into_inner();
+        let users = convert::list("user_ids", &req.user_ids, &self.limits, UserId::parse)?;
+        let groups = convert::list("groups", &req.groups, &self.limits, GroupId::parse)?;
+        let topics = convert::list("topics", &req.topics, &self.limits, Topic::parse)?;
+        let mut resp = pb::PresenceResponse {
+            users: self
+                .router
+                .user_presence(&users)
+                .into_iter()
+                .map(|p| pb::UserPresence {
+                    user_id: p.user.to_string(),
+                    online: p.connections > 0,
+                    connections: p.connections,
+                })
+                .collect(),
+            groups: counts(&req.groups, self.router.group_connections(&groups)),
+            topics: counts(&req.topics, self.router.topic_connections(&topics)),
+            ..Default::default()
+        };
+        if let Some(page) = req.list_online {
+            let limit = match page.limit {
+                0 => DEFAULT_ONLINE_PAGE,
+                n if n <= MAX_ONLINE_PAGE => n,
+                n => {
+                    let msg = format!("list_online.limit is {n}, over the limit of {MAX_ONLINE_PAGE}");
+                    return Err(ApiError::OutOfRange(msg).into());
+                }
+            };
+            let after = (!page.after.is_empty()).then_some(page.after.as_str());
+            let (ids, more) = self.router.online_users(after, limit as usize);
+            resp.next_after =
+                if more { ids.last().map(ToString::to_string).unwrap_or_default() } else { String::new() };
+            resp.online_user_ids = ids.iter().map(ToString::to_string).collect();
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        let s = self.router.stats();
+        Ok(Response::new(pb::StatsResponse {
+            connections: s.connections,
+            users: s.users,
+            groups: s.groups,
+            topics: s.topics,
+            events_published: s.events_published,
+            events_delivered: s.events_delivered,
+            events_dropped: s.events_dropped,
+            connections_opened: s.connections_opened,
+            uptime_seconds: self.router.uptime().as_secs(),
+        }))
+    }
+}
+
+fn counts(names: &[String], counts: Vec<u64>) -> Vec<pb::MembershipCount> {
+    names
+        .iter()
+        .zip(counts)
+        .map(|(name, connections)| pb::MembershipCount { name: name.clone(), connections })
+        .collect()
+}

@@ -1,0 +1,110 @@
+//! The SSE response body: drains the connection's mailbox and hands the bytes to hyper.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame as BodyFrame, SizeHint};
+
+use crate::router::{CloseReason, Drained, Frame, Registration};
+
+/// Most bytes coalesced into one write; a backlog beyond it goes out in several.
+const MAX_WRITE: usize = 64 * 1024;
+
+pub struct SseBody {
+    reg: Registration,
+    /// Sent before anything else: the `retry:` field.
+    head: Option<Bytes>,
+    /// Frames taken from the mailbox but not yet written (only when a backlog exceeds
+    /// `MAX_WRITE`).
+    backlog: VecDeque<Frame>,
+    /// Scratch vector reused for every drain.
+    scratch: Vec<Frame>,
+    /// Why the stream ended, once the mailbox said so; `None` while open.
+    ended: Option<CloseReason>,
+    opened: Instant,
+}
+
+impl SseBody {
+    pub fn new(reg: Registration, head: Bytes) -> Self {
+        Self {
+            reg,
+            head: Some(head),
+            backlog: VecDeque::new(),
+            scratch: Vec::new(),
+            ended: None,
+            opened: Instant::now(),
+        }
+    }
+
+    /// Takes frames from the backlog up to `MAX_WRITE` bytes (at least one) and joins them:
+    /// several queued events go out in one write. A single frame is passed on without a copy.
+    fn next_write(&mut self) -> Option<Bytes> {
+        let first = self.backlog.pop_front()?;
+        let mut events = u64::from(first.is_event);
+        let bytes = if self.backlog.front().is_none_or(|f| first.bytes.len() + f.bytes.len() > MAX_WRITE) {
+            first.bytes
+        } else {
+            let mut buf = BytesMut::with_capacity(
+                MAX_WRITE.min(self.backlog.iter().map(|f| f.bytes.len()).sum::<usize>() + first.bytes.len()),
+            );
+            buf.extend_from_slice(&first.bytes);
+            while let Some(f) = self.backlog.front() {
+                if buf.len() + f.bytes.len() > MAX_WRITE {
+                    break;
+                }
+                buf.extend_from_slice(&f.bytes);
+                events += u64::from(f.is_event);
+                self.backlog.pop_front();
+            }
+            buf.freeze()
+        };
+        self.reg.router().record_delivered(events);
+        Some(bytes)
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(head) = this.head.take() {
+            return Poll::Ready(Some(Ok(BodyFrame::data(head))));
+        }
+        if this.backlog.is_empty() && this.ended.is_none() {
+            match this.reg.mailbox().poll_drain(cx, &mut this.scratch) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Drained::Frames) => this.backlog.extend(this.scratch.drain(..)),
+                Poll::Ready(Drained::End(reason)) => this.ended = Some(reason),
+            }
+        }
+        Poll::Ready(this.next_write().map(|b| Ok(BodyFrame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        let reason = self.ended.unwrap_or(CloseReason::ClientLeft);
+        tracing::info!(
+            conn = self.reg.id(),
+            reason = reason.as_str(),
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            "sse connection closed"
+        );
+    }
+}

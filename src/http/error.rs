@@ -1,0 +1,56 @@
+//! Errors of the HTTP edge and their one mapping to a response: a status and a one-line
+//! plain-text reason, never internal detail.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::{domain::InvalidText, router::RouterError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("query parameter `{param}` {reason}")]
+    InvalidParam { param: &'static str, reason: InvalidText },
+    #[error("query parameter `user` is required")]
+    MissingUser,
+    #[error("query parameter `user` may appear only once")]
+    RepeatedUser,
+    #[error("unknown query parameter `{0}` (expected user, group, topic)")]
+    UnknownParam(String),
+    #[error("{count} groups and topics requested, over the limit of {max} (--max-subscriptions)")]
+    TooManySubscriptions { count: usize, max: usize },
+    #[error("no such resource; subscribe with GET /v1/events")]
+    NotFound,
+    #[error("method not allowed; use GET")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+impl HttpError {
+    fn status(&self) -> StatusCode {
+        match self {
+            HttpError::InvalidParam { .. }
+            | HttpError::MissingUser
+            | HttpError::RepeatedUser
+            | HttpError::UnknownParam(_)
+            | HttpError::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
+            HttpError::NotFound => StatusCode::NOT_FOUND,
+            HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            HttpError::Router(RouterError::ShuttingDown) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = (status, format!("{self}\n")).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}

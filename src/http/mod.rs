@@ -1,0 +1,91 @@
+//! The HTTP edge (the public port): `GET /v1/events` and the SSE body. The only module that
+//! sees axum; errors map to responses in one place (`error.rs`).
+
+mod body;
+mod error;
+mod events;
+pub mod server;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::routing::get;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub use error::HttpError;
+
+use crate::{event_stream, router::Router};
+
+/// Settings of the HTTP edge.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    /// The reconnection delay advertised to clients in the opening `retry:` field.
+    pub retry: Duration,
+    /// Most groups plus topics one connection may join.
+    pub max_subscriptions: usize,
+    /// Origins allowed to open a stream from another origin (`*` for any); empty: none.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    router: Arc<Router>,
+    settings: Arc<Settings>,
+}
+
+struct Settings {
+    max_subscriptions: usize,
+    /// The `retry:` field, encoded once.
+    retry_field: Bytes,
+}
+
+/// The invalid CORS origin, if any.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid CORS origin `{0}`: expected `*` or an origin such as https://app.example.com")]
+pub struct InvalidOrigin(String);
+
+/// Builds the application: routes, state and CORS.
+pub fn app(router: Arc<Router>, settings: &HttpSettings) -> Result<axum::Router, InvalidOrigin> {
+    let state = AppState {
+        router,
+        settings: Arc::new(Settings {
+            max_subscriptions: settings.max_subscriptions,
+            retry_field: event_stream::retry(settings.retry.as_millis() as u64),
+        }),
+    };
+    let app = axum::Router::new()
+        .route("/v1/events", get(events::subscribe))
+        .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
+        .fallback(|| async { HttpError::NotFound })
+        .with_state(state);
+    Ok(match cors(&settings.cors_allowed_origins)? {
+        Some(layer) => app.layer(layer),
+        None => app,
+    })
+}
+
+fn cors(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let values = origins
+            .iter()
+            .map(|o| match HeaderValue::from_str(o) {
+                Ok(v) if o.starts_with("http://") || o.starts_with("https://") => Ok(v),
+                _ => Err(InvalidOrigin(o.clone())),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(values)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET])
+            .allow_headers([HeaderName::from_static("last-event-id"), http::header::CACHE_CONTROL])
+            .max_age(Duration::from_secs(600)),
+    ))
+}

@@ -1,0 +1,138 @@
+//! Building and running the server: bind both listeners, start the tasks, drain on shutdown.
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::ServeArgs,
+    event_stream, grpc,
+    http::{self, HttpSettings},
+    router::{CloseReason, Frame, Router, RouterConfig},
+};
+
+/// Heartbeats go out in this many slots per interval, spreading wake-ups over time.
+const HEARTBEAT_SLOTS: u64 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr} ({port}): {source}")]
+    Bind { addr: SocketAddr, port: &'static str, source: io::Error },
+    #[error(transparent)]
+    Cors(#[from] http::InvalidOrigin),
+    #[error(transparent)]
+    Grpc(#[from] grpc::ServeError),
+}
+
+/// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
+/// real ports back.
+pub struct Application {
+    config: ServeArgs,
+    http: TcpListener,
+    grpc: TcpListener,
+    router: Arc<Router>,
+    app: axum::Router,
+}
+
+async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, port, source })
+}
+
+impl Application {
+    pub async fn build(config: ServeArgs) -> Result<Self, StartupError> {
+        let router = Router::new(RouterConfig { queue_capacity: config.queue_capacity as usize, epoch: None });
+        let app = http::app(
+            router.clone(),
+            &HttpSettings {
+                retry: config.retry,
+                max_subscriptions: config.max_subscriptions as usize,
+                cors_allowed_origins: config.cors_allowed_origins.clone(),
+            },
+        )?;
+        let http = bind(config.http_addr, "http").await?;
+        let grpc = bind(config.grpc_addr, "grpc").await?;
+        Ok(Self { config, http, grpc, router, app })
+    }
+
+    pub fn http_addr(&self) -> io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    pub fn grpc_addr(&self) -> io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    pub fn router(&self) -> Arc<Router> {
+        self.router.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains: health turns NOT_SERVING, every stream
+    /// gets a `retry:` with a randomised delay and ends, in-flight gRPC calls are answered, and
+    /// whatever is still open after the grace period is dropped.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
+        let Self { config, http, grpc, router, app } = self;
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+
+        let limits = grpc::Limits {
+            max_event_bytes: config.max_event_bytes as usize,
+            max_ids_per_request: config.max_ids_per_request as usize,
+        };
+        let grpc_task = tokio::spawn(grpc::serve(
+            grpc,
+            router.clone(),
+            limits,
+            config.grpc_max_message_bytes as usize,
+            (reporter.clone(), health_service),
+            stop.clone().cancelled_owned(),
+        ));
+        tracker.spawn(http::server::serve(http, app, config.header_read_timeout, stop.clone(), tracker.clone()));
+        tracker.spawn(heartbeats(router.clone(), config.heartbeat_interval, stop.clone()));
+        tracing::info!(http = ?config.http_addr, grpc = ?config.grpc_addr, "ssegate serving");
+
+        shutdown.await;
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
+        grpc::set_not_serving(&reporter).await;
+        let retry_ms = config.retry.as_millis() as u64;
+        let closed = router.close_all(CloseReason::Shutdown, || {
+            // Spread reconnections over [retry, 2*retry + 1s) so thousands of clients do not come
+            // back in the same millisecond.
+            Some(event_stream::retry(retry_ms + fastrand::u64(0..=retry_ms + 1000)))
+        });
+        stop.cancel();
+        tracker.close();
+        let drained = async {
+            tracker.wait().await;
+            grpc_task.await
+        };
+        match tokio::time::timeout(config.shutdown_grace, drained).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed"),
+            Err(_) => tracing::warn!(streams = closed, "grace period over: dropping what is still open"),
+        }
+        tracing::info!("ssegate stopped");
+        Ok(())
+    }
+}
+
+/// Every interval/SLOTS, queues a heartbeat comment on the idle connections of one slot.
+async fn heartbeats(router: Arc<Router>, interval: Duration, stop: CancellationToken) {
+    let frame = Frame {
+        bytes: bytes::Bytes::from_static(event_stream::HEARTBEAT),
+        published_at: std::time::Instant::now(),
+        is_event: false,
+    };
+    let mut tick = tokio::time::interval((interval / HEARTBEAT_SLOTS as u32).max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut slot = 0;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        router.heartbeat(slot, HEARTBEAT_SLOTS, &frame);
+        slot = (slot + 1) % HEARTBEAT_SLOTS;
+    }
+}

@@ -1,0 +1,94 @@
+//! A real browser: headless Chromium's `EventSource`, driven by tests/browser/driver.mjs
+//! (playwright-core). `scripts/test.sh` installs Chromium and the driver's packages.
+
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{Child, ChildStdout, Command},
+    time::timeout_at,
+};
+
+use crate::helpers::{deadline, spawn_app};
+
+pub struct Browser {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Browser {
+    /// Opens a page whose EventSource connects to `url`, listening for `message` and `names`.
+    pub async fn open(url: &str, names: &[&str]) -> Browser {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+        assert!(
+            std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
+            "tests/browser/node_modules is missing: run ./scripts/test.sh (or `npm ci` in tests/browser)"
+        );
+        let mut child = Command::new("node")
+            .arg(format!("{dir}/driver.mjs"))
+            .arg(url)
+            .args(names)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs (install Node.js 20)");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut b = Browser { child, lines };
+        assert_eq!(b.next("ready").await["kind"], "ready");
+        b
+    }
+
+    /// The next JSON line the driver printed.
+    pub async fn next(&mut self, what: &str) -> Value {
+        let line = timeout_at(deadline(), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("browser: timed out waiting for {what}"))
+            .expect("read driver output")
+            .unwrap_or_else(|| panic!("browser driver exited while waiting for {what}"));
+        serde_json::from_str(&line).expect("driver prints JSON lines")
+    }
+
+    /// The next line of the given kind, skipping others.
+    pub async fn next_kind(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.next(kind).await;
+            if v["kind"] == kind {
+                return v;
+            }
+        }
+    }
+
+    pub async fn quit(mut self) {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(b"quit\n").await;
+        }
+        let _ = timeout_at(deadline(), self.child.wait()).await;
+    }
+}
+
+#[tokio::test]
+async fn chromium_eventsource_receives_named_multiline_unicode_events_with_ids() {
+    let app = spawn_app(&["--cors-allowed-origins", "*"]).await;
+    let mut browser = Browser::open(&format!("http://{}/v1/events?user=web&topic=t", app.http), &["chat"]).await;
+    browser.next_kind("open").await;
+    let r1 = app.publish_users(&["web"], "chat", "héllo\nwörld ✓ 😀").await;
+    let r2 = app.publish_topic("t", "line1\r\nline2\rline3").await;
+    let r3 = app.publish_users(&["web"], "", "data: forged\n\nevent: chat").await;
+    let e1 = browser.next_kind("event").await;
+    assert_eq!(
+        (e1["type"].as_str(), e1["data"].as_str(), e1["lastEventId"].as_str()),
+        (Some("chat"), Some("héllo\nwörld ✓ 😀"), Some(r1.event_id.as_str()))
+    );
+    let e2 = browser.next_kind("event").await;
+    assert_eq!(
+        (e2["type"].as_str(), e2["data"].as_str(), e2["lastEventId"].as_str()),
+        (Some("message"), Some("line1\nline2\nline3"), Some(r2.event_id.as_str()))
+    );
+    let e3 = browser.next_kind("event").await;
+    assert_eq!((e3["type"].as_str(), e3["data"].as_str()), (Some("message"), Some("data: forged\n\nevent: chat")));
+    assert_eq!(e3["lastEventId"].as_str(), Some(r3.event_id.as_str()));
+    browser.quit().await;
+}

@@ -1,0 +1,287 @@
+//! Test harness: the real server on port 0, a tonic client, and a raw HTTP/1.1 SSE client
+//! that decodes chunked transfer encoding itself and parses events as a browser would.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use ssegate::{
+    config::{Cli, Command},
+    event_stream::parse::{Item, ParsedEvent, Parser as SseParser},
+    grpc::pb::{self, publisher_client::PublisherClient},
+    startup::Application,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    sync::oneshot,
+    task::JoinHandle,
+    time::{Instant, timeout_at},
+};
+use tonic::transport::Channel;
+
+/// How long any single expectation may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn deadline() -> Instant {
+    Instant::now() + DEADLINE
+}
+
+pub struct TestApp {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub client: PublisherClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// Starts the real server on 127.0.0.1 with ephemeral ports; `extra` are more `serve` flags.
+pub async fn spawn_app(extra: &[&str]) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        ssegate::telemetry::init(ssegate::config::LogFormat::Pretty);
+    }
+    let mut argv = vec!["ssegate", "serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"];
+    argv.extend_from_slice(extra);
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("valid flags").command else { unreachable!() };
+    let app = Application::build(*args).await.expect("server builds");
+    let http = app.http_addr().unwrap();
+    let grpc = app.grpc_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let handle = tokio::spawn(async move {
+        app.run_until_stopped(async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    let client = PublisherClient::connect(format!("http://{grpc}")).await.expect("grpc connects");
+    TestApp { http, grpc, client, stop: Some(tx), handle: Some(handle) }
+}
+
+impl TestApp {
+    /// Opens `GET /v1/events?{query}` and asserts a 200 event stream.
+    pub async fn subscribe(&self, query: &str) -> SseClient {
+        let c = SseClient::connect(self.http, &format!("/v1/events?{query}"), &[]).await;
+        assert_eq!(c.status, 200, "subscribe {query}: {:?}", c.head);
+        c
+    }
+
+    /// Stops the server (as SIGTERM would) and waits for it to finish.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            timeout_at(deadline(), h).await.expect("server stops in time").expect("server task");
+        }
+    }
+
+    pub async fn publish_users(&self, users: &[&str], name: &str, data: &str) -> pb::PublishResponse {
+        let req =
+            pb::PublishRequest { user_ids: users.iter().map(|s| s.to_string()).collect(), event: Some(ev(name, data)) };
+        self.client.clone().publish(req).await.expect("publish").into_inner()
+    }
+
+    pub async fn publish_group(&self, group: &str, data: &str) -> pb::PublishResponse {
+        let req = pb::PublishGroupRequest { group: group.into(), event: Some(ev("", data)) };
+        self.client.clone().publish_group(req).await.expect("publish_group").into_inner()
+    }
+
+    pub async fn publish_topic(&self, topic: &str, data: &str) -> pb::PublishResponse {
+        let req = pb::PublishTopicRequest { topic: topic.into(), event: Some(ev("", data)) };
+        self.client.clone().publish_topic(req).await.expect("publish_topic").into_inner()
+    }
+
+    pub async fn broadcast(&self, data: &str) -> pb::PublishResponse {
+        let req = pb::BroadcastRequest { event: Some(ev("", data)) };
+        self.client.clone().broadcast(req).await.expect("broadcast").into_inner()
+    }
+
+    pub async fn stats(&self) -> pb::StatsResponse {
+        self.client.clone().stats(pb::StatsRequest {}).await.expect("stats").into_inner()
+    }
+
+    /// Polls Stats until `cond` holds, failing at the deadline.
+    pub async fn wait_stats(&self, what: &str, cond: impl Fn(&pb::StatsResponse) -> bool) -> pb::StatsResponse {
+        let end = deadline();
+        loop {
+            let s = self.stats().await;
+            if cond(&s) {
+                return s;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}; last stats: {s:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn ev(name: &str, data: &str) -> pb::Event {
+    pb::Event { name: name.into(), data: data.into() }
+}
+
+/// A raw HTTP/1.1 client reading an event stream.
+pub struct SseClient {
+    pub status: u16,
+    /// The status line and headers, lower-cased names.
+    pub head: Vec<(String, String)>,
+    reader: BufReader<TcpStream>,
+    chunked: bool,
+    parser: SseParser,
+    items: std::collections::VecDeque<Item>,
+    /// The body ended (terminating chunk or EOF).
+    pub ended: bool,
+}
+
+impl SseClient {
+    pub async fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let mut all = vec![("Accept", "text/event-stream")];
+        all.extend_from_slice(headers);
+        let stream = send_request(addr, "GET", path, &all).await;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        timeout_at(deadline(), reader.read_line(&mut line)).await.expect("status line in time").expect("read");
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut head = Vec::new();
+        loop {
+            line.clear();
+            timeout_at(deadline(), reader.read_line(&mut line)).await.expect("headers in time").expect("read");
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':').expect("header line");
+            head.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        let chunked = head.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        SseClient { status, head, reader, chunked, parser: SseParser::new(), items: Default::default(), ended: false }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Reads the next piece of body (one chunk) and feeds the parser; false at the end.
+    async fn read_more(&mut self) -> bool {
+        if self.ended {
+            return false;
+        }
+        let mut data = Vec::new();
+        if self.chunked {
+            let mut size_line = String::new();
+            if self.reader.read_line(&mut size_line).await.unwrap_or(0) == 0 {
+                self.ended = true;
+                return false;
+            }
+            let size = usize::from_str_radix(size_line.trim(), 16).expect("chunk size");
+            if size == 0 {
+                self.ended = true;
+                return false;
+            }
+            data.resize(size + 2, 0);
+            if self.reader.read_exact(&mut data).await.is_err() {
+                self.ended = true;
+                return false;
+            }
+            assert_eq!(&data[size..], b"\r\n", "chunk ends with CRLF");
+            data.truncate(size);
+        } else {
+            let mut buf = [0u8; 8192];
+            match self.reader.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    self.ended = true;
+                    return false;
+                }
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+            }
+        }
+        let mut out = Vec::new();
+        self.parser.feed(&data, &mut out);
+        self.items.extend(out);
+        true
+    }
+
+    /// The next item (event, retry or comment), or `None` if the stream ended first.
+    pub async fn next_item(&mut self) -> Option<Item> {
+        let end = deadline();
+        loop {
+            if let Some(item) = self.items.pop_front() {
+                return Some(item);
+            }
+            let more = timeout_at(end, self.read_more()).await.expect("stream item within the deadline");
+            if !more {
+                return None;
+            }
+        }
+    }
+
+    /// The next event, skipping comments and `retry:` fields; panics if the stream ends.
+    pub async fn next_event(&mut self) -> ParsedEvent {
+        loop {
+            match self.next_item().await {
+                Some(Item::Event(e)) => return e,
+                Some(_) => continue,
+                None => panic!("stream ended while an event was expected"),
+            }
+        }
+    }
+
+    /// The data of the next `n` events.
+    pub async fn next_data(&mut self, n: usize) -> Vec<String> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(self.next_event().await.data);
+        }
+        v
+    }
+
+    /// Reads until the stream ends, returning every item seen on the way.
+    pub async fn until_end(&mut self) -> Vec<Item> {
+        let mut seen = Vec::new();
+        while let Some(item) = self.next_item().await {
+            seen.push(item);
+        }
+        seen
+    }
+}
+
+/// Sends one raw HTTP/1.1 request and returns (status, lower-cased headers, body text).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    let mut all = vec![("Connection", "close")];
+    all.extend_from_slice(headers);
+    let mut stream = send_request(addr, method, path, &all).await;
+    let mut raw = Vec::new();
+    timeout_at(deadline(), stream.read_to_end(&mut raw)).await.expect("response in time").expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("complete response");
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// Connects and writes one HTTP/1.1 request head.
+async fn send_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.expect("send request");
+    stream
+}

@@ -1,0 +1,14 @@
+//! Integration tests: the real server on port 0, real sockets, a tonic client publishing and a
+//! raw HTTP client reading the event stream. Each test names the behaviour it pins down.
+//! Set TEST_LOG=1 to see the server's logs.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod browser;
+mod control;
+mod encoding;
+mod helpers;
+mod http_edge;
+mod routing;
+mod services;
+mod stream;
+mod validation;
