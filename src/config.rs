@@ -47,6 +47,34 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub queue_capacity: u32,
 
+    /// Events kept for resuming clients (`Last-Event-ID`); 0 disables replay.
+    #[arg(long, env = "SSEGATE_REPLAY_CAPACITY", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub replay_capacity: u32,
+
+    /// Most bytes of encoded events the replay log keeps.
+    #[arg(long, env = "SSEGATE_REPLAY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub replay_max_bytes: u64,
+
+    /// Events older than this are no longer replayed.
+    #[arg(long, env = "SSEGATE_REPLAY_MAX_AGE", default_value = "5m", value_parser = duration)]
+    pub replay_max_age: Duration,
+
+    /// Most SSE connections at once; more get HTTP 503 with Retry-After.
+    #[arg(long, env = "SSEGATE_MAX_CONNECTIONS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most SSE connections of one user at once; more get HTTP 429 with Retry-After.
+    #[arg(long, env = "SSEGATE_MAX_CONNECTIONS_PER_USER", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_user: u32,
+
+    /// Close each SSE connection cleanly after about this long (minus up to 10% jitter), so
+    /// clients reconnect and rebalance across replicas; they resume with no loss. Off unless set.
+    #[arg(long, env = "SSEGATE_MAX_CONNECTION_LIFETIME", value_parser = duration)]
+    pub max_connection_lifetime: Option<Duration>,
+
     /// Largest event accepted (name + data, in bytes).
     #[arg(long, env = "SSEGATE_MAX_EVENT_BYTES", default_value_t = 65_536,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]

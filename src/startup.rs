@@ -9,7 +9,7 @@ use crate::{
     config::ServeArgs,
     event_stream, grpc,
     http::{self, HttpSettings},
-    router::{CloseReason, Frame, Router, RouterConfig},
+    router::{CloseReason, Frame, ReplayConfig, Router, RouterConfig},
 };
 
 /// Heartbeats go out in this many slots per interval, spreading wake-ups over time.
@@ -23,6 +23,8 @@ pub enum StartupError {
     Cors(#[from] http::InvalidOrigin),
     #[error(transparent)]
     Grpc(#[from] grpc::ServeError),
+    #[error("cannot read a bound address: {0}")]
+    LocalAddr(#[from] io::Error),
 }
 
 /// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
@@ -41,13 +43,24 @@ async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, Start
 
 impl Application {
     pub async fn build(config: ServeArgs) -> Result<Self, StartupError> {
-        let router = Router::new(RouterConfig { queue_capacity: config.queue_capacity as usize, epoch: None });
+        let router = Router::new(RouterConfig {
+            queue_capacity: config.queue_capacity as usize,
+            epoch: None,
+            replay: ReplayConfig {
+                capacity: config.replay_capacity as usize,
+                max_bytes: usize::try_from(config.replay_max_bytes).unwrap_or(usize::MAX),
+                max_age: config.replay_max_age,
+            },
+            max_connections: config.max_connections as usize,
+            max_connections_per_user: config.max_connections_per_user as usize,
+        });
         let app = http::app(
             router.clone(),
             &HttpSettings {
                 retry: config.retry,
                 max_subscriptions: config.max_subscriptions as usize,
                 cors_allowed_origins: config.cors_allowed_origins.clone(),
+                max_connection_lifetime: config.max_connection_lifetime,
             },
         )?;
         let http = bind(config.http_addr, "http").await?;
@@ -72,6 +85,8 @@ impl Application {
     /// whatever is still open after the grace period is dropped.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
         let Self { config, http, grpc, router, app } = self;
+        // The bound addresses, not the configured ones: with port 0 the log tells the real port.
+        let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -90,7 +105,7 @@ impl Application {
         ));
         tracker.spawn(http::server::serve(http, app, config.header_read_timeout, stop.clone(), tracker.clone()));
         tracker.spawn(heartbeats(router.clone(), config.heartbeat_interval, stop.clone()));
-        tracing::info!(http = ?config.http_addr, grpc = ?config.grpc_addr, "ssegate serving");
+        tracing::info!(http = %http_addr, grpc = %grpc_addr, "ssegate serving");
 
         shutdown.await;
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
@@ -133,6 +148,9 @@ async fn heartbeats(router: Arc<Router>, interval: Duration, stop: CancellationT
             _ = tick.tick() => {}
         }
         router.heartbeat(slot, HEARTBEAT_SLOTS, &frame);
+        if slot == 0 {
+            router.expire_replay();
+        }
         slot = (slot + 1) % HEARTBEAT_SLOTS;
     }
 }

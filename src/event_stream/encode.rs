@@ -69,6 +69,12 @@ pub fn retry(millis: u64) -> Bytes {
     Bytes::from(format!("retry: {millis}\n"))
 }
 
+/// An `id:` line and a blank line without data: the client's last event id becomes `id`, and
+/// no event is dispatched (WHATWG: a dispatch with an empty data buffer only sets the id).
+pub fn cursor(id: EventId) -> Bytes {
+    Bytes::from(format!("id: {id}\n\n"))
+}
+
 /// Splits at every LF, CR and CR LF, as the parser does. Always yields at least one line (the
 /// empty data yields one empty line, which the client reads back as the empty string), and a
 /// trailing line break yields a trailing empty line, so `"a\n"` arrives as `"a\n"`.

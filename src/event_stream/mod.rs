@@ -4,7 +4,7 @@
 mod encode;
 pub mod parse;
 
-pub use encode::{HEARTBEAT, PartialEvent, encode, retry};
+pub use encode::{HEARTBEAT, PartialEvent, cursor, encode, retry};
 
 #[cfg(test)]
 mod roundtrip {

@@ -34,12 +34,21 @@ pub struct Parser {
     started: bool,
     data: String,
     event_type: String,
+    /// The last event ID buffer (set by `id:` fields).
+    id_buffer: String,
+    /// The last event ID string, set from the buffer at each dispatch.
     last_event_id: String,
 }
 
 impl Parser {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The event source's last event id: the id buffer as of the last dispatch (a blank line),
+    /// with or without data. What a browser sends as `Last-Event-ID` when it reconnects.
+    pub fn last_event_id(&self) -> &str {
+        &self.last_event_id
     }
 
     /// Parses `chunk`, appending what it completes to `out`.
@@ -83,7 +92,7 @@ impl Parser {
                 self.data.push_str(value);
                 self.data.push('\n');
             }
-            "id" if !value.contains('\0') => self.last_event_id = value.to_owned(),
+            "id" if !value.contains('\0') => self.id_buffer = value.to_owned(),
             "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
                 if let Ok(ms) = value.parse() {
                     out.push(Item::Retry(ms));
@@ -96,6 +105,7 @@ impl Parser {
     fn dispatch(&mut self, out: &mut Vec<Item>) {
         let mut data = std::mem::take(&mut self.data);
         let event_type = std::mem::take(&mut self.event_type);
+        self.last_event_id.clone_from(&self.id_buffer);
         if data.is_empty() {
             return;
         }

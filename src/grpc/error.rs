@@ -31,6 +31,9 @@ impl ApiError {
             | ApiError::EventTooLarge { .. }
             | ApiError::OutOfRange(_) => Code::InvalidArgument,
             ApiError::Router(RouterError::ShuttingDown) => Code::Unavailable,
+            ApiError::Router(RouterError::TooManyConnections { .. } | RouterError::TooManyForUser { .. }) => {
+                Code::ResourceExhausted
+            }
         }
     }
 }

@@ -37,8 +37,9 @@ impl PublisherService {
 
     fn publish(&self, target: Target, event: Option<pb::Event>) -> Result<Published, ApiError> {
         let event = convert::event(event, &self.limits)?;
-        let published = self.router.publish(&target, &event)?;
-        tracing::debug!(target = target.kind(), id = %published.id, recipients = published.recipients, "published");
+        let kind = target.kind();
+        let published = self.router.publish(target, &event)?;
+        tracing::debug!(target = kind, id = %published.id, recipients = published.recipients, "published");
         Ok(published)
     }
 
@@ -181,6 +182,11 @@ impl pb::publisher_server::Publisher for PublisherService {
             events_dropped: s.events_dropped,
             connections_opened: s.connections_opened,
             uptime_seconds: self.router.uptime().as_secs(),
+            events_replayed: s.events_replayed,
+            resumes_missed: s.resumes_missed,
+            connections_rejected: s.connections_rejected,
+            replay_log_events: s.replay_log_events,
+            replay_log_bytes: s.replay_log_bytes,
         }))
     }
 }

@@ -5,8 +5,10 @@ use std::{
     convert::Infallible,
     pin::Pin,
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
+
+use tokio::time::Sleep;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
@@ -28,11 +30,14 @@ pub struct SseBody {
     /// Why the stream ended, once the mailbox said so; `None` while open.
     ended: Option<CloseReason>,
     opened: Instant,
+    /// Fires at the connection's maximum lifetime, if one is set.
+    lifetime: Option<Pin<Box<Sleep>>>,
 }
 
 impl SseBody {
-    pub fn new(reg: Registration, head: Bytes) -> Self {
+    pub fn new(reg: Registration, head: Bytes, lifetime: Option<Duration>) -> Self {
         Self {
+            lifetime: lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
             reg,
             head: Some(head),
             backlog: VecDeque::new(),
@@ -77,6 +82,14 @@ impl Body for SseBody {
         let this = self.get_mut();
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(BodyFrame::data(head))));
+        }
+        if let Some(sleep) = &mut this.lifetime
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            // Close like a Disconnect without a final event: what is queued still goes out,
+            // then the stream ends and the client resumes (maybe elsewhere) from its last id.
+            this.lifetime = None;
+            this.reg.close(CloseReason::Lifetime);
         }
         if this.backlog.is_empty() && this.ended.is_none() {
             match this.reg.mailbox().poll_drain(cx, &mut this.scratch) {

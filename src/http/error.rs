@@ -12,9 +12,9 @@ pub enum HttpError {
     InvalidParam { param: &'static str, reason: InvalidText },
     #[error("query parameter `user` is required")]
     MissingUser,
-    #[error("query parameter `user` may appear only once")]
-    RepeatedUser,
-    #[error("unknown query parameter `{0}` (expected user, group, topic)")]
+    #[error("query parameter `{0}` may appear only once")]
+    Repeated(&'static str),
+    #[error("unknown query parameter `{0}` (expected user, group, topic, last_event_id)")]
     UnknownParam(String),
     #[error("{count} groups and topics requested, over the limit of {max} (--max-subscriptions)")]
     TooManySubscriptions { count: usize, max: usize },
@@ -31,12 +31,15 @@ impl HttpError {
         match self {
             HttpError::InvalidParam { .. }
             | HttpError::MissingUser
-            | HttpError::RepeatedUser
+            | HttpError::Repeated(_)
             | HttpError::UnknownParam(_)
             | HttpError::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
             HttpError::NotFound => StatusCode::NOT_FOUND,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            HttpError::Router(RouterError::ShuttingDown) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Router(RouterError::ShuttingDown | RouterError::TooManyConnections { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            HttpError::Router(RouterError::TooManyForUser { .. }) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -48,7 +51,7 @@ impl IntoResponse for HttpError {
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp

@@ -6,26 +6,42 @@ use axum::{
     extract::{RawQuery, State},
     response::Response,
 };
-use http::{HeaderValue, header};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, header};
 
 use super::{AppState, HttpError, body::SseBody, server::ConnContext};
 use crate::{
-    domain::{GroupId, InvalidText, Topic, UserId},
+    domain::{EventId, GroupId, InvalidText, Topic, UserId},
     router::Subscription,
 };
 
-/// Parses `?user=ID&group=G&topic=T` (groups and topics repeatable, deduplicated).
-pub fn parse_query(query: &str, max_subscriptions: usize) -> Result<(UserId, Vec<GroupId>, Vec<Topic>), HttpError> {
+/// What `GET /v1/events` asks for.
+#[derive(Debug)]
+pub struct SubscribeQuery {
+    pub user: UserId,
+    /// Sorted, deduplicated.
+    pub groups: Vec<GroupId>,
+    /// Sorted, deduplicated.
+    pub topics: Vec<Topic>,
+    /// `?last_event_id=`, for clients that cannot set the `Last-Event-ID` header; unparsed.
+    pub last_event_id: Option<String>,
+}
+
+/// Parses `?user=ID&group=G&topic=T&last_event_id=ID` (groups and topics repeatable).
+pub fn parse_query(query: &str, max_subscriptions: usize) -> Result<SubscribeQuery, HttpError> {
     fn param<T>(param: &'static str, r: Result<T, InvalidText>) -> Result<T, HttpError> {
         r.map_err(|reason| HttpError::InvalidParam { param, reason })
     }
-    let (mut user, mut groups, mut topics) = (None, Vec::new(), Vec::new());
+    let (mut user, mut groups, mut topics, mut last_event_id) = (None, Vec::new(), Vec::new(), None);
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
-            "user" if user.is_some() => return Err(HttpError::RepeatedUser),
+            "user" if user.is_some() => return Err(HttpError::Repeated("user")),
             "user" => user = Some(param("user", UserId::parse(&value))?),
             "group" => groups.push(param("group", GroupId::parse(&value))?),
             "topic" => topics.push(param("topic", Topic::parse(&value))?),
+            "last_event_id" if last_event_id.is_some() => return Err(HttpError::Repeated("last_event_id")),
+            "last_event_id" => last_event_id = Some(value.into_owned()),
             other => return Err(HttpError::UnknownParam(other.chars().take(64).collect())),
         }
         if groups.len() + topics.len() > max_subscriptions {
@@ -36,20 +52,55 @@ pub fn parse_query(query: &str, max_subscriptions: usize) -> Result<(UserId, Vec
     groups.dedup();
     topics.sort_unstable();
     topics.dedup();
-    Ok((user.ok_or(HttpError::MissingUser)?, groups, topics))
+    Ok(SubscribeQuery { user: user.ok_or(HttpError::MissingUser)?, groups, topics, last_event_id })
+}
+
+/// The id to resume after: the `Last-Event-ID` header (what a browser sends when it
+/// reconnects), else the query parameter. A malformed value is logged and treated as absent: a
+/// client must never be locked out by an id it echoes back.
+fn resume_id(headers: &HeaderMap, query: Option<&str>) -> Option<EventId> {
+    let raw = match headers.get("last-event-id") {
+        Some(v) => v.to_str().unwrap_or("\u{fffd}"),
+        None => query?,
+    };
+    if raw.is_empty() {
+        return None;
+    }
+    match raw.parse() {
+        Ok(id) => Some(id),
+        Err(_) => {
+            tracing::info!(last_event_id = raw.chars().take(64).collect::<String>(), "malformed Last-Event-ID ignored");
+            None
+        }
+    }
 }
 
 pub async fn subscribe(
     State(state): State<AppState>,
     conn: Option<Extension<ConnContext>>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
-    let (user, groups, topics) = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions)?;
+    let q = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions)?;
+    let resume = resume_id(&headers, q.last_event_id.as_deref());
     let peer = conn.as_ref().map(|c| c.peer);
-    tracing::info!(user = %user, groups = groups.len(), topics = topics.len(), peer = ?peer, "sse connection opened");
     let abort = conn.map(|c| c.abort.clone());
-    let reg = state.router.subscribe(Subscription { user, groups, topics, abort })?;
-    let body = SseBody::new(reg, state.settings.retry_field.clone());
+    let (user, groups, topics) = (q.user.clone(), q.groups.len(), q.topics.len());
+    let reg = state.router.subscribe(Subscription { user: q.user, groups: q.groups, topics: q.topics, abort, resume });
+    let reg = match reg {
+        Ok(reg) => reg,
+        Err(e) => {
+            tracing::warn!(user = %user, peer = ?peer, error = %e, "sse connection refused");
+            return Err(e.into());
+        }
+    };
+    tracing::info!(
+        conn = reg.id(), user = %user, groups, topics, peer = ?peer,
+        resume = ?resume.map(|id| id.to_string()), start = ?reg.start(),
+        "sse connection opened"
+    );
+    let lifetime = state.settings.max_connection_lifetime.map(jittered);
+    let body = SseBody::new(reg, state.settings.retry_field.clone(), lifetime);
     let mut resp = Response::new(Body::new(body));
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -58,16 +109,23 @@ pub async fn subscribe(
     Ok(resp)
 }
 
+/// A lifetime shortened by up to 10%, so that connections opened together (after a deploy)
+/// do not all close together.
+fn jittered(lifetime: Duration) -> Duration {
+    lifetime.mul_f64(1.0 - fastrand::f64() * 0.1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn parses_repeated_groups_and_topics() {
-        let (u, g, t) = parse_query("user=al%20ice&group=b&group=a&topic=x&group=a", 8).unwrap();
-        assert_eq!(u.as_str(), "al ice");
-        assert_eq!(g.iter().map(GroupId::as_str).collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(t.iter().map(Topic::as_str).collect::<Vec<_>>(), ["x"]);
+        let q = parse_query("user=al%20ice&group=b&group=a&topic=x&group=a&last_event_id=7-1", 8).unwrap();
+        assert_eq!(q.user.as_str(), "al ice");
+        assert_eq!(q.groups.iter().map(GroupId::as_str).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(q.topics.iter().map(Topic::as_str).collect::<Vec<_>>(), ["x"]);
+        assert_eq!(q.last_event_id.as_deref(), Some("7-1"));
     }
 
     #[test]
@@ -76,11 +134,27 @@ mod tests {
         assert_eq!(err(""), "query parameter `user` is required");
         assert_eq!(err("user=a&user=b"), "query parameter `user` may appear only once");
         assert_eq!(err("user=a%0Ab"), "query parameter `user` contains the control character U+000A");
-        assert_eq!(err("user=a&topics=x"), "unknown query parameter `topics` (expected user, group, topic)");
+        assert_eq!(
+            err("user=a&topics=x"),
+            "unknown query parameter `topics` (expected user, group, topic, last_event_id)"
+        );
         assert_eq!(
             err("user=a&topic=1&topic=2&group=3"),
             "3 groups and topics requested, over the limit of 2 (--max-subscriptions)"
         );
         assert_eq!(err("user=&"), "query parameter `user` must not be empty");
+    }
+
+    #[test]
+    fn the_header_wins_and_malformed_ids_count_as_absent() {
+        let mut h = HeaderMap::new();
+        assert_eq!(resume_id(&h, Some("a-2")), Some(EventId { epoch: 0xa, seq: 2 }));
+        assert_eq!(resume_id(&h, Some("junk")), None);
+        h.insert("last-event-id", HeaderValue::from_static("a-3"));
+        assert_eq!(resume_id(&h, Some("a-2")), Some(EventId { epoch: 0xa, seq: 3 }));
+        h.insert("last-event-id", HeaderValue::from_static("a-03"));
+        assert_eq!(resume_id(&h, Some("a-2")), None, "a malformed header is not replaced by the query");
+        h.insert("last-event-id", HeaderValue::from_static(""));
+        assert_eq!(resume_id(&h, None), None);
     }
 }

@@ -26,6 +26,8 @@ pub struct HttpSettings {
     pub max_subscriptions: usize,
     /// Origins allowed to open a stream from another origin (`*` for any); empty: none.
     pub cors_allowed_origins: Vec<String>,
+    /// Streams are closed cleanly after about this long, if set.
+    pub max_connection_lifetime: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -38,6 +40,7 @@ struct Settings {
     max_subscriptions: usize,
     /// The `retry:` field, encoded once.
     retry_field: Bytes,
+    max_connection_lifetime: Option<Duration>,
 }
 
 /// The invalid CORS origin, if any.
@@ -52,6 +55,7 @@ pub fn app(router: Arc<Router>, settings: &HttpSettings) -> Result<axum::Router,
         settings: Arc::new(Settings {
             max_subscriptions: settings.max_subscriptions,
             retry_field: event_stream::retry(settings.retry.as_millis() as u64),
+            max_connection_lifetime: settings.max_connection_lifetime,
         }),
     };
     let app = axum::Router::new()

@@ -66,6 +66,17 @@ struct Inner {
     closed: Option<CloseReason>,
     /// Something was queued since the last heartbeat sweep, so no heartbeat is needed.
     active: bool,
+    /// Room beyond the capacity for preloaded frames (a resume's replay), until first drained.
+    allowance: usize,
+}
+
+impl Inner {
+    /// Empties the queue; returns how many published events (not control frames) it held.
+    fn discard_events(&mut self) -> usize {
+        let n = self.queue.iter().filter(|f| f.is_event).count();
+        self.queue.clear();
+        n
+    }
 }
 
 impl Mailbox {
@@ -86,7 +97,7 @@ impl Mailbox {
             if inner.closed.is_some() {
                 return Push::Closed;
             }
-            if inner.queue.len() >= self.capacity {
+            if inner.queue.len() >= self.capacity + inner.allowance {
                 return Push::Full;
             }
             inner.queue.push_back(frame);
@@ -99,6 +110,21 @@ impl Mailbox {
         Push::Queued
     }
 
+    /// Queues `frames` beyond the capacity (a resumed connection's replay, which the replay
+    /// log bounds, and its opening `id:` line). Live events still get the full capacity on top
+    /// of them until the consumer first drains.
+    pub fn preload(&self, frames: Vec<Frame>) {
+        let waker = {
+            let mut inner = self.lock();
+            inner.allowance = frames.len();
+            inner.queue.extend(frames);
+            inner.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Queues a heartbeat unless something was queued since the previous call (a busy stream
     /// needs none). `None` means it was skipped.
     pub fn heartbeat(&self, frame: &Frame) -> Option<Push> {
@@ -107,7 +133,7 @@ impl Mailbox {
             if std::mem::take(&mut inner.active) || inner.closed.is_some() {
                 return None;
             }
-            if inner.queue.len() >= self.capacity {
+            if inner.queue.len() >= self.capacity + inner.allowance {
                 return Some(Push::Full);
             }
             inner.queue.push_back(frame.clone());
@@ -137,15 +163,13 @@ impl Mailbox {
         true
     }
 
-    /// Closes at once: discards the queue and tears the transport down. Returns how many frames
+    /// Closes at once: discards the queue and tears the transport down. Returns how many events
     /// were discarded.
     pub fn abort(&self, reason: CloseReason) -> usize {
         let (dropped, waker) = {
             let mut inner = self.lock();
             inner.closed.get_or_insert(reason);
-            let n = inner.queue.len();
-            inner.queue.clear();
-            (n, inner.waker.take())
+            (inner.discard_events(), inner.waker.take())
         };
         if let Some(t) = &self.abort {
             t.cancel();
@@ -157,13 +181,11 @@ impl Mailbox {
     }
 
     /// Closes (if still open) and discards what is queued, leaving the transport alone: the
-    /// consumer is gone already. Returns how many frames were discarded.
+    /// consumer is gone already. Returns how many events were discarded.
     pub fn discard(&self) -> usize {
         let mut inner = self.lock();
         inner.closed.get_or_insert(CloseReason::ClientLeft);
-        let n = inner.queue.len();
-        inner.queue.clear();
-        n
+        inner.discard_events()
     }
 
     /// Moves every queued frame into `out`, or reports the end, or registers for a wake-up.
@@ -171,6 +193,7 @@ impl Mailbox {
         let mut inner = self.lock();
         if !inner.queue.is_empty() {
             out.extend(inner.queue.drain(..));
+            inner.allowance = 0;
             if inner.queue.capacity() > 4 * self.capacity.min(64) {
                 // A burst grew the queue; give the memory back while the connection idles.
                 inner.queue.shrink_to(0);
@@ -247,5 +270,18 @@ mod tests {
         assert_eq!(m.heartbeat(&hb), None, "busy since last sweep: skipped");
         let _ = drain(&m);
         assert_eq!(m.heartbeat(&hb), Some(Push::Queued));
+    }
+
+    #[test]
+    fn preloaded_frames_do_not_eat_into_the_live_capacity() {
+        let m = Mailbox::new(2, None);
+        m.preload(vec![frame("r1"), frame("r2"), frame("r3")]);
+        assert_eq!(m.push(frame("live1")), Push::Queued);
+        assert_eq!(m.push(frame("live2")), Push::Queued);
+        assert_eq!(m.push(frame("live3")), Push::Full);
+        assert_eq!(drain(&m).1.len(), 5);
+        assert_eq!(m.push(frame("a")), Push::Queued);
+        assert_eq!(m.push(frame("b")), Push::Queued);
+        assert_eq!(m.push(frame("c")), Push::Full, "the allowance ends with the first drain");
     }
 }

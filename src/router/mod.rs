@@ -5,8 +5,13 @@
 //! assigns the next sequence number and queues the shared frame into every addressed mailbox
 //! under that lock, so every connection sees events in sequence order. Queuing never waits: a
 //! full mailbox means a slow consumer, which is cut off (it can reconnect and resume).
+//!
+//! Every event is also appended to the replay log under the same lock, and a resuming
+//! connection is filled from the log and registered for live events in one critical section:
+//! nothing published meanwhile can fall between the two, or arrive twice.
 
 mod mailbox;
+mod replay;
 mod state;
 
 use std::{
@@ -21,6 +26,8 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub use mailbox::{Drained, Frame, Mailbox, Push};
+pub use replay::ReplayConfig;
+use replay::{Gap, ReplayLog};
 use state::{Conn, Tables};
 
 use crate::{
@@ -40,6 +47,8 @@ pub enum CloseReason {
     SlowConsumer,
     /// A `Disconnect` call closed it.
     Disconnected,
+    /// It reached its maximum lifetime (clients then reconnect, possibly to another replica).
+    Lifetime,
     /// The server is shutting down.
     Shutdown,
 }
@@ -50,6 +59,7 @@ impl CloseReason {
             CloseReason::ClientLeft => "client_left",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Disconnected => "disconnected",
+            CloseReason::Lifetime => "lifetime",
             CloseReason::Shutdown => "shutdown",
         }
     }
@@ -62,6 +72,29 @@ pub struct RouterConfig {
     pub queue_capacity: usize,
     /// The epoch of event ids; `None` draws a random one (a fresh sequence per process).
     pub epoch: Option<u64>,
+    /// Bounds of the replay log that serves `Last-Event-ID` resumes.
+    pub replay: ReplayConfig,
+    /// Most connections at once; more are refused.
+    pub max_connections: usize,
+    /// Most connections of one user at once; more are refused.
+    pub max_connections_per_user: usize,
+}
+
+impl RouterConfig {
+    /// A configuration with the given queue capacity and generous limits (for tests).
+    pub fn with_queue_capacity(queue_capacity: usize) -> Self {
+        Self {
+            queue_capacity,
+            epoch: None,
+            replay: ReplayConfig {
+                capacity: 10_000,
+                max_bytes: 64 << 20,
+                max_age: std::time::Duration::from_secs(300),
+            },
+            max_connections: usize::MAX,
+            max_connections_per_user: usize::MAX,
+        }
+    }
 }
 
 /// Who a new connection is and what it joins; validated by the caller.
@@ -72,6 +105,40 @@ pub struct Subscription {
     pub topics: Vec<Topic>,
     /// Cancelled to tear the transport down when the connection is cut off.
     pub abort: Option<CancellationToken>,
+    /// The id of the last event the client saw (`Last-Event-ID`), to resume after it.
+    pub resume: Option<EventId>,
+}
+
+/// How a new connection's stream begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// No `Last-Event-ID`: live events from now on.
+    Fresh,
+    /// Resumed: this many missed events were queued ahead of the live ones.
+    Resumed { replayed: usize },
+    /// The resume could not be served; the client was sent an `ssegate.missed` event.
+    Missed(MissReason),
+}
+
+/// Why a `Last-Event-ID` could not be resumed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissReason {
+    /// Events after it were evicted from the replay log (too old, or the log was full).
+    Expired,
+    /// It names an event this server has not published (a later sequence number).
+    Unknown,
+    /// It is from another epoch: an earlier process, or a server without a shared log.
+    OtherEpoch,
+}
+
+impl MissReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissReason::Expired => "expired",
+            MissReason::Unknown => "unknown",
+            MissReason::OtherEpoch => "other_epoch",
+        }
+    }
 }
 
 /// The router refused an operation.
@@ -79,6 +146,10 @@ pub struct Subscription {
 pub enum RouterError {
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the server is at its limit of {limit} connections (--max-connections); retry later")]
+    TooManyConnections { limit: usize },
+    #[error("this user already has {limit} connections, the limit (--max-connections-per-user)")]
+    TooManyForUser { limit: usize },
 }
 
 /// A publish that was accepted.
@@ -107,6 +178,16 @@ pub struct Stats {
     pub events_delivered: u64,
     pub events_dropped: u64,
     pub connections_opened: u64,
+    /// Missed events sent to connections that resumed with `Last-Event-ID`.
+    pub events_replayed: u64,
+    /// Resumes that could not be served from the log (told with `ssegate.missed`).
+    pub resumes_missed: u64,
+    /// Connections refused by a connection limit.
+    pub connections_rejected: u64,
+    /// Events in the replay log now.
+    pub replay_log_events: u64,
+    /// Bytes of encoded events in the replay log now.
+    pub replay_log_bytes: u64,
 }
 
 #[derive(Default)]
@@ -115,6 +196,9 @@ struct Counters {
     delivered: AtomicU64,
     dropped: AtomicU64,
     opened: AtomicU64,
+    replayed: AtomicU64,
+    missed: AtomicU64,
+    rejected: AtomicU64,
 }
 
 struct Locked {
@@ -122,6 +206,7 @@ struct Locked {
     next_conn: ConnId,
     /// The sequence number of the last event published; ids are `(epoch, last_seq)`.
     last_seq: u64,
+    log: ReplayLog,
     /// Set by `close_all`: new connections and publishes are refused from then on.
     closing: bool,
 }
@@ -130,6 +215,8 @@ pub struct Router {
     locked: Mutex<Locked>,
     epoch: u64,
     queue_capacity: usize,
+    max_connections: usize,
+    max_connections_per_user: usize,
     counters: Counters,
     started: Instant,
 }
@@ -140,11 +227,23 @@ pub struct Registration {
     router: Arc<Router>,
     id: ConnId,
     mailbox: Arc<Mailbox>,
+    start: Start,
 }
 
 impl Registration {
     pub fn id(&self) -> ConnId {
         self.id
+    }
+
+    pub fn start(&self) -> Start {
+        self.start
+    }
+
+    /// Ends this connection's stream gracefully: what is queued still goes out, nothing new
+    /// is queued. The client may resume from its last id.
+    pub fn close(&self, reason: CloseReason) {
+        self.router.remove(self.id, reason);
+        self.mailbox.close(reason, None);
     }
 
     pub fn mailbox(&self) -> &Mailbox {
@@ -168,9 +267,17 @@ impl Drop for Registration {
 impl Router {
     pub fn new(config: RouterConfig) -> Arc<Self> {
         Arc::new(Self {
-            locked: Mutex::new(Locked { tables: Tables::default(), next_conn: 0, last_seq: 0, closing: false }),
+            locked: Mutex::new(Locked {
+                tables: Tables::default(),
+                next_conn: 0,
+                last_seq: 0,
+                log: ReplayLog::new(config.replay),
+                closing: false,
+            }),
             epoch: config.epoch.unwrap_or_else(|| fastrand::u64(1..)),
             queue_capacity: config.queue_capacity,
+            max_connections: config.max_connections,
+            max_connections_per_user: config.max_connections_per_user,
             counters: Counters::default(),
             started: Instant::now(),
         })
@@ -193,25 +300,74 @@ impl Router {
     }
 
     /// Registers a connection. Its mailbox receives every event published to its user, groups,
-    /// topics and to everyone from now on.
+    /// topics and to everyone from now on. With `resume`, the events it missed since that id
+    /// are queued first (or an `ssegate.missed` event if the log cannot tell), in the same
+    /// critical section, so the handoff from replay to live has no gap and no duplicate. Then
+    /// an `id:` line without data sets the client's last event id to the newest one, so that a
+    /// reconnect resumes from here even if no event arrives before it.
     pub fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<Registration, RouterError> {
-        let mailbox = Arc::new(Mailbox::new(self.queue_capacity, sub.abort));
+        let Subscription { user, mut groups, mut topics, abort, resume } = sub;
+        groups.sort_unstable();
+        groups.dedup();
+        topics.sort_unstable();
+        topics.dedup();
+        let mailbox = Arc::new(Mailbox::new(self.queue_capacity, abort));
         let mut locked = self.lock();
+        if let Err(e) = self.admit(&locked, &user) {
+            drop(locked);
+            self.counters.rejected.fetch_add(1, Relaxed);
+            return Err(e);
+        }
+        let now = Instant::now();
+        locked.log.expire(now);
+        let newest = EventId { epoch: self.epoch, seq: locked.last_seq };
+        let (start, mut preload) = match resume {
+            None => (Start::Fresh, Vec::new()),
+            Some(last) if last.epoch != self.epoch => (Start::Missed(MissReason::OtherEpoch), Vec::new()),
+            Some(last) if last.seq > newest.seq => (Start::Missed(MissReason::Unknown), Vec::new()),
+            Some(last) => match locked.log.missed(last.seq, &user, &groups, &topics) {
+                Ok(frames) => {
+                    let frames: Vec<Frame> = frames.cloned().collect();
+                    (Start::Resumed { replayed: frames.len() }, frames)
+                }
+                Err(Gap::Expired) => (Start::Missed(MissReason::Expired), Vec::new()),
+            },
+        };
+        if let (Start::Missed(reason), Some(last)) = (start, resume) {
+            preload.push(missed_frame(reason, last, now));
+        }
+        preload.push(Frame { bytes: event_stream::cursor(newest), published_at: now, is_event: false });
+        mailbox.preload(preload);
+        locked.next_conn += 1;
+        let id = locked.next_conn;
+        locked.tables.insert(id, Conn { mailbox: mailbox.clone(), user, groups, topics });
+        drop(locked);
+        self.counters.opened.fetch_add(1, Relaxed);
+        match start {
+            Start::Resumed { replayed } => _ = self.counters.replayed.fetch_add(replayed as u64, Relaxed),
+            Start::Missed(_) => _ = self.counters.missed.fetch_add(1, Relaxed),
+            Start::Fresh => {}
+        }
+        Ok(Registration { router: self.clone(), id, mailbox, start })
+    }
+
+    /// Whether one more connection of `user` may open now.
+    fn admit(&self, locked: &Locked, user: &UserId) -> Result<(), RouterError> {
         if locked.closing {
             return Err(RouterError::ShuttingDown);
         }
-        locked.next_conn += 1;
-        let id = locked.next_conn;
-        let conn = Conn { mailbox: mailbox.clone(), user: sub.user, groups: sub.groups, topics: sub.topics };
-        locked.tables.insert(id, conn);
-        drop(locked);
-        self.counters.opened.fetch_add(1, Relaxed);
-        Ok(Registration { router: self.clone(), id, mailbox })
+        if locked.tables.conns.len() >= self.max_connections {
+            return Err(RouterError::TooManyConnections { limit: self.max_connections });
+        }
+        if Tables::count(&locked.tables.users, user) >= self.max_connections_per_user as u64 {
+            return Err(RouterError::TooManyForUser { limit: self.max_connections_per_user });
+        }
+        Ok(())
     }
 
     /// Publishes an event: assigns its id and queues it for every addressed connection. Never
     /// waits on a subscriber; connections whose queue is full are cut off.
-    pub fn publish(&self, target: &Target, event: &Event) -> Result<Published, RouterError> {
+    pub fn publish(&self, target: Target, event: &Event) -> Result<Published, RouterError> {
         // Encode outside the lock; only the id is appended under it.
         let partial = event_stream::encode(event.name.as_ref().map(EventName::as_str), &event.data);
         let published_at = Instant::now();
@@ -224,7 +380,7 @@ impl Router {
         locked.last_seq += 1;
         let id = EventId { epoch: self.epoch, seq: locked.last_seq };
         let frame = Frame { bytes: partial.finish(id), published_at, is_event: true };
-        locked.tables.for_each_target(target, |conn, mailbox| match mailbox.push(frame.clone()) {
+        locked.tables.for_each_target(&target, |conn, mailbox| match mailbox.push(frame.clone()) {
             Push::Queued => recipients += 1,
             Push::Full => slow.push(conn),
             Push::Closed => {}
@@ -232,6 +388,8 @@ impl Router {
         for conn in slow {
             Self::cut_off(&mut locked, &self.counters, conn);
         }
+        locked.log.push(id.seq, target, frame);
+        locked.log.expire(published_at);
         drop(locked);
         self.counters.published.fetch_add(1, Relaxed);
         Ok(Published { id, recipients })
@@ -314,6 +472,11 @@ impl Router {
         }
     }
 
+    /// Evicts replay-log events past their maximum age (also done on every publish).
+    pub fn expire_replay(&self) {
+        self.lock().log.expire(Instant::now());
+    }
+
     /// Counts frames handed to a connection's socket.
     pub fn record_delivered(&self, frames: u64) {
         self.counters.delivered.fetch_add(frames, Relaxed);
@@ -353,10 +516,10 @@ impl Router {
     }
 
     pub fn stats(&self) -> Stats {
-        let (connections, users, groups, topics) = {
+        let (connections, users, groups, topics, log_events, log_bytes) = {
             let l = self.lock();
             let t = &l.tables;
-            (t.conns.len(), t.users.len(), t.groups.len(), t.topics.len())
+            (t.conns.len(), t.users.len(), t.groups.len(), t.topics.len(), l.log.len(), l.log.bytes())
         };
         Stats {
             connections: connections as u64,
@@ -367,7 +530,26 @@ impl Router {
             events_delivered: self.counters.delivered.load(Relaxed),
             events_dropped: self.counters.dropped.load(Relaxed),
             connections_opened: self.counters.opened.load(Relaxed),
+            events_replayed: self.counters.replayed.load(Relaxed),
+            resumes_missed: self.counters.missed.load(Relaxed),
+            connections_rejected: self.counters.rejected.load(Relaxed),
+            replay_log_events: log_events as u64,
+            replay_log_bytes: log_bytes as u64,
         }
+    }
+}
+
+/// The `ssegate.missed` event: `last` could not be resumed from, so the client may have
+/// missed events and should refetch its state. Its data is a small JSON object.
+fn missed_frame(reason: MissReason, last: EventId, now: Instant) -> Frame {
+    // Both values are from fixed alphabets (a reason name; hex, digits and `-`), so they need
+    // no JSON escaping.
+    let data = format!(r#"{{"reason":"{}","last_event_id":"{last}"}}"#, reason.as_str());
+    let name = EventName::reserved("missed");
+    Frame {
+        bytes: event_stream::encode(Some(name.as_str()), &data).finish_without_id(),
+        published_at: now,
+        is_event: false,
     }
 }
 

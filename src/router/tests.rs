@@ -5,7 +5,7 @@ use std::task::{Context, Poll, Waker};
 use super::*;
 
 fn router(cap: usize) -> Arc<Router> {
-    Router::new(RouterConfig { queue_capacity: cap, epoch: Some(7) })
+    Router::new(RouterConfig { epoch: Some(7), ..RouterConfig::with_queue_capacity(cap) })
 }
 
 fn sub(r: &Arc<Router>, user: &str, groups: &[&str], topics: &[&str]) -> Registration {
@@ -14,6 +14,7 @@ fn sub(r: &Arc<Router>, user: &str, groups: &[&str], topics: &[&str]) -> Registr
         groups: groups.iter().map(|g| GroupId::parse(g).unwrap()).collect(),
         topics: topics.iter().map(|t| Topic::parse(t).unwrap()).collect(),
         abort: None,
+        resume: None,
     })
     .unwrap()
 }
@@ -22,12 +23,15 @@ fn ev(data: &str) -> Event {
     Event { name: None, data: data.into() }
 }
 
-/// The data lines of everything queued for `reg`.
+/// The first line of everything queued for `reg`, but the opening `id:` cursor.
 fn received(reg: &Registration) -> Vec<String> {
     let mut out = Vec::new();
     let mut cx = Context::from_waker(Waker::noop());
     let _ = reg.mailbox().poll_drain(&mut cx, &mut out);
-    out.iter().map(|f| String::from_utf8_lossy(&f.bytes).lines().next().unwrap_or("").to_owned()).collect()
+    out.iter()
+        .filter(|f| !f.bytes.starts_with(b"id: "))
+        .map(|f| String::from_utf8_lossy(&f.bytes).lines().next().unwrap_or("").to_owned())
+        .collect()
 }
 
 #[test]
@@ -38,10 +42,10 @@ fn each_target_reaches_exactly_its_connections() {
     let b = sub(&r, "b", &["g"], &["t"]);
     let c = sub(&r, "c", &[], &[]);
     let users = Target::users(vec![UserId::parse("a").unwrap(), UserId::parse("a").unwrap()]);
-    assert_eq!(r.publish(&users, &ev("to-a")).unwrap().recipients, 2);
-    assert_eq!(r.publish(&Target::Group(GroupId::parse("g").unwrap()), &ev("to-g")).unwrap().recipients, 2);
-    assert_eq!(r.publish(&Target::Topic(Topic::parse("t").unwrap()), &ev("to-t")).unwrap().recipients, 2);
-    assert_eq!(r.publish(&Target::Broadcast, &ev("all")).unwrap().recipients, 4);
+    assert_eq!(r.publish(users, &ev("to-a")).unwrap().recipients, 2);
+    assert_eq!(r.publish(Target::Group(GroupId::parse("g").unwrap()), &ev("to-g")).unwrap().recipients, 2);
+    assert_eq!(r.publish(Target::Topic(Topic::parse("t").unwrap()), &ev("to-t")).unwrap().recipients, 2);
+    assert_eq!(r.publish(Target::Broadcast, &ev("all")).unwrap().recipients, 4);
     assert_eq!(received(&a1), ["data: to-a", "data: to-g", "data: all"]);
     assert_eq!(received(&a2), ["data: to-a", "data: to-t", "data: all"]);
     assert_eq!(received(&b), ["data: to-g", "data: to-t", "data: all"]);
@@ -51,8 +55,8 @@ fn each_target_reaches_exactly_its_connections() {
 #[test]
 fn ids_increase_within_the_epoch() {
     let r = router(4);
-    let p1 = r.publish(&Target::Broadcast, &ev("x")).unwrap();
-    let p2 = r.publish(&Target::Broadcast, &ev("y")).unwrap();
+    let p1 = r.publish(Target::Broadcast, &ev("x")).unwrap();
+    let p2 = r.publish(Target::Broadcast, &ev("y")).unwrap();
     assert_eq!((p1.id.epoch, p1.id.seq, p2.id.seq), (7, 1, 2));
     assert_eq!(p1.recipients, 0);
 }
@@ -64,7 +68,7 @@ fn a_full_queue_cuts_off_that_connection_only() {
     let fast = sub(&r, "fast", &[], &["t"]);
     let t = Target::Topic(Topic::parse("t").unwrap());
     for i in 0..5 {
-        r.publish(&t, &ev(&i.to_string())).unwrap();
+        r.publish(t.clone(), &ev(&i.to_string())).unwrap();
         assert_eq!(received(&fast).len(), 1);
     }
     let mut out = Vec::new();
@@ -92,7 +96,7 @@ fn disconnect_closes_that_user_gracefully() {
     assert_eq!(r.disconnect(&UserId::parse("a").unwrap(), "bye"), 1);
     assert_eq!(received(&a), ["event: ssegate.disconnect"]);
     assert_eq!(r.user_presence(&[UserId::parse("a").unwrap()])[0].connections, 0);
-    r.publish(&Target::Broadcast, &ev("still")).unwrap();
+    r.publish(Target::Broadcast, &ev("still")).unwrap();
     assert_eq!(received(&b), ["data: still"]);
 }
 
@@ -106,4 +110,137 @@ fn online_users_pages_in_order() {
     let (page, more) = r.online_users(Some("c"), 3);
     assert_eq!(page.iter().map(UserId::as_str).collect::<Vec<_>>(), ["d"]);
     assert!(!more);
+}
+
+fn resume(r: &Arc<Router>, user: &str, topics: &[&str], last: EventId) -> Registration {
+    r.subscribe(Subscription {
+        user: UserId::parse(user).unwrap(),
+        groups: Vec::new(),
+        topics: topics.iter().map(|t| Topic::parse(t).unwrap()).collect(),
+        abort: None,
+        resume: Some(last),
+    })
+    .unwrap()
+}
+
+fn id(seq: u64) -> EventId {
+    EventId { epoch: 7, seq }
+}
+
+#[test]
+fn a_resume_gets_its_own_missed_events_then_live_ones_then_a_cursor() {
+    let r = router(4);
+    r.publish(Target::users(vec![UserId::parse("a").unwrap()]), &ev("1 for a")).unwrap();
+    r.publish(Target::users(vec![UserId::parse("b").unwrap()]), &ev("2 for b")).unwrap();
+    r.publish(Target::Topic(Topic::parse("t").unwrap()), &ev("3 on t")).unwrap();
+    r.publish(Target::Broadcast, &ev("4 all")).unwrap();
+    let a = resume(&r, "a", &["t"], id(0));
+    assert_eq!(a.start(), Start::Resumed { replayed: 3 });
+    r.publish(Target::Broadcast, &ev("5 live")).unwrap();
+    assert_eq!(received(&a), ["data: 1 for a", "data: 3 on t", "data: 4 all", "data: 5 live"]);
+    let a2 = resume(&r, "a", &[], id(3));
+    assert_eq!(a2.start(), Start::Resumed { replayed: 2 });
+    assert_eq!(r.stats().events_replayed, 5);
+}
+
+#[test]
+fn a_resume_the_log_cannot_serve_gets_ssegate_missed() {
+    let r = Router::new(RouterConfig {
+        epoch: Some(7),
+        replay: ReplayConfig { capacity: 2, max_bytes: 1 << 20, max_age: std::time::Duration::from_secs(60) },
+        ..RouterConfig::with_queue_capacity(8)
+    });
+    for i in 0..4 {
+        r.publish(Target::Broadcast, &ev(&i.to_string())).unwrap();
+    }
+    for (last, reason) in [
+        (id(1), MissReason::Expired),
+        (id(9), MissReason::Unknown),
+        (EventId { epoch: 8, seq: 1 }, MissReason::OtherEpoch),
+    ] {
+        let c = resume(&r, "a", &[], last);
+        assert_eq!(c.start(), Start::Missed(reason));
+        let mut out = Vec::new();
+        let _ = c.mailbox().poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);
+        let text: Vec<_> = out.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect();
+        let expected = format!(
+            "event: ssegate.missed\ndata: {{\"reason\":\"{}\",\"last_event_id\":\"{last}\"}}\n\n",
+            reason.as_str()
+        );
+        assert_eq!(text, [expected, "id: 7-4\n\n".to_string()], "then the cursor: resume from the newest id");
+    }
+    assert_eq!(resume(&r, "a", &[], id(2)).start(), Start::Resumed { replayed: 2 });
+    assert_eq!(r.stats().resumes_missed, 3);
+}
+
+#[test]
+fn connection_limits_refuse_and_count() {
+    let r = Router::new(RouterConfig {
+        max_connections: 3,
+        max_connections_per_user: 2,
+        ..RouterConfig::with_queue_capacity(4)
+    });
+    let _a1 = sub(&r, "a", &[], &[]);
+    let _a2 = sub(&r, "a", &[], &[]);
+    let a3 = r.subscribe(Subscription {
+        user: UserId::parse("a").unwrap(),
+        groups: vec![],
+        topics: vec![],
+        abort: None,
+        resume: None,
+    });
+    assert_eq!(a3.err(), Some(RouterError::TooManyForUser { limit: 2 }));
+    let _b = sub(&r, "b", &[], &[]);
+    let c = r.subscribe(Subscription {
+        user: UserId::parse("c").unwrap(),
+        groups: vec![],
+        topics: vec![],
+        abort: None,
+        resume: None,
+    });
+    assert_eq!(c.err(), Some(RouterError::TooManyConnections { limit: 3 }));
+    assert_eq!(r.stats().connections_rejected, 2);
+}
+
+/// A client that keeps dropping and resuming while another thread publishes sees every
+/// event exactly once, in order: the replay-to-live handoff has no gap and no duplicate.
+#[test]
+fn resuming_while_events_are_published_loses_and_repeats_nothing() {
+    const N: u64 = 20_000;
+    let r = Router::new(RouterConfig {
+        epoch: Some(7),
+        replay: ReplayConfig { capacity: N as usize, max_bytes: 1 << 30, max_age: std::time::Duration::from_secs(600) },
+        ..RouterConfig::with_queue_capacity(N as usize)
+    });
+    let publisher = {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            for i in 1..=N {
+                r.publish(Target::Broadcast, &ev(&i.to_string())).unwrap();
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut last = id(0);
+    let mut cx = Context::from_waker(Waker::noop());
+    while seen.last() != Some(&N) {
+        let c = resume(&r, "a", &[], last);
+        assert!(matches!(c.start(), Start::Resumed { .. }), "{:?}", c.start());
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            let _ = c.mailbox().poll_drain(&mut cx, &mut out);
+        }
+        for f in &out {
+            let text = std::str::from_utf8(&f.bytes).unwrap();
+            for line in text.lines() {
+                if let Some(d) = line.strip_prefix("data: ") {
+                    seen.push(d.parse::<u64>().unwrap());
+                } else if let Some(i) = line.strip_prefix("id: ") {
+                    last = i.parse().unwrap();
+                }
+            }
+        }
+    }
+    publisher.join().unwrap();
+    assert!(seen.iter().copied().eq(1..=N), "gap or duplicate in {} events", seen.len());
 }

@@ -65,6 +65,28 @@ impl TestApp {
         c
     }
 
+    /// Opens `GET /v1/events?{query}` with a `Last-Event-ID` header and asserts a 200 stream.
+    pub async fn resume(&self, query: &str, last_event_id: &str) -> SseClient {
+        let c =
+            SseClient::connect(self.http, &format!("/v1/events?{query}"), &[("Last-Event-ID", last_event_id)]).await;
+        assert_eq!(c.status, 200, "resume {query}: {:?}", c.head);
+        c
+    }
+
+    /// Waits until `user` has exactly `n` open connections.
+    pub async fn wait_connections(&self, user: &str, n: u64) {
+        let end = deadline();
+        loop {
+            let req = pb::PresenceRequest { user_ids: vec![user.into()], ..Default::default() };
+            let got = self.client.clone().presence(req).await.expect("presence").into_inner().users[0].connections;
+            if got == n {
+                return;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {user} to have {n} connections (has {got})");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Stops the server (as SIGTERM would) and waits for it to finish.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
@@ -137,6 +159,8 @@ pub struct SseClient {
     items: std::collections::VecDeque<Item>,
     /// The body ended (terminating chunk or EOF).
     pub ended: bool,
+    /// The id of the last event `next_item` returned.
+    taken_id: String,
 }
 
 impl SseClient {
@@ -160,7 +184,16 @@ impl SseClient {
             head.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
         }
         let chunked = head.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        SseClient { status, head, reader, chunked, parser: SseParser::new(), items: Default::default(), ended: false }
+        SseClient {
+            status,
+            head,
+            reader,
+            chunked,
+            parser: SseParser::new(),
+            items: Default::default(),
+            ended: false,
+            taken_id: String::new(),
+        }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -207,11 +240,31 @@ impl SseClient {
         true
     }
 
+    /// What a browser that handled every event returned so far would send as `Last-Event-ID`:
+    /// the id of the last event taken, or the stream's id if nothing parsed is left unread.
+    pub fn last_event_id(&self) -> String {
+        if self.items.is_empty() { self.parser.last_event_id().to_owned() } else { self.taken_id.clone() }
+    }
+
+    /// Reads until the stream has told its starting id (the `id:` line without data that opens
+    /// every stream), keeping any items read on the way; returns it.
+    pub async fn cursor(&mut self) -> String {
+        let end = deadline();
+        while self.parser.last_event_id().is_empty() {
+            let more = timeout_at(end, self.read_more()).await.expect("cursor within the deadline");
+            assert!(more, "stream ended before its opening id");
+        }
+        self.parser.last_event_id().to_owned()
+    }
+
     /// The next item (event, retry or comment), or `None` if the stream ended first.
     pub async fn next_item(&mut self) -> Option<Item> {
         let end = deadline();
         loop {
             if let Some(item) = self.items.pop_front() {
+                if let Item::Event(e) = &item {
+                    self.taken_id.clone_from(&e.last_event_id);
+                }
                 return Some(item);
             }
             let more = timeout_at(end, self.read_more()).await.expect("stream item within the deadline");
@@ -223,11 +276,15 @@ impl SseClient {
 
     /// The next event, skipping comments and `retry:` fields; panics if the stream ends.
     pub async fn next_event(&mut self) -> ParsedEvent {
+        self.next_event_or_end().await.expect("stream ended while an event was expected")
+    }
+
+    /// The next event, skipping comments and `retry:` fields; `None` if the stream ends.
+    pub async fn next_event_or_end(&mut self) -> Option<ParsedEvent> {
         loop {
-            match self.next_item().await {
-                Some(Item::Event(e)) => return e,
-                Some(_) => continue,
-                None => panic!("stream ended while an event was expected"),
+            match self.next_item().await? {
+                Item::Event(e) => return Some(e),
+                _ => continue,
             }
         }
     }

@@ -8,6 +8,7 @@ mod control;
 mod encoding;
 mod helpers;
 mod http_edge;
+mod resume;
 mod routing;
 mod services;
 mod stream;
