@@ -10,6 +10,8 @@ use tokio::{
     time::timeout_at,
 };
 
+use ssegate::grpc::pb;
+
 use crate::helpers::{deadline, spawn_app};
 
 pub struct Browser {
@@ -90,5 +92,35 @@ async fn chromium_eventsource_receives_named_multiline_unicode_events_with_ids()
     let e3 = browser.next_kind("event").await;
     assert_eq!((e3["type"].as_str(), e3["data"].as_str()), (Some("message"), Some("data: forged\n\nevent: chat")));
     assert_eq!(e3["lastEventId"].as_str(), Some(r3.event_id.as_str()));
+    browser.quit().await;
+}
+
+#[tokio::test]
+async fn chromium_reconnects_by_itself_and_resumes_with_last_event_id_losing_nothing() {
+    // A long retry leaves a wide window between the stream's end and the reconnect, so the
+    // events below are certainly published while the browser is away.
+    let app = spawn_app(&["--cors-allowed-origins", "*", "--retry", "2s"]).await;
+    let mut browser = Browser::open(&format!("http://{}/v1/events?user=web", app.http), &[]).await;
+    browser.next_kind("open").await;
+    app.publish_users(&["web"], "", "before").await;
+    assert_eq!(browser.next_kind("event").await["data"], "before");
+
+    // End the stream from the server side; EventSource goes back to CONNECTING by itself.
+    app.client
+        .clone()
+        .disconnect(pb::DisconnectRequest { user_id: "web".into(), reason: String::new() })
+        .await
+        .unwrap();
+    assert_eq!(browser.next_kind("error").await["readyState"], 0, "reconnecting, not closed");
+    for i in 0..3 {
+        app.publish_users(&["web"], "", &format!("away {i}")).await;
+    }
+    browser.next_kind("open").await;
+    for i in 0..3 {
+        assert_eq!(browser.next_kind("event").await["data"], format!("away {i}"));
+    }
+    app.publish_users(&["web"], "", "live").await;
+    assert_eq!(browser.next_kind("event").await["data"], "live", "then live, with nothing repeated");
+    assert_eq!(app.stats().await.events_replayed, 3, "the browser sent Last-Event-ID and was replayed to");
     browser.quit().await;
 }

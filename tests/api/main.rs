@@ -5,9 +5,11 @@
 
 mod browser;
 mod control;
+mod drain;
 mod encoding;
 mod helpers;
 mod http_edge;
+mod limits;
 mod resume;
 mod routing;
 mod services;

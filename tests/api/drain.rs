@@ -1,0 +1,82 @@
+//! Graceful drain of the real binary on SIGTERM: streams end with a jittered `retry:`, and a
+//! stream that cannot be flushed does not keep the process alive past the grace period.
+
+use std::{net::SocketAddr, process::Stdio, time::Duration};
+
+use ssegate::{event_stream::parse::Item, grpc::pb::publisher_client::PublisherClient};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpSocket,
+    process::Command,
+    time::timeout_at,
+};
+
+use crate::helpers::{SseClient, deadline, ev};
+
+#[tokio::test]
+async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_despite_a_stuck_client() {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_ssegate"))
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--shutdown-grace", "1s", "--retry", "1s", "--queue-capacity", "65536"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the ssegate binary starts");
+    let mut logs = BufReader::new(server.stderr.take().unwrap()).lines();
+    let (http, grpc) = loop {
+        let line = timeout_at(deadline(), logs.next_line()).await.expect("startup log").unwrap().expect("a log line");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { panic!("not a JSON log line: {line}") };
+        if v["message"] == "ssegate serving" {
+            let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+            break (addr("http"), addr("grpc"));
+        }
+    };
+    let mut client = PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
+
+    let mut healthy = SseClient::connect(http, "/v1/events?user=h", &[]).await;
+    // A client that never reads, with a tiny receive buffer: what is queued for it can never
+    // be flushed, so only the grace period can end its connection.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(http).await.unwrap();
+    stuck.write_all(format!("GET /v1/events?user=s HTTP/1.1\r\nHost: {http}\r\n\r\n").as_bytes()).await.unwrap();
+    let payload = "x".repeat(60_000);
+    let mut sent = 0;
+    while sent < 200 {
+        let req = ssegate::grpc::pb::PublishRequest { user_ids: vec!["s".into()], event: Some(ev("", &payload)) };
+        // The first publishes may race the stuck client's registration; count those that reach it.
+        if client.publish(req).await.unwrap().into_inner().recipients == Some(1) {
+            sent += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    client
+        .publish(ssegate::grpc::pb::PublishRequest { user_ids: vec!["h".into()], event: Some(ev("", "bye")) })
+        .await
+        .unwrap();
+
+    let pid = server.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+
+    let items = healthy.until_end().await;
+    assert!(items.iter().any(|i| matches!(i, Item::Event(e) if e.data == "bye")), "queued event delivered first");
+    match items.last() {
+        Some(Item::Retry(ms)) => assert!((1000..=3000).contains(ms), "retry {ms} in [retry, 2*retry + 1s]"),
+        other => panic!("the stream must end with a retry field, got {other:?}"),
+    }
+    let exit = timeout_at(deadline(), server.wait()).await.expect("process exits in time").unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let mut rest = Vec::new();
+    while let Ok(Some(line)) = logs.next_line().await {
+        rest.push(line);
+    }
+    assert!(
+        rest.iter().any(|l| l.contains("grace period over")),
+        "the stuck stream held the drain until the grace period ran out: {rest:#?}"
+    );
+    drop(stuck);
+}
