@@ -34,6 +34,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the admin port: `/metrics`, `/healthz`, `/readyz`.
+    #[arg(long, env = "SSEGATE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+
     /// Interval between heartbeat comments on an idle stream.
     #[arg(long, env = "SSEGATE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
     pub heartbeat_interval: Duration,
@@ -98,6 +102,11 @@ pub struct ServeArgs {
     /// Time a client may take to send its request headers.
     #[arg(long, env = "SSEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub header_read_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long to keep serving while reporting not ready, before draining:
+    /// time for load balancers (Kubernetes endpoints) to stop sending new traffic.
+    #[arg(long, env = "SSEGATE_SHUTDOWN_DELAY", default_value = "0s", value_parser = duration)]
+    pub shutdown_delay: Duration,
 
     /// On SIGTERM/SIGINT, the longest wait for streams and calls to end before exiting.
     #[arg(long, env = "SSEGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]

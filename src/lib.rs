@@ -7,8 +7,11 @@
 //! - [`router`]: connections, groups and topics; publish fans out to per-connection mailboxes.
 //! - `grpc`: the `ssegate.v1.Publisher` service (the only module that sees prost types).
 //! - `http`: `GET /v1/events` and the SSE response body (the only module that sees axum).
-//! - `config`, `startup`: flags, and building and running the two listeners.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz` on the admin port.
+//! - `telemetry`: logs, OTLP traces, Prometheus metrics.
+//! - `config`, `startup`: flags, and building and running the three listeners.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod domain;

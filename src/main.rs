@@ -17,21 +17,24 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            ssegate::telemetry::init(args.log_format);
+            let telemetry = ssegate::telemetry::init(args.log_format);
             let app = match Application::build(*args).await {
                 Ok(app) => app,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start");
+                    telemetry.shutdown();
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            match app.run_until_stopped(signal()).await {
+            let code = match app.run_until_stopped(signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "server failed");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            telemetry.shutdown();
+            code
         }
         Command::Publish(args) => match ssegate::cli::publish(args).await {
             Ok(id) => {

@@ -6,10 +6,12 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admin::{self, Readiness},
     config::ServeArgs,
     event_stream, grpc,
     http::{self, HttpSettings},
     router::{CloseReason, Frame, ReplayConfig, Router, RouterConfig},
+    telemetry::metrics::Metrics,
 };
 
 /// Heartbeats go out in this many slots per interval, spreading wake-ups over time.
@@ -33,8 +35,11 @@ pub struct Application {
     config: ServeArgs,
     http: TcpListener,
     grpc: TcpListener,
+    admin: TcpListener,
     router: Arc<Router>,
     app: axum::Router,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
 }
 
 async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, StartupError> {
@@ -54,6 +59,7 @@ impl Application {
             max_connections: config.max_connections as usize,
             max_connections_per_user: config.max_connections_per_user as usize,
         });
+        let metrics = Arc::new(Metrics::new(router.clone()));
         let app = http::app(
             router.clone(),
             &HttpSettings {
@@ -62,10 +68,16 @@ impl Application {
                 cors_allowed_origins: config.cors_allowed_origins.clone(),
                 max_connection_lifetime: config.max_connection_lifetime,
             },
+            metrics.edge.clone(),
         )?;
         let http = bind(config.http_addr, "http").await?;
         let grpc = bind(config.grpc_addr, "grpc").await?;
-        Ok(Self { config, http, grpc, router, app })
+        let admin = bind(config.admin_addr, "admin").await?;
+        Ok(Self { config, http, grpc, admin, router, app, metrics, ready: Readiness::default() })
+    }
+
+    pub fn admin_addr(&self) -> io::Result<SocketAddr> {
+        self.admin.local_addr()
     }
 
     pub fn http_addr(&self) -> io::Result<SocketAddr> {
@@ -84,9 +96,9 @@ impl Application {
     /// gets a `retry:` with a randomised delay and ends, in-flight gRPC calls are answered, and
     /// whatever is still open after the grace period is dropped.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
-        let Self { config, http, grpc, router, app } = self;
+        let Self { config, http, grpc, admin, router, app, metrics, ready } = self;
         // The bound addresses, not the configured ones: with port 0 the log tells the real port.
-        let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
+        let (http_addr, grpc_addr, admin_addr) = (http.local_addr()?, grpc.local_addr()?, admin.local_addr()?);
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -99,17 +111,32 @@ impl Application {
             grpc,
             router.clone(),
             limits,
+            metrics.edge.clone(),
             config.grpc_max_message_bytes as usize,
             (reporter.clone(), health_service),
             stop.clone().cancelled_owned(),
         ));
         tracker.spawn(http::server::serve(http, app, config.header_read_timeout, stop.clone(), tracker.clone()));
         tracker.spawn(heartbeats(router.clone(), config.heartbeat_interval, stop.clone()));
-        tracing::info!(http = %http_addr, grpc = %grpc_addr, "ssegate serving");
+        // The admin port outlives the drain (it stops last), so probes answer throughout.
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(
+            axum::serve(admin, admin::app(metrics, ready.clone()))
+                .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
+                .into_future(),
+        );
+        ready.set(true);
+        tracing::info!(http = %http_addr, grpc = %grpc_addr, admin = %admin_addr, "ssegate serving");
 
         shutdown.await;
-        tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
+        ready.set(false);
         grpc::set_not_serving(&reporter).await;
+        if !config.shutdown_delay.is_zero() {
+            // Keep serving while load balancers notice we are not ready.
+            tracing::info!(delay = ?config.shutdown_delay, "shutting down: not ready, still serving");
+            tokio::time::sleep(config.shutdown_delay).await;
+        }
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
         let retry_ms = config.retry.as_millis() as u64;
         let closed = router.close_all(CloseReason::Shutdown, || {
             // Spread reconnections over [retry, 2*retry + 1s) so thousands of clients do not come
@@ -126,6 +153,10 @@ impl Application {
             Ok(Ok(result)) => result?,
             Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed"),
             Err(_) => tracing::warn!(streams = closed, "grace period over: dropping what is still open"),
+        }
+        admin_stop.cancel();
+        if let Err(e) = admin_task.await {
+            tracing::warn!(error = %e, "admin server task failed");
         }
         tracing::info!("ssegate stopped");
         Ok(())

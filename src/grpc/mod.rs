@@ -24,7 +24,10 @@ use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
-use crate::router::Router;
+use crate::{
+    router::Router,
+    telemetry::{grpc_layer::GrpcTelemetryLayer, metrics::EdgeMetrics},
+};
 
 /// Serves the publisher, health and reflection services on `listener` until `shutdown`
 /// completes; in-flight calls are answered before it returns.
@@ -32,6 +35,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     limits: Limits,
+    metrics: Arc<EdgeMetrics>,
     max_message_bytes: usize,
     health: (
         HealthReporter,
@@ -40,7 +44,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
-    let publisher = pb::publisher_server::PublisherServer::new(PublisherService::new(router, limits))
+    let publisher = pb::publisher_server::PublisherServer::new(PublisherService::new(router, limits, metrics.clone()))
         .max_decoding_message_size(max_message_bytes);
     reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
     let reflection = || {
@@ -52,6 +56,7 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     Ok(Server::builder()
+        .layer(GrpcTelemetryLayer::new(metrics))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -5,10 +5,13 @@ use std::{pin::Pin, sync::Arc};
 use futures_util::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use tracing::field::Empty;
+
 use super::{ApiError, convert, pb};
 use crate::{
     domain::{GroupId, Target, Topic, UserId},
     router::{Published, Router},
+    telemetry::metrics::{EdgeMetrics, PublishFailure},
 };
 
 /// Request-shape limits, from the configuration.
@@ -28,23 +31,50 @@ const DEFAULT_ONLINE_PAGE: u32 = 1_000;
 pub struct PublisherService {
     router: Arc<Router>,
     limits: Arc<Limits>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 impl PublisherService {
-    pub fn new(router: Arc<Router>, limits: Limits) -> Self {
-        Self { router, limits: Arc::new(limits) }
+    pub fn new(router: Arc<Router>, limits: Limits, metrics: Arc<EdgeMetrics>) -> Self {
+        Self { router, limits: Arc::new(limits), metrics }
     }
 
-    fn publish(&self, target: Target, event: Option<pb::Event>) -> Result<Published, ApiError> {
-        let event = convert::event(event, &self.limits)?;
-        let kind = target.kind();
-        let published = self.router.publish(target, &event)?;
-        tracing::debug!(target = kind, id = %published.id, recipients = published.recipients, "published");
-        Ok(published)
+    /// Publishes to `target` (of kind `kind`, a `Target::kind` name, known even when the
+    /// target did not parse) and counts a failure by its kind.
+    fn publish(
+        &self,
+        kind: &'static str,
+        target: Result<Target, ApiError>,
+        event: Option<pb::Event>,
+    ) -> Result<Published, ApiError> {
+        let result = target.and_then(|target| {
+            let event = convert::event(event, &self.limits)?;
+            let span = tracing::info_span!("publish", target = kind, event_id = Empty, recipients = Empty);
+            let _entered = span.enter();
+            let published = self.router.publish(target, &event)?;
+            span.record("event_id", tracing::field::display(published.id));
+            span.record("recipients", published.recipients);
+            Ok(published)
+        });
+        if let Err(e) = &result {
+            let failure = match e.code() {
+                Code::Unavailable | Code::ResourceExhausted => PublishFailure::Unavailable,
+                _ => PublishFailure::Invalid,
+            };
+            self.metrics.publish_failed(kind, failure);
+        }
+        result
     }
 
     fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
-        let result = convert::stream_target(req.target, &self.limits).and_then(|t| self.publish(t, req.event));
+        use pb::publish_stream_request::Target as T;
+        let kind = match &req.target {
+            Some(T::Users(_)) | None => "user",
+            Some(T::Group(_)) => "group",
+            Some(T::Topic(_)) => "topic",
+            Some(T::Broadcast(_)) => "broadcast",
+        };
+        let result = self.publish(kind, convert::stream_target(req.target, &self.limits), req.event);
         match result {
             Ok(p) => pb::PublishStreamResponse {
                 index,
@@ -74,8 +104,8 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse
 impl pb::publisher_server::Publisher for PublisherService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
-        let target = convert::users_target("user_ids", &req.user_ids, &self.limits)?;
-        Ok(answer(self.publish(target, req.event)?))
+        let target = convert::users_target("user_ids", &req.user_ids, &self.limits);
+        Ok(answer(self.publish("user", target, req.event)?))
     }
 
     async fn publish_group(
@@ -83,8 +113,8 @@ impl pb::publisher_server::Publisher for PublisherService {
         req: Request<pb::PublishGroupRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
-        let target = Target::Group(convert::group(&req.group)?);
-        Ok(answer(self.publish(target, req.event)?))
+        let target = convert::group(&req.group).map(Target::Group);
+        Ok(answer(self.publish("group", target, req.event)?))
     }
 
     async fn publish_topic(
@@ -92,12 +122,12 @@ impl pb::publisher_server::Publisher for PublisherService {
         req: Request<pb::PublishTopicRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
-        let target = Target::Topic(convert::topic(&req.topic)?);
-        Ok(answer(self.publish(target, req.event)?))
+        let target = convert::topic(&req.topic).map(Target::Topic);
+        Ok(answer(self.publish("topic", target, req.event)?))
     }
 
     async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::PublishResponse>, Status> {
-        Ok(answer(self.publish(Target::Broadcast, req.into_inner().event)?))
+        Ok(answer(self.publish("broadcast", Ok(Target::Broadcast), req.into_inner().event)?))
     }
 
     type PublishStreamStream = ResponseStream;

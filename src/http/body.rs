@@ -4,6 +4,7 @@ use std::{
     collections::VecDeque,
     convert::Infallible,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -13,7 +14,10 @@ use tokio::time::Sleep;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 
-use crate::router::{CloseReason, Drained, Frame, Registration};
+use crate::{
+    router::{CloseReason, Drained, Frame, Registration},
+    telemetry::metrics::EdgeMetrics,
+};
 
 /// Most bytes coalesced into one write; a backlog beyond it goes out in several.
 const MAX_WRITE: usize = 64 * 1024;
@@ -32,11 +36,22 @@ pub struct SseBody {
     opened: Instant,
     /// Fires at the connection's maximum lifetime, if one is set.
     lifetime: Option<Pin<Box<Sleep>>>,
+    metrics: Arc<EdgeMetrics>,
+    /// The connection's span: entered while the body works, closed when it ends.
+    span: tracing::Span,
 }
 
 impl SseBody {
-    pub fn new(reg: Registration, head: Bytes, lifetime: Option<Duration>) -> Self {
+    pub fn new(
+        reg: Registration,
+        head: Bytes,
+        lifetime: Option<Duration>,
+        metrics: Arc<EdgeMetrics>,
+        span: tracing::Span,
+    ) -> Self {
         Self {
+            metrics,
+            span,
             lifetime: lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
             reg,
             head: Some(head),
@@ -52,6 +67,8 @@ impl SseBody {
     fn next_write(&mut self) -> Option<Bytes> {
         let first = self.backlog.pop_front()?;
         let mut events = u64::from(first.is_event);
+        // Frames are in publish order, so the first event is the oldest of this write.
+        let mut oldest = first.is_event.then_some(first.published_at);
         let bytes = if self.backlog.front().is_none_or(|f| first.bytes.len() + f.bytes.len() > MAX_WRITE) {
             first.bytes
         } else {
@@ -65,11 +82,17 @@ impl SseBody {
                 }
                 buf.extend_from_slice(&f.bytes);
                 events += u64::from(f.is_event);
+                if f.is_event {
+                    oldest.get_or_insert(f.published_at);
+                }
                 self.backlog.pop_front();
             }
             buf.freeze()
         };
         self.reg.router().record_delivered(events);
+        if let Some(t) = oldest {
+            self.metrics.delivery_latency.observe(t.elapsed());
+        }
         Some(bytes)
     }
 }
@@ -80,6 +103,8 @@ impl Body for SseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
         let this = self.get_mut();
+        let span = this.span.clone();
+        let _entered = span.enter();
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(BodyFrame::data(head))));
         }
@@ -94,7 +119,10 @@ impl Body for SseBody {
         if this.backlog.is_empty() && this.ended.is_none() {
             match this.reg.mailbox().poll_drain(cx, &mut this.scratch) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Drained::Frames) => this.backlog.extend(this.scratch.drain(..)),
+                Poll::Ready(Drained::Frames) => {
+                    this.metrics.queue_depth.observe_value(this.scratch.len() as f64);
+                    this.backlog.extend(this.scratch.drain(..));
+                }
                 Poll::Ready(Drained::End(reason)) => this.ended = Some(reason),
             }
         }
@@ -113,6 +141,8 @@ impl Body for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         let reason = self.ended.unwrap_or(CloseReason::ClientLeft);
+        self.metrics.closed(reason);
+        let _entered = self.span.enter();
         tracing::info!(
             conn = self.reg.id(),
             reason = reason.as_str(),

@@ -13,7 +13,8 @@ use http::{HeaderMap, HeaderValue, header};
 use super::{AppState, HttpError, body::SseBody, server::ConnContext};
 use crate::{
     domain::{EventId, GroupId, InvalidText, Topic, UserId},
-    router::Subscription,
+    router::{RouterError, Subscription},
+    telemetry::metrics::Rejection,
 };
 
 /// What `GET /v1/events` asks for.
@@ -81,7 +82,9 @@ pub async fn subscribe(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
-    let q = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions)?;
+    let q = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions).inspect_err(|_| {
+        state.metrics.rejected(Rejection::BadRequest);
+    })?;
     let resume = resume_id(&headers, q.last_event_id.as_deref());
     let peer = conn.as_ref().map(|c| c.peer);
     let abort = conn.map(|c| c.abort.clone());
@@ -90,17 +93,25 @@ pub async fn subscribe(
     let reg = match reg {
         Ok(reg) => reg,
         Err(e) => {
+            state.metrics.rejected(match e {
+                RouterError::ShuttingDown => Rejection::ShuttingDown,
+                RouterError::TooManyConnections { .. } => Rejection::MaxConnections,
+                RouterError::TooManyForUser { .. } => Rejection::MaxConnectionsPerUser,
+            });
             tracing::warn!(user = %user, peer = ?peer, error = %e, "sse connection refused");
             return Err(e.into());
         }
     };
-    tracing::info!(
-        conn = reg.id(), user = %user, groups, topics, peer = ?peer,
-        resume = ?resume.map(|id| id.to_string()), start = ?reg.start(),
-        "sse connection opened"
-    );
+    let span = tracing::info_span!("sse", conn = reg.id(), user = %user);
+    span.in_scope(|| {
+        tracing::info!(
+            conn = reg.id(), user = %user, groups, topics, peer = ?peer,
+            resume = ?resume.map(|id| id.to_string()), start = ?reg.start(),
+            "sse connection opened"
+        );
+    });
     let lifetime = state.settings.max_connection_lifetime.map(jittered);
-    let body = SseBody::new(reg, state.settings.retry_field.clone(), lifetime);
+    let body = SseBody::new(reg, state.settings.retry_field.clone(), lifetime, state.metrics.clone(), span);
     let mut resp = Response::new(Body::new(body));
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -15,7 +15,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use error::HttpError;
 
-use crate::{event_stream, router::Router};
+use crate::{event_stream, router::Router, telemetry::metrics::EdgeMetrics};
 
 /// Settings of the HTTP edge.
 #[derive(Clone, Debug)]
@@ -34,6 +34,7 @@ pub struct HttpSettings {
 pub struct AppState {
     router: Arc<Router>,
     settings: Arc<Settings>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 struct Settings {
@@ -49,9 +50,14 @@ struct Settings {
 pub struct InvalidOrigin(String);
 
 /// Builds the application: routes, state and CORS.
-pub fn app(router: Arc<Router>, settings: &HttpSettings) -> Result<axum::Router, InvalidOrigin> {
+pub fn app(
+    router: Arc<Router>,
+    settings: &HttpSettings,
+    metrics: Arc<EdgeMetrics>,
+) -> Result<axum::Router, InvalidOrigin> {
     let state = AppState {
         router,
+        metrics,
         settings: Arc::new(Settings {
             max_subscriptions: settings.max_subscriptions,
             retry_field: event_stream::retry(settings.retry.as_millis() as u64),

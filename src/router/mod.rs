@@ -54,6 +54,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    pub const ALL: [CloseReason; 5] = [
+        CloseReason::ClientLeft,
+        CloseReason::SlowConsumer,
+        CloseReason::Disconnected,
+        CloseReason::Lifetime,
+        CloseReason::Shutdown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::ClientLeft => "client_left",
@@ -188,6 +196,10 @@ pub struct Stats {
     pub replay_log_events: u64,
     /// Bytes of encoded events in the replay log now.
     pub replay_log_bytes: u64,
+    /// Events published, by target kind (names from `Target::kind`).
+    pub published_by_target: [(&'static str, u64); 4],
+    /// Connections that came with a `Last-Event-ID`, by outcome (`resumed` or a miss reason).
+    pub resumes_by_outcome: [(&'static str, u64); 4],
 }
 
 #[derive(Default)]
@@ -199,6 +211,22 @@ struct Counters {
     replayed: AtomicU64,
     missed: AtomicU64,
     rejected: AtomicU64,
+    /// Indexed like `TARGET_KINDS`.
+    published_by_target: [AtomicU64; 4],
+    /// Indexed like `RESUME_OUTCOMES`.
+    resumes: [AtomicU64; 4],
+}
+
+const TARGET_KINDS: [&str; 4] = ["user", "group", "topic", "broadcast"];
+const RESUME_OUTCOMES: [&str; 4] = ["resumed", "expired", "unknown", "other_epoch"];
+
+fn target_index(target: &Target) -> usize {
+    match target {
+        Target::Users(_) => 0,
+        Target::Group(_) => 1,
+        Target::Topic(_) => 2,
+        Target::Broadcast => 3,
+    }
 }
 
 struct Locked {
@@ -343,10 +371,23 @@ impl Router {
         locked.tables.insert(id, Conn { mailbox: mailbox.clone(), user, groups, topics });
         drop(locked);
         self.counters.opened.fetch_add(1, Relaxed);
-        match start {
-            Start::Resumed { replayed } => _ = self.counters.replayed.fetch_add(replayed as u64, Relaxed),
-            Start::Missed(_) => _ = self.counters.missed.fetch_add(1, Relaxed),
-            Start::Fresh => {}
+        let outcome = match start {
+            Start::Fresh => None,
+            Start::Resumed { replayed } => {
+                self.counters.replayed.fetch_add(replayed as u64, Relaxed);
+                Some(0)
+            }
+            Start::Missed(reason) => {
+                self.counters.missed.fetch_add(1, Relaxed);
+                Some(match reason {
+                    MissReason::Expired => 1,
+                    MissReason::Unknown => 2,
+                    MissReason::OtherEpoch => 3,
+                })
+            }
+        };
+        if let Some(i) = outcome {
+            self.counters.resumes[i].fetch_add(1, Relaxed);
         }
         Ok(Registration { router: self.clone(), id, mailbox, start })
     }
@@ -371,6 +412,7 @@ impl Router {
         // Encode outside the lock; only the id is appended under it.
         let partial = event_stream::encode(event.name.as_ref().map(EventName::as_str), &event.data);
         let published_at = Instant::now();
+        let kind = target_index(&target);
         let mut slow = Vec::new();
         let mut recipients = 0;
         let mut locked = self.lock();
@@ -392,6 +434,7 @@ impl Router {
         locked.log.expire(published_at);
         drop(locked);
         self.counters.published.fetch_add(1, Relaxed);
+        self.counters.published_by_target[kind].fetch_add(1, Relaxed);
         Ok(Published { id, recipients })
     }
 
@@ -535,6 +578,10 @@ impl Router {
             connections_rejected: self.counters.rejected.load(Relaxed),
             replay_log_events: log_events as u64,
             replay_log_bytes: log_bytes as u64,
+            published_by_target: std::array::from_fn(|i| {
+                (TARGET_KINDS[i], self.counters.published_by_target[i].load(Relaxed))
+            }),
+            resumes_by_outcome: std::array::from_fn(|i| (RESUME_OUTCOMES[i], self.counters.resumes[i].load(Relaxed))),
         }
     }
 }

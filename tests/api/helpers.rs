@@ -29,6 +29,7 @@ pub fn deadline() -> Instant {
 pub struct TestApp {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    pub admin: SocketAddr,
     pub client: PublisherClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
@@ -37,14 +38,24 @@ pub struct TestApp {
 /// Starts the real server on 127.0.0.1 with ephemeral ports; `extra` are more `serve` flags.
 pub async fn spawn_app(extra: &[&str]) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        ssegate::telemetry::init(ssegate::config::LogFormat::Pretty);
+        let _ = ssegate::telemetry::init(ssegate::config::LogFormat::Pretty);
     }
-    let mut argv = vec!["ssegate", "serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"];
+    let mut argv = vec![
+        "ssegate",
+        "serve",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
     argv.extend_from_slice(extra);
     let Command::Serve(args) = Cli::try_parse_from(argv).expect("valid flags").command else { unreachable!() };
     let app = Application::build(*args).await.expect("server builds");
     let http = app.http_addr().unwrap();
     let grpc = app.grpc_addr().unwrap();
+    let admin = app.admin_addr().unwrap();
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
         app.run_until_stopped(async {
@@ -54,7 +65,7 @@ pub async fn spawn_app(extra: &[&str]) -> TestApp {
         .expect("server runs");
     });
     let client = PublisherClient::connect(format!("http://{grpc}")).await.expect("grpc connects");
-    TestApp { http, grpc, client, stop: Some(tx), handle: Some(handle) }
+    TestApp { http, grpc, admin, client, stop: Some(tx), handle: Some(handle) }
 }
 
 impl TestApp {
@@ -87,11 +98,16 @@ impl TestApp {
         }
     }
 
-    /// Stops the server (as SIGTERM would) and waits for it to finish.
-    pub async fn stop(&mut self) {
+    /// Starts stopping the server, as SIGTERM would, without waiting.
+    pub fn begin_stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Stops the server (as SIGTERM would) and waits for it to finish.
+    pub async fn stop(&mut self) {
+        self.begin_stop();
         if let Some(h) = self.handle.take() {
             timeout_at(deadline(), h).await.expect("server stops in time").expect("server task");
         }

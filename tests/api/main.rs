@@ -10,6 +10,7 @@ mod encoding;
 mod helpers;
 mod http_edge;
 mod limits;
+mod observability;
 mod resume;
 mod routing;
 mod services;

@@ -1,0 +1,259 @@
+//! Prometheus metrics. Hot-path counts are plain atomics (in the router and in `EdgeMetrics`)
+//! read at scrape time by one collector; only per-request gRPC metrics use prometheus-client's
+//! own families. Each `Application` has its own registry, so tests in one process do not mix.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet},
+    metrics::{
+        MetricType,
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram as PromHistogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use super::{histogram::Histogram, process};
+use crate::router::{CloseReason, Router};
+
+/// Why a subscription was refused, for `ssegate_connections_rejected_total{reason}`.
+#[derive(Clone, Copy, Debug)]
+pub enum Rejection {
+    MaxConnections = 0,
+    MaxConnectionsPerUser = 1,
+    ShuttingDown = 2,
+    BadRequest = 3,
+}
+
+const REJECTIONS: [&str; 4] = ["max_connections", "max_connections_per_user", "shutting_down", "bad_request"];
+
+/// Why a publish failed, for `ssegate_events_published_total{outcome}`.
+#[derive(Clone, Copy, Debug)]
+pub enum PublishFailure {
+    Invalid = 0,
+    Unavailable = 1,
+}
+
+const TARGETS: [&str; 4] = ["user", "group", "topic", "broadcast"];
+
+/// Counts kept by the HTTP and gRPC edges.
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    closed: [AtomicU64; CloseReason::ALL.len()],
+    rejected: [AtomicU64; 4],
+    /// `[target kind][failure]`.
+    publish_failed: [[AtomicU64; 2]; 4],
+    /// Publish to socket write, one sample per write (the oldest event in it).
+    pub delivery_latency: Histogram,
+    /// Frames a connection's writer found queued when it drained its mailbox.
+    pub queue_depth: Histogram,
+    pub grpc_requests: Family<GrpcLabels, Counter>,
+    pub grpc_duration: Family<MethodLabels, PromHistogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: &'static str,
+}
+
+impl EdgeMetrics {
+    fn new() -> Self {
+        Self {
+            closed: Default::default(),
+            rejected: Default::default(),
+            publish_failed: Default::default(),
+            delivery_latency: Histogram::latency(),
+            queue_depth: Histogram::depth(),
+            grpc_requests: Family::default(),
+            grpc_duration: Family::new_with_constructor(|| PromHistogram::new(exponential_buckets(0.0001, 4.0, 10))),
+        }
+    }
+
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// `target` is a `Target::kind` name.
+    pub fn publish_failed(&self, target: &str, why: PublishFailure) {
+        if let Some(i) = TARGETS.iter().position(|t| *t == target) {
+            self.publish_failed[i][why as usize].fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The registry of one server and the edge counts it renders.
+pub struct Metrics {
+    registry: Registry,
+    pub edge: Arc<EdgeMetrics>,
+}
+
+impl Metrics {
+    pub fn new(router: Arc<Router>) -> Self {
+        let edge = Arc::new(EdgeMetrics::new());
+        let mut registry = Registry::default();
+        registry.register(
+            "ssegate_grpc_requests",
+            "gRPC requests answered, by method and status code",
+            edge.grpc_requests.clone(),
+        );
+        registry.register(
+            "ssegate_grpc_request_duration_seconds",
+            "Time from a gRPC request's arrival to its final status, by method",
+            edge.grpc_duration.clone(),
+        );
+        registry.register_collector(Box::new(ServerCollector { router, edge: edge.clone() }));
+        registry.register_collector(Box::new(process::ProcessCollector));
+        Self { registry, edge }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+struct ServerCollector {
+    router: Arc<Router>,
+    edge: Arc<EdgeMetrics>,
+}
+
+impl std::fmt::Debug for ServerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerCollector")
+    }
+}
+
+/// Writes one sample of a counter or gauge.
+fn value(mut m: MetricEncoder, ty: MetricType, v: f64) -> Result<(), std::fmt::Error> {
+    match ty {
+        MetricType::Counter => m.encode_counter::<NoLabelSet, _, f64>(&v, None),
+        _ => m.encode_gauge(&v),
+    }
+}
+
+/// Writes one metric without labels.
+pub(super) fn single(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    v: f64,
+) -> Result<(), std::fmt::Error> {
+    value(enc.encode_descriptor(name, help, None, ty)?, ty, v)
+}
+
+/// Writes one metric with one sample per label set.
+fn labelled<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, v) in samples {
+        value(m.encode_family(&labels)?, ty, v as f64)?;
+    }
+    Ok(())
+}
+
+fn histogram(enc: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> Result<(), std::fmt::Error> {
+    let (sum, count, buckets) = h.snapshot();
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    m.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+}
+
+impl Collector for ServerCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use MetricType::{Counter as C, Gauge as G};
+        let s = self.router.stats();
+        let e = &self.edge;
+        single(&mut enc, "ssegate_connections", "Open SSE connections", G, s.connections as f64)?;
+        single(&mut enc, "ssegate_users", "Distinct users with an open connection", G, s.users as f64)?;
+        single(&mut enc, "ssegate_groups", "Distinct groups joined by an open connection", G, s.groups as f64)?;
+        single(&mut enc, "ssegate_topics", "Distinct topics followed by an open connection", G, s.topics as f64)?;
+        single(&mut enc, "ssegate_connections_opened", "SSE connections opened", C, s.connections_opened as f64)?;
+        labelled(
+            &mut enc,
+            "ssegate_connections_closed",
+            "SSE connections closed, by reason",
+            C,
+            CloseReason::ALL.iter().map(|r| ([("reason", r.as_str())], e.closed[*r as usize].load(Relaxed))),
+        )?;
+        labelled(
+            &mut enc,
+            "ssegate_connections_rejected",
+            "SSE connection requests refused, by reason",
+            C,
+            REJECTIONS.iter().enumerate().map(|(i, r)| ([("reason", *r)], e.rejected[i].load(Relaxed))),
+        )?;
+        let published = s.published_by_target.iter().map(|(t, n)| ([("target", *t), ("outcome", "ok")], *n));
+        let failed = TARGETS.iter().enumerate().flat_map(|(i, t)| {
+            [("invalid", 0), ("unavailable", 1)]
+                .map(|(outcome, j)| ([("target", *t), ("outcome", outcome)], e.publish_failed[i][j].load(Relaxed)))
+        });
+        labelled(
+            &mut enc,
+            "ssegate_events_published",
+            "Publish requests, by target kind and outcome (ok, invalid, unavailable)",
+            C,
+            published.chain(failed),
+        )?;
+        single(
+            &mut enc,
+            "ssegate_events_delivered",
+            "Event copies written to connections",
+            C,
+            s.events_delivered as f64,
+        )?;
+        single(
+            &mut enc,
+            "ssegate_events_dropped",
+            "Event copies queued for a connection that closed before writing them",
+            C,
+            s.events_dropped as f64,
+        )?;
+        single(&mut enc, "ssegate_events_replayed", "Missed events re-sent on resume", C, s.events_replayed as f64)?;
+        labelled(
+            &mut enc,
+            "ssegate_replay_resumes",
+            "Connections that came with Last-Event-ID, by outcome (resumed = replay hit; others are misses)",
+            C,
+            s.resumes_by_outcome.iter().map(|(o, n)| ([("outcome", *o)], *n)),
+        )?;
+        single(&mut enc, "ssegate_replay_log_events", "Events in the replay log", G, s.replay_log_events as f64)?;
+        single(&mut enc, "ssegate_replay_log_bytes", "Bytes in the replay log", G, s.replay_log_bytes as f64)?;
+        histogram(
+            &mut enc,
+            "ssegate_delivery_latency_seconds",
+            "Publish to socket write, one sample per write (its oldest event)",
+            &e.delivery_latency,
+        )?;
+        histogram(
+            &mut enc,
+            "ssegate_queue_depth",
+            "Frames found queued at each drain of a connection",
+            &e.queue_depth,
+        )?;
+        single(&mut enc, "ssegate_uptime_seconds", "Seconds since start", G, self.router.uptime().as_secs_f64())
+    }
+}

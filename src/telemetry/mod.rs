@@ -1,0 +1,77 @@
+//! Logs, traces and metrics. Logs: `tracing` to stderr, filtered by `RUST_LOG` (default
+//! `info`), pretty or JSON. Traces: the same spans exported over OTLP/gRPC when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (off otherwise), with W3C trace context propagation.
+//! Metrics: see `metrics`.
+
+pub mod grpc_layer;
+pub mod histogram;
+pub mod metrics;
+mod process;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+
+use crate::config::LogFormat;
+
+/// Flushes and stops trace export when the server ends.
+#[must_use = "dropping the guard does not flush; call shutdown() before exiting"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "trace export did not shut down cleanly");
+        }
+    }
+}
+
+/// Installs the global subscriber (logs, and traces if configured). Does nothing if one is
+/// installed already (tests).
+pub fn init(format: LogFormat) -> TelemetryGuard {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt_layer = fmt::layer().with_writer(std::io::stderr);
+    let fmt_layer = match format {
+        LogFormat::Pretty => fmt_layer.boxed(),
+        LogFormat::Json => fmt_layer.json().flatten_event(true).boxed(),
+    };
+    let (otel_layer, provider, otel_error) = match otel_provider() {
+        Ok(Some(provider)) => {
+            let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("ssegate"));
+            (Some(layer), Some(provider), None)
+        }
+        Ok(None) => (None, None, None),
+        Err(e) => (None, None, Some(e)),
+    };
+    let installed = tracing_subscriber::registry().with(fmt_layer.with_filter(filter)).with(otel_layer).try_init();
+    if let Some(e) = otel_error {
+        tracing::error!(error = %e, "OTLP trace export is off: its exporter could not be built");
+    }
+    if installed.is_ok() && provider.is_some() {
+        tracing::info!(endpoint = ?std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(), "exporting traces over OTLP");
+    }
+    TelemetryGuard { provider }
+}
+
+/// A tracer provider exporting over OTLP/gRPC, if `OTEL_EXPORTER_OTLP_ENDPOINT` (or the
+/// traces-specific variable) is set. The exporter reads the standard OTEL_* variables itself;
+/// the service name defaults to `ssegate` unless `OTEL_SERVICE_NAME` says otherwise.
+fn otel_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
+    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    if !configured {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("ssegate");
+    }
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    Ok(Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build()))
+}
