@@ -16,9 +16,20 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<String> {
         args.data
     };
     let event = Some(pb::Event { name: args.event, data });
-    let mut client = PublisherClient::connect(args.grpc_url.clone())
+    let channel = tonic::transport::Endpoint::from_shared(args.grpc_url.clone())?
+        .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.grpc_url))?;
+    let auth = match &args.api_key {
+        Some(key) => Some(tonic::metadata::MetadataValue::try_from(format!("Bearer {key}"))?),
+        None => None,
+    };
+    let mut client = PublisherClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(v) = &auth {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    });
     let resp = if !args.user.is_empty() {
         client.publish(pb::PublishRequest { user_ids: args.user, event }).await
     } else if let Some(group) = args.group {

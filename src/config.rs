@@ -1,7 +1,7 @@
 //! Command-line flags, each also read from an `SSEGATE_…` environment variable, validated once
 //! at start. The README's flag table mirrors this file.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -99,6 +99,63 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1024..=268_435_456))]
     pub grpc_max_message_bytes: u32,
 
+    /// Subscribers' JWTs are HS256-signed with the secret in this file (at least 32 bytes).
+    #[arg(long, env = "SSEGATE_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Subscribers' JWTs are signed with the private key matching this PEM public key (RSA:
+    /// RS256, EC P-256: ES256, Ed25519: EdDSA).
+    #[arg(long, env = "SSEGATE_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Subscribers' JWTs are signed with one of the keys of this JWKS file (matched by `kid`).
+    #[arg(long, env = "SSEGATE_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+
+    /// If set, a JWT's `iss` must equal it.
+    #[arg(long, env = "SSEGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// If set, a JWT's `aud` must contain it.
+    #[arg(long, env = "SSEGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew tolerated when checking a JWT's `exp` and `nbf`.
+    #[arg(long, env = "SSEGATE_JWT_LEEWAY", default_value = "30s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+
+    /// Name of the cookie that may carry a subscriber's JWT.
+    #[arg(long, env = "SSEGATE_TOKEN_COOKIE", default_value = "ssegate_token")]
+    pub token_cookie: String,
+
+    /// DEVELOPMENT ONLY: believe `?user=` (and `group=`, `topic=`) without any token. Anyone
+    /// can then read anyone's events.
+    #[arg(long, env = "SSEGATE_INSECURE_DEV_IDENTITY")]
+    pub insecure_dev_identity: bool,
+
+    /// Publishers must send one of the API keys in this file (one per line, `#` comments) as
+    /// `authorization: Bearer <key>`. Re-read when it changes.
+    #[arg(long, env = "SSEGATE_PUBLISHER_API_KEYS_FILE")]
+    pub publisher_api_keys_file: Option<PathBuf>,
+
+    /// More publisher API keys, comma-separated (usually from a Secret as an env var).
+    #[arg(long, env = "SSEGATE_PUBLISHER_API_KEYS", hide_env_values = true)]
+    pub publisher_api_keys: Option<String>,
+
+    /// DEVELOPMENT ONLY: anyone who can reach the gRPC port may publish.
+    #[arg(long, env = "SSEGATE_INSECURE_OPEN_PUBLISH")]
+    pub insecure_open_publish: bool,
+
+    /// Most TCP connections to the HTTP port from one IP address; 0 for no limit. Leave it 0
+    /// behind a proxy or ingress, where every client shares the proxy's address.
+    #[arg(long, env = "SSEGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: u32,
+
+    /// Largest HTTP request head (request line and headers) accepted, in bytes.
+    #[arg(long, env = "SSEGATE_MAX_HEADER_BYTES", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(8_192..=1_048_576))]
+    pub max_header_bytes: u32,
+
     /// Time a client may take to send its request headers.
     #[arg(long, env = "SSEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub header_read_timeout: Duration,
@@ -134,6 +191,10 @@ pub struct PublishArgs {
     /// gRPC endpoint of the server.
     #[arg(long, env = "SSEGATE_GRPC_URL", default_value = "http://127.0.0.1:50051")]
     pub grpc_url: String,
+
+    /// Publisher API key, sent as `authorization: Bearer <key>`.
+    #[arg(long, env = "SSEGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 
     /// Deliver to this user (repeatable).
     #[arg(long)]

@@ -12,6 +12,7 @@
 //! - `config`, `startup`: flags, and building and running the three listeners.
 
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -7,6 +7,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, Readiness},
+    auth::{
+        ApiKeyError, ApiKeys, PublisherAuth, SubscriberAuth,
+        jwt::{JwtSettings, JwtVerifier, KeyError},
+    },
     config::ServeArgs,
     event_stream, grpc,
     http::{self, HttpSettings},
@@ -27,6 +31,12 @@ pub enum StartupError {
     Grpc(#[from] grpc::ServeError),
     #[error("cannot read a bound address: {0}")]
     LocalAddr(#[from] io::Error),
+    #[error("JWT keys: {0}")]
+    Jwt(#[from] KeyError),
+    #[error("publisher API keys: {0}")]
+    ApiKeys(#[from] ApiKeyError),
+    #[error("{0}")]
+    Conflict(&'static str),
 }
 
 /// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
@@ -39,7 +49,61 @@ pub struct Application {
     router: Arc<Router>,
     app: axum::Router,
     metrics: Arc<Metrics>,
+    publisher_auth: PublisherAuth,
     ready: Readiness,
+}
+
+/// Subscriber authentication from the flags: a JWT key, or the explicit development mode, or
+/// nothing (subscriptions refused, with a message saying what to configure).
+fn subscriber_auth(config: &ServeArgs) -> Result<SubscriberAuth, StartupError> {
+    let jwt = JwtSettings {
+        secret_file: config.jwt_secret_file.clone(),
+        public_key_file: config.jwt_public_key_file.clone(),
+        jwks_file: config.jwt_jwks_file.clone(),
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+        leeway: config.jwt_leeway,
+    };
+    match (jwt.is_configured(), config.insecure_dev_identity) {
+        (true, true) => Err(StartupError::Conflict("--insecure-dev-identity cannot be combined with --jwt-* keys")),
+        (true, false) => {
+            let verifier = JwtVerifier::load(&jwt)?;
+            Ok(SubscriberAuth::Jwt { verifier, cookie: config.token_cookie.clone() })
+        }
+        (false, true) => {
+            tracing::warn!(
+                "INSECURE: --insecure-dev-identity is on: subscribers are whoever `?user=` says;                  anyone can read anyone's events. Never use this in production."
+            );
+            Ok(SubscriberAuth::InsecureQuery)
+        }
+        (false, false) => {
+            tracing::warn!(
+                "no subscriber authentication configured: every subscription will be refused; set                  --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file (or --insecure-dev-identity)"
+            );
+            Ok(SubscriberAuth::Disabled)
+        }
+    }
+}
+
+/// Publisher authentication from the flags: API keys, else client certificates, else the
+/// explicit development mode, else nothing (publishing refused).
+fn publisher_auth(config: &ServeArgs) -> Result<PublisherAuth, StartupError> {
+    if config.publisher_api_keys_file.is_some() || config.publisher_api_keys.is_some() {
+        let keys =
+            Arc::new(ApiKeys::load(config.publisher_api_keys_file.clone(), config.publisher_api_keys.as_deref())?);
+        if keys.is_empty() {
+            return Err(StartupError::Conflict("no publisher API key was given"));
+        }
+        return Ok(PublisherAuth::ApiKeys(keys));
+    }
+    if config.insecure_open_publish {
+        tracing::warn!("INSECURE: --insecure-open-publish is on: anyone who can reach the gRPC port may publish");
+        return Ok(PublisherAuth::Open);
+    }
+    tracing::warn!(
+        "no publisher authentication configured: every publish will be refused; set          --publisher-api-keys-file or SSEGATE_PUBLISHER_API_KEYS (or --insecure-open-publish)"
+    );
+    Ok(PublisherAuth::Disabled)
 }
 
 async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, StartupError> {
@@ -60,8 +124,11 @@ impl Application {
             max_connections_per_user: config.max_connections_per_user as usize,
         });
         let metrics = Arc::new(Metrics::new(router.clone()));
+        let subscriber_auth = subscriber_auth(&config)?;
+        let publisher_auth = publisher_auth(&config)?;
         let app = http::app(
             router.clone(),
+            subscriber_auth,
             &HttpSettings {
                 retry: config.retry,
                 max_subscriptions: config.max_subscriptions as usize,
@@ -73,7 +140,7 @@ impl Application {
         let http = bind(config.http_addr, "http").await?;
         let grpc = bind(config.grpc_addr, "grpc").await?;
         let admin = bind(config.admin_addr, "admin").await?;
-        Ok(Self { config, http, grpc, admin, router, app, metrics, ready: Readiness::default() })
+        Ok(Self { config, http, grpc, admin, router, app, metrics, publisher_auth, ready: Readiness::default() })
     }
 
     pub fn admin_addr(&self) -> io::Result<SocketAddr> {
@@ -96,7 +163,10 @@ impl Application {
     /// gets a `retry:` with a randomised delay and ends, in-flight gRPC calls are answered, and
     /// whatever is still open after the grace period is dropped.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
-        let Self { config, http, grpc, admin, router, app, metrics, ready } = self;
+        let Self { config, http, grpc, admin, router, app, metrics, publisher_auth, ready } = self;
+        if let PublisherAuth::ApiKeys(keys) = &publisher_auth {
+            keys.clone().watch(Duration::from_secs(2));
+        }
         // The bound addresses, not the configured ones: with port 0 the log tells the real port.
         let (http_addr, grpc_addr, admin_addr) = (http.local_addr()?, grpc.local_addr()?, admin.local_addr()?);
         let stop = CancellationToken::new();
@@ -111,12 +181,25 @@ impl Application {
             grpc,
             router.clone(),
             limits,
+            publisher_auth,
             metrics.edge.clone(),
             config.grpc_max_message_bytes as usize,
             (reporter.clone(), health_service),
             stop.clone().cancelled_owned(),
         ));
-        tracker.spawn(http::server::serve(http, app, config.header_read_timeout, stop.clone(), tracker.clone()));
+        let server_limits = http::server::ServerLimits {
+            header_read_timeout: config.header_read_timeout,
+            max_header_bytes: config.max_header_bytes as usize,
+            max_connections_per_ip: config.max_connections_per_ip as usize,
+        };
+        tracker.spawn(http::server::serve(
+            http,
+            app,
+            server_limits,
+            metrics.edge.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
         tracker.spawn(heartbeats(router.clone(), config.heartbeat_interval, stop.clone()));
         // The admin port outlives the drain (it stops last), so probes answer throughout.
         let admin_stop = CancellationToken::new();

@@ -21,10 +21,14 @@ pub mod pb {
 use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::server::HealthReporter;
 
 use crate::{
+    auth::PublisherAuth,
     router::Router,
     telemetry::{grpc_layer::GrpcTelemetryLayer, metrics::EdgeMetrics},
 };
@@ -35,6 +39,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     limits: Limits,
+    auth: PublisherAuth,
     metrics: Arc<EdgeMetrics>,
     max_message_bytes: usize,
     health: (
@@ -46,6 +51,8 @@ pub async fn serve(
     let (reporter, health_service) = health;
     let publisher = pb::publisher_server::PublisherServer::new(PublisherService::new(router, limits, metrics.clone()))
         .max_decoding_message_size(max_message_bytes);
+    // Only the publisher needs credentials: health and reflection stay open for probes and tools.
+    let publisher = InterceptedService::new(publisher, move |req| auth.check(req));
     reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()

@@ -34,8 +34,8 @@ pub struct SseBody {
     /// Why the stream ended, once the mailbox said so; `None` while open.
     ended: Option<CloseReason>,
     opened: Instant,
-    /// Fires at the connection's maximum lifetime, if one is set.
-    lifetime: Option<Pin<Box<Sleep>>>,
+    /// Fires when the stream must end (its maximum lifetime, or its token's expiry), if ever.
+    close_timer: Option<(Pin<Box<Sleep>>, CloseReason)>,
     metrics: Arc<EdgeMetrics>,
     /// The connection's span: entered while the body works, closed when it ends.
     span: tracing::Span,
@@ -45,14 +45,14 @@ impl SseBody {
     pub fn new(
         reg: Registration,
         head: Bytes,
-        lifetime: Option<Duration>,
+        close_after: Option<(Duration, CloseReason)>,
         metrics: Arc<EdgeMetrics>,
         span: tracing::Span,
     ) -> Self {
         Self {
             metrics,
             span,
-            lifetime: lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
+            close_timer: close_after.map(|(d, reason)| (Box::pin(tokio::time::sleep(d)), reason)),
             reg,
             head: Some(head),
             backlog: VecDeque::new(),
@@ -108,13 +108,15 @@ impl Body for SseBody {
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(BodyFrame::data(head))));
         }
-        if let Some(sleep) = &mut this.lifetime
+        if let Some((sleep, reason)) = &mut this.close_timer
             && sleep.as_mut().poll(cx).is_ready()
         {
             // Close like a Disconnect without a final event: what is queued still goes out,
-            // then the stream ends and the client resumes (maybe elsewhere) from its last id.
-            this.lifetime = None;
-            this.reg.close(CloseReason::Lifetime);
+            // then the stream ends and the client resumes (maybe elsewhere, maybe with a fresh
+            // token) from its last id.
+            let reason = *reason;
+            this.close_timer = None;
+            this.reg.close(reason);
         }
         if this.backlog.is_empty() && this.ended.is_none() {
             match this.reg.mailbox().poll_drain(cx, &mut this.scratch) {

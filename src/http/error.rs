@@ -4,17 +4,15 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
-use crate::{domain::InvalidText, router::RouterError};
+use crate::{auth::AuthError, domain::InvalidText, router::RouterError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("query parameter `{param}` {reason}")]
     InvalidParam { param: &'static str, reason: InvalidText },
-    #[error("query parameter `user` is required")]
-    MissingUser,
     #[error("query parameter `{0}` may appear only once")]
     Repeated(&'static str),
-    #[error("unknown query parameter `{0}` (expected user, group, topic, last_event_id)")]
+    #[error("unknown query parameter `{0}` (expected user, group, topic, last_event_id, token)")]
     UnknownParam(String),
     #[error("{count} groups and topics requested, over the limit of {max} (--max-subscriptions)")]
     TooManySubscriptions { count: usize, max: usize },
@@ -24,13 +22,14 @@ pub enum HttpError {
     MethodNotAllowed,
     #[error(transparent)]
     Router(#[from] RouterError),
+    #[error(transparent)]
+    Auth(AuthError),
 }
 
 impl HttpError {
     fn status(&self) -> StatusCode {
         match self {
             HttpError::InvalidParam { .. }
-            | HttpError::MissingUser
             | HttpError::Repeated(_)
             | HttpError::UnknownParam(_)
             | HttpError::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
@@ -40,6 +39,14 @@ impl HttpError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             HttpError::Router(RouterError::TooManyForUser { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            HttpError::Auth(AuthError::MissingUser) => StatusCode::BAD_REQUEST,
+            HttpError::Auth(AuthError::MissingToken { .. } | AuthError::Token(_) | AuthError::BadClaim { .. }) => {
+                StatusCode::UNAUTHORIZED
+            }
+            HttpError::Auth(AuthError::WrongUser | AuthError::GroupNotAllowed(_) | AuthError::TopicNotAllowed(_)) => {
+                StatusCode::FORBIDDEN
+            }
+            HttpError::Auth(AuthError::Disabled) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -51,7 +58,12 @@ impl IntoResponse for HttpError {
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS)
+            && !matches!(self, HttpError::Auth(AuthError::Disabled))
+        {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp

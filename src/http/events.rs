@@ -12,29 +12,28 @@ use http::{HeaderMap, HeaderValue, header};
 
 use super::{AppState, HttpError, body::SseBody, server::ConnContext};
 use crate::{
+    auth::{AuthError, Requested},
     domain::{EventId, GroupId, InvalidText, Topic, UserId},
-    router::{RouterError, Subscription},
+    router::{CloseReason, RouterError, Subscription},
     telemetry::metrics::Rejection,
 };
 
 /// What `GET /v1/events` asks for.
 #[derive(Debug)]
 pub struct SubscribeQuery {
-    pub user: UserId,
-    /// Sorted, deduplicated.
-    pub groups: Vec<GroupId>,
-    /// Sorted, deduplicated.
-    pub topics: Vec<Topic>,
+    /// What to authenticate and authorize.
+    pub requested: Requested,
     /// `?last_event_id=`, for clients that cannot set the `Last-Event-ID` header; unparsed.
     pub last_event_id: Option<String>,
 }
 
-/// Parses `?user=ID&group=G&topic=T&last_event_id=ID` (groups and topics repeatable).
+/// Parses `?user=ID&group=G&topic=T&last_event_id=ID&token=JWT` (groups and topics
+/// repeatable).
 pub fn parse_query(query: &str, max_subscriptions: usize) -> Result<SubscribeQuery, HttpError> {
     fn param<T>(param: &'static str, r: Result<T, InvalidText>) -> Result<T, HttpError> {
         r.map_err(|reason| HttpError::InvalidParam { param, reason })
     }
-    let (mut user, mut groups, mut topics, mut last_event_id) = (None, Vec::new(), Vec::new(), None);
+    let (mut user, mut groups, mut topics, mut last_event_id, mut token) = (None, Vec::new(), Vec::new(), None, None);
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "user" if user.is_some() => return Err(HttpError::Repeated("user")),
@@ -43,6 +42,8 @@ pub fn parse_query(query: &str, max_subscriptions: usize) -> Result<SubscribeQue
             "topic" => topics.push(param("topic", Topic::parse(&value))?),
             "last_event_id" if last_event_id.is_some() => return Err(HttpError::Repeated("last_event_id")),
             "last_event_id" => last_event_id = Some(value.into_owned()),
+            "token" if token.is_some() => return Err(HttpError::Repeated("token")),
+            "token" => token = Some(value.into_owned()),
             other => return Err(HttpError::UnknownParam(other.chars().take(64).collect())),
         }
         if groups.len() + topics.len() > max_subscriptions {
@@ -53,7 +54,7 @@ pub fn parse_query(query: &str, max_subscriptions: usize) -> Result<SubscribeQue
     groups.dedup();
     topics.sort_unstable();
     topics.dedup();
-    Ok(SubscribeQuery { user: user.ok_or(HttpError::MissingUser)?, groups, topics, last_event_id })
+    Ok(SubscribeQuery { requested: Requested { user, groups, topics, token }, last_event_id })
 }
 
 /// The id to resume after: the `Last-Event-ID` header (what a browser sends when it
@@ -85,11 +86,31 @@ pub async fn subscribe(
     let q = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions).inspect_err(|_| {
         state.metrics.rejected(Rejection::BadRequest);
     })?;
-    let resume = resume_id(&headers, q.last_event_id.as_deref());
     let peer = conn.as_ref().map(|c| c.peer);
+    let id = state.auth.identify(&headers, q.requested).map_err(|e| {
+        state.metrics.rejected(match e {
+            AuthError::MissingToken { .. } | AuthError::Token(_) | AuthError::BadClaim { .. } => {
+                Rejection::Unauthenticated
+            }
+            AuthError::WrongUser | AuthError::GroupNotAllowed(_) | AuthError::TopicNotAllowed(_) => {
+                Rejection::Forbidden
+            }
+            AuthError::MissingUser => Rejection::BadRequest,
+            AuthError::Disabled => Rejection::Disabled,
+        });
+        tracing::info!(peer = ?peer, error = %e, "sse connection refused");
+        HttpError::Auth(e)
+    })?;
+    if id.groups.len() + id.topics.len() > state.settings.max_subscriptions {
+        state.metrics.rejected(Rejection::BadRequest);
+        let count = id.groups.len() + id.topics.len();
+        return Err(HttpError::TooManySubscriptions { count, max: state.settings.max_subscriptions });
+    }
+    let resume = resume_id(&headers, q.last_event_id.as_deref());
     let abort = conn.map(|c| c.abort.clone());
-    let (user, groups, topics) = (q.user.clone(), q.groups.len(), q.topics.len());
-    let reg = state.router.subscribe(Subscription { user: q.user, groups: q.groups, topics: q.topics, abort, resume });
+    let (user, groups, topics) = (id.user.clone(), id.groups.len(), id.topics.len());
+    let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
+    let reg = state.router.subscribe(subscription);
     let reg = match reg {
         Ok(reg) => reg,
         Err(e) => {
@@ -110,8 +131,11 @@ pub async fn subscribe(
             "sse connection opened"
         );
     });
-    let lifetime = state.settings.max_connection_lifetime.map(jittered);
-    let body = SseBody::new(reg, state.settings.retry_field.clone(), lifetime, state.metrics.clone(), span);
+    // The stream ends at its lifetime or when its token expires, whichever comes first.
+    let lifetime = state.settings.max_connection_lifetime.map(|d| (jittered(d), CloseReason::Lifetime));
+    let expiry = id.expires_in.map(|d| (d, CloseReason::TokenExpired));
+    let close_after = [lifetime, expiry].into_iter().flatten().min_by_key(|(d, _)| *d);
+    let body = SseBody::new(reg, state.settings.retry_field.clone(), close_after, state.metrics.clone(), span);
     let mut resp = Response::new(Body::new(body));
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -132,22 +156,23 @@ mod tests {
 
     #[test]
     fn parses_repeated_groups_and_topics() {
-        let q = parse_query("user=al%20ice&group=b&group=a&topic=x&group=a&last_event_id=7-1", 8).unwrap();
-        assert_eq!(q.user.as_str(), "al ice");
-        assert_eq!(q.groups.iter().map(GroupId::as_str).collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(q.topics.iter().map(Topic::as_str).collect::<Vec<_>>(), ["x"]);
+        let q = parse_query("user=al%20ice&group=b&group=a&topic=x&group=a&last_event_id=7-1&token=t", 8).unwrap();
+        let r = &q.requested;
+        assert_eq!(r.user.as_ref().map(UserId::as_str), Some("al ice"));
+        assert_eq!(r.groups.iter().map(GroupId::as_str).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(r.topics.iter().map(Topic::as_str).collect::<Vec<_>>(), ["x"]);
+        assert_eq!(r.token.as_deref(), Some("t"));
         assert_eq!(q.last_event_id.as_deref(), Some("7-1"));
     }
 
     #[test]
     fn refuses_bad_queries_with_reasons() {
         let err = |q| parse_query(q, 2).unwrap_err().to_string();
-        assert_eq!(err(""), "query parameter `user` is required");
         assert_eq!(err("user=a&user=b"), "query parameter `user` may appear only once");
         assert_eq!(err("user=a%0Ab"), "query parameter `user` contains the control character U+000A");
         assert_eq!(
             err("user=a&topics=x"),
-            "unknown query parameter `topics` (expected user, group, topic, last_event_id)"
+            "unknown query parameter `topics` (expected user, group, topic, last_event_id, token)"
         );
         assert_eq!(
             err("user=a&topic=1&topic=2&group=3"),

@@ -15,7 +15,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use error::HttpError;
 
-use crate::{event_stream, router::Router, telemetry::metrics::EdgeMetrics};
+use crate::{auth::SubscriberAuth, event_stream, router::Router, telemetry::metrics::EdgeMetrics};
 
 /// Settings of the HTTP edge.
 #[derive(Clone, Debug)]
@@ -33,6 +33,7 @@ pub struct HttpSettings {
 #[derive(Clone)]
 pub struct AppState {
     router: Arc<Router>,
+    auth: Arc<SubscriberAuth>,
     settings: Arc<Settings>,
     metrics: Arc<EdgeMetrics>,
 }
@@ -52,11 +53,13 @@ pub struct InvalidOrigin(String);
 /// Builds the application: routes, state and CORS.
 pub fn app(
     router: Arc<Router>,
+    auth: SubscriberAuth,
     settings: &HttpSettings,
     metrics: Arc<EdgeMetrics>,
 ) -> Result<axum::Router, InvalidOrigin> {
     let state = AppState {
         router,
+        auth: Arc::new(auth),
         metrics,
         settings: Arc::new(Settings {
             max_subscriptions: settings.max_subscriptions,
@@ -75,27 +78,30 @@ pub fn app(
     })
 }
 
+/// CORS for `GET /v1/events`. An explicit origin list also allows credentials (the token
+/// cookie, `withCredentials: true`); `*` never does, or any web site could read a signed-in
+/// user's stream with their cookie.
 fn cors(origins: &[String]) -> Result<Option<CorsLayer>, InvalidOrigin> {
     if origins.is_empty() {
         return Ok(None);
     }
-    let allow = if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        let values = origins
-            .iter()
-            .map(|o| match HeaderValue::from_str(o) {
-                Ok(v) if o.starts_with("http://") || o.starts_with("https://") => Ok(v),
-                _ => Err(InvalidOrigin(o.clone())),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        AllowOrigin::list(values)
-    };
-    Ok(Some(
-        CorsLayer::new()
-            .allow_origin(allow)
-            .allow_methods([Method::GET])
-            .allow_headers([HeaderName::from_static("last-event-id"), http::header::CACHE_CONTROL])
-            .max_age(Duration::from_secs(600)),
-    ))
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET])
+        .allow_headers([
+            HeaderName::from_static("last-event-id"),
+            http::header::CACHE_CONTROL,
+            http::header::AUTHORIZATION,
+        ])
+        .max_age(Duration::from_secs(600));
+    if origins.iter().any(|o| o == "*") {
+        return Ok(Some(layer.allow_origin(AllowOrigin::any())));
+    }
+    let values = origins
+        .iter()
+        .map(|o| match HeaderValue::from_str(o) {
+            Ok(v) if o.starts_with("http://") || o.starts_with("https://") => Ok(v),
+            _ => Err(InvalidOrigin(o.clone())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(layer.allow_origin(AllowOrigin::list(values)).allow_credentials(true)))
 }

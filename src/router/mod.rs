@@ -49,16 +49,19 @@ pub enum CloseReason {
     Disconnected,
     /// It reached its maximum lifetime (clients then reconnect, possibly to another replica).
     Lifetime,
+    /// The credential it was opened with expired (clients reconnect with a fresh one).
+    TokenExpired,
     /// The server is shutting down.
     Shutdown,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 5] = [
+    pub const ALL: [CloseReason; 6] = [
         CloseReason::ClientLeft,
         CloseReason::SlowConsumer,
         CloseReason::Disconnected,
         CloseReason::Lifetime,
+        CloseReason::TokenExpired,
         CloseReason::Shutdown,
     ];
 
@@ -68,6 +71,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Disconnected => "disconnected",
             CloseReason::Lifetime => "lifetime",
+            CloseReason::TokenExpired => "token_expired",
             CloseReason::Shutdown => "shutdown",
         }
     }

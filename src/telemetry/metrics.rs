@@ -29,9 +29,22 @@ pub enum Rejection {
     MaxConnectionsPerUser = 1,
     ShuttingDown = 2,
     BadRequest = 3,
+    Unauthenticated = 4,
+    Forbidden = 5,
+    Disabled = 6,
+    MaxConnectionsPerIp = 7,
 }
 
-const REJECTIONS: [&str; 4] = ["max_connections", "max_connections_per_user", "shutting_down", "bad_request"];
+const REJECTIONS: [&str; 8] = [
+    "max_connections",
+    "max_connections_per_user",
+    "shutting_down",
+    "bad_request",
+    "unauthenticated",
+    "forbidden",
+    "disabled",
+    "max_connections_per_ip",
+];
 
 /// Why a publish failed, for `ssegate_events_published_total{outcome}`.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +59,7 @@ const TARGETS: [&str; 4] = ["user", "group", "topic", "broadcast"];
 #[derive(Debug)]
 pub struct EdgeMetrics {
     closed: [AtomicU64; CloseReason::ALL.len()],
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; REJECTIONS.len()],
     /// `[target kind][failure]`.
     publish_failed: [[AtomicU64; 2]; 4],
     /// Publish to socket write, one sample per write (the oldest event in it).

@@ -16,7 +16,17 @@ use crate::helpers::{SseClient, deadline, ev};
 #[tokio::test]
 async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_despite_a_stuck_client() {
     let mut server = Command::new(env!("CARGO_BIN_EXE_ssegate"))
-        .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "serve",
+            "--insecure-dev-identity",
+            "--insecure-open-publish",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .args(["--shutdown-grace", "1s", "--retry", "1s", "--queue-capacity", "65536"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -35,8 +35,16 @@ pub struct TestApp {
     handle: Option<JoinHandle<()>>,
 }
 
-/// Starts the real server on 127.0.0.1 with ephemeral ports; `extra` are more `serve` flags.
+/// Starts the real server on 127.0.0.1 with ephemeral ports, in the development identity
+/// mode (`?user=` believed, open publishing); `extra` are more `serve` flags.
 pub async fn spawn_app(extra: &[&str]) -> TestApp {
+    let mut flags = vec!["--insecure-dev-identity", "--insecure-open-publish"];
+    flags.extend_from_slice(extra);
+    spawn_app_with(&flags).await
+}
+
+/// Starts the real server with only these flags besides the addresses (no insecure modes).
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
         let _ = ssegate::telemetry::init(ssegate::config::LogFormat::Pretty);
     }

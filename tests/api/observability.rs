@@ -160,7 +160,7 @@ async fn a_publish_with_traceparent_is_exported_over_otlp_as_a_child_of_the_call
     );
 
     let mut server = Command::new(env!("CARGO_BIN_EXE_ssegate"))
-        .args(["serve", "--log-format", "json"])
+        .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
         .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env("OTEL_SERVICE_NAME", "ssegate-under-test")

@@ -1,0 +1,184 @@
+//! Publisher API keys: bearer tokens in gRPC metadata, from a file (one per line, so a
+//! Kubernetes Secret can be mounted) and/or an environment variable (comma-separated), several
+//! at once for rotation. The file is re-read when it changes, so a key is revoked by removing
+//! its line, without a restart.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use tonic::{Request, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeyError {
+    #[error("cannot read the API key file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("the API key file {0} holds no key")]
+    Empty(String),
+    #[error("API keys must be at least 16 characters (one in {0} is shorter)")]
+    TooShort(String),
+}
+
+/// The accepted keys, reloadable.
+pub struct ApiKeys {
+    file: Option<PathBuf>,
+    from_env: Vec<String>,
+    current: RwLock<Arc<Vec<String>>>,
+    modified: RwLock<Option<SystemTime>>,
+}
+
+fn parse(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
+}
+
+impl ApiKeys {
+    pub fn load(file: Option<PathBuf>, env_list: Option<&str>) -> Result<Self, ApiKeyError> {
+        let from_env: Vec<String> =
+            env_list.unwrap_or("").split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned).collect();
+        let keys = Self { file, from_env, current: RwLock::new(Arc::default()), modified: RwLock::new(None) };
+        keys.reload()?;
+        Ok(keys)
+    }
+
+    fn read_file(&self) -> Result<(Vec<String>, Option<SystemTime>), ApiKeyError> {
+        let Some(path) = &self.file else { return Ok((Vec::new(), None)) };
+        let err = |source| ApiKeyError::Read { path: path.display().to_string(), source };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).map_err(err)?;
+        let keys = parse(&std::fs::read_to_string(path).map_err(err)?);
+        if keys.is_empty() && self.from_env.is_empty() {
+            return Err(ApiKeyError::Empty(path.display().to_string()));
+        }
+        Ok((keys, Some(modified)))
+    }
+
+    fn reload(&self) -> Result<(), ApiKeyError> {
+        let (mut keys, modified) = self.read_file()?;
+        keys.extend(self.from_env.iter().cloned());
+        if keys.iter().any(|k| k.len() < 16) {
+            return Err(ApiKeyError::TooShort(
+                self.file.as_ref().map_or("SSEGATE_PUBLISHER_API_KEYS".into(), |p| p.display().to_string()),
+            ));
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        *self.modified.write().unwrap_or_else(|e| e.into_inner()) = modified;
+        Ok(())
+    }
+
+    /// Re-reads the file if it changed since the last read. A file that became unreadable or
+    /// invalid keeps the previous keys (and is logged), so a bad edit never opens the door.
+    pub fn refresh(&self) {
+        let Some(path) = &self.file else { return };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified == *self.modified.read().unwrap_or_else(|e| e.into_inner()) {
+            return;
+        }
+        match self.reload() {
+            Ok(()) => tracing::info!(file = %path.display(), keys = self.len(), "publisher API keys reloaded"),
+            Err(e) => tracing::error!(error = %e, "publisher API keys not reloaded; keeping the previous ones"),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn accepts(&self, presented: &str) -> bool {
+        let keys = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // Compare with every key, each in constant time, so timing reveals neither which key
+        // nor how much of it matched.
+        keys.iter().fold(false, |found, k| found | constant_time_eq(k.as_bytes(), presented.as_bytes()))
+    }
+
+    /// Re-reads the file every `every` until the process ends.
+    pub fn watch(self: Arc<Self>, every: Duration) {
+        if self.file.is_none() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                self.refresh();
+            }
+        });
+    }
+}
+
+/// Hand-written (a few lines) rather than a crate: equal-length inputs are compared without an
+/// early exit; the length itself is not secret.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// How publishers are authenticated on the gRPC port.
+#[derive(Clone)]
+pub enum PublisherAuth {
+    /// `authorization: Bearer <key>` must carry one of these keys.
+    ApiKeys(Arc<ApiKeys>),
+    /// The TLS layer already required a client certificate signed by the configured CA.
+    ClientCertificate,
+    /// Anyone who can reach the port may publish (`--insecure-open-publish`).
+    Open,
+    /// Nothing configured: every call is refused with a message saying what to set.
+    Disabled,
+}
+
+impl PublisherAuth {
+    /// The interceptor run before every `Publisher` call.
+    #[allow(clippy::result_large_err)] // the signature tonic's interceptors have
+    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+        match self {
+            PublisherAuth::Open | PublisherAuth::ClientCertificate => Ok(req),
+            PublisherAuth::Disabled => Err(Status::unauthenticated(
+                "publishing is disabled: configure --publisher-api-keys-file (or SSEGATE_PUBLISHER_API_KEYS), \
+                 --grpc-client-ca-file, or --insecure-open-publish for development",
+            )),
+            PublisherAuth::ApiKeys(keys) => {
+                let presented = req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, key)| key.trim());
+                match presented {
+                    None => Err(Status::unauthenticated("an API key is required: send `authorization: Bearer <key>`")),
+                    Some(key) if keys.accepts(key) => Ok(req),
+                    Some(_) => Err(Status::unauthenticated("the API key is not valid")),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_file_and_env_and_rotation() {
+        let dir = std::env::temp_dir().join(format!("ssegate-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# publishers\nkey-one-0123456789abcdef\n\nkey-two-0123456789abcdef\n").unwrap();
+        let keys = ApiKeys::load(Some(file.clone()), Some("env-key-0123456789abcdef")).unwrap();
+        assert_eq!(keys.len(), 3);
+        assert!(keys.accepts("key-two-0123456789abcdef") && keys.accepts("env-key-0123456789abcdef"));
+        assert!(!keys.accepts("key-two-0123456789abcdeF") && !keys.accepts(""));
+        // Revoke key one; the file's mtime must change for the reload to notice.
+        std::fs::write(&file, "key-two-0123456789abcdef\n").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(later).unwrap();
+        keys.refresh();
+        assert!(!keys.accepts("key-one-0123456789abcdef"));
+        assert!(keys.accepts("key-two-0123456789abcdef"));
+        assert!(ApiKeys::load(None, Some("short")).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,189 @@
+//! Who may subscribe to what (JWT on the HTTP port) and who may publish (API keys on the gRPC
+//! port). Identity is decided here, once, from the request; the router only sees the result.
+
+mod api_keys;
+pub mod jwt;
+pub mod pattern;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderMap;
+
+pub use api_keys::{ApiKeyError, ApiKeys, PublisherAuth};
+use jwt::{JwtVerifier, TokenError};
+
+use crate::domain::{GroupId, InvalidText, Topic, UserId};
+
+/// How subscribers prove who they are.
+pub enum SubscriberAuth {
+    /// A JWT in `Authorization: Bearer`, the cookie, or `?token=`.
+    Jwt { verifier: JwtVerifier, cookie: String },
+    /// `?user=` is believed as is (`--insecure-dev-identity`, development only).
+    InsecureQuery,
+    /// Nothing configured: every subscription is refused with a message saying what to set.
+    Disabled,
+}
+
+/// What a subscription asked for, before authentication.
+#[derive(Debug, Default)]
+pub struct Requested {
+    pub user: Option<UserId>,
+    pub groups: Vec<GroupId>,
+    pub topics: Vec<Topic>,
+    pub token: Option<String>,
+}
+
+/// Who a connection is and what it may join.
+#[derive(Debug)]
+pub struct Identity {
+    pub user: UserId,
+    pub groups: Vec<GroupId>,
+    pub topics: Vec<Topic>,
+    /// When the credential expires; the stream is closed then.
+    pub expires_in: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required: send `Authorization: Bearer <jwt>`, the `{cookie}` cookie, or `?token=`")]
+    MissingToken { cookie: String },
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("the token's claim `{claim}` is invalid: {reason}")]
+    BadClaim { claim: &'static str, reason: InvalidText },
+    #[error("query parameter `user` is required")]
+    MissingUser,
+    #[error("the token is for another user")]
+    WrongUser,
+    #[error("group `{0}` is not in the token's `groups` claim")]
+    GroupNotAllowed(String),
+    #[error("topic `{0}` is not allowed by the token's `topics` claim")]
+    TopicNotAllowed(String),
+    #[error(
+        "subscriptions are disabled: configure --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file \
+         (or --insecure-dev-identity for development)"
+    )]
+    Disabled,
+}
+
+impl SubscriberAuth {
+    pub fn identify(&self, headers: &HeaderMap, req: Requested) -> Result<Identity, AuthError> {
+        match self {
+            SubscriberAuth::Disabled => Err(AuthError::Disabled),
+            SubscriberAuth::InsecureQuery => Ok(Identity {
+                user: req.user.ok_or(AuthError::MissingUser)?,
+                groups: req.groups,
+                topics: req.topics,
+                expires_in: None,
+            }),
+            SubscriberAuth::Jwt { verifier, cookie } => {
+                let token = bearer(headers)
+                    .or_else(|| cookie_value(headers, cookie))
+                    .or(req.token.as_deref())
+                    .ok_or_else(|| AuthError::MissingToken { cookie: cookie.clone() })?;
+                let claims = verifier.verify(token)?;
+                authorize(claims, req)
+            }
+        }
+    }
+}
+
+/// Applies a verified token's claims to what the request asked for.
+fn authorize(claims: jwt::Claims, req: Requested) -> Result<Identity, AuthError> {
+    let user = UserId::parse(&claims.sub).map_err(|reason| AuthError::BadClaim { claim: "sub", reason })?;
+    if req.user.as_ref().is_some_and(|u| *u != user) {
+        return Err(AuthError::WrongUser);
+    }
+    let granted: Vec<GroupId> = claims
+        .groups
+        .iter()
+        .map(|g| GroupId::parse(g).map_err(|reason| AuthError::BadClaim { claim: "groups", reason }))
+        .collect::<Result<_, _>>()?;
+    // No `group=` asked: join every group of the token. Otherwise only those asked, each of
+    // which must be granted.
+    let groups = if req.groups.is_empty() {
+        granted
+    } else {
+        if let Some(g) = req.groups.iter().find(|g| !granted.contains(g)) {
+            return Err(AuthError::GroupNotAllowed(g.as_str().to_owned()));
+        }
+        req.groups
+    };
+    if let Some(t) = req.topics.iter().find(|t| !claims.topics.iter().any(|p| pattern::matches(p, t.as_str()))) {
+        return Err(AuthError::TopicNotAllowed(t.as_str().to_owned()));
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    Ok(Identity {
+        user,
+        groups,
+        topics: req.topics,
+        expires_in: Some(Duration::from_secs(claims.exp.saturating_sub(now))),
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_the_header_then_the_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "a=1; ssegate_token=abc; b=2".parse().unwrap());
+        assert_eq!(cookie_value(&h, "ssegate_token"), Some("abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Bearer xyz".parse().unwrap());
+        assert_eq!(bearer(&h), Some("xyz"));
+        h.insert("authorization", "Basic xyz".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+
+    fn claims(groups: &[&str], topics: &[&str]) -> jwt::Claims {
+        jwt::Claims {
+            sub: "alice".into(),
+            exp: u64::MAX / 2,
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn claims_bound_what_a_connection_may_join() {
+        let req = |user: Option<&str>, groups: &[&str], topics: &[&str]| Requested {
+            user: user.map(|u| UserId::parse(u).unwrap()),
+            groups: groups.iter().map(|g| GroupId::parse(g).unwrap()).collect(),
+            topics: topics.iter().map(|t| Topic::parse(t).unwrap()).collect(),
+            token: None,
+        };
+        let id = authorize(claims(&["g1", "g2"], &["orders/*"]), req(None, &[], &["orders/1"])).unwrap();
+        assert_eq!((id.user.as_str(), id.groups.len(), id.topics.len()), ("alice", 2, 1));
+        let id = authorize(claims(&["g1", "g2"], &[]), req(Some("alice"), &["g2"], &[])).unwrap();
+        assert_eq!(id.groups.iter().map(GroupId::as_str).collect::<Vec<_>>(), ["g2"]);
+        let err = |c, r| authorize(c, r).unwrap_err().to_string();
+        assert_eq!(err(claims(&[], &[]), req(Some("bob"), &[], &[])), "the token is for another user");
+        assert_eq!(
+            err(claims(&["g1"], &[]), req(None, &["g3"], &[])),
+            "group `g3` is not in the token's `groups` claim"
+        );
+        assert_eq!(
+            err(claims(&[], &["orders/*"]), req(None, &[], &["admin"])),
+            "topic `admin` is not allowed by the token's `topics` claim"
+        );
+    }
+}
