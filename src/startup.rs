@@ -180,10 +180,12 @@ impl Application {
         let grpc_task = tokio::spawn(grpc::serve(
             grpc,
             router.clone(),
-            limits,
-            publisher_auth,
-            metrics.edge.clone(),
-            config.grpc_max_message_bytes as usize,
+            grpc::GrpcSettings {
+                limits,
+                auth: publisher_auth,
+                metrics: metrics.edge.clone(),
+                max_message_bytes: config.grpc_max_message_bytes as usize,
+            },
             (reporter.clone(), health_service),
             stop.clone().cancelled_owned(),
         ));

@@ -48,7 +48,8 @@ pub struct JwtVerifier {
 /// The claims ssegate reads. Unknown claims are ignored.
 #[derive(Debug, Deserialize)]
 pub struct Claims {
-    pub sub: String,
+    /// Optional here only so that its absence is reported as such, not as a malformed token.
+    pub sub: Option<String>,
     pub exp: u64,
     #[serde(default)]
     pub groups: Vec<String>,

@@ -90,7 +90,8 @@ impl SubscriberAuth {
 
 /// Applies a verified token's claims to what the request asked for.
 fn authorize(claims: jwt::Claims, req: Requested) -> Result<Identity, AuthError> {
-    let user = UserId::parse(&claims.sub).map_err(|reason| AuthError::BadClaim { claim: "sub", reason })?;
+    let sub = claims.sub.ok_or_else(|| TokenError::MissingClaim("sub".into()))?;
+    let user = UserId::parse(&sub).map_err(|reason| AuthError::BadClaim { claim: "sub", reason })?;
     if req.user.as_ref().is_some_and(|u| *u != user) {
         return Err(AuthError::WrongUser);
     }
@@ -156,7 +157,7 @@ mod tests {
 
     fn claims(groups: &[&str], topics: &[&str]) -> jwt::Claims {
         jwt::Claims {
-            sub: "alice".into(),
+            sub: Some("alice".into()),
             exp: u64::MAX / 2,
             groups: groups.iter().map(|s| s.to_string()).collect(),
             topics: topics.iter().map(|s| s.to_string()).collect(),

@@ -33,15 +33,21 @@ use crate::{
     telemetry::{grpc_layer::GrpcTelemetryLayer, metrics::EdgeMetrics},
 };
 
+/// What the gRPC edge is built from.
+pub struct GrpcSettings {
+    pub limits: Limits,
+    pub auth: PublisherAuth,
+    pub metrics: Arc<EdgeMetrics>,
+    /// Largest request message accepted.
+    pub max_message_bytes: usize,
+}
+
 /// Serves the publisher, health and reflection services on `listener` until `shutdown`
 /// completes; in-flight calls are answered before it returns.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
-    limits: Limits,
-    auth: PublisherAuth,
-    metrics: Arc<EdgeMetrics>,
-    max_message_bytes: usize,
+    settings: GrpcSettings,
     health: (
         HealthReporter,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
@@ -49,6 +55,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
+    let GrpcSettings { limits, auth, metrics, max_message_bytes } = settings;
     let publisher = pb::publisher_server::PublisherServer::new(PublisherService::new(router, limits, metrics.clone()))
         .max_decoding_message_size(max_message_bytes);
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.

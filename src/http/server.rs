@@ -14,7 +14,10 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{io::AsyncWriteExt, net::TcpListener};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
@@ -111,9 +114,18 @@ pub async fn serve(
             metrics.rejected(Rejection::MaxConnectionsPerIp);
             tracing::warn!(%peer, limit = limits.max_connections_per_ip, "connection refused: too many from this address");
             // Answer in a task: a client that does not read must not stall the accept loop.
+            // Then half-close and drain what it sent, so the close is a FIN the client can
+            // read the answer before, not a reset that discards it.
             let mut stream = stream;
             tracker.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY_FROM_IP)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    stream.write_all(TOO_MANY_FROM_IP).await?;
+                    stream.shutdown().await?;
+                    let mut sink = [0u8; 4096];
+                    while stream.read(&mut sink).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
             });
             continue;
         };

@@ -13,6 +13,7 @@ mod limits;
 mod observability;
 mod resume;
 mod routing;
+mod security;
 mod services;
 mod stream;
 mod validation;
