@@ -146,6 +146,20 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_INSECURE_OPEN_PUBLISH")]
     pub insecure_open_publish: bool,
 
+    /// Serve TLS on the HTTP and gRPC ports with this PEM certificate chain (re-read when it
+    /// changes). Needs --tls-key-file.
+    #[arg(long, env = "SSEGATE_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert-file (re-read when it changes).
+    #[arg(long, env = "SSEGATE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Require publishers to present a client certificate signed by a CA in this PEM file
+    /// (mutual TLS on the gRPC port). Needs --tls-cert-file.
+    #[arg(long, env = "SSEGATE_GRPC_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub grpc_client_ca_file: Option<PathBuf>,
+
     /// Most TCP connections to the HTTP port from one IP address; 0 for no limit. Leave it 0
     /// behind a proxy or ingress, where every client shares the proxy's address.
     #[arg(long, env = "SSEGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]

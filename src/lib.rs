@@ -22,3 +22,4 @@ pub mod http;
 pub mod router;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;

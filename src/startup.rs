@@ -3,6 +3,7 @@
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -16,6 +17,7 @@ use crate::{
     http::{self, HttpSettings},
     router::{CloseReason, Frame, ReplayConfig, Router, RouterConfig},
     telemetry::metrics::Metrics,
+    tls::{self, ReloadingCert},
 };
 
 /// Heartbeats go out in this many slots per interval, spreading wake-ups over time.
@@ -37,6 +39,8 @@ pub enum StartupError {
     ApiKeys(#[from] ApiKeyError),
     #[error("{0}")]
     Conflict(&'static str),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
@@ -50,6 +54,10 @@ pub struct Application {
     app: axum::Router,
     metrics: Arc<Metrics>,
     publisher_auth: PublisherAuth,
+    /// The TLS certificate, watched for changes, if TLS is on.
+    cert: Option<Arc<ReloadingCert>>,
+    /// TLS acceptors for the HTTP and gRPC ports.
+    tls: Option<(TlsAcceptor, TlsAcceptor)>,
     ready: Readiness,
 }
 
@@ -96,6 +104,9 @@ fn publisher_auth(config: &ServeArgs) -> Result<PublisherAuth, StartupError> {
         }
         return Ok(PublisherAuth::ApiKeys(keys));
     }
+    if config.grpc_client_ca_file.is_some() {
+        return Ok(PublisherAuth::ClientCertificate);
+    }
     if config.insecure_open_publish {
         tracing::warn!("INSECURE: --insecure-open-publish is on: anyone who can reach the gRPC port may publish");
         return Ok(PublisherAuth::Open);
@@ -125,6 +136,17 @@ impl Application {
         });
         let metrics = Arc::new(Metrics::new(router.clone()));
         let subscriber_auth = subscriber_auth(&config)?;
+        let cert = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => Some(ReloadingCert::load(cert.clone(), key.clone())?),
+            _ => None,
+        };
+        let tls = match &cert {
+            None => None,
+            Some(cert) => Some((
+                tls::acceptor(cert.clone(), None, &[b"h2", b"http/1.1"])?,
+                tls::acceptor(cert.clone(), config.grpc_client_ca_file.as_deref(), &[b"h2"])?,
+            )),
+        };
         let publisher_auth = publisher_auth(&config)?;
         let app = http::app(
             router.clone(),
@@ -140,7 +162,19 @@ impl Application {
         let http = bind(config.http_addr, "http").await?;
         let grpc = bind(config.grpc_addr, "grpc").await?;
         let admin = bind(config.admin_addr, "admin").await?;
-        Ok(Self { config, http, grpc, admin, router, app, metrics, publisher_auth, ready: Readiness::default() })
+        Ok(Self {
+            config,
+            http,
+            grpc,
+            admin,
+            router,
+            app,
+            metrics,
+            publisher_auth,
+            cert,
+            tls,
+            ready: Readiness::default(),
+        })
     }
 
     pub fn admin_addr(&self) -> io::Result<SocketAddr> {
@@ -163,7 +197,11 @@ impl Application {
     /// gets a `retry:` with a randomised delay and ends, in-flight gRPC calls are answered, and
     /// whatever is still open after the grace period is dropped.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
-        let Self { config, http, grpc, admin, router, app, metrics, publisher_auth, ready } = self;
+        let Self { config, http, grpc, admin, router, app, metrics, publisher_auth, cert, tls, ready } = self;
+        if let Some(cert) = &cert {
+            cert.watch(Duration::from_secs(2));
+        }
+        let (http_tls, grpc_tls) = tls.unzip();
         if let PublisherAuth::ApiKeys(keys) = &publisher_auth {
             keys.clone().watch(Duration::from_secs(2));
         }
@@ -185,6 +223,7 @@ impl Application {
                 auth: publisher_auth,
                 metrics: metrics.edge.clone(),
                 max_message_bytes: config.grpc_max_message_bytes as usize,
+                tls: grpc_tls,
             },
             (reporter.clone(), health_service),
             stop.clone().cancelled_owned(),
@@ -198,6 +237,7 @@ impl Application {
             http,
             app,
             server_limits,
+            http_tls,
             metrics.edge.clone(),
             stop.clone(),
             tracker.clone(),

@@ -172,3 +172,35 @@ impl JwtVerifier {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier() -> JwtVerifier {
+        let dir = std::env::temp_dir().join(format!("ssegate-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "0123456789abcdef0123456789abcdef").unwrap();
+        JwtVerifier::load(&JwtSettings { secret_file: Some(path), ..Default::default() }).unwrap()
+    }
+
+    #[test]
+    fn short_secrets_are_refused_at_start() {
+        let dir = std::env::temp_dir().join(format!("ssegate-jwt-short-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "too short").unwrap();
+        let err = JwtVerifier::load(&JwtSettings { secret_file: Some(path), ..Default::default() });
+        assert!(err.err().is_some_and(|e| e.to_string().ends_with("an HS256 secret must be at least 32 bytes")));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_tokens_are_refused_without_panicking(t in ".{0,300}", parts in "[A-Za-z0-9_=-]{0,80}\\.[A-Za-z0-9_=-]{0,80}\\.[A-Za-z0-9_=-]{0,80}") {
+            let v = verifier();
+            proptest::prop_assert!(v.verify(&t).is_err());
+            proptest::prop_assert!(v.verify(&parts).is_err());
+        }
+    }
+}

@@ -18,9 +18,11 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ssegate_descriptor.bin"));
 }
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     service::interceptor::InterceptedService,
     transport::{Server, server::TcpIncoming},
@@ -40,6 +42,8 @@ pub struct GrpcSettings {
     pub metrics: Arc<EdgeMetrics>,
     /// Largest request message accepted.
     pub max_message_bytes: usize,
+    /// TLS (and, if it verifies client certificates, mutual TLS) for the port.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Serves the publisher, health and reflection services on `listener` until `shutdown`
@@ -55,7 +59,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
-    let GrpcSettings { limits, auth, metrics, max_message_bytes } = settings;
+    let GrpcSettings { limits, auth, metrics, max_message_bytes, tls } = settings;
     let publisher = pb::publisher_server::PublisherServer::new(PublisherService::new(router, limits, metrics.clone()))
         .max_decoding_message_size(max_message_bytes);
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.
@@ -69,14 +73,56 @@ pub async fn serve(
     // Both reflection versions: v1alpha is what older tools (grpcurl 1.8) ask for.
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    Ok(Server::builder()
+    let server = Server::builder()
         .layer(GrpcTelemetryLayer::new(metrics))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(publisher)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await?)
+        .add_service(publisher);
+    match tls {
+        None => {
+            server.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown).await?
+        }
+        Some(acceptor) => server.serve_with_incoming_shutdown(tls_incoming(listener, acceptor), shutdown).await?,
+    }
+    Ok(())
+}
+
+/// Accepted TLS connections. Each handshake runs in its own task, so a slow or hostile client
+/// cannot hold up the others; failed handshakes are logged and skipped. Ends when the server
+/// drops the stream.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gRPC accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "gRPC TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// The gRPC server could not start or failed while serving.

@@ -193,4 +193,20 @@ mod tests {
         h.insert("last-event-id", HeaderValue::from_static(""));
         assert_eq!(resume_id(&h, None), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_query_string_parses_or_is_refused_without_panicking(q in ".{0,200}") {
+            let _ = parse_query(&q, 4);
+        }
+
+        #[test]
+        fn any_header_value_as_last_event_id_is_safe(v in "[ -~]{0,64}") {
+            let mut h = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(&v) {
+                h.insert("last-event-id", value);
+            }
+            let _ = resume_id(&h, Some(&v));
+        }
+    }
 }

@@ -14,6 +14,7 @@ use http::{HeaderName, HeaderValue, Method};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use error::HttpError;
+pub use events::parse_query;
 
 use crate::{auth::SubscriberAuth, event_stream, router::Router, telemetry::metrics::EdgeMetrics};
 

@@ -18,6 +18,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
@@ -84,6 +85,7 @@ pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
     metrics: Arc<EdgeMetrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -140,24 +142,61 @@ pub async fn serve(
         });
         let builder = builder.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_read_timeout;
         tracker.spawn(async move {
             let _slot = slot;
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = abort.cancelled() => Ok(()),
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        () = abort.cancelled() => Ok(()),
+            let result = match tls {
+                None => serve_io(&builder, TokioIo::new(stream), service, &abort, &shutdown).await,
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_io(&builder, TokioIo::new(tls), service, &abort, &shutdown).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
                     }
-                }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "http connection ended with an error");
             }
         });
+    }
+}
+
+type Builder = auto::Builder<TokioExecutor>;
+
+/// Serves one connection (plain or TLS) until it ends, is aborted, or shutdown completes it.
+async fn serve_io<I, S, B>(
+    builder: &Builder,
+    io: TokioIo<I>,
+    service: S,
+    abort: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = abort.cancelled() => Ok(()),
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = abort.cancelled() => Ok(()),
+            }
+        }
     }
 }

@@ -72,7 +72,13 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
         .await
         .expect("server runs");
     });
-    let client = PublisherClient::connect(format!("http://{grpc}")).await.expect("grpc connects");
+    let client = if extra.contains(&"--tls-cert-file") {
+        // TLS on: trust the test CA, and present the test client certificate if asked for.
+        let mtls = extra.contains(&"--grpc-client-ca-file");
+        tls_client(grpc, mtls.then_some("client")).await.expect("grpc connects over TLS")
+    } else {
+        PublisherClient::connect(format!("http://{grpc}")).await.expect("grpc connects")
+    };
     TestApp { http, grpc, admin, client, stop: Some(tx), handle: Some(handle) }
 }
 
@@ -166,6 +172,29 @@ impl Drop for TestApp {
             let _ = tx.send(());
         }
     }
+}
+
+/// The path of a TEST-ONLY TLS fixture.
+pub fn tls_fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A gRPC client over TLS to `addr` (as `localhost`), trusting the test CA, presenting the
+/// client certificate `client` (a fixture name without extension) if given.
+pub async fn tls_client(
+    addr: SocketAddr,
+    client: Option<&str>,
+) -> Result<PublisherClient<Channel>, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let ca = std::fs::read(tls_fixture("ca.pem")).unwrap();
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
+    if let Some(name) = client {
+        let cert = std::fs::read(tls_fixture(&format!("{name}.pem"))).unwrap();
+        let key = std::fs::read(tls_fixture(&format!("{name}.key"))).unwrap();
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(tls)?.connect().await?;
+    Ok(PublisherClient::new(channel))
 }
 
 pub fn ev(name: &str, data: &str) -> pb::Event {

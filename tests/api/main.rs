@@ -16,4 +16,5 @@ mod routing;
 mod security;
 mod services;
 mod stream;
+mod tls;
 mod validation;
