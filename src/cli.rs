@@ -16,10 +16,19 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<String> {
         args.data
     };
     let event = Some(pb::Event { name: args.event, data });
-    let channel = tonic::transport::Endpoint::from_shared(args.grpc_url.clone())?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.grpc_url))?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(args.grpc_url.clone())?;
+    if args.grpc_url.starts_with("https://") {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.tls_ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&args.tls_client_cert_file, &args.tls_client_key_file) {
+            tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.grpc_url))?;
     let auth = match &args.api_key {
         Some(key) => Some(tonic::metadata::MetadataValue::try_from(format!("Bearer {key}"))?),
         None => None,

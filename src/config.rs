@@ -210,6 +210,18 @@ pub struct PublishArgs {
     #[arg(long, env = "SSEGATE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// With an `https://` URL: the CA (PEM) that signed the server's certificate.
+    #[arg(long, env = "SSEGATE_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+
+    /// With an `https://` URL and mutual TLS: this client certificate (PEM)...
+    #[arg(long, env = "SSEGATE_TLS_CLIENT_CERT_FILE", requires = "tls_client_key_file")]
+    pub tls_client_cert_file: Option<PathBuf>,
+
+    /// ...and its private key (PEM).
+    #[arg(long, env = "SSEGATE_TLS_CLIENT_KEY_FILE", requires = "tls_client_cert_file")]
+    pub tls_client_key_file: Option<PathBuf>,
+
     /// Deliver to this user (repeatable).
     #[arg(long)]
     pub user: Vec<String>,
