@@ -7,7 +7,8 @@
 # idempotently and quietly:
 #   - Chromium (Debian packages chromium chromium-driver fonts-liberation), used
 #     by the browser EventSource tests through tests/browser/driver.mjs;
-#   - the driver's npm dependencies (npm ci in tests/browser).
+#   - the driver's npm dependencies (npm ci in tests/browser);
+#   - nats-server (Debian package), started by the cluster tests on loopback ports.
 # Then it runs `cargo test --locked "$@"`.
 set -euo pipefail
 
@@ -70,8 +71,31 @@ ensure_browser_driver_deps() {
     || die "npm ci finished but tests/browser/node_modules/playwright-core is missing"
 }
 
+ensure_nats_server() {
+  if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then
+    return 0
+  fi
+  command -v apt-get >/dev/null 2>&1 || die "nats-server is missing and apt-get is not available to install it"
+  log "installing nats-server (apt-get install nats-server), for the cluster tests"
+  local aptlog
+  aptlog="$(mktemp)"
+  if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server \
+      >"$aptlog" 2>&1; then
+    # The package index may be stale on a fresh machine.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >>"$aptlog" 2>&1 || true
+    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server \
+        >>"$aptlog" 2>&1; then
+      cat "$aptlog" >&2
+      rm -f "$aptlog"
+      die "could not install nats-server with apt-get (see output above)"
+    fi
+  fi
+  rm -f "$aptlog"
+}
+
 ensure_chromium
 ensure_browser_driver_deps
+ensure_nats_server
 
 export CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"
 

@@ -13,19 +13,34 @@ use std::sync::{
 use axum::{extract::State, response::IntoResponse, routing::get};
 use http::{StatusCode, header};
 
-use crate::telemetry::metrics::Metrics;
+use crate::{backplane::Backplane, telemetry::metrics::Metrics};
 
-/// Whether this server should receive new traffic.
-#[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// Whether this server should receive new traffic: serving, not draining, and its backplane
+/// (the broker) reachable.
+#[derive(Clone)]
+pub struct Readiness {
+    serving: Arc<AtomicBool>,
+    backplane: Arc<Backplane>,
+}
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+    pub fn new(backplane: Arc<Backplane>) -> Self {
+        Self { serving: Arc::default(), backplane }
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    pub fn set(&self, ready: bool) {
+        self.serving.store(ready, Ordering::SeqCst);
+    }
+
+    /// `Err` with the reason when not ready.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.serving.load(Ordering::SeqCst) {
+            return Err("not ready: draining");
+        }
+        if !self.backplane.is_healthy() {
+            return Err("not ready: broker unavailable");
+        }
+        Ok(())
     }
 }
 
@@ -48,9 +63,8 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+    match s.ready.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }

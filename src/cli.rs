@@ -39,14 +39,15 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<String> {
         }
         Ok(req)
     });
+    let key = args.idempotency_key.unwrap_or_default();
     let resp = if !args.user.is_empty() {
-        client.publish(pb::PublishRequest { user_ids: args.user, event }).await
+        client.publish(pb::PublishRequest { user_ids: args.user, event, idempotency_key: key }).await
     } else if let Some(group) = args.group {
-        client.publish_group(pb::PublishGroupRequest { group, event }).await
+        client.publish_group(pb::PublishGroupRequest { group, event, idempotency_key: key }).await
     } else if let Some(topic) = args.topic {
-        client.publish_topic(pb::PublishTopicRequest { topic, event }).await
+        client.publish_topic(pb::PublishTopicRequest { topic, event, idempotency_key: key }).await
     } else {
-        client.broadcast(pb::BroadcastRequest { event }).await
+        client.broadcast(pb::BroadcastRequest { event, idempotency_key: key }).await
     };
     let resp = resp.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
     Ok(resp.event_id)

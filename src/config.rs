@@ -17,7 +17,7 @@ pub enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
     /// Publish one event to a running server over gRPC and print its id.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -37,6 +37,47 @@ pub struct ServeArgs {
     /// Address of the admin port: `/metrics`, `/healthz`, `/readyz`.
     #[arg(long, env = "SSEGATE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,
+
+    /// Where published events go: `memory` (this process only) or `nats` (NATS JetStream,
+    /// shared by every replica). Several replicas need `nats`.
+    #[arg(long, env = "SSEGATE_BACKPLANE", default_value = "memory")]
+    pub backplane: BackplaneKind,
+
+    /// NATS server URLs, comma-separated (several for a cluster).
+    #[arg(long, env = "SSEGATE_NATS_URL", value_delimiter = ',', default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: Vec<String>,
+
+    /// NATS credentials file (JWT + NKey seed).
+    #[arg(long, env = "SSEGATE_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+
+    /// CA (PEM) to verify the NATS servers' TLS certificates; turns TLS on.
+    #[arg(long, env = "SSEGATE_NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+
+    /// JetStream stream holding the events (created if missing, checked if present).
+    #[arg(long, env = "SSEGATE_NATS_STREAM", default_value = "SSEGATE")]
+    pub nats_stream: String,
+
+    /// The one subject events are published to (targets travel in the payload).
+    #[arg(long, env = "SSEGATE_NATS_SUBJECT", default_value = "ssegate.events")]
+    pub nats_subject: String,
+
+    /// The stream keeps events this long (at least --replay-max-age).
+    #[arg(long, env = "SSEGATE_NATS_STREAM_MAX_AGE", default_value = "24h", value_parser = duration)]
+    pub nats_stream_max_age: Duration,
+
+    /// The stream keeps at most this many bytes (oldest dropped first).
+    #[arg(long, env = "SSEGATE_NATS_STREAM_MAX_BYTES", default_value_t = 1 << 30)]
+    pub nats_stream_max_bytes: i64,
+
+    /// Window in which publishes with the same idempotency key are delivered once.
+    #[arg(long, env = "SSEGATE_NATS_DUPLICATE_WINDOW", default_value = "2m", value_parser = duration)]
+    pub nats_duplicate_window: Duration,
+
+    /// Longest wait for JetStream to acknowledge a publish before answering UNAVAILABLE.
+    #[arg(long, env = "SSEGATE_NATS_PUBLISH_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub nats_publish_timeout: Duration,
 
     /// Interval between heartbeat comments on an idle stream.
     #[arg(long, env = "SSEGATE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
@@ -194,6 +235,12 @@ pub struct ServeArgs {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackplaneKind {
+    Memory,
+    Nats,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Pretty,
     Json,
@@ -237,6 +284,10 @@ pub struct PublishArgs {
     /// Deliver to every connection.
     #[arg(long)]
     pub broadcast: bool,
+
+    /// Idempotency key: retries with the same key are delivered once (NATS backplane).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
 
     /// SSE event name; empty for the default `message`.
     #[arg(long, default_value = "")]

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backplane;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -36,7 +36,7 @@ async fn main() -> ExitCode {
             telemetry.shutdown();
             code
         }
-        Command::Publish(args) => match ssegate::cli::publish(args).await {
+        Command::Publish(args) => match ssegate::cli::publish(*args).await {
             Ok(id) => {
                 println!("{id}");
                 ExitCode::SUCCESS

@@ -12,7 +12,11 @@ use crate::{
         ApiKeyError, ApiKeys, PublisherAuth, SubscriberAuth,
         jwt::{JwtSettings, JwtVerifier, KeyError},
     },
-    config::ServeArgs,
+    backplane::{
+        Backplane,
+        nats::{NatsBackplane, NatsError, NatsSettings},
+    },
+    config::{BackplaneKind, ServeArgs},
     event_stream, grpc,
     http::{self, HttpSettings},
     router::{CloseReason, Frame, ReplayConfig, Router, RouterConfig},
@@ -41,6 +45,8 @@ pub enum StartupError {
     Conflict(&'static str),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
 }
 
 /// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
@@ -58,7 +64,31 @@ pub struct Application {
     cert: Option<Arc<ReloadingCert>>,
     /// TLS acceptors for the HTTP and gRPC ports.
     tls: Option<(TlsAcceptor, TlsAcceptor)>,
+    backplane: Arc<Backplane>,
     ready: Readiness,
+}
+
+/// The backplane from the flags, and the epoch its ids must use (`None`: the router draws one).
+async fn connect_backplane(config: &ServeArgs) -> Result<(Arc<Backplane>, Option<u64>), StartupError> {
+    match config.backplane {
+        BackplaneKind::Memory => Ok((Arc::new(Backplane::Memory), None)),
+        BackplaneKind::Nats => {
+            let nats = NatsBackplane::connect(NatsSettings {
+                urls: config.nats_url.clone(),
+                creds_file: config.nats_creds_file.clone(),
+                tls_ca_file: config.nats_tls_ca_file.clone(),
+                stream: config.nats_stream.clone(),
+                subject: config.nats_subject.clone(),
+                max_age: config.nats_stream_max_age,
+                max_bytes: config.nats_stream_max_bytes,
+                duplicate_window: config.nats_duplicate_window,
+                publish_timeout: config.nats_publish_timeout,
+            })
+            .await?;
+            let epoch = nats.epoch;
+            Ok((Arc::new(Backplane::Nats(Arc::new(nats))), Some(epoch)))
+        }
+    }
 }
 
 /// Subscriber authentication from the flags: a JWT key, or the explicit development mode, or
@@ -123,9 +153,10 @@ async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, Start
 
 impl Application {
     pub async fn build(config: ServeArgs) -> Result<Self, StartupError> {
+        let (backplane, epoch) = connect_backplane(&config).await?;
         let router = Router::new(RouterConfig {
             queue_capacity: config.queue_capacity as usize,
-            epoch: None,
+            epoch,
             replay: ReplayConfig {
                 capacity: config.replay_capacity as usize,
                 max_bytes: usize::try_from(config.replay_max_bytes).unwrap_or(usize::MAX),
@@ -134,6 +165,10 @@ impl Application {
             max_connections: config.max_connections as usize,
             max_connections_per_user: config.max_connections_per_user as usize,
         });
+        if let Backplane::Nats(nats) = &*backplane {
+            // Fill the replay log and catch up before serving anyone.
+            nats.start_consumer(router.clone(), u64::from(config.replay_capacity), Duration::from_secs(60)).await?;
+        }
         let metrics = Arc::new(Metrics::new(router.clone()));
         let subscriber_auth = subscriber_auth(&config)?;
         let cert = match (&config.tls_cert_file, &config.tls_key_file) {
@@ -173,7 +208,8 @@ impl Application {
             publisher_auth,
             cert,
             tls,
-            ready: Readiness::default(),
+            ready: Readiness::new(backplane.clone()),
+            backplane,
         })
     }
 
@@ -197,7 +233,8 @@ impl Application {
     /// gets a `retry:` with a randomised delay and ends, in-flight gRPC calls are answered, and
     /// whatever is still open after the grace period is dropped.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
-        let Self { config, http, grpc, admin, router, app, metrics, publisher_auth, cert, tls, ready } = self;
+        let Self { config, http, grpc, admin, router, app, metrics, publisher_auth, cert, tls, ready, backplane } =
+            self;
         if let Some(cert) = &cert {
             cert.watch(Duration::from_secs(2));
         }
@@ -224,6 +261,7 @@ impl Application {
                 metrics: metrics.edge.clone(),
                 max_message_bytes: config.grpc_max_message_bytes as usize,
                 tls: grpc_tls,
+                backplane,
             },
             (reporter.clone(), health_service),
             stop.clone().cancelled_owned(),

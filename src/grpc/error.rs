@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{domain::InvalidText, router::RouterError};
+use crate::{backplane::BackplaneError, domain::InvalidText, router::RouterError};
 
 /// Why a request was refused. The message is shown to the caller as is: one line, naming the
 /// field and the rule, never internal detail.
@@ -20,6 +20,17 @@ pub enum ApiError {
     OutOfRange(String),
     #[error(transparent)]
     Router(#[from] RouterError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<BackplaneError> for ApiError {
+    fn from(e: BackplaneError) -> Self {
+        match e {
+            BackplaneError::Router(r) => ApiError::Router(r),
+            BackplaneError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {
@@ -30,7 +41,7 @@ impl ApiError {
             | ApiError::TooMany { .. }
             | ApiError::EventTooLarge { .. }
             | ApiError::OutOfRange(_) => Code::InvalidArgument,
-            ApiError::Router(RouterError::ShuttingDown) => Code::Unavailable,
+            ApiError::Router(RouterError::ShuttingDown) | ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Router(RouterError::TooManyConnections { .. } | RouterError::TooManyForUser { .. }) => {
                 Code::ResourceExhausted
             }

@@ -31,6 +31,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::{
     auth::PublisherAuth,
+    backplane::Backplane,
     router::Router,
     telemetry::{grpc_layer::GrpcTelemetryLayer, metrics::EdgeMetrics},
 };
@@ -44,6 +45,8 @@ pub struct GrpcSettings {
     pub max_message_bytes: usize,
     /// TLS (and, if it verifies client certificates, mutual TLS) for the port.
     pub tls: Option<TlsAcceptor>,
+    /// Where publishes go.
+    pub backplane: Arc<Backplane>,
 }
 
 /// Serves the publisher, health and reflection services on `listener` until `shutdown`
@@ -59,9 +62,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
-    let GrpcSettings { limits, auth, metrics, max_message_bytes, tls } = settings;
-    let publisher = pb::publisher_server::PublisherServer::new(PublisherService::new(router, limits, metrics.clone()))
-        .max_decoding_message_size(max_message_bytes);
+    let GrpcSettings { limits, auth, metrics, max_message_bytes, tls, backplane } = settings;
+    let service = PublisherService::new(router, backplane, limits, metrics.clone());
+    let publisher = pb::publisher_server::PublisherServer::new(service).max_decoding_message_size(max_message_bytes);
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.
     let publisher = InterceptedService::new(publisher, move |req| auth.check(req));
     reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;

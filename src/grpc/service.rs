@@ -5,12 +5,13 @@ use std::{pin::Pin, sync::Arc};
 use futures_util::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use tracing::field::Empty;
+use tracing::{Instrument, field::Empty};
 
 use super::{ApiError, convert, pb};
 use crate::{
+    backplane::{Accepted, Backplane},
     domain::{GroupId, Target, Topic, UserId},
-    router::{Published, Router},
+    router::Router,
     telemetry::metrics::{EdgeMetrics, PublishFailure},
 };
 
@@ -27,35 +28,51 @@ pub struct Limits {
 const MAX_ONLINE_PAGE: u32 = 10_000;
 const DEFAULT_ONLINE_PAGE: u32 = 1_000;
 
+/// Longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
 #[derive(Clone)]
 pub struct PublisherService {
     router: Arc<Router>,
+    backplane: Arc<Backplane>,
     limits: Arc<Limits>,
     metrics: Arc<EdgeMetrics>,
 }
 
 impl PublisherService {
-    pub fn new(router: Arc<Router>, limits: Limits, metrics: Arc<EdgeMetrics>) -> Self {
-        Self { router, limits: Arc::new(limits), metrics }
+    pub fn new(router: Arc<Router>, backplane: Arc<Backplane>, limits: Limits, metrics: Arc<EdgeMetrics>) -> Self {
+        Self { router, backplane, limits: Arc::new(limits), metrics }
     }
 
     /// Publishes to `target` (of kind `kind`, a `Target::kind` name, known even when the
     /// target did not parse) and counts a failure by its kind.
-    fn publish(
+    async fn publish(
         &self,
         kind: &'static str,
         target: Result<Target, ApiError>,
         event: Option<pb::Event>,
-    ) -> Result<Published, ApiError> {
-        let result = target.and_then(|target| {
+        idempotency_key: &str,
+    ) -> Result<Accepted, ApiError> {
+        let span = tracing::info_span!("publish", target = kind, event_id = Empty, recipients = Empty);
+        let result = async {
+            let target = target?;
             let event = convert::event(event, &self.limits)?;
-            let span = tracing::info_span!("publish", target = kind, event_id = Empty, recipients = Empty);
-            let _entered = span.enter();
-            let published = self.router.publish(target, &event)?;
-            span.record("event_id", tracing::field::display(published.id));
-            span.record("recipients", published.recipients);
-            Ok(published)
-        });
+            if idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(ApiError::OutOfRange(format!(
+                    "idempotency_key is {} bytes, over the limit of {MAX_IDEMPOTENCY_KEY}",
+                    idempotency_key.len()
+                )));
+            }
+            let accepted = self.backplane.publish(&self.router, target, event, idempotency_key).await?;
+            let span = tracing::Span::current();
+            span.record("event_id", tracing::field::display(accepted.id));
+            if let Some(n) = accepted.recipients {
+                span.record("recipients", n);
+            }
+            Ok(accepted)
+        }
+        .instrument(span)
+        .await;
         if let Err(e) = &result {
             let failure = match e.code() {
                 Code::Unavailable | Code::ResourceExhausted => PublishFailure::Unavailable,
@@ -66,7 +83,7 @@ impl PublisherService {
         result
     }
 
-    fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
+    async fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
         use pb::publish_stream_request::Target as T;
         let kind = match &req.target {
             Some(T::Users(_)) | None => "user",
@@ -74,14 +91,14 @@ impl PublisherService {
             Some(T::Topic(_)) => "topic",
             Some(T::Broadcast(_)) => "broadcast",
         };
-        let result = self.publish(kind, convert::stream_target(req.target, &self.limits), req.event);
-        match result {
+        let target = convert::stream_target(req.target, &self.limits);
+        match self.publish(kind, target, req.event, &req.idempotency_key).await {
             Ok(p) => pb::PublishStreamResponse {
                 index,
                 code: Code::Ok as i32,
                 message: String::new(),
                 event_id: p.id.to_string(),
-                recipients: Some(p.recipients),
+                recipients: p.recipients,
             },
             Err(e) => pb::PublishStreamResponse {
                 index,
@@ -94,8 +111,8 @@ impl PublisherService {
     }
 }
 
-fn answer(p: Published) -> Response<pb::PublishResponse> {
-    Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: Some(p.recipients) })
+fn answer(p: Accepted) -> Response<pb::PublishResponse> {
+    Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: p.recipients })
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse, Status>> + Send>>;
@@ -105,7 +122,7 @@ impl pb::publisher_server::Publisher for PublisherService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
         let target = convert::users_target("user_ids", &req.user_ids, &self.limits);
-        Ok(answer(self.publish("user", target, req.event)?))
+        Ok(answer(self.publish("user", target, req.event, &req.idempotency_key).await?))
     }
 
     async fn publish_group(
@@ -114,7 +131,7 @@ impl pb::publisher_server::Publisher for PublisherService {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
         let target = convert::group(&req.group).map(Target::Group);
-        Ok(answer(self.publish("group", target, req.event)?))
+        Ok(answer(self.publish("group", target, req.event, &req.idempotency_key).await?))
     }
 
     async fn publish_topic(
@@ -123,26 +140,33 @@ impl pb::publisher_server::Publisher for PublisherService {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
         let target = convert::topic(&req.topic).map(Target::Topic);
-        Ok(answer(self.publish("topic", target, req.event)?))
+        Ok(answer(self.publish("topic", target, req.event, &req.idempotency_key).await?))
     }
 
     async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::PublishResponse>, Status> {
-        Ok(answer(self.publish("broadcast", Ok(Target::Broadcast), req.into_inner().event)?))
+        let req = req.into_inner();
+        Ok(answer(self.publish("broadcast", Ok(Target::Broadcast), req.event, &req.idempotency_key).await?))
     }
 
     type PublishStreamStream = ResponseStream;
 
-    /// Answers each request in order as it arrives. Publishing never waits, so mapping the
-    /// inbound stream is enough: the next request is read only once the previous answer was
-    /// taken by the transport, which gives the caller backpressure for free.
+    /// Answers each request in order as it arrives: the next request is read only once the
+    /// previous one was published (stored, with a broker) and its answer taken by the
+    /// transport, which gives the caller backpressure for free.
     async fn publish_stream(
         &self,
         req: Request<Streaming<pb::PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let this = self.clone();
-        let answers = req.into_inner().enumerate().map(move |(i, item)| {
-            // A transport or decoding error ends the stream: framing can no longer be trusted.
-            item.map(|r| this.stream_item(i as u64, r))
+        let answers = req.into_inner().enumerate().then(move |(i, item)| {
+            let this = this.clone();
+            async move {
+                // A transport or decoding error ends the stream: framing can no longer be trusted.
+                match item {
+                    Ok(r) => Ok(this.stream_item(i as u64, r).await),
+                    Err(e) => Err(e),
+                }
+            }
         });
         Ok(Response::new(Box::pin(answers)))
     }
@@ -159,7 +183,7 @@ impl pb::publisher_server::Publisher for PublisherService {
             );
         }
         let closed = self.router.disconnect(&user, &req.reason);
-        Ok(Response::new(pb::DisconnectResponse { closed }))
+        Ok(Response::new(pb::DisconnectResponse { closed, partial: false, replicas: 1 }))
     }
 
     async fn presence(&self, req: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
@@ -217,6 +241,8 @@ impl pb::publisher_server::Publisher for PublisherService {
             connections_rejected: s.connections_rejected,
             replay_log_events: s.replay_log_events,
             replay_log_bytes: s.replay_log_bytes,
+            partial: false,
+            replicas: 1,
         }))
     }
 }

@@ -331,6 +331,23 @@ impl Router {
         self.epoch
     }
 
+    /// The sequence number of the last event published.
+    pub fn last_seq(&self) -> u64 {
+        self.lock().last_seq
+    }
+
+    /// Whether `close_all` has begun (publishes are refused).
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// Records that sequence numbers up to `seq` are taken without an event (a broker message
+    /// that could not be decoded), so later ones still flow.
+    pub fn skip_to(&self, seq: u64) {
+        let mut locked = self.lock();
+        locked.last_seq = locked.last_seq.max(seq);
+    }
+
     /// Registers a connection. Its mailbox receives every event published to its user, groups,
     /// topics and to everyone from now on. With `resume`, the events it missed since that id
     /// are queued first (or an `ssegate.missed` event if the log cannot tell), in the same
@@ -415,16 +432,41 @@ impl Router {
     pub fn publish(&self, target: Target, event: &Event) -> Result<Published, RouterError> {
         // Encode outside the lock; only the id is appended under it.
         let partial = event_stream::encode(event.name.as_ref().map(EventName::as_str), &event.data);
+        let locked = self.lock();
+        if locked.closing {
+            return Err(RouterError::ShuttingDown);
+        }
+        let seq = locked.last_seq + 1;
+        Ok(self.fan_out(locked, seq, target, partial))
+    }
+
+    /// Publishes an event whose sequence number a broker assigned (the NATS backplane): the
+    /// same event gets the same id on every replica. A sequence number not above the last one
+    /// is a redelivery and is ignored (`None`), so a browser never gets an event twice.
+    pub fn publish_sequenced(&self, seq: u64, target: Target, event: &Event) -> Option<Published> {
+        let partial = event_stream::encode(event.name.as_ref().map(EventName::as_str), &event.data);
+        let locked = self.lock();
+        if seq <= locked.last_seq {
+            return None;
+        }
+        Some(self.fan_out(locked, seq, target, partial))
+    }
+
+    /// Under the lock: makes `seq` the last sequence number, queues the event's frame for every
+    /// connection `target` addresses, cuts off the full ones, and logs it for replay.
+    fn fan_out(
+        &self,
+        mut locked: MutexGuard<'_, Locked>,
+        seq: u64,
+        target: Target,
+        partial: event_stream::PartialEvent,
+    ) -> Published {
         let published_at = Instant::now();
         let kind = target_index(&target);
         let mut slow = Vec::new();
         let mut recipients = 0;
-        let mut locked = self.lock();
-        if locked.closing {
-            return Err(RouterError::ShuttingDown);
-        }
-        locked.last_seq += 1;
-        let id = EventId { epoch: self.epoch, seq: locked.last_seq };
+        locked.last_seq = seq;
+        let id = EventId { epoch: self.epoch, seq };
         let frame = Frame { bytes: partial.finish(id), published_at, is_event: true };
         locked.tables.for_each_target(&target, |conn, mailbox| match mailbox.push(frame.clone()) {
             Push::Queued => recipients += 1,
@@ -439,7 +481,7 @@ impl Router {
         drop(locked);
         self.counters.published.fetch_add(1, Relaxed);
         self.counters.published_by_target[kind].fetch_add(1, Relaxed);
-        Ok(Published { id, recipients })
+        Published { id, recipients }
     }
 
     /// Removes a slow consumer and tears its connection down; the frame that did not fit and

@@ -88,9 +88,9 @@ impl ReplayLog {
         if after_seq < self.evicted_through {
             return Err(Gap::Expired);
         }
-        // Sequence numbers in the log are contiguous, so the first entry to send is found by
-        // subtraction rather than a search.
-        let skip = self.entries.front().map_or(0, |first| (after_seq + 1).saturating_sub(first.seq) as usize);
+        // Sequence numbers increase (with gaps when a broker assigns them), so a binary search
+        // finds the first entry to send.
+        let skip = self.entries.partition_point(|e| e.seq <= after_seq);
         Ok(self.entries.iter().skip(skip).filter(move |e| addresses(&e.target, user, groups, topics)).map(|e| &e.frame))
     }
 

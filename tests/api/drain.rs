@@ -55,7 +55,11 @@ async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_des
     let payload = "x".repeat(60_000);
     let mut sent = 0;
     while sent < 200 {
-        let req = ssegate::grpc::pb::PublishRequest { user_ids: vec!["s".into()], event: Some(ev("", &payload)) };
+        let req = ssegate::grpc::pb::PublishRequest {
+            user_ids: vec!["s".into()],
+            event: Some(ev("", &payload)),
+            ..Default::default()
+        };
         // The first publishes may race the stuck client's registration; count those that reach it.
         if client.publish(req).await.unwrap().into_inner().recipients == Some(1) {
             sent += 1;
@@ -64,7 +68,11 @@ async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_des
         }
     }
     client
-        .publish(ssegate::grpc::pb::PublishRequest { user_ids: vec!["h".into()], event: Some(ev("", "bye")) })
+        .publish(ssegate::grpc::pb::PublishRequest {
+            user_ids: vec!["h".into()],
+            event: Some(ev("", "bye")),
+            ..Default::default()
+        })
         .await
         .unwrap();
 

@@ -128,23 +128,26 @@ impl TestApp {
     }
 
     pub async fn publish_users(&self, users: &[&str], name: &str, data: &str) -> pb::PublishResponse {
-        let req =
-            pb::PublishRequest { user_ids: users.iter().map(|s| s.to_string()).collect(), event: Some(ev(name, data)) };
+        let req = pb::PublishRequest {
+            user_ids: users.iter().map(|s| s.to_string()).collect(),
+            event: Some(ev(name, data)),
+            ..Default::default()
+        };
         self.client.clone().publish(req).await.expect("publish").into_inner()
     }
 
     pub async fn publish_group(&self, group: &str, data: &str) -> pb::PublishResponse {
-        let req = pb::PublishGroupRequest { group: group.into(), event: Some(ev("", data)) };
+        let req = pb::PublishGroupRequest { group: group.into(), event: Some(ev("", data)), ..Default::default() };
         self.client.clone().publish_group(req).await.expect("publish_group").into_inner()
     }
 
     pub async fn publish_topic(&self, topic: &str, data: &str) -> pb::PublishResponse {
-        let req = pb::PublishTopicRequest { topic: topic.into(), event: Some(ev("", data)) };
+        let req = pb::PublishTopicRequest { topic: topic.into(), event: Some(ev("", data)), ..Default::default() };
         self.client.clone().publish_topic(req).await.expect("publish_topic").into_inner()
     }
 
     pub async fn broadcast(&self, data: &str) -> pb::PublishResponse {
-        let req = pb::BroadcastRequest { event: Some(ev("", data)) };
+        let req = pb::BroadcastRequest { event: Some(ev("", data)), ..Default::default() };
         self.client.clone().broadcast(req).await.expect("broadcast").into_inner()
     }
 

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod browser;
+mod cluster;
 mod control;
 mod drain;
 mod encoding;

@@ -54,7 +54,7 @@ async fn counters_and_gauges_move_by_exactly_the_work_done() {
     let err = app
         .client
         .clone()
-        .publish_group(pb::PublishGroupRequest { group: String::new(), event: Some(ev("", "x")) })
+        .publish_group(pb::PublishGroupRequest { group: String::new(), event: Some(ev("", "x")), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -184,7 +184,7 @@ async fn a_publish_with_traceparent_is_exported_over_otlp_as_a_child_of_the_call
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";
     let mut client = pb::publisher_client::PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
-    let mut req = Request::new(pb::BroadcastRequest { event: Some(ev("", "traced")) });
+    let mut req = Request::new(pb::BroadcastRequest { event: Some(ev("", "traced")), ..Default::default() });
     let traceparent = format!("00-{trace_id}-{parent_id}-01");
     req.metadata_mut().insert("traceparent", MetadataValue::try_from(traceparent.as_str()).unwrap());
     client.broadcast(req).await.unwrap();

@@ -86,6 +86,7 @@ async fn reconnecting_during_a_burst_has_no_gap_and_no_duplicate() {
         let reqs = (0..N).map(|i| pb::PublishStreamRequest {
             target: Some(pb::publish_stream_request::Target::Broadcast(pb::BroadcastTarget {})),
             event: Some(ev("", &i.to_string())),
+            ..Default::default()
         });
         let mut out = client.publish_stream(tokio_stream::iter(reqs)).await.expect("stream").into_inner();
         let mut n = 0;

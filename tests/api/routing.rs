@@ -122,6 +122,7 @@ async fn each_connection_receives_in_publish_order_under_concurrent_publishers()
                 let req = ssegate::grpc::pb::PublishTopicRequest {
                     topic: "t".into(),
                     event: Some(crate::helpers::ev("", &format!("{p}:{i}"))),
+                    ..Default::default()
                 };
                 c.publish_topic(req).await.unwrap();
             }

@@ -266,7 +266,7 @@ async fn cors_grants_credentials_only_to_listed_origins() {
 }
 
 async fn publish_with(app: &TestApp, key: Option<&str>) -> Result<pb::PublishResponse, tonic::Status> {
-    let mut req = Request::new(pb::BroadcastRequest { event: Some(ev("", "x")) });
+    let mut req = Request::new(pb::BroadcastRequest { event: Some(ev("", "x")), ..Default::default() });
     if let Some(k) = key {
         req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {k}")).unwrap());
     }

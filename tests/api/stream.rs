@@ -8,7 +8,7 @@ use ssegate::grpc::pb::{self, publish_stream_request::Target};
 use crate::helpers::{ev, spawn_app};
 
 fn item(target: Target, data: &str) -> pb::PublishStreamRequest {
-    pb::PublishStreamRequest { target: Some(target), event: Some(ev("", data)) }
+    pb::PublishStreamRequest { target: Some(target), event: Some(ev("", data)), ..Default::default() }
 }
 
 #[tokio::test]
@@ -19,9 +19,13 @@ async fn publish_stream_answers_in_order_and_a_bad_item_does_not_end_it() {
         item(Target::Users(pb::UserTarget { user_ids: vec!["u".into()] }), "1"),
         item(Target::Group("".into()), "bad group"),
         item(Target::Group("g".into()), "2"),
-        pb::PublishStreamRequest { target: None, event: Some(ev("", "no target")) },
+        pb::PublishStreamRequest { target: None, event: Some(ev("", "no target")), ..Default::default() },
         item(Target::Topic("t".into()), "3"),
-        pb::PublishStreamRequest { target: Some(Target::Broadcast(pb::BroadcastTarget {})), event: None },
+        pb::PublishStreamRequest {
+            target: Some(Target::Broadcast(pb::BroadcastTarget {})),
+            event: None,
+            ..Default::default()
+        },
         item(Target::Broadcast(pb::BroadcastTarget {}), "4"),
         item(Target::Users(pb::UserTarget { user_ids: vec![] }), "no users"),
     ];

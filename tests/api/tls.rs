@@ -98,7 +98,9 @@ async fn with_mutual_tls_only_publishers_with_a_certificate_from_the_ca_get_in()
     for (who, client) in [("no certificate", None), ("a certificate from another CA", Some("rogue"))] {
         let refused = match tls_client(app.grpc, client).await {
             Err(_) => true,
-            Ok(mut c) => c.broadcast(pb::BroadcastRequest { event: Some(ev("", "x")) }).await.is_err(),
+            Ok(mut c) => {
+                c.broadcast(pb::BroadcastRequest { event: Some(ev("", "x")), ..Default::default() }).await.is_err()
+            }
         };
         assert!(refused, "a publisher with {who} must be refused");
     }

@@ -14,6 +14,7 @@ async fn invalid_publishes_get_invalid_argument_naming_the_problem() {
     let user = |ids: &[&str], e: Option<pb::Event>| pb::PublishRequest {
         user_ids: ids.iter().map(|s| s.to_string()).collect(),
         event: e,
+        ..Default::default()
     };
     let long = "x".repeat(257);
     let cases: Vec<(pb::PublishRequest, &str)> = vec![
@@ -33,18 +34,24 @@ async fn invalid_publishes_get_invalid_argument_naming_the_problem() {
         assert_eq!(status.code(), Code::InvalidArgument, "{req:?}");
         assert!(status.message().contains(expected), "{:?} should contain {expected:?}", status.message());
     }
-    let status =
-        c.publish_group(pb::PublishGroupRequest { group: String::new(), event: Some(ev("", "x")) }).await.unwrap_err();
+    let status = c
+        .publish_group(pb::PublishGroupRequest { group: String::new(), event: Some(ev("", "x")), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "group must not be empty"));
     let status = c
-        .publish_topic(pb::PublishTopicRequest { topic: "a\u{7f}".into(), event: Some(ev("", "x")) })
+        .publish_topic(pb::PublishTopicRequest {
+            topic: "a\u{7f}".into(),
+            event: Some(ev("", "x")),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(
         (status.code(), status.message()),
         (Code::InvalidArgument, "topic contains the control character U+007F")
     );
-    let status = c.broadcast(pb::BroadcastRequest { event: None }).await.unwrap_err();
+    let status = c.broadcast(pb::BroadcastRequest { event: None, ..Default::default() }).await.unwrap_err();
     assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "event is required"));
     let status =
         c.disconnect(pb::DisconnectRequest { user_id: String::new(), reason: String::new() }).await.unwrap_err();
@@ -71,7 +78,7 @@ async fn invalid_publishes_get_invalid_argument_naming_the_problem() {
 async fn an_oversized_grpc_message_is_refused_and_the_server_keeps_serving() {
     let app = spawn_app(&["--grpc-max-message-bytes", "4096"]).await;
     let mut c = app.client.clone();
-    let big = pb::BroadcastRequest { event: Some(ev("", &"x".repeat(10_000))) };
+    let big = pb::BroadcastRequest { event: Some(ev("", &"x".repeat(10_000))), ..Default::default() };
     let status = c.broadcast(big).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(app.broadcast("small").await.event_id.contains('-'));

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Shared by the scripts/bench-*.sh scenarios (source it; it does nothing on its own).
+#
+# Builds the release binaries, starts each server under test pinned to CPU 0 and the load
+# generator pinned to CPU 1 (this box has 2 cores), appends every run's JSON line to
+# $RESULTS, and stops whatever it started on exit.
+#
+# Environment:
+#   CARGO_TARGET_DIR  where to build (default: target)
+#   SERVER_CPU / CLIENT_CPU  taskset CPU lists (default 0 / 1)
+#   RESULTS           JSON-lines file (default: $CARGO_TARGET_DIR/bench-results/<scenario>.jsonl)
+#   TARGETS           which servers to run (default: "ssegate nchan baseline")
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+export CARGO_TARGET_DIR=$TARGET_DIR
+BIN=$TARGET_DIR/release
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+TARGETS=${TARGETS:-"ssegate nchan baseline"}
+SSEGATE_HTTP=127.0.0.1:18080
+SSEGATE_GRPC=127.0.0.1:15051
+SSEGATE_ADMIN=127.0.0.1:19090
+NCHAN_HTTP=127.0.0.1:18090
+BASELINE_HTTP=127.0.0.1:18091
+SCENARIO=${SCENARIO:-$(basename "$0" .sh)}
+RESULTS=${RESULTS:-$TARGET_DIR/bench-results/$SCENARIO.jsonl}
+SERVER_PID=
+SCRATCH=$(mktemp -d)
+# Source addresses rotate between runs so TIME_WAIT sockets of a previous run never matter.
+RUN_NO=0
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf '%s: error: %s\n' "$0" "$*" >&2; exit 1; }
+
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+  fi
+}
+cleanup() { stop_server; rm -rf "$SCRATCH"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+build() {
+  log "building release binaries in $TARGET_DIR"
+  cargo build --release --quiet --bin ssegate --bin ssegate-bench --example bench-baseline
+  mkdir -p "$(dirname "$RESULTS")"
+  # Wider ephemeral port range for tens of thousands of client sockets (best effort).
+  sysctl -qw net.ipv4.ip_local_port_range="1024 65535" 2>/dev/null || true
+  sysctl -qw net.core.somaxconn=8192 2>/dev/null || true
+}
+
+ensure_nchan() {
+  [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] && command -v nginx >/dev/null && return 0
+  log "installing nginx-light + libnginx-mod-nchan"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-nchan >/dev/null \
+    || die "cannot install nginx + nchan (apt-get install -y nginx-light libnginx-mod-nchan)"
+}
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "nothing listening on $1"
+}
+
+# start_server TARGET [extra server flags...]: starts a fresh server pinned to SERVER_CPU.
+start_server() {
+  local target=$1; shift
+  stop_server
+  case $target in
+    ssegate)
+      # Development identity and open publishing: the bench measures delivery, not JWT
+      # verification (paid once per connection) or API-key checks (one map lookup per call).
+      RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN/ssegate" serve --http-addr "$SSEGATE_HTTP" \
+        --grpc-addr "$SSEGATE_GRPC" --admin-addr "$SSEGATE_ADMIN" --insecure-dev-identity \
+        --insecure-open-publish "$@" >"$SCRATCH/ssegate.log" 2>&1 &
+      SERVER_PID=$!; wait_port "$SSEGATE_HTTP"; wait_port "$SSEGATE_GRPC" ;;
+    nchan)
+      ensure_nchan
+      mkdir -p "$SCRATCH/nginx/logs"
+      cat >"$SCRATCH/nginx/nginx.conf" <<CONF
+load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid $SCRATCH/nginx/nginx.pid;
+error_log $SCRATCH/nginx/logs/error.log warn;
+events { worker_connections 20000; multi_accept on; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_temp_path $SCRATCH/nginx/body;
+  nchan_shared_memory_size 256m;
+  server {
+    listen $NCHAN_HTTP backlog=8192;
+    location ~ ^/sub/(.+)\$ {
+      nchan_subscriber eventsource;
+      nchan_channel_id \$1;
+      nchan_subscriber_first_message newest;
+      nchan_eventsource_ping_interval 15;
+    }
+    location ~ ^/pub/(.+)\$ {
+      nchan_publisher;
+      nchan_channel_id \$1;
+      nchan_message_buffer_length 16;
+      nchan_message_timeout 60s;
+    }
+  }
+}
+CONF
+      taskset -c "$SERVER_CPU" nginx -p "$SCRATCH/nginx" -c "$SCRATCH/nginx/nginx.conf" \
+        >"$SCRATCH/nginx/logs/stdout.log" 2>&1 &
+      SERVER_PID=$!; wait_port "$NCHAN_HTTP" ;;
+    baseline)
+      taskset -c "$SERVER_CPU" "$BIN/examples/bench-baseline" --addr "$BASELINE_HTTP" "$@" \
+        >"$SCRATCH/baseline.log" 2>&1 &
+      SERVER_PID=$!; wait_port "$BASELINE_HTTP" ;;
+    *) die "unknown target $target" ;;
+  esac
+  sleep 1
+}
+
+# bench TARGET LABEL [ssegate-bench run flags...]: one run against the running server.
+bench() {
+  local target=$1 label=$2; shift 2
+  local http
+  case $target in
+    ssegate) http=$SSEGATE_HTTP ;; nchan) http=$NCHAN_HTTP ;; baseline) http=$BASELINE_HTTP ;;
+  esac
+  RUN_NO=$((RUN_NO + 1))
+  log "$label ($target)"
+  taskset -c "$CLIENT_CPU" "$BIN/ssegate-bench" run --target "$target" --label "$label" \
+    --http-addr "$http" --grpc-addr "$SSEGATE_GRPC" --server-pid "$SERVER_PID" \
+    --source-base "127.0.$((RUN_NO % 250 + 1)).10" "$@" | tee -a "$RESULTS"
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Scenario 2, fan-out: one topic, 10k subscribers, publish 100/s and 1000/s for 20 s, against
+# ssegate (gRPC PublishTopic), nginx+Nchan and the baseline (HTTP POST to the channel);
+# reports deliveries/s, publish→receive latency, loss and duplicates.
+#
+#   ./scripts/bench-fanout.sh          # CONNS=10000 RATES="100 1000" DURATION=20s REPEATS=2
+source "$(dirname "$0")/bench-common.sh"
+CONNS=${CONNS:-10000}
+RATES=${RATES:-"100 1000"}
+DURATION=${DURATION:-20s}
+REPEATS=${REPEATS:-2}
+build
+for rate in $RATES; do
+  for rep in $(seq 1 "$REPEATS"); do
+    for target in $TARGETS; do
+      start_server "$target"
+      bench "$target" "fanout-$rate" --connections "$CONNS" --topics 1 --to topic --rate "$rate" \
+        --duration "$DURATION"
+    done
+  done
+done
+stop_server
+log "results: $RESULTS"

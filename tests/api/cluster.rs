@@ -1,0 +1,256 @@
+//! Several replicas sharing events through a real `nats-server -js` on a loopback port: an
+//! event published on any replica reaches its subscribers on every replica with one id, a
+//! client resumes on another replica after its own was killed, retries with an idempotency
+//! key are delivered once, and a broker restart loses no acknowledged event.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant as StdInstant},
+};
+
+use ssegate::grpc::pb;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    time::{Instant, timeout_at},
+};
+use tonic::Code;
+
+use crate::helpers::{SseClient, TestApp, deadline, ev, http_request, spawn_app};
+
+/// A `nats-server` with JetStream, on a free loopback port, storing in a temporary directory.
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+fn nats_binary() -> String {
+    for p in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
+        if std::path::Path::new(p).exists() {
+            return p.to_owned();
+        }
+    }
+    panic!("nats-server is not installed: run ./scripts/test.sh (it installs Debian's nats-server)");
+}
+
+impl Nats {
+    pub async fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("ssegate-nats-{}-{port}", std::process::id()));
+        let mut n = Nats { child: None, port, dir };
+        n.restart().await;
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, with the same port and store).
+    pub async fn restart(&mut self) {
+        let child = Command::new(nats_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd", self.dir.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let end = deadline();
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < end, "nats-server did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn replica(nats: &Nats, extra: &[&str]) -> TestApp {
+    let url = nats.url();
+    let mut flags = vec!["--backplane", "nats", "--nats-url", url.as_str(), "--nats-publish-timeout", "2s"];
+    flags.extend_from_slice(extra);
+    spawn_app(&flags).await
+}
+
+#[tokio::test]
+async fn an_event_published_on_any_replica_reaches_its_subscribers_on_every_replica_with_one_id() {
+    let nats = Nats::start().await;
+    let (a, b, c) = (replica(&nats, &[]).await, replica(&nats, &[]).await, replica(&nats, &[]).await);
+    let mut on_a = a.subscribe("user=ua&group=g").await;
+    let mut on_b = b.subscribe("user=ub").await;
+    let mut on_c = c.subscribe("user=uc&topic=t.*").await;
+
+    let to_b = a.publish_users(&["ub"], "", "to ub, via a").await;
+    assert_eq!(to_b.recipients, None, "fan-out happens on every replica, after the publish");
+    let to_topic = b.publish_topic("t.*", "to topic t.*, via b").await;
+    let to_group = c.publish_group("g", "to group g, via c").await;
+    let all = a.broadcast("to all, via a").await;
+
+    let e = on_b.next_event().await;
+    assert_eq!((e.data.as_str(), e.last_event_id.as_str()), ("to ub, via a", to_b.event_id.as_str()));
+    let e = on_c.next_event().await;
+    assert_eq!((e.data.as_str(), e.last_event_id.as_str()), ("to topic t.*, via b", to_topic.event_id.as_str()));
+    let e = on_a.next_event().await;
+    assert_eq!((e.data.as_str(), e.last_event_id.as_str()), ("to group g, via c", to_group.event_id.as_str()));
+    for s in [&mut on_a, &mut on_b, &mut on_c] {
+        let e = s.next_event().await;
+        assert_eq!((e.data.as_str(), e.last_event_id.as_str()), ("to all, via a", all.event_id.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn ids_with_dots_stars_and_gt_never_leak_across_targets() {
+    let nats = Nats::start().await;
+    let (a, b) = (replica(&nats, &[]).await, replica(&nats, &[]).await);
+    let mut star = b.subscribe("user=*").await;
+    let mut dotted = b.subscribe("user=a.b").await;
+    let mut gt = b.subscribe("user=%3E").await;
+    a.publish_users(&["a.b"], "", "for a.b").await;
+    a.publish_users(&["a.*"], "", "for a.*").await;
+    a.broadcast("marker").await;
+    assert_eq!(dotted.next_data(2).await, ["for a.b", "marker"]);
+    assert_eq!(star.next_event().await.data, "marker");
+    assert_eq!(gt.next_event().await.data, "marker");
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_is_delivered_once_with_the_first_id() {
+    let nats = Nats::start().await;
+    let a = replica(&nats, &[]).await;
+    let mut sub = a.subscribe("user=u").await;
+    let req = pb::PublishRequest {
+        user_ids: vec!["u".into()],
+        event: Some(ev("", "once")),
+        idempotency_key: "order-42-shipped".into(),
+    };
+    let first = a.client.clone().publish(req.clone()).await.unwrap().into_inner();
+    let retry = a.client.clone().publish(req).await.unwrap().into_inner();
+    assert_eq!(first.event_id, retry.event_id, "the retry gets the first publish's id");
+    a.broadcast("marker").await;
+    assert_eq!(sub.next_data(2).await, ["once", "marker"]);
+}
+
+/// Starts a replica as its own process (so that it can be killed with SIGKILL); returns it with
+/// its HTTP address.
+async fn replica_process(nats: &Nats) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ssegate"))
+        .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--backplane", "nats", "--nats-url", &nats.url()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the ssegate binary starts");
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let http = loop {
+        let line = timeout_at(deadline(), logs.next_line()).await.expect("startup log").unwrap().expect("a log line");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { panic!("not a JSON log line: {line}") };
+        if v["message"] == "ssegate serving" {
+            break v["http"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    (child, http)
+}
+
+#[tokio::test]
+async fn a_client_of_a_killed_replica_resumes_on_another_with_nothing_lost() {
+    let nats = Nats::start().await;
+    let b = replica(&nats, &[]).await;
+    let (mut a, a_http) = replica_process(&nats).await;
+    let mut client = SseClient::connect(a_http, "/v1/events?user=u", &[]).await;
+    assert_eq!(client.status, 200);
+    b.publish_users(&["u"], "", "1").await;
+    assert_eq!(client.next_event().await.data, "1");
+    let last = client.last_event_id();
+
+    a.kill().await.unwrap(); // SIGKILL: no drain, no goodbye
+    assert!(client.until_end().await.iter().all(|i| !matches!(i, ssegate::event_stream::parse::Item::Event(_))));
+    b.publish_users(&["u"], "", "2").await;
+    b.publish_users(&["u"], "", "3").await;
+    let mut resumed = b.resume("user=u", &last).await;
+    assert_eq!(resumed.next_data(2).await, ["2", "3"]);
+    b.publish_users(&["u"], "", "4").await;
+    assert_eq!(resumed.next_event().await.data, "4");
+}
+
+#[tokio::test]
+async fn a_replica_started_later_can_serve_resumes_from_before_it_existed() {
+    let nats = Nats::start().await;
+    let a = replica(&nats, &[]).await;
+    let mut c = a.subscribe("user=u").await;
+    a.publish_users(&["u"], "", "seen").await;
+    assert_eq!(c.next_event().await.data, "seen");
+    let last = c.last_event_id();
+    a.publish_users(&["u"], "", "missed").await;
+    // A new replica fills its replay log from the stream before it serves.
+    let late = replica(&nats, &[]).await;
+    let mut resumed = late.resume("user=u", &last).await;
+    assert_eq!(resumed.next_event().await.data, "missed");
+}
+
+async fn readyz(app: &TestApp) -> (u16, String) {
+    let (status, _, body) = http_request(app.admin, "GET", "/readyz", &[]).await;
+    (status, body.trim_end().to_owned())
+}
+
+#[tokio::test]
+async fn a_broker_restart_fails_publishes_fast_keeps_streams_up_and_loses_no_acknowledged_event() {
+    let mut nats = Nats::start().await;
+    let a = replica(&nats, &[]).await;
+    let b = replica(&nats, &[]).await;
+    let mut sub = b.subscribe("user=u").await;
+    for i in 0..3 {
+        a.publish_users(&["u"], "", &i.to_string()).await;
+    }
+    assert_eq!(sub.next_data(3).await, ["0", "1", "2"]);
+
+    nats.stop().await;
+    let started = StdInstant::now();
+    let refused = a
+        .client
+        .clone()
+        .publish(pb::PublishRequest { user_ids: vec!["u".into()], event: Some(ev("", "x")), ..Default::default() })
+        .await
+        .expect_err("no acknowledgement without a broker");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "fails fast (within --nats-publish-timeout)");
+    let end = deadline();
+    while readyz(&a).await.0 != 503 {
+        assert!(Instant::now() < end, "readiness never reported the broker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(readyz(&a).await, (503, "not ready: broker unavailable".to_owned()));
+    assert_eq!(b.stats().await.connections, 1, "open streams stay up");
+
+    nats.restart().await;
+    let end = deadline();
+    while readyz(&a).await.0 != 200 || readyz(&b).await.0 != 200 {
+        assert!(Instant::now() < end, "the replicas did not reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 3..6 {
+        a.publish_users(&["u"], "", &i.to_string()).await;
+    }
+    assert_eq!(sub.next_data(3).await, ["3", "4", "5"], "continues where it stopped, with no gap");
+}
