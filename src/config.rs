@@ -75,6 +75,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_NATS_DUPLICATE_WINDOW", default_value = "2m", value_parser = duration)]
     pub nats_duplicate_window: Duration,
 
+    /// Longest wait for every replica to answer a cluster-wide Presence, Stats or Disconnect;
+    /// missing answers make the result `partial`.
+    #[arg(long, env = "SSEGATE_NATS_CLUSTER_WAIT", default_value = "1s", value_parser = duration)]
+    pub nats_cluster_wait: Duration,
+
     /// Longest wait for JetStream to acknowledge a publish before answering UNAVAILABLE.
     #[arg(long, env = "SSEGATE_NATS_PUBLISH_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub nats_publish_timeout: Duration,

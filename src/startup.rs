@@ -83,6 +83,7 @@ async fn connect_backplane(config: &ServeArgs) -> Result<(Arc<Backplane>, Option
                 max_bytes: config.nats_stream_max_bytes,
                 duplicate_window: config.nats_duplicate_window,
                 publish_timeout: config.nats_publish_timeout,
+                cluster_wait: config.nats_cluster_wait,
             })
             .await?;
             let epoch = nats.epoch;

@@ -3,6 +3,7 @@
 //! the stream in order and hands each event to its own router with the stream's sequence
 //! number, so an event has the same id everywhere and a browser can resume on any replica.
 
+pub mod cluster;
 pub mod nats;
 mod wire;
 
@@ -55,6 +56,21 @@ impl Backplane {
                 let seq = nats.publish(&target, &event, idempotency_key).await?;
                 Ok(Accepted { id: EventId { epoch: router.epoch(), seq }, recipients: None })
             }
+        }
+    }
+
+    /// Asks every replica (or just this process, in memory) about its connections.
+    pub async fn gather(&self, router: &Router, query: &cluster::Query) -> cluster::Gathered {
+        match self {
+            Backplane::Memory => cluster::Gathered { answers: vec![cluster::answer(router, query)], partial: false },
+            Backplane::Nats(n) => match n.cluster.gather(query).await {
+                Ok(g) => g,
+                Err(e) => {
+                    // The broker is away: answer for this replica, and say it is partial.
+                    tracing::warn!(error = %e, "cluster query failed; answering for this replica only");
+                    cluster::Gathered { answers: vec![cluster::answer(router, query)], partial: true }
+                }
+            },
         }
     }
 

@@ -29,7 +29,7 @@ use async_nats::{
 use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
 
-use super::{BackplaneError, wire};
+use super::{BackplaneError, cluster::Cluster, wire};
 use crate::{
     domain::{Event, Target},
     router::Router,
@@ -48,6 +48,8 @@ pub struct NatsSettings {
     pub duplicate_window: Duration,
     /// Longest wait for JetStream's acknowledgement of a publish.
     pub publish_timeout: Duration,
+    /// Longest wait for every replica's answer to a cluster-wide query.
+    pub cluster_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,8 @@ pub struct NatsBackplane {
     /// Signalled on every (re)connection: the consumer is then recreated from the last
     /// sequence seen instead of waiting for its heartbeats to time out.
     reconnected: Arc<Notify>,
+    /// Cluster-wide Presence, Stats and Disconnect.
+    pub cluster: Arc<Cluster>,
 }
 
 impl NatsBackplane {
@@ -134,7 +138,8 @@ impl NatsBackplane {
         let last_seq_at_start = info.state.last_sequence;
         tracing::info!(stream = %settings.stream, subject = %settings.subject, last_seq = last_seq_at_start,
             "NATS JetStream backplane connected");
-        Ok(Self { client, js, settings, last_seq_at_start, epoch, reconnected })
+        let cluster = Cluster::new(client.clone(), &settings.subject, settings.cluster_wait);
+        Ok(Self { client, js, settings, last_seq_at_start, epoch, reconnected, cluster })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -172,6 +177,10 @@ impl NatsBackplane {
         replay_capacity: u64,
         catch_up: Duration,
     ) -> Result<(), NatsError> {
+        self.cluster.start(router.clone()).await.map_err(|e| NatsError::Stream {
+            stream: self.settings.stream.clone(),
+            reason: format!("cannot subscribe to the control subjects: {e}"),
+        })?;
         let target = self.last_seq_at_start;
         let first = target.saturating_sub(replay_capacity) + 1;
         let (progress_tx, mut progress) = watch::channel(0u64);

@@ -9,7 +9,10 @@ use tracing::{Instrument, field::Empty};
 
 use super::{ApiError, convert, pb};
 use crate::{
-    backplane::{Accepted, Backplane},
+    backplane::{
+        Accepted, Backplane,
+        cluster::{Answer, Query, StatsAnswer},
+    },
     domain::{GroupId, Target, Topic, UserId},
     router::Router,
     telemetry::metrics::{EdgeMetrics, PublishFailure},
@@ -182,67 +185,93 @@ impl pb::publisher_server::Publisher for PublisherService {
                 ApiError::OutOfRange(format!("reason is {} bytes, over the limit of 1024", req.reason.len())).into()
             );
         }
-        let closed = self.router.disconnect(&user, &req.reason);
-        Ok(Response::new(pb::DisconnectResponse { closed, partial: false, replicas: 1 }))
+        let query = Query::Disconnect { user: user.to_string(), reason: req.reason };
+        let g = self.backplane.gather(&self.router, &query).await;
+        let closed = g.answers.iter().map(|a| a.closed).sum();
+        Ok(Response::new(pb::DisconnectResponse { closed, partial: g.partial, replicas: g.answers.len() as u32 }))
     }
 
     async fn presence(&self, req: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
         let req = req.into_inner();
-        let users = convert::list("user_ids", &req.user_ids, &self.limits, UserId::parse)?;
-        let groups = convert::list("groups", &req.groups, &self.limits, GroupId::parse)?;
-        let topics = convert::list("topics", &req.topics, &self.limits, Topic::parse)?;
+        // Validated here, once; replicas receive only valid ids.
+        convert::list("user_ids", &req.user_ids, &self.limits, UserId::parse)?;
+        convert::list("groups", &req.groups, &self.limits, GroupId::parse)?;
+        convert::list("topics", &req.topics, &self.limits, Topic::parse)?;
+        let online = match &req.list_online {
+            None => None,
+            Some(page) => {
+                let limit = match page.limit {
+                    0 => DEFAULT_ONLINE_PAGE,
+                    n if n <= MAX_ONLINE_PAGE => n,
+                    n => {
+                        let msg = format!("list_online.limit is {n}, over the limit of {MAX_ONLINE_PAGE}");
+                        return Err(ApiError::OutOfRange(msg).into());
+                    }
+                };
+                Some(((!page.after.is_empty()).then(|| page.after.clone()), limit as usize))
+            }
+        };
+        let query = Query::Presence {
+            users: req.user_ids.clone(),
+            groups: req.groups.clone(),
+            topics: req.topics.clone(),
+            online: online.clone(),
+        };
+        let g = self.backplane.gather(&self.router, &query).await;
+        let sum = |n: usize, pick: fn(&Answer) -> &Vec<u64>| -> Vec<u64> {
+            (0..n).map(|i| g.answers.iter().map(|a| pick(a).get(i).copied().unwrap_or(0)).sum()).collect()
+        };
+        let users = sum(req.user_ids.len(), |a| &a.user_connections);
         let mut resp = pb::PresenceResponse {
-            users: self
-                .router
-                .user_presence(&users)
-                .into_iter()
-                .map(|p| pb::UserPresence {
-                    user_id: p.user.to_string(),
-                    online: p.connections > 0,
-                    connections: p.connections,
-                })
+            users: req
+                .user_ids
+                .iter()
+                .zip(users)
+                .map(|(u, n)| pb::UserPresence { user_id: u.clone(), online: n > 0, connections: n })
                 .collect(),
-            groups: counts(&req.groups, self.router.group_connections(&groups)),
-            topics: counts(&req.topics, self.router.topic_connections(&topics)),
+            groups: counts(&req.groups, sum(req.groups.len(), |a| &a.group_connections)),
+            topics: counts(&req.topics, sum(req.topics.len(), |a| &a.topic_connections)),
+            partial: g.partial,
+            replicas: g.answers.len() as u32,
             ..Default::default()
         };
-        if let Some(page) = req.list_online {
-            let limit = match page.limit {
-                0 => DEFAULT_ONLINE_PAGE,
-                n if n <= MAX_ONLINE_PAGE => n,
-                n => {
-                    let msg = format!("list_online.limit is {n}, over the limit of {MAX_ONLINE_PAGE}");
-                    return Err(ApiError::OutOfRange(msg).into());
-                }
-            };
-            let after = (!page.after.is_empty()).then_some(page.after.as_str());
-            let (ids, more) = self.router.online_users(after, limit as usize);
-            resp.next_after =
-                if more { ids.last().map(ToString::to_string).unwrap_or_default() } else { String::new() };
-            resp.online_user_ids = ids.iter().map(ToString::to_string).collect();
+        if let Some((_, limit)) = online {
+            // Each replica's page is sorted; a user online on several replicas appears once.
+            let mut ids: Vec<String> = g.answers.iter().flat_map(|a| a.online.iter().cloned()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let more = ids.len() > limit || g.answers.iter().any(|a| a.more_online);
+            ids.truncate(limit);
+            resp.next_after = if more { ids.last().cloned().unwrap_or_default() } else { String::new() };
+            resp.online_user_ids = ids;
         }
         Ok(Response::new(resp))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
-        let s = self.router.stats();
+        let g = self.backplane.gather(&self.router, &Query::Stats).await;
+        let all: Vec<&StatsAnswer> = g.answers.iter().filter_map(|a| a.stats.as_ref()).collect();
+        let total = |f: fn(&StatsAnswer) -> u64| all.iter().map(|s| f(s)).sum::<u64>();
+        // Every replica consumes the whole stream and keeps its own replay log: these are the
+        // same events seen from each, so the most advanced replica's figure is the cluster's.
+        let most = |f: fn(&StatsAnswer) -> u64| all.iter().map(|s| f(s)).max().unwrap_or(0);
         Ok(Response::new(pb::StatsResponse {
-            connections: s.connections,
-            users: s.users,
-            groups: s.groups,
-            topics: s.topics,
-            events_published: s.events_published,
-            events_delivered: s.events_delivered,
-            events_dropped: s.events_dropped,
-            connections_opened: s.connections_opened,
+            connections: total(|s| s.connections),
+            users: total(|s| s.users),
+            groups: total(|s| s.groups),
+            topics: total(|s| s.topics),
+            events_published: most(|s| s.events_published),
+            events_delivered: total(|s| s.events_delivered),
+            events_dropped: total(|s| s.events_dropped),
+            connections_opened: total(|s| s.connections_opened),
             uptime_seconds: self.router.uptime().as_secs(),
-            events_replayed: s.events_replayed,
-            resumes_missed: s.resumes_missed,
-            connections_rejected: s.connections_rejected,
-            replay_log_events: s.replay_log_events,
-            replay_log_bytes: s.replay_log_bytes,
-            partial: false,
-            replicas: 1,
+            events_replayed: total(|s| s.events_replayed),
+            resumes_missed: total(|s| s.resumes_missed),
+            connections_rejected: total(|s| s.connections_rejected),
+            replay_log_events: most(|s| s.replay_log_events),
+            replay_log_bytes: most(|s| s.replay_log_bytes),
+            partial: g.partial,
+            replicas: g.answers.len() as u32,
         }))
     }
 }

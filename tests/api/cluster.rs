@@ -254,3 +254,55 @@ async fn a_broker_restart_fails_publishes_fast_keeps_streams_up_and_loses_no_ack
     }
     assert_eq!(sub.next_data(3).await, ["3", "4", "5"], "continues where it stopped, with no gap");
 }
+
+#[tokio::test]
+async fn presence_stats_and_disconnect_cover_every_replica() {
+    let nats = Nats::start().await;
+    let (a, b) = (replica(&nats, &[]).await, replica(&nats, &[]).await);
+    let mut u_on_a = a.subscribe("user=u&group=g").await;
+    let mut u_on_b = b.subscribe("user=u").await;
+    let _v_on_b = b.subscribe("user=v&group=g").await;
+    // Each replica announces itself every second; wait until both count the other.
+    for r in [&a, &b] {
+        let end = deadline();
+        loop {
+            let s = r.stats().await;
+            if s.replicas == 2 && !s.partial {
+                assert_eq!(s.connections, 3);
+                break;
+            }
+            assert!(Instant::now() < end, "replicas never saw each other: {s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let p = b
+        .client
+        .clone()
+        .presence(pb::PresenceRequest {
+            user_ids: vec!["u".into(), "v".into(), "w".into()],
+            groups: vec!["g".into()],
+            list_online: Some(pb::OnlineUsersPage { limit: 10, after: String::new() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((p.replicas, p.partial), (2, false));
+    let conns: Vec<_> = p.users.iter().map(|u| (u.user_id.as_str(), u.online, u.connections)).collect();
+    assert_eq!(conns, [("u", true, 2), ("v", true, 1), ("w", false, 0)]);
+    assert_eq!(p.groups[0].connections, 2);
+    assert_eq!(p.online_user_ids, ["u", "v"], "each user once, whatever replicas they are on");
+
+    let d = a
+        .client
+        .clone()
+        .disconnect(pb::DisconnectRequest { user_id: "u".into(), reason: "bye".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((d.closed, d.replicas, d.partial), (2, 2, false), "both of u's streams, on both replicas");
+    for s in [&mut u_on_a, &mut u_on_b] {
+        let e = s.next_event().await;
+        assert_eq!((e.event_type.as_str(), e.data.as_str()), ("ssegate.disconnect", "bye"));
+    }
+}
