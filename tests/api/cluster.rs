@@ -4,7 +4,6 @@
 //! key are delivered once, and a broker restart loses no acknowledged event.
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     process::Stdio,
     time::{Duration, Instant as StdInstant},
@@ -12,13 +11,12 @@ use std::{
 
 use ssegate::grpc::pb;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
-    time::{Instant, timeout_at},
+    time::Instant,
 };
 use tonic::Code;
 
-use crate::helpers::{SseClient, TestApp, deadline, ev, http_request, spawn_app};
+use crate::helpers::{SseClient, TestApp, deadline, ev, http_request, spawn_app, spawn_process};
 
 /// A `nats-server` with JetStream, on a free loopback port, storing in a temporary directory.
 pub struct Nats {
@@ -148,43 +146,20 @@ async fn a_retry_with_the_same_idempotency_key_is_delivered_once_with_the_first_
     assert_eq!(sub.next_data(2).await, ["once", "marker"]);
 }
 
-/// Starts a replica as its own process (so that it can be killed with SIGKILL); returns it with
-/// its HTTP address.
-async fn replica_process(nats: &Nats) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ssegate"))
-        .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .args(["--backplane", "nats", "--nats-url", &nats.url()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the ssegate binary starts");
-    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
-    let http = loop {
-        let line = timeout_at(deadline(), logs.next_line()).await.expect("startup log").unwrap().expect("a log line");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { panic!("not a JSON log line: {line}") };
-        if v["message"] == "ssegate serving" {
-            break v["http"].as_str().unwrap().parse().unwrap();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
-    (child, http)
-}
-
 #[tokio::test]
 async fn a_client_of_a_killed_replica_resumes_on_another_with_nothing_lost() {
     let nats = Nats::start().await;
     let b = replica(&nats, &[]).await;
-    let (mut a, a_http) = replica_process(&nats).await;
+    let url = nats.url();
+    let mut a = spawn_process(&["--backplane", "nats", "--nats-url", &url], &[]).await;
+    let a_http = a.http;
     let mut client = SseClient::connect(a_http, "/v1/events?user=u", &[]).await;
     assert_eq!(client.status, 200);
     b.publish_users(&["u"], "", "1").await;
     assert_eq!(client.next_event().await.data, "1");
     let last = client.last_event_id();
 
-    a.kill().await.unwrap(); // SIGKILL: no drain, no goodbye
+    a.child.kill().await.unwrap(); // SIGKILL: no drain, no goodbye
     assert!(client.until_end().await.iter().all(|i| !matches!(i, ssegate::event_stream::parse::Item::Event(_))));
     b.publish_users(&["u"], "", "2").await;
     b.publish_users(&["u"], "", "3").await;

@@ -1,48 +1,18 @@
 //! Graceful drain of the real binary on SIGTERM: streams end with a jittered `retry:`, and a
 //! stream that cannot be flushed does not keep the process alive past the grace period.
 
-use std::{net::SocketAddr, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use ssegate::{event_stream::parse::Item, grpc::pb::publisher_client::PublisherClient};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpSocket,
-    process::Command,
-    time::timeout_at,
-};
+use tokio::{io::AsyncWriteExt, net::TcpSocket, time::timeout_at};
 
-use crate::helpers::{SseClient, deadline, ev};
+use crate::helpers::{SseClient, deadline, ev, spawn_process};
 
 #[tokio::test]
 async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_despite_a_stuck_client() {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_ssegate"))
-        .args([
-            "serve",
-            "--insecure-dev-identity",
-            "--insecure-open-publish",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(["--shutdown-grace", "1s", "--retry", "1s", "--queue-capacity", "65536"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the ssegate binary starts");
-    let mut logs = BufReader::new(server.stderr.take().unwrap()).lines();
-    let (http, grpc) = loop {
-        let line = timeout_at(deadline(), logs.next_line()).await.expect("startup log").unwrap().expect("a log line");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { panic!("not a JSON log line: {line}") };
-        if v["message"] == "ssegate serving" {
-            let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-            break (addr("http"), addr("grpc"));
-        }
-    };
+    let mut server =
+        spawn_process(&["--shutdown-grace", "1s", "--retry", "1s", "--queue-capacity", "65536"], &[]).await;
+    let (http, grpc) = (server.http, server.grpc);
     let mut client = PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
 
     let mut healthy = SseClient::connect(http, "/v1/events?user=h", &[]).await;
@@ -76,7 +46,7 @@ async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_des
         .await
         .unwrap();
 
-    let pid = server.id().expect("running").to_string();
+    let pid = server.child.id().expect("running").to_string();
     let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
 
@@ -86,12 +56,9 @@ async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_des
         Some(Item::Retry(ms)) => assert!((1000..=3000).contains(ms), "retry {ms} in [retry, 2*retry + 1s]"),
         other => panic!("the stream must end with a retry field, got {other:?}"),
     }
-    let exit = timeout_at(deadline(), server.wait()).await.expect("process exits in time").unwrap();
+    let exit = timeout_at(deadline(), server.child.wait()).await.expect("process exits in time").unwrap();
     assert!(exit.success(), "{exit:?}");
-    let mut rest = Vec::new();
-    while let Ok(Some(line)) = logs.next_line().await {
-        rest.push(line);
-    }
+    let rest = server.rest_of_logs().await;
     assert!(
         rest.iter().any(|l| l.contains("grace period over")),
         "the stuck stream held the drain until the grace period ran out: {rest:#?}"

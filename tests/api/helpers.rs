@@ -398,3 +398,55 @@ async fn send_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&s
     stream.write_all(req.as_bytes()).await.expect("send request");
     stream
 }
+
+/// The real `ssegate` binary serving on 127.0.0.1 ephemeral ports, with JSON logs.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    /// Log lines after the startup line, until the process exits.
+    logs: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// Starts `ssegate serve` (development identity and open publishing) with `extra` flags and
+/// environment variables, and waits for its "serving" line to learn its ports.
+pub async fn spawn_process(extra: &[&str], env: &[(&str, &str)]) -> Process {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ssegate"))
+        .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the ssegate binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (http, grpc) = loop {
+        let line = timeout_at(deadline(), lines.next_line()).await.expect("startup log").unwrap().expect("a log line");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { panic!("not a JSON log line: {line}") };
+        if v["message"] == "ssegate serving" {
+            let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+            break (addr("http"), addr("grpc"));
+        }
+    };
+    let (tx, logs) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    Process { child, http, grpc, logs }
+}
+
+impl Process {
+    /// Every log line written after startup, once the process has exited.
+    pub async fn rest_of_logs(&mut self) -> Vec<String> {
+        let mut all = Vec::new();
+        while let Some(line) = self.logs.recv().await {
+            all.push(line);
+        }
+        all
+    }
+}

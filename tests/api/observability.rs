@@ -2,23 +2,17 @@
 //! exactly the right amounts; readiness flips at the start of a drain; a publish carrying a
 //! W3C `traceparent` is exported over OTLP as a child of the caller's span.
 
-use std::{collections::HashMap, net::SocketAddr, process::Stdio, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
 };
 use ssegate::grpc::pb;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    net::TcpListener,
-    process::Command,
-    sync::Mutex,
-    time::{Instant, timeout_at},
-};
+use tokio::{net::TcpListener, sync::Mutex, time::Instant};
 use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 
-use crate::helpers::{deadline, ev, http_request, spawn_app};
+use crate::helpers::{deadline, ev, http_request, spawn_app, spawn_process};
 
 /// Scrapes `/metrics` into `series{labels} -> value`.
 async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
@@ -159,27 +153,14 @@ async fn a_publish_with_traceparent_is_exported_over_otlp_as_a_child_of_the_call
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let mut server = Command::new(env!("CARGO_BIN_EXE_ssegate"))
-        .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-        .env("OTEL_SERVICE_NAME", "ssegate-under-test")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the ssegate binary starts");
-    let mut logs = BufReader::new(server.stderr.take().unwrap()).lines();
-    let grpc = loop {
-        let line = timeout_at(deadline(), logs.next_line()).await.expect("startup log").unwrap().expect("a line");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { panic!("not a JSON log line: {line}") };
-        if v["message"] == "ssegate serving" {
-            break v["grpc"].as_str().unwrap().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    let endpoint = format!("http://{otlp}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_SERVICE_NAME", "ssegate-under-test"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let mut server = spawn_process(&[], &env).await;
+    let grpc = server.grpc;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";
@@ -219,7 +200,7 @@ async fn a_publish_with_traceparent_is_exported_over_otlp_as_a_child_of_the_call
     assert_eq!(hex(&call.parent_span_id), parent_id, "the call span continues the caller's trace");
     assert_eq!(publish.parent_span_id, call.span_id, "publish is a child of the call span");
     assert!(service.is_some_and(|s| s.contains("ssegate-under-test")), "OTEL_SERVICE_NAME is honoured");
-    let _ = server.start_kill();
+    let _ = server.child.start_kill();
 }
 
 fn hex(bytes: &[u8]) -> String {
