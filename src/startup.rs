@@ -71,7 +71,7 @@ pub struct Application {
 /// The backplane from the flags, and the epoch its ids must use (`None`: the router draws one).
 async fn connect_backplane(config: &ServeArgs) -> Result<(Arc<Backplane>, Option<u64>), StartupError> {
     match config.backplane {
-        BackplaneKind::Memory => Ok((Arc::new(Backplane::Memory), None)),
+        BackplaneKind::Memory => Ok((Arc::new(Backplane::memory()), None)),
         BackplaneKind::Nats => {
             let nats = NatsBackplane::connect(NatsSettings {
                 urls: config.nats_url.clone(),

@@ -7,7 +7,11 @@ pub mod cluster;
 pub mod nats;
 mod wire;
 
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use crate::{
     domain::{Event, EventId, Target},
@@ -15,8 +19,32 @@ use crate::{
 };
 
 pub enum Backplane {
-    Memory,
+    Memory(Dedupe),
     Nats(Arc<nats::NatsBackplane>),
+}
+
+/// In memory, the idempotency keys seen in the last `window`, with the id each got: the same
+/// contract as JetStream's duplicate detection, for one process.
+#[derive(Default)]
+pub struct Dedupe {
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    ids: HashMap<String, (EventId, Instant)>,
+    /// Keys in the order they were first seen, to forget the oldest first.
+    order: VecDeque<String>,
+}
+
+/// How long a key is remembered, and how many keys at most (oldest forgotten first).
+const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+const DEDUPE_MAX_KEYS: usize = 100_000;
+
+impl Backplane {
+    pub fn memory() -> Self {
+        Backplane::Memory(Dedupe::default())
+    }
 }
 
 /// An accepted publish.
@@ -45,8 +73,30 @@ impl Backplane {
         idempotency_key: &str,
     ) -> Result<Accepted, BackplaneError> {
         match self {
-            Backplane::Memory => {
+            Backplane::Memory(_) if idempotency_key.is_empty() => {
                 let p = router.publish(target, &event)?;
+                Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
+            }
+            Backplane::Memory(dedupe) => {
+                // Held across the publish, so two concurrent retries cannot both get through.
+                let mut seen = dedupe.seen.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                // Forget keys past the window, and the oldest beyond the cap.
+                while let Some(oldest) = seen.order.front() {
+                    let expired = seen.ids.get(oldest).is_none_or(|(_, at)| now.duration_since(*at) >= DEDUPE_WINDOW);
+                    if !expired && seen.order.len() < DEDUPE_MAX_KEYS {
+                        break;
+                    }
+                    if let Some(k) = seen.order.pop_front() {
+                        seen.ids.remove(&k);
+                    }
+                }
+                if let Some((id, _)) = seen.ids.get(idempotency_key) {
+                    return Ok(Accepted { id: *id, recipients: None });
+                }
+                let p = router.publish(target, &event)?;
+                seen.ids.insert(idempotency_key.to_owned(), (p.id, now));
+                seen.order.push_back(idempotency_key.to_owned());
                 Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
             }
             Backplane::Nats(nats) => {
@@ -62,7 +112,7 @@ impl Backplane {
     /// Asks every replica (or just this process, in memory) about its connections.
     pub async fn gather(&self, router: &Router, query: &cluster::Query) -> cluster::Gathered {
         match self {
-            Backplane::Memory => cluster::Gathered { answers: vec![cluster::answer(router, query)], partial: false },
+            Backplane::Memory(_) => cluster::Gathered { answers: vec![cluster::answer(router, query)], partial: false },
             Backplane::Nats(n) => match n.cluster.gather(query).await {
                 Ok(g) => g,
                 Err(e) => {
@@ -77,7 +127,7 @@ impl Backplane {
     /// Whether the backplane can take publishes now (for readiness).
     pub fn is_healthy(&self) -> bool {
         match self {
-            Backplane::Memory => true,
+            Backplane::Memory(_) => true,
             Backplane::Nats(n) => n.is_connected(),
         }
     }

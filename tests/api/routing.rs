@@ -145,3 +145,19 @@ async fn each_connection_receives_in_publish_order_under_concurrent_publishers()
         assert_eq!(seen, &(0..100).collect::<Vec<_>>(), "publisher {p}'s events arrive complete and in its order");
     }
 }
+
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_is_delivered_once_in_memory_too() {
+    let app = spawn_app(&[]).await;
+    let mut sub = app.subscribe("user=u").await;
+    let req = ssegate::grpc::pb::PublishRequest {
+        user_ids: vec!["u".into()],
+        event: Some(crate::helpers::ev("", "once")),
+        idempotency_key: "retry-me".into(),
+    };
+    let first = app.client.clone().publish(req.clone()).await.unwrap().into_inner();
+    let retry = app.client.clone().publish(req).await.unwrap().into_inner();
+    assert_eq!(first.event_id, retry.event_id);
+    app.broadcast("marker").await;
+    assert_eq!(sub.next_data(2).await, ["once", "marker"]);
+}
