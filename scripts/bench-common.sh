@@ -10,6 +10,8 @@
 #   SERVER_CPU / CLIENT_CPU  taskset CPU lists (default 0 / 1)
 #   RESULTS           JSON-lines file (default: $CARGO_TARGET_DIR/bench-results/<scenario>.jsonl)
 #   TARGETS           which servers to run (default: "ssegate nchan baseline")
+#   BACKPLANE         ssegate's backplane: memory (default) or nats (a fresh `nats-server -js`
+#                     on 127.0.0.1:14222, pinned to the server CPU too, is started with it)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +30,9 @@ BASELINE_HTTP=127.0.0.1:18091
 SCENARIO=${SCENARIO:-$(basename "$0" .sh)}
 RESULTS=${RESULTS:-$TARGET_DIR/bench-results/$SCENARIO.jsonl}
 SERVER_PID=
+NATS_PID=
+BACKPLANE=${BACKPLANE:-memory}
+NATS_URL=nats://127.0.0.1:14222
 SCRATCH=$(mktemp -d)
 # Source addresses rotate between runs so TIME_WAIT sockets of a previous run never matter.
 RUN_NO=0
@@ -43,6 +48,22 @@ stop_server() {
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=
   fi
+  if [ -n "$NATS_PID" ]; then
+    kill -TERM "$NATS_PID" 2>/dev/null || true
+    wait "$NATS_PID" 2>/dev/null || true
+    NATS_PID=
+  fi
+}
+
+# start_nats: a fresh JetStream server (empty store) for the nats backplane.
+start_nats() {
+  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null \
+    || die "cannot install nats-server"
+  rm -rf "$SCRATCH/nats"
+  taskset -c "$SERVER_CPU" "$(command -v nats-server || echo /usr/sbin/nats-server)" -js -a 127.0.0.1 -p 14222 \
+    -sd "$SCRATCH/nats" >"$SCRATCH/nats.log" 2>&1 &
+  NATS_PID=$!; wait_port 127.0.0.1:14222
 }
 cleanup() { stop_server; rm -rf "$SCRATCH"; }
 trap cleanup EXIT
@@ -78,11 +99,16 @@ start_server() {
   stop_server
   case $target in
     ssegate)
+      local backplane=()
+      if [ "$BACKPLANE" = nats ]; then
+        start_nats
+        backplane=(--backplane nats --nats-url "$NATS_URL")
+      fi
       # Development identity and open publishing: the bench measures delivery, not JWT
       # verification (paid once per connection) or API-key checks (one map lookup per call).
       RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN/ssegate" serve --http-addr "$SSEGATE_HTTP" \
         --grpc-addr "$SSEGATE_GRPC" --admin-addr "$SSEGATE_ADMIN" --insecure-dev-identity \
-        --insecure-open-publish "$@" >"$SCRATCH/ssegate.log" 2>&1 &
+        --insecure-open-publish "${backplane[@]}" "$@" >"$SCRATCH/ssegate.log" 2>&1 &
       SERVER_PID=$!; wait_port "$SSEGATE_HTTP"; wait_port "$SSEGATE_GRPC" ;;
     nchan)
       ensure_nchan
@@ -132,6 +158,7 @@ CONF
 # bench TARGET LABEL [ssegate-bench run flags...]: one run against the running server.
 bench() {
   local target=$1 label=$2; shift 2
+  if [ "$BACKPLANE" = nats ] && [ "$target" = ssegate ]; then label="$label-nats"; fi
   local http
   case $target in
     ssegate) http=$SSEGATE_HTTP ;; nchan) http=$NCHAN_HTTP ;; baseline) http=$BASELINE_HTTP ;;

@@ -22,6 +22,10 @@ use crate::{
 /// Most bytes coalesced into one write; a backlog beyond it goes out in several.
 const MAX_WRITE: usize = 64 * 1024;
 
+/// Frames of spare capacity the body keeps between bursts; anything larger is given back once
+/// drained, so a burst does not pin memory on every connection for the rest of its life.
+const KEEP_FRAMES: usize = 16;
+
 pub struct SseBody {
     reg: Registration,
     /// Sent before anything else: the `retry:` field.
@@ -89,6 +93,9 @@ impl SseBody {
             }
             buf.freeze()
         };
+        if self.backlog.is_empty() {
+            self.backlog.shrink_to(KEEP_FRAMES);
+        }
         self.reg.router().record_delivered(events);
         if let Some(t) = oldest {
             self.metrics.delivery_latency.observe(t.elapsed());
@@ -124,6 +131,7 @@ impl Body for SseBody {
                 Poll::Ready(Drained::Frames) => {
                     this.metrics.queue_depth.observe_value(this.scratch.len() as f64);
                     this.backlog.extend(this.scratch.drain(..));
+                    this.scratch.shrink_to(KEEP_FRAMES);
                 }
                 Poll::Ready(Drained::End(reason)) => this.ended = Some(reason),
             }
