@@ -1,0 +1,136 @@
+{{/* Names and labels. */}}
+{{- define "ssegate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "ssegate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ssegate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ssegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "ssegate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "ssegate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "ssegate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ssegate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* More than one pod at any time (fixed replicas or an autoscaler). */}}
+{{- define "ssegate.multiReplica" -}}
+{{- if or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled }}true{{ end }}
+{{- end }}
+
+{{/* terminationGracePeriodSeconds = shutdown delay + shutdown grace + margin. */}}
+{{- define "ssegate.terminationGracePeriodSeconds" -}}
+{{- add (int .Values.drain.shutdownDelaySeconds) (int .Values.drain.shutdownGraceSeconds) (int .Values.drain.terminationMarginSeconds) }}
+{{- end }}
+
+{{/* Mount paths of the referenced Secrets. */}}
+{{- define "ssegate.jwtDir" -}}/etc/ssegate/jwt{{- end }}
+{{- define "ssegate.apiKeysDir" -}}/etc/ssegate/publisher{{- end }}
+{{- define "ssegate.tlsDir" -}}/etc/ssegate/tls{{- end }}
+{{- define "ssegate.clientCaDir" -}}/etc/ssegate/client-ca{{- end }}
+{{- define "ssegate.natsCredsDir" -}}/etc/ssegate/nats-creds{{- end }}
+{{- define "ssegate.natsCaDir" -}}/etc/ssegate/nats-ca{{- end }}
+
+{{/*
+Flags of `ssegate serve` that `config:` may set. Everything else is either set by the chart
+from dedicated values (managed below) or not a flag. Keep in sync with `ssegate serve --help`
+(scripts/helm-check.sh compares them when target/debug/ssegate exists).
+*/}}
+{{- define "ssegate.configFlags" -}}
+nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity replay-capacity replay-max-bytes replay-max-age max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins log-format
+{{- end }}
+
+{{/* Flags the chart sets itself, with the value to use instead. */}}
+{{- define "ssegate.managedFlags" -}}
+http-addr: ports.http
+grpc-addr: ports.grpc
+admin-addr: ports.admin
+backplane: backplane.type
+nats-url: backplane.nats.urls
+nats-stream: backplane.nats.stream
+nats-creds-file: backplane.nats.credsSecret
+nats-tls-ca-file: backplane.nats.tlsCaSecret
+jwt-secret-file: jwt.existingSecret + jwt.secretKey
+jwt-public-key-file: jwt.existingSecret + jwt.publicKeyKey
+jwt-jwks-file: jwt.existingSecret + jwt.jwksKey
+jwt-issuer: jwt.issuer
+jwt-audience: jwt.audience
+publisher-api-keys-file: publisherApiKeys.existingSecret
+publisher-api-keys: extraEnv with valueFrom.secretKeyRef (never a secret in values)
+tls-cert-file: tls.enabled + tls.existingSecret
+tls-key-file: tls.enabled + tls.existingSecret
+grpc-client-ca-file: tls.clientCa
+insecure-dev-identity: dev.insecureDevIdentity
+insecure-open-publish: dev.insecureOpenPublish
+shutdown-delay: drain.shutdownDelaySeconds
+shutdown-grace: drain.shutdownGraceSeconds
+{{- end }}
+
+{{/*
+Refuses value combinations that would deploy something broken, with a message saying what to
+change. Included by the Deployment, so `helm template`/`install`/`upgrade` fail.
+*/}}
+{{- define "ssegate.validate" -}}
+{{- $v := .Values }}
+{{- if and (include "ssegate.multiReplica" .) (ne $v.backplane.type "nats") }}
+{{- fail (printf "\n\nssegate: replicaCount=%v%s needs the NATS backplane: with backplane.type=%s each pod only delivers what was published to itself.\nSet backplane.type=nats and backplane.nats.urls (an external NATS with JetStream), or use replicaCount=1 without autoscaling.\n" $v.replicaCount (ternary " with autoscaling.enabled" "" (eq (toString $v.autoscaling.enabled) "true")) $v.backplane.type) }}
+{{- end }}
+{{- if and (eq $v.backplane.type "nats") (empty $v.backplane.nats.urls) }}
+{{- fail "\n\nssegate: backplane.type=nats needs backplane.nats.urls (e.g. [nats://nats.nats:4222]).\n" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail "\n\nssegate: autoscaling.minReplicas is greater than autoscaling.maxReplicas.\n" }}
+{{- end }}
+{{- $managed := include "ssegate.managedFlags" . | fromYaml }}
+{{- $allowed := splitList " " (include "ssegate.configFlags" .) }}
+{{- range $k, $_ := $v.config }}
+{{- if hasKey $managed $k }}
+{{- fail (printf "\n\nssegate: config.%s is set by the chart; use %s instead.\n" $k (get $managed $k)) }}
+{{- else if not (has $k $allowed) }}
+{{- fail (printf "\n\nssegate: config.%s is not a flag of `ssegate serve` (write flag names without `--`, e.g. max-connections).\n" $k) }}
+{{- end }}
+{{- end }}
+{{- if and $v.jwt.existingSecret (not (or $v.jwt.secretKey $v.jwt.publicKeyKey $v.jwt.jwksKey)) }}
+{{- fail "\n\nssegate: jwt.existingSecret is set but none of jwt.secretKey, jwt.publicKeyKey, jwt.jwksKey names a key in it.\n" }}
+{{- end }}
+{{- if and (not $v.jwt.existingSecret) (or $v.jwt.secretKey $v.jwt.publicKeyKey $v.jwt.jwksKey) }}
+{{- fail "\n\nssegate: jwt.secretKey/publicKeyKey/jwksKey name keys of jwt.existingSecret, which is empty.\n" }}
+{{- end }}
+{{- if and $v.tls.enabled (not $v.tls.existingSecret) }}
+{{- fail "\n\nssegate: tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret, e.g. from cert-manager).\n" }}
+{{- end }}
+{{- if and $v.tls.clientCa.enabled (not $v.tls.enabled) }}
+{{- fail "\n\nssegate: tls.clientCa.enabled (mutual TLS on gRPC) needs tls.enabled.\n" }}
+{{- end }}
+{{- if and $v.networkPolicy.enabled (empty $v.networkPolicy.grpcFrom) }}
+{{- fail "\n\nssegate: networkPolicy.grpcFrom is empty: no publisher could reach the gRPC port. List the allowed peers or set networkPolicy.enabled=false.\n" }}
+{{- end }}
+{{- end }}
+
+{{/* Renders one config value as an environment variable string. */}}
+{{- define "ssegate.envValue" -}}
+{{- if kindIs "float64" . }}{{ int64 . }}{{ else if kindIs "slice" . }}{{ join "," . }}{{ else }}{{ toString . }}{{ end }}
+{{- end }}
