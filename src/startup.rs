@@ -10,7 +10,7 @@ use crate::{
     admin::{self, Readiness},
     auth::{
         ApiKeyError, ApiKeys, PublisherAuth, SubscriberAuth,
-        jwt::{JwtSettings, JwtVerifier, KeyError},
+        jwt::{JwtSettings, KeyError, ReloadingVerifier},
     },
     backplane::{
         Backplane,
@@ -106,7 +106,8 @@ fn subscriber_auth(config: &ServeArgs) -> Result<SubscriberAuth, StartupError> {
     match (jwt.is_configured(), config.insecure_dev_identity) {
         (true, true) => Err(StartupError::Conflict("--insecure-dev-identity cannot be combined with --jwt-* keys")),
         (true, false) => {
-            let verifier = JwtVerifier::load(&jwt)?;
+            let verifier = ReloadingVerifier::load(&jwt)?;
+            verifier.watch(Duration::from_secs(2));
             Ok(SubscriberAuth::Jwt { verifier, cookie: config.token_cookie.clone() })
         }
         (false, true) => {

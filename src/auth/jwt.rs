@@ -173,6 +173,66 @@ impl JwtVerifier {
     }
 }
 
+/// A verifier whose key files are re-read when they change, so keys rotate without a restart.
+/// A file that cannot be used keeps the previous keys in service (and is logged).
+pub struct ReloadingVerifier {
+    settings: JwtSettings,
+    current: std::sync::RwLock<std::sync::Arc<JwtVerifier>>,
+    modified: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
+}
+
+impl ReloadingVerifier {
+    pub fn load(settings: &JwtSettings) -> Result<std::sync::Arc<Self>, KeyError> {
+        let verifier = JwtVerifier::load(settings)?;
+        Ok(std::sync::Arc::new(Self {
+            settings: settings.clone(),
+            current: std::sync::RwLock::new(std::sync::Arc::new(verifier)),
+            modified: std::sync::Mutex::new(Self::mtimes(settings)),
+        }))
+    }
+
+    fn mtimes(settings: &JwtSettings) -> Vec<Option<std::time::SystemTime>> {
+        [&settings.secret_file, &settings.public_key_file, &settings.jwks_file]
+            .iter()
+            .map(|p| p.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+            .collect()
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let verifier = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        verifier.verify(token)
+    }
+
+    /// Reloads the keys if a key file changed.
+    pub fn refresh(&self) {
+        let now = Self::mtimes(&self.settings);
+        let mut seen = self.modified.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == now {
+            return;
+        }
+        match JwtVerifier::load(&self.settings) {
+            Ok(v) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(v);
+                *seen = now;
+                tracing::info!("JWT verification keys reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "JWT keys not reloaded; keeping the previous ones"),
+        }
+    }
+
+    /// Checks the key files every `every` until the process ends.
+    pub fn watch(self: &std::sync::Arc<Self>, every: Duration) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                this.refresh();
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,14 +10,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::HeaderMap;
 
 pub use api_keys::{ApiKeyError, ApiKeys, PublisherAuth};
-use jwt::{JwtVerifier, TokenError};
+use std::sync::Arc;
+
+use jwt::{ReloadingVerifier, TokenError};
 
 use crate::domain::{GroupId, InvalidText, Topic, UserId};
 
 /// How subscribers prove who they are.
 pub enum SubscriberAuth {
     /// A JWT in `Authorization: Bearer`, the cookie, or `?token=`.
-    Jwt { verifier: JwtVerifier, cookie: String },
+    Jwt { verifier: Arc<ReloadingVerifier>, cookie: String },
     /// `?user=` is believed as is (`--insecure-dev-identity`, development only).
     InsecureQuery,
     /// Nothing configured: every subscription is refused with a message saying what to set.

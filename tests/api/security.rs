@@ -362,3 +362,25 @@ async fn oversized_request_headers_get_431() {
     assert_eq!(status, 431);
     app.subscribe("user=a").await;
 }
+
+#[tokio::test]
+async fn a_rotated_jwt_key_is_used_without_restart() {
+    let secret = temp_file("secret", SECRET);
+    let path = secret.to_str().unwrap().to_owned();
+    let app = spawn_app_with(&["--jwt-secret-file", &path, "--insecure-open-publish"]).await;
+    let old = bearer(&hs256(&claims("alice", &[], &[])));
+    assert_eq!(status_of(&app, "/v1/events", &[("Authorization", &old)]).await, 200);
+
+    let new_secret = "a-rotated-test-only-hs256-secret-of-32-bytes-or-more";
+    std::fs::write(&secret, new_secret).unwrap();
+    let later = SystemTime::now() + Duration::from_secs(10);
+    std::fs::File::options().write(true).open(&secret).unwrap().set_modified(later).unwrap();
+    let new_key = EncodingKey::from_secret(new_secret.as_bytes());
+    let new = bearer(&sign(Algorithm::HS256, &new_key, None, &claims("alice", &[], &[])));
+    let end = deadline();
+    while status_of(&app, "/v1/events", &[("Authorization", &new)]).await != 200 {
+        assert!(Instant::now() < end, "the rotated key was never used");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status_of(&app, "/v1/events", &[("Authorization", &old)]).await, 401, "the old key is gone");
+}
