@@ -41,10 +41,6 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
 /// The server certificate, reloaded from its files when they change.
 #[derive(Debug)]
 pub struct ReloadingCert {
@@ -58,7 +54,7 @@ pub struct ReloadingCert {
 impl ReloadingCert {
     pub fn load(cert_file: PathBuf, key_file: PathBuf) -> Result<Arc<Self>, TlsError> {
         let key = Self::read(&cert_file, &key_file)?;
-        let loaded = (modified(&cert_file), modified(&key_file));
+        let loaded = (crate::reload::modified(&cert_file), crate::reload::modified(&key_file));
         Ok(Arc::new(Self { cert_file, key_file, current: RwLock::new(key), loaded: RwLock::new(loaded) }))
     }
 
@@ -78,7 +74,7 @@ impl ReloadingCert {
     /// Reloads if either file changed. A file that cannot be used (half-written, mismatched)
     /// keeps the previous certificate in service and is logged; the next check retries.
     pub fn refresh(&self) {
-        let now = (modified(&self.cert_file), modified(&self.key_file));
+        let now = (crate::reload::modified(&self.cert_file), crate::reload::modified(&self.key_file));
         if now == *self.loaded.read().unwrap_or_else(|e| e.into_inner()) {
             return;
         }
@@ -95,13 +91,7 @@ impl ReloadingCert {
     /// Checks the files every `every` until the process ends.
     pub fn watch(self: &Arc<Self>, every: Duration) {
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                this.refresh();
-            }
-        });
+        crate::reload::every(every, move || this.refresh());
     }
 }
 

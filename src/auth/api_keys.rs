@@ -70,7 +70,7 @@ impl ApiKeys {
     /// invalid keeps the previous keys (and is logged), so a bad edit never opens the door.
     pub fn refresh(&self) {
         let Some(path) = &self.file else { return };
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let modified = crate::reload::modified(path);
         if modified == *self.modified.read().unwrap_or_else(|e| e.into_inner()) {
             return;
         }
@@ -100,13 +100,7 @@ impl ApiKeys {
         if self.file.is_none() {
             return;
         }
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                self.refresh();
-            }
-        });
+        crate::reload::every(every, move || self.refresh());
     }
 }
 

@@ -194,7 +194,7 @@ impl ReloadingVerifier {
     fn mtimes(settings: &JwtSettings) -> Vec<Option<std::time::SystemTime>> {
         [&settings.secret_file, &settings.public_key_file, &settings.jwks_file]
             .iter()
-            .map(|p| p.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+            .map(|p| p.as_deref().and_then(crate::reload::modified))
             .collect()
     }
 
@@ -223,13 +223,7 @@ impl ReloadingVerifier {
     /// Checks the key files every `every` until the process ends.
     pub fn watch(self: &std::sync::Arc<Self>, every: Duration) {
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                this.refresh();
-            }
-        });
+        crate::reload::every(every, move || this.refresh());
     }
 }
 
