@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     domain::{GroupId, Topic, UserId},
-    router::Router,
+    router::{Router, Stats},
 };
 
 /// A question every replica answers about its own connections.
@@ -46,26 +46,8 @@ pub struct Answer {
     pub topic_connections: Vec<u64>,
     pub online: Vec<String>,
     pub more_online: bool,
-    pub stats: Option<StatsAnswer>,
+    pub stats: Option<Stats>,
     pub closed: u64,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, Default)]
-pub struct StatsAnswer {
-    pub connections: u64,
-    pub users: u64,
-    pub groups: u64,
-    pub topics: u64,
-    pub events_published: u64,
-    pub events_delivered: u64,
-    pub events_dropped: u64,
-    pub connections_opened: u64,
-    pub events_replayed: u64,
-    pub resumes_missed: u64,
-    pub connections_rejected: u64,
-    pub replay_log_events: u64,
-    pub replay_log_bytes: u64,
-    pub uptime_seconds: u64,
 }
 
 /// Answers `query` from this process's router. Ids were validated by the asking replica;
@@ -92,28 +74,7 @@ pub fn answer(router: &Router, query: &Query) -> Answer {
                 ..Default::default()
             }
         }
-        Query::Stats => {
-            let s = router.stats();
-            Answer {
-                stats: Some(StatsAnswer {
-                    connections: s.connections,
-                    users: s.users,
-                    groups: s.groups,
-                    topics: s.topics,
-                    events_published: s.events_published,
-                    events_delivered: s.events_delivered,
-                    events_dropped: s.events_dropped,
-                    connections_opened: s.connections_opened,
-                    events_replayed: s.events_replayed,
-                    resumes_missed: s.resumes_missed,
-                    connections_rejected: s.connections_rejected,
-                    replay_log_events: s.replay_log_events,
-                    replay_log_bytes: s.replay_log_bytes,
-                    uptime_seconds: router.uptime().as_secs(),
-                }),
-                ..Default::default()
-            }
-        }
+        Query::Stats => Answer { stats: Some(router.stats()), ..Default::default() },
         Query::Disconnect { user, reason } => {
             Answer { closed: UserId::parse(user).map_or(0, |u| router.disconnect(&u, reason)), ..Default::default() }
         }

@@ -11,10 +11,10 @@ use super::{ApiError, convert, pb};
 use crate::{
     backplane::{
         Accepted, Backplane,
-        cluster::{Answer, Query, StatsAnswer},
+        cluster::{Answer, Query},
     },
     domain::{GroupId, Target, Topic, UserId},
-    router::Router,
+    router::{Router, Stats},
     telemetry::metrics::{EdgeMetrics, PublishFailure},
 };
 
@@ -250,11 +250,11 @@ impl pb::publisher_server::Publisher for PublisherService {
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let g = self.backplane.gather(&self.router, &Query::Stats).await;
-        let all: Vec<&StatsAnswer> = g.answers.iter().filter_map(|a| a.stats.as_ref()).collect();
-        let total = |f: fn(&StatsAnswer) -> u64| all.iter().map(|s| f(s)).sum::<u64>();
+        let all: Vec<&Stats> = g.answers.iter().filter_map(|a| a.stats.as_ref()).collect();
+        let total = |f: fn(&Stats) -> u64| all.iter().map(|s| f(s)).sum::<u64>();
         // Every replica consumes the whole stream and keeps its own replay log: these are the
         // same events seen from each, so the most advanced replica's figure is the cluster's.
-        let most = |f: fn(&StatsAnswer) -> u64| all.iter().map(|s| f(s)).max().unwrap_or(0);
+        let most = |f: fn(&Stats) -> u64| all.iter().map(|s| f(s)).max().unwrap_or(0);
         Ok(Response::new(pb::StatsResponse {
             connections: total(|s| s.connections),
             users: total(|s| s.users),

@@ -179,8 +179,8 @@ pub struct UserPresence {
     pub connections: u64,
 }
 
-/// A snapshot of the router's gauges and counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A snapshot of the router's gauges and counters (serializable: replicas exchange it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub connections: u64,
     pub users: u64,
@@ -200,10 +200,11 @@ pub struct Stats {
     pub replay_log_events: u64,
     /// Bytes of encoded events in the replay log now.
     pub replay_log_bytes: u64,
-    /// Events published, by target kind (names from `Target::kind`).
-    pub published_by_target: [(&'static str, u64); 4],
-    /// Connections that came with a `Last-Event-ID`, by outcome (`resumed` or a miss reason).
-    pub resumes_by_outcome: [(&'static str, u64); 4],
+    /// Events published, by target kind (indexed like `TARGET_KINDS`).
+    pub published_by_target: [u64; 4],
+    /// Connections that came with a `Last-Event-ID`, by outcome (indexed like
+    /// `RESUME_OUTCOMES`).
+    pub resumes_by_outcome: [u64; 4],
 }
 
 #[derive(Default)]
@@ -221,8 +222,10 @@ struct Counters {
     resumes: [AtomicU64; 4],
 }
 
-const TARGET_KINDS: [&str; 4] = ["user", "group", "topic", "broadcast"];
-const RESUME_OUTCOMES: [&str; 4] = ["resumed", "expired", "unknown", "other_epoch"];
+/// Names of target kinds, in the order of `Stats::published_by_target`.
+pub const TARGET_KINDS: [&str; 4] = ["user", "group", "topic", "broadcast"];
+/// Names of resume outcomes, in the order of `Stats::resumes_by_outcome`.
+pub const RESUME_OUTCOMES: [&str; 4] = ["resumed", "expired", "unknown", "other_epoch"];
 
 fn target_index(target: &Target) -> usize {
     match target {
@@ -624,10 +627,8 @@ impl Router {
             connections_rejected: self.counters.rejected.load(Relaxed),
             replay_log_events: log_events as u64,
             replay_log_bytes: log_bytes as u64,
-            published_by_target: std::array::from_fn(|i| {
-                (TARGET_KINDS[i], self.counters.published_by_target[i].load(Relaxed))
-            }),
-            resumes_by_outcome: std::array::from_fn(|i| (RESUME_OUTCOMES[i], self.counters.resumes[i].load(Relaxed))),
+            published_by_target: std::array::from_fn(|i| self.counters.published_by_target[i].load(Relaxed)),
+            resumes_by_outcome: std::array::from_fn(|i| self.counters.resumes[i].load(Relaxed)),
         }
     }
 }

@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 
 use super::{histogram::Histogram, process};
-use crate::router::{CloseReason, Router};
+use crate::router::{CloseReason, RESUME_OUTCOMES, Router, TARGET_KINDS};
 
 /// Why a subscription was refused, for `ssegate_connections_rejected_total{reason}`.
 #[derive(Clone, Copy, Debug)]
@@ -219,7 +219,8 @@ impl Collector for ServerCollector {
             C,
             REJECTIONS.iter().enumerate().map(|(i, r)| ([("reason", *r)], e.rejected[i].load(Relaxed))),
         )?;
-        let published = s.published_by_target.iter().map(|(t, n)| ([("target", *t), ("outcome", "ok")], *n));
+        let published =
+            TARGET_KINDS.iter().zip(s.published_by_target).map(|(t, n)| ([("target", *t), ("outcome", "ok")], n));
         let failed = TARGETS.iter().enumerate().flat_map(|(i, t)| {
             [("invalid", 0), ("unavailable", 1)]
                 .map(|(outcome, j)| ([("target", *t), ("outcome", outcome)], e.publish_failed[i][j].load(Relaxed)))
@@ -251,7 +252,7 @@ impl Collector for ServerCollector {
             "ssegate_replay_resumes",
             "Connections that came with Last-Event-ID, by outcome (resumed = replay hit; others are misses)",
             C,
-            s.resumes_by_outcome.iter().map(|(o, n)| ([("outcome", *o)], *n)),
+            RESUME_OUTCOMES.iter().zip(s.resumes_by_outcome).map(|(o, n)| ([("outcome", *o)], n)),
         )?;
         single(&mut enc, "ssegate_replay_log_events", "Events in the replay log", G, s.replay_log_events as f64)?;
         single(&mut enc, "ssegate_replay_log_bytes", "Bytes in the replay log", G, s.replay_log_bytes as f64)?;
