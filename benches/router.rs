@@ -3,6 +3,7 @@
 //! mailboxes are drained outside the timed section, as the connections' bodies would.
 
 use std::{
+    collections::VecDeque,
     sync::Arc,
     task::{Context, Waker},
     time::{Duration, Instant},
@@ -36,10 +37,8 @@ fn setup(conns: usize) -> (Arc<Router>, Vec<Registration>) {
 
 fn drain(regs: &[Registration]) {
     let mut cx = Context::from_waker(Waker::noop());
-    let mut out = Vec::new();
     for r in regs {
-        let _ = r.mailbox().poll_drain(&mut cx, &mut out);
-        out.clear();
+        let _ = r.mailbox().poll_drain(&mut cx, &mut VecDeque::new());
     }
 }
 

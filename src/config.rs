@@ -92,10 +92,22 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_RETRY", default_value = "3s", value_parser = duration)]
     pub retry: Duration,
 
-    /// Events a connection may have queued before it is cut off as a slow consumer.
-    #[arg(long, env = "SSEGATE_QUEUE_CAPACITY", default_value_t = 256,
+    /// Events a connection may have queued before it is cut off as a slow consumer (see also
+    /// --max-queue-bytes; whichever is reached first).
+    #[arg(long, env = "SSEGATE_QUEUE_CAPACITY", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub queue_capacity: u32,
+
+    /// Bytes a connection may have queued (each event counts its encoded size plus 64) before
+    /// it is cut off as a slow consumer; bounds the memory one reader that stopped reading pins.
+    #[arg(long, env = "SSEGATE_MAX_QUEUE_BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub max_queue_bytes: u64,
+
+    /// A connection writes at most once per this window under load, carrying everything
+    /// pending in one write; the first event after a quiet period goes out at once. 0 = off.
+    #[arg(long, env = "SSEGATE_WRITE_COALESCE", default_value = "5ms", value_parser = duration)]
+    pub write_coalesce: Duration,
 
     /// Events kept for resuming clients (`Last-Event-ID`); 0 disables replay.
     #[arg(long, env = "SSEGATE_REPLAY_CAPACITY", default_value_t = 10_000,

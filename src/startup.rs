@@ -19,13 +19,10 @@ use crate::{
     config::{BackplaneKind, ServeArgs},
     event_stream, grpc,
     http::{self, HttpSettings},
-    router::{CloseReason, Frame, ReplayConfig, Router, RouterConfig},
+    router::{CloseReason, ReplayConfig, Router, RouterConfig},
     telemetry::metrics::Metrics,
     tls::{self, ReloadingCert},
 };
-
-/// Heartbeats go out in this many slots per interval, spreading wake-ups over time.
-const HEARTBEAT_SLOTS: u64 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -158,6 +155,10 @@ impl Application {
         let (backplane, epoch) = connect_backplane(&config).await?;
         let router = Router::new(RouterConfig {
             queue_capacity: config.queue_capacity as usize,
+            max_queue_bytes: usize::try_from(config.max_queue_bytes).unwrap_or(usize::MAX),
+            write_coalesce: config.write_coalesce,
+            // One shard per runtime worker: fan-out to different shards can run in parallel.
+            shards: tokio::runtime::Handle::current().metrics().num_workers(),
             epoch,
             replay: ReplayConfig {
                 capacity: config.replay_capacity as usize,
@@ -282,7 +283,7 @@ impl Application {
             stop.clone(),
             tracker.clone(),
         ));
-        tracker.spawn(heartbeats(router.clone(), config.heartbeat_interval, stop.clone()));
+        router.start_timers(config.heartbeat_interval, &stop, &tracker);
         // The admin port outlives the drain (it stops last), so probes answer throughout.
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(
@@ -303,7 +304,7 @@ impl Application {
         }
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
         let retry_ms = config.retry.as_millis() as u64;
-        let closed = router.close_all(CloseReason::Shutdown, || {
+        let closed = router.close_all(CloseReason::Shutdown, move || {
             // Spread reconnections over [retry, 2*retry + 1s) so thousands of clients do not come
             // back in the same millisecond.
             Some(event_stream::retry(retry_ms + fastrand::u64(0..=retry_ms + 1000)))
@@ -325,28 +326,5 @@ impl Application {
         }
         tracing::info!("ssegate stopped");
         Ok(())
-    }
-}
-
-/// Every interval/SLOTS, queues a heartbeat comment on the idle connections of one slot.
-async fn heartbeats(router: Arc<Router>, interval: Duration, stop: CancellationToken) {
-    let frame = Frame {
-        bytes: bytes::Bytes::from_static(event_stream::HEARTBEAT),
-        published_at: std::time::Instant::now(),
-        is_event: false,
-    };
-    let mut tick = tokio::time::interval((interval / HEARTBEAT_SLOTS as u32).max(Duration::from_millis(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut slot = 0;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        router.heartbeat(slot, HEARTBEAT_SLOTS, &frame);
-        if slot == 0 {
-            router.expire_replay();
-        }
-        slot = (slot + 1) % HEARTBEAT_SLOTS;
     }
 }

@@ -1,4 +1,5 @@
-//! The SSE response body: drains the connection's mailbox and hands the bytes to hyper.
+//! The SSE response body for streams hyper serves (HTTP/2, and HTTP/1.1 requests the fast
+//! path passes on): drains the connection's mailbox and hands the bytes to hyper.
 
 use std::{
     collections::VecDeque,
@@ -6,7 +7,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio::time::Sleep;
@@ -14,7 +15,9 @@ use tokio::time::Sleep;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 
+use super::stream::StreamStart;
 use crate::{
+    domain::UserId,
     router::{CloseReason, Drained, Frame, Registration},
     telemetry::metrics::EdgeMetrics,
 };
@@ -22,47 +25,34 @@ use crate::{
 /// Most bytes coalesced into one write; a backlog beyond it goes out in several.
 const MAX_WRITE: usize = 64 * 1024;
 
-/// Frames of spare capacity the body keeps between bursts; anything larger is given back once
-/// drained, so a burst does not pin memory on every connection for the rest of its life.
-const KEEP_FRAMES: usize = 16;
-
 pub struct SseBody {
     reg: Registration,
     /// Sent before anything else: the `retry:` field.
     head: Option<Bytes>,
-    /// Frames taken from the mailbox but not yet written (only when a backlog exceeds
-    /// `MAX_WRITE`).
+    /// Frames taken from the mailbox but not yet written (the whole queue is taken at once and
+    /// dropped once written, so an idle body holds no allocation).
     backlog: VecDeque<Frame>,
-    /// Scratch vector reused for every drain.
-    scratch: Vec<Frame>,
     /// Why the stream ended, once the mailbox said so; `None` while open.
     ended: Option<CloseReason>,
     opened: Instant,
     /// Fires when the stream must end (its maximum lifetime, or its token's expiry), if ever.
     close_timer: Option<(Pin<Box<Sleep>>, CloseReason)>,
     metrics: Arc<EdgeMetrics>,
-    /// The connection's span: entered while the body works, closed when it ends.
-    span: tracing::Span,
+    user: UserId,
 }
 
 impl SseBody {
-    pub fn new(
-        reg: Registration,
-        head: Bytes,
-        close_after: Option<(Duration, CloseReason)>,
-        metrics: Arc<EdgeMetrics>,
-        span: tracing::Span,
-    ) -> Self {
+    pub fn new(start: StreamStart, metrics: Arc<EdgeMetrics>) -> Self {
+        let StreamStart { reg, retry, close_after, user } = start;
         Self {
             metrics,
-            span,
             close_timer: close_after.map(|(d, reason)| (Box::pin(tokio::time::sleep(d)), reason)),
             reg,
-            head: Some(head),
+            head: Some(retry),
             backlog: VecDeque::new(),
-            scratch: Vec::new(),
             ended: None,
             opened: Instant::now(),
+            user,
         }
     }
 
@@ -94,7 +84,8 @@ impl SseBody {
             buf.freeze()
         };
         if self.backlog.is_empty() {
-            self.backlog.shrink_to(KEEP_FRAMES);
+            // Give the burst's memory back.
+            self.backlog = VecDeque::new();
         }
         self.reg.router().record_delivered(events);
         if let Some(t) = oldest {
@@ -110,8 +101,6 @@ impl Body for SseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<BodyFrame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        let span = this.span.clone();
-        let _entered = span.enter();
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(BodyFrame::data(head))));
         }
@@ -126,13 +115,9 @@ impl Body for SseBody {
             this.reg.close(reason);
         }
         if this.backlog.is_empty() && this.ended.is_none() {
-            match this.reg.mailbox().poll_drain(cx, &mut this.scratch) {
+            match this.reg.mailbox().poll_drain(cx, &mut this.backlog) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Drained::Frames) => {
-                    this.metrics.queue_depth.observe_value(this.scratch.len() as f64);
-                    this.backlog.extend(this.scratch.drain(..));
-                    this.scratch.shrink_to(KEEP_FRAMES);
-                }
+                Poll::Ready(Drained::Frames) => this.metrics.queue_depth.observe_value(this.backlog.len() as f64),
                 Poll::Ready(Drained::End(reason)) => this.ended = Some(reason),
             }
         }
@@ -152,9 +137,9 @@ impl Drop for SseBody {
     fn drop(&mut self) {
         let reason = self.ended.unwrap_or(CloseReason::ClientLeft);
         self.metrics.closed(reason);
-        let _entered = self.span.enter();
         tracing::info!(
             conn = self.reg.id(),
+            user = %self.user,
             reason = reason.as_str(),
             duration_ms = self.opened.elapsed().as_millis() as u64,
             "sse connection closed"

@@ -10,7 +10,12 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, header};
 
-use super::{AppState, HttpError, body::SseBody, server::ConnContext};
+use super::{
+    AppState, HttpError,
+    body::SseBody,
+    server::ConnContext,
+    stream::{FastPath, Handoff, StreamStart},
+};
 use crate::{
     auth::{AuthError, Requested},
     domain::{EventId, GroupId, InvalidText, Topic, UserId},
@@ -77,16 +82,21 @@ fn resume_id(headers: &HeaderMap, query: Option<&str>) -> Option<EventId> {
     }
 }
 
+/// Admission of a stream, the same for every transport: query, authentication, limits, then
+/// registration with the router. On the HTTP/1.1 fast path (`FastPath` in the request) the
+/// stream is handed back to the listener in the response's extensions; otherwise (HTTP/2, or
+/// requests hyper serves) the response body is an `SseBody`.
 pub async fn subscribe(
     State(state): State<AppState>,
     conn: Option<Extension<ConnContext>>,
+    fast: Option<Extension<FastPath>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
     let q = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions).inspect_err(|_| {
         state.metrics.rejected(Rejection::BadRequest);
     })?;
-    let peer = conn.as_ref().map(|c| c.peer);
+    let peer = conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
     let id = state.auth.identify(&headers, q.requested).map_err(|e| {
         state.metrics.rejected(match e {
             AuthError::MissingToken { .. } | AuthError::Token(_) | AuthError::BadClaim { .. } => {
@@ -98,7 +108,7 @@ pub async fn subscribe(
             AuthError::MissingUser => Rejection::BadRequest,
             AuthError::Disabled => Rejection::Disabled,
         });
-        tracing::info!(peer = ?peer, error = %e, "sse connection refused");
+        tracing::info!(%peer, error = %e, "sse connection refused");
         HttpError::Auth(e)
     })?;
     if id.groups.len() + id.topics.len() > state.settings.max_subscriptions {
@@ -107,7 +117,7 @@ pub async fn subscribe(
         return Err(HttpError::TooManySubscriptions { count, max: state.settings.max_subscriptions });
     }
     let resume = resume_id(&headers, q.last_event_id.as_deref());
-    let abort = conn.map(|c| c.abort.clone());
+    let abort = conn.and_then(|c| c.abort.clone());
     let (user, groups, topics) = (id.user.clone(), id.groups.len(), id.topics.len());
     let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
     let reg = state.router.subscribe(subscription);
@@ -119,24 +129,27 @@ pub async fn subscribe(
                 RouterError::TooManyConnections { .. } => Rejection::MaxConnections,
                 RouterError::TooManyForUser { .. } => Rejection::MaxConnectionsPerUser,
             });
-            tracing::warn!(user = %user, peer = ?peer, error = %e, "sse connection refused");
+            tracing::warn!(user = %user, %peer, error = %e, "sse connection refused");
             return Err(e.into());
         }
     };
-    let span = tracing::info_span!("sse", conn = reg.id(), user = %user);
-    span.in_scope(|| {
-        tracing::info!(
-            conn = reg.id(), user = %user, groups, topics, peer = ?peer,
-            resume = ?resume.map(|id| id.to_string()), start = ?reg.start(),
-            "sse connection opened"
-        );
-    });
+    tracing::info!(
+        conn = reg.id(), user = %user, groups, topics, %peer,
+        resume = ?resume.map(|id| id.to_string()), start = ?reg.start(),
+        "sse connection opened"
+    );
     // The stream ends at its lifetime or when its token expires, whichever comes first.
     let lifetime = state.settings.max_connection_lifetime.map(|d| (jittered(d), CloseReason::Lifetime));
     let expiry = id.expires_in.map(|d| (d, CloseReason::TokenExpired));
     let close_after = [lifetime, expiry].into_iter().flatten().min_by_key(|(d, _)| *d);
-    let body = SseBody::new(reg, state.settings.retry_field.clone(), close_after, state.metrics.clone(), span);
-    let mut resp = Response::new(Body::new(body));
+    let start = StreamStart { reg, retry: state.settings.retry_field.clone(), close_after, user };
+    let mut resp = if fast.is_some() {
+        let mut resp = Response::new(Body::empty());
+        resp.extensions_mut().insert(Handoff::new(start));
+        resp
+    } else {
+        Response::new(Body::new(SseBody::new(start, state.metrics.clone())))
+    };
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

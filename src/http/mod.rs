@@ -4,7 +4,9 @@
 mod body;
 mod error;
 mod events;
+mod head;
 pub mod server;
+mod stream;
 
 use std::{sync::Arc, time::Duration};
 

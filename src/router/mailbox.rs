@@ -1,11 +1,12 @@
-//! A connection's bounded queue of frames, between the router (producer) and the connection's
-//! HTTP body (consumer).
+//! A connection's bounded queue of frames, between its shard (producer) and the connection's
+//! writer (consumer: the HTTP/1.1 stream task, or the SSE body on hyper).
 //!
 //! Hand-written rather than a `tokio::sync::mpsc` because it needs, together: a non-blocking
-//! push that reports "full" (the slow-consumer signal), a close that carries a reason and a last
-//! frame, a drain of everything queued at once (so several events go out in one write), an
-//! abort that also tears the socket down, and no allocation while the connection is idle (a
-//! bounded mpsc allocates its first block up front; we hold tens of thousands of idle queues).
+//! push that reports "full" by bytes (the slow-consumer signal), a push that does *not* wake
+//! the consumer (its shard decides when to wake it, so that writes are coalesced), a close
+//! that carries a reason and a last frame, a drain that hands over the whole queue at once
+//! (one write for everything pending), an abort that also tears the socket down, and no
+//! allocation while the connection is idle (we hold tens of thousands of idle queues).
 
 use std::{
     collections::VecDeque,
@@ -19,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::CloseReason;
 
+/// What a queued frame costs beyond its bytes (its slot in the queue and bookkeeping), so
+/// that many tiny frames cannot pin more memory than the byte bound says.
+pub const FRAME_OVERHEAD: usize = 64;
+
 /// Encoded bytes on their way to one connection. Cloning shares the bytes.
 #[derive(Clone, Debug)]
 pub struct Frame {
@@ -30,11 +35,18 @@ pub struct Frame {
     pub is_event: bool,
 }
 
+impl Frame {
+    fn cost(&self) -> usize {
+        self.bytes.len() + FRAME_OVERHEAD
+    }
+}
+
 /// The outcome of [`Mailbox::push`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
-    Queued,
-    /// The queue is at capacity: the consumer is too slow.
+    /// Queued; `was_empty` says the consumer had nothing pending, so it needs a wake-up.
+    Queued { was_empty: bool },
+    /// Over the bound (frames or bytes): the consumer is too slow.
     Full,
     /// The mailbox was closed; the frame was not queued.
     Closed,
@@ -49,39 +61,60 @@ pub enum Drained {
     End(CloseReason),
 }
 
+/// Bounds of one connection's pending output.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bounds {
+    /// Most frames pending.
+    pub frames: usize,
+    /// Most bytes pending (each frame counts its bytes plus [`FRAME_OVERHEAD`]).
+    pub bytes: usize,
+}
+
 pub struct Mailbox {
     inner: Mutex<Inner>,
-    capacity: usize,
-    /// Cancelling it tears down the transport (the TCP connection), for consumers that stopped
-    /// reading: their body is never polled again, so ending the stream alone would not free
-    /// the socket.
+    bounds: Bounds,
+    /// Cancelling it tears down the transport of a connection served by hyper (HTTP/2 or
+    /// the hyper fallback), whose body is never polled again once the client stops reading.
+    /// Streams served by our own HTTP/1.1 writer watch `aborted` instead and need no token.
     abort: Option<CancellationToken>,
 }
 
 #[derive(Default)]
 struct Inner {
+    /// Unallocated while idle: the consumer takes the whole deque on every drain.
     queue: VecDeque<Frame>,
+    /// Cost of what is queued (bytes plus per-frame overhead).
+    bytes: usize,
     waker: Option<Waker>,
     /// Set once; a closed mailbox drains what it holds (for a graceful close) and then ends.
     closed: Option<CloseReason>,
+    /// Closed at once: the writer must stop, even in the middle of a write.
+    aborted: bool,
     /// Something was queued since the last heartbeat sweep, so no heartbeat is needed.
     active: bool,
-    /// Room beyond the capacity for preloaded frames (a resume's replay), until first drained.
-    allowance: usize,
+    /// Room beyond the bounds for preloaded frames (a resume's replay), until first drained.
+    allowance: Bounds,
 }
 
 impl Inner {
     /// Empties the queue; returns how many published events (not control frames) it held.
     fn discard_events(&mut self) -> usize {
         let n = self.queue.iter().filter(|f| f.is_event).count();
-        self.queue.clear();
+        self.queue = VecDeque::new();
+        self.bytes = 0;
         n
+    }
+
+    fn fits(&self, bounds: Bounds, cost: usize) -> bool {
+        self.queue.len() < bounds.frames + self.allowance.frames
+            && self.bytes + cost <= bounds.bytes + self.allowance.bytes
     }
 }
 
 impl Mailbox {
-    pub fn new(capacity: usize, abort: Option<CancellationToken>) -> Self {
-        Self { inner: Mutex::new(Inner::default()), capacity: capacity.max(1), abort }
+    pub fn new(bounds: Bounds, abort: Option<CancellationToken>) -> Self {
+        let bounds = Bounds { frames: bounds.frames.max(1), bytes: bounds.bytes.max(1) };
+        Self { inner: Mutex::new(Inner::default()), bounds, abort }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -90,63 +123,58 @@ impl Mailbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a frame without ever waiting.
+    /// Queues a frame without waiting and without waking the consumer (see `take_waker`).
     pub fn push(&self, frame: Frame) -> Push {
-        let waker = {
-            let mut inner = self.lock();
-            if inner.closed.is_some() {
-                return Push::Closed;
-            }
-            if inner.queue.len() >= self.capacity + inner.allowance {
-                return Push::Full;
-            }
-            inner.queue.push_back(frame);
-            inner.active = true;
-            inner.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
+        let mut inner = self.lock();
+        if inner.closed.is_some() {
+            return Push::Closed;
         }
-        Push::Queued
+        let cost = frame.cost();
+        if !inner.fits(self.bounds, cost) {
+            return Push::Full;
+        }
+        let was_empty = inner.queue.is_empty();
+        inner.queue.push_back(frame);
+        inner.bytes += cost;
+        inner.active = true;
+        Push::Queued { was_empty }
     }
 
-    /// Queues `frames` beyond the capacity (a resumed connection's replay, which the replay
-    /// log bounds, and its opening `id:` line). Live events still get the full capacity on top
+    /// The consumer's waker, if it is waiting: waking it makes it drain everything queued.
+    pub fn take_waker(&self) -> Option<Waker> {
+        self.lock().waker.take()
+    }
+
+    /// Queues `frames` beyond the bounds (a resumed connection's replay, which the replay
+    /// log bounds, and its opening `id:` line). Live events still get the full bounds on top
     /// of them until the consumer first drains.
     pub fn preload(&self, frames: Vec<Frame>) {
-        let waker = {
-            let mut inner = self.lock();
-            inner.allowance = frames.len();
-            inner.queue.extend(frames);
-            inner.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        let mut inner = self.lock();
+        let bytes = frames.iter().map(Frame::cost).sum();
+        inner.allowance = Bounds { frames: frames.len(), bytes };
+        inner.bytes += bytes;
+        inner.queue.extend(frames);
     }
 
     /// Queues a heartbeat unless something was queued since the previous call (a busy stream
     /// needs none). `None` means it was skipped.
     pub fn heartbeat(&self, frame: &Frame) -> Option<Push> {
-        let waker = {
-            let mut inner = self.lock();
-            if std::mem::take(&mut inner.active) || inner.closed.is_some() {
-                return None;
-            }
-            if inner.queue.len() >= self.capacity + inner.allowance {
-                return Some(Push::Full);
-            }
-            inner.queue.push_back(frame.clone());
-            inner.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
+        let mut inner = self.lock();
+        if std::mem::take(&mut inner.active) || inner.closed.is_some() {
+            return None;
         }
-        Some(Push::Queued)
+        let cost = frame.cost();
+        if !inner.fits(self.bounds, cost) {
+            return Some(Push::Full);
+        }
+        let was_empty = inner.queue.is_empty();
+        inner.queue.push_back(frame.clone());
+        inner.bytes += cost;
+        Some(Push::Queued { was_empty })
     }
 
     /// Closes gracefully: what is queued still goes out, then `last` (if any, even beyond the
-    /// capacity), then the stream ends. Returns false if it was already closed.
+    /// bounds), then the stream ends. Returns false if it was already closed.
     pub fn close(&self, reason: CloseReason, last: Option<Frame>) -> bool {
         let waker = {
             let mut inner = self.lock();
@@ -154,7 +182,10 @@ impl Mailbox {
                 return false;
             }
             inner.closed = Some(reason);
-            inner.queue.extend(last);
+            if let Some(f) = last {
+                inner.bytes += f.cost();
+                inner.queue.push_back(f);
+            }
             inner.waker.take()
         };
         if let Some(w) = waker {
@@ -169,6 +200,7 @@ impl Mailbox {
         let (dropped, waker) = {
             let mut inner = self.lock();
             inner.closed.get_or_insert(reason);
+            inner.aborted = true;
             (inner.discard_events(), inner.waker.take())
         };
         if let Some(t) = &self.abort {
@@ -188,26 +220,40 @@ impl Mailbox {
         inner.discard_events()
     }
 
-    /// Moves every queued frame into `out`, or reports the end, or registers for a wake-up.
-    pub fn poll_drain(&self, cx: &mut Context<'_>, out: &mut Vec<Frame>) -> Poll<Drained> {
+    /// Hands every queued frame over by swapping `out` (which must be empty) with the queue,
+    /// so the consumer owns the memory and frees it after writing; or reports the end; or
+    /// registers for a wake-up.
+    pub fn poll_drain(&self, cx: &mut Context<'_>, out: &mut VecDeque<Frame>) -> Poll<Drained> {
+        debug_assert!(out.is_empty());
         let mut inner = self.lock();
         if !inner.queue.is_empty() {
-            out.extend(inner.queue.drain(..));
-            inner.allowance = 0;
-            if inner.queue.capacity() > 4 * self.capacity.min(64) {
-                // A burst grew the queue; give the memory back while the connection idles.
-                inner.queue.shrink_to(0);
-            }
+            std::mem::swap(out, &mut inner.queue);
+            inner.bytes = 0;
+            inner.allowance = Bounds::default();
             return Poll::Ready(Drained::Frames);
         }
         if let Some(reason) = inner.closed {
             return Poll::Ready(Drained::End(reason));
         }
-        match &mut inner.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            slot => *slot = Some(cx.waker().clone()),
-        }
+        register(&mut inner.waker, cx);
         Poll::Pending
+    }
+
+    /// Ready once the mailbox is aborted; a writer blocked on a socket watches it meanwhile.
+    pub fn poll_aborted(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.lock();
+        if inner.aborted {
+            return Poll::Ready(());
+        }
+        register(&mut inner.waker, cx);
+        Poll::Pending
+    }
+}
+
+fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        slot => *slot = Some(cx.waker().clone()),
     }
 }
 
@@ -220,17 +266,21 @@ mod tests {
         Frame { bytes: Bytes::from_static(s.as_bytes()), published_at: Instant::now(), is_event: true }
     }
 
-    fn drain(m: &Mailbox) -> (Poll<Drained>, Vec<Frame>) {
-        let mut out = Vec::new();
+    fn frames(n: usize) -> Mailbox {
+        Mailbox::new(Bounds { frames: n, bytes: usize::MAX / 2 }, None)
+    }
+
+    fn drain(m: &Mailbox) -> (Poll<Drained>, VecDeque<Frame>) {
+        let mut out = VecDeque::new();
         let mut cx = Context::from_waker(Waker::noop());
         (m.poll_drain(&mut cx, &mut out), out)
     }
 
     #[test]
-    fn bounded_and_drains_everything_at_once() {
-        let m = Mailbox::new(2, None);
-        assert_eq!(m.push(frame("a")), Push::Queued);
-        assert_eq!(m.push(frame("b")), Push::Queued);
+    fn bounded_in_frames_and_drains_everything_at_once() {
+        let m = frames(2);
+        assert_eq!(m.push(frame("a")), Push::Queued { was_empty: true });
+        assert_eq!(m.push(frame("b")), Push::Queued { was_empty: false });
         assert_eq!(m.push(frame("c")), Push::Full);
         let (p, out) = drain(&m);
         assert_eq!(p, Poll::Ready(Drained::Frames));
@@ -239,8 +289,30 @@ mod tests {
     }
 
     #[test]
+    fn bounded_in_bytes_counting_the_overhead_of_each_frame() {
+        let m = Mailbox::new(Bounds { frames: 1000, bytes: 2 * (10 + FRAME_OVERHEAD) }, None);
+        let ten = || frame("0123456789");
+        assert_eq!(m.push(ten()), Push::Queued { was_empty: true });
+        assert_eq!(m.push(ten()), Push::Queued { was_empty: false });
+        assert_eq!(m.push(frame("x")), Push::Full, "a third frame, however small, is over the bound");
+        let _ = drain(&m);
+        assert_eq!(m.push(ten()), Push::Queued { was_empty: true }, "draining frees the room");
+    }
+
+    #[test]
+    fn an_idle_mailbox_holds_no_queue_memory() {
+        let m = frames(64);
+        for _ in 0..50 {
+            m.push(frame("x"));
+        }
+        let (_, out) = drain(&m);
+        assert_eq!(out.len(), 50);
+        assert_eq!(m.lock().queue.capacity(), 0, "the drained queue went to the consumer");
+    }
+
+    #[test]
     fn graceful_close_delivers_queue_then_last_then_ends() {
-        let m = Mailbox::new(1, None);
+        let m = frames(1);
         m.push(frame("a"));
         assert!(m.close(CloseReason::Disconnected, Some(frame("bye"))));
         assert_eq!(m.push(frame("late")), Push::Closed);
@@ -250,38 +322,41 @@ mod tests {
     }
 
     #[test]
-    fn abort_discards_and_cancels_the_transport() {
+    fn abort_discards_cancels_the_transport_and_wakes_a_blocked_writer() {
         let token = CancellationToken::new();
-        let m = Mailbox::new(4, Some(token.clone()));
+        let m = Mailbox::new(Bounds { frames: 4, bytes: 1 << 20 }, Some(token.clone()));
         m.push(frame("a"));
         m.push(frame("b"));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(m.poll_aborted(&mut cx), Poll::Pending);
         assert_eq!(m.abort(CloseReason::SlowConsumer), 2);
         assert!(token.is_cancelled());
+        assert_eq!(m.poll_aborted(&mut cx), Poll::Ready(()));
         assert_eq!(drain(&m).0, Poll::Ready(Drained::End(CloseReason::SlowConsumer)));
     }
 
     #[test]
     fn heartbeat_only_when_idle() {
-        let m = Mailbox::new(4, None);
+        let m = frames(4);
         let hb = frame(":\n");
-        assert_eq!(m.heartbeat(&hb), Some(Push::Queued));
+        assert_eq!(m.heartbeat(&hb), Some(Push::Queued { was_empty: true }));
         assert_eq!(drain(&m).1.len(), 1);
         m.push(frame("ev"));
         assert_eq!(m.heartbeat(&hb), None, "busy since last sweep: skipped");
         let _ = drain(&m);
-        assert_eq!(m.heartbeat(&hb), Some(Push::Queued));
+        assert_eq!(m.heartbeat(&hb), Some(Push::Queued { was_empty: true }));
     }
 
     #[test]
-    fn preloaded_frames_do_not_eat_into_the_live_capacity() {
-        let m = Mailbox::new(2, None);
+    fn preloaded_frames_do_not_eat_into_the_live_bounds() {
+        let m = frames(2);
         m.preload(vec![frame("r1"), frame("r2"), frame("r3")]);
-        assert_eq!(m.push(frame("live1")), Push::Queued);
-        assert_eq!(m.push(frame("live2")), Push::Queued);
+        assert_eq!(m.push(frame("live1")), Push::Queued { was_empty: false });
+        assert_eq!(m.push(frame("live2")), Push::Queued { was_empty: false });
         assert_eq!(m.push(frame("live3")), Push::Full);
         assert_eq!(drain(&m).1.len(), 5);
-        assert_eq!(m.push(frame("a")), Push::Queued);
-        assert_eq!(m.push(frame("b")), Push::Queued);
+        assert_eq!(m.push(frame("a")), Push::Queued { was_empty: true });
+        assert_eq!(m.push(frame("b")), Push::Queued { was_empty: false });
         assert_eq!(m.push(frame("c")), Push::Full, "the allowance ends with the first drain");
     }
 }

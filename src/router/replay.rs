@@ -4,6 +4,7 @@
 
 use std::{
     collections::VecDeque,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -21,10 +22,15 @@ pub struct ReplayConfig {
     pub max_age: Duration,
 }
 
+/// A published event as the log and the shards share it: its target and its frame.
+pub struct Logged {
+    pub target: Target,
+    pub frame: Frame,
+}
+
 struct Entry {
     seq: u64,
-    target: Target,
-    frame: Frame,
+    logged: Arc<Logged>,
 }
 
 /// Why a resume could not be served from the log.
@@ -49,13 +55,13 @@ impl ReplayLog {
     }
 
     /// Appends the event just published as `seq` (sequence numbers arrive in order).
-    pub fn push(&mut self, seq: u64, target: Target, frame: Frame) {
+    pub fn push(&mut self, seq: u64, logged: Arc<Logged>) {
         if self.config.capacity == 0 {
             self.evicted_through = seq;
             return;
         }
-        self.bytes += frame.bytes.len();
-        self.entries.push_back(Entry { seq, target, frame });
+        self.bytes += logged.frame.bytes.len();
+        self.entries.push_back(Entry { seq, logged });
         while self.entries.len() > self.config.capacity || self.bytes > self.config.max_bytes {
             self.evict_oldest();
         }
@@ -63,14 +69,18 @@ impl ReplayLog {
 
     /// Evicts events older than the maximum age.
     pub fn expire(&mut self, now: Instant) {
-        while self.entries.front().is_some_and(|e| now.duration_since(e.frame.published_at) > self.config.max_age) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| now.duration_since(e.logged.frame.published_at) > self.config.max_age)
+        {
             self.evict_oldest();
         }
     }
 
     fn evict_oldest(&mut self) {
         if let Some(e) = self.entries.pop_front() {
-            self.bytes -= e.frame.bytes.len();
+            self.bytes -= e.logged.frame.bytes.len();
             self.evicted_through = e.seq;
         }
     }
@@ -91,7 +101,12 @@ impl ReplayLog {
         // Sequence numbers increase (with gaps when a broker assigns them), so a binary search
         // finds the first entry to send.
         let skip = self.entries.partition_point(|e| e.seq <= after_seq);
-        Ok(self.entries.iter().skip(skip).filter(move |e| addresses(&e.target, user, groups, topics)).map(|e| &e.frame))
+        Ok(self
+            .entries
+            .iter()
+            .skip(skip)
+            .filter(move |e| addresses(&e.logged.target, user, groups, topics))
+            .map(|e| &e.logged.frame))
     }
 
     pub fn len(&self) -> usize {
@@ -123,6 +138,12 @@ mod tests {
         Frame { bytes: Bytes::copy_from_slice(s.as_bytes()), published_at: at, is_event: true }
     }
 
+    impl ReplayLog {
+        fn add(&mut self, seq: u64, target: Target, frame: Frame) {
+            self.push(seq, Arc::new(Logged { target, frame }));
+        }
+    }
+
     fn user(s: &str) -> UserId {
         UserId::parse(s).unwrap()
     }
@@ -144,11 +165,11 @@ mod tests {
         let mut l = log(100, 1 << 20);
         let g = GroupId::parse("g").unwrap();
         let t = Topic::parse("t").unwrap();
-        l.push(1, Target::users(vec![user("a"), user("b")]), frame("1", now));
-        l.push(2, Target::Group(g.clone()), frame("2", now));
-        l.push(3, Target::Topic(t.clone()), frame("3", now));
-        l.push(4, Target::Broadcast, frame("4", now));
-        l.push(5, Target::users(vec![user("c")]), frame("5", now));
+        l.add(1, Target::users(vec![user("a"), user("b")]), frame("1", now));
+        l.add(2, Target::Group(g.clone()), frame("2", now));
+        l.add(3, Target::Topic(t.clone()), frame("3", now));
+        l.add(4, Target::Broadcast, frame("4", now));
+        l.add(5, Target::users(vec![user("c")]), frame("5", now));
         assert_eq!(seen(&l, 0, "b", &[], &[]).unwrap(), ["1", "4"]);
         assert_eq!(seen(&l, 1, "b", std::slice::from_ref(&g), std::slice::from_ref(&t)).unwrap(), ["2", "3", "4"]);
         assert_eq!(seen(&l, 3, "c", &[], &[]).unwrap(), ["4", "5"]);
@@ -160,7 +181,7 @@ mod tests {
         let now = Instant::now();
         let mut l = log(2, 1 << 20);
         for seq in 1..=4 {
-            l.push(seq, Target::Broadcast, frame(&seq.to_string(), now));
+            l.add(seq, Target::Broadcast, frame(&seq.to_string(), now));
         }
         assert_eq!(seen(&l, 1, "a", &[], &[]), Err(Gap::Expired), "event 2 was evicted");
         assert_eq!(seen(&l, 2, "a", &[], &[]).unwrap(), ["3", "4"]);
@@ -170,12 +191,12 @@ mod tests {
     fn bytes_and_age_bound_the_log_too() {
         let now = Instant::now();
         let mut l = log(100, 10);
-        l.push(1, Target::Broadcast, frame("aaaaaa", now));
-        l.push(2, Target::Broadcast, frame("bbbbbb", now));
+        l.add(1, Target::Broadcast, frame("aaaaaa", now));
+        l.add(2, Target::Broadcast, frame("bbbbbb", now));
         assert_eq!((l.len(), l.bytes()), (1, 6));
         let mut l = ReplayLog::new(ReplayConfig { capacity: 100, max_bytes: 100, max_age: Duration::from_secs(1) });
-        l.push(1, Target::Broadcast, frame("old", now));
-        l.push(2, Target::Broadcast, frame("new", now + Duration::from_secs(2)));
+        l.add(1, Target::Broadcast, frame("old", now));
+        l.add(2, Target::Broadcast, frame("new", now + Duration::from_secs(2)));
         l.expire(now + Duration::from_secs(2));
         assert_eq!(seen(&l, 0, "a", &[], &[]), Err(Gap::Expired));
         assert_eq!(seen(&l, 1, "a", &[], &[]).unwrap(), ["new"]);
@@ -184,7 +205,7 @@ mod tests {
     #[test]
     fn a_disabled_log_serves_only_clients_that_missed_nothing() {
         let mut l = log(0, 0);
-        l.push(1, Target::Broadcast, frame("x", Instant::now()));
+        l.add(1, Target::Broadcast, frame("x", Instant::now()));
         assert_eq!(seen(&l, 0, "a", &[], &[]), Err(Gap::Expired));
         assert!(seen(&l, 1, "a", &[], &[]).unwrap().is_empty());
     }

@@ -1,8 +1,19 @@
 //! Unit tests of routing decisions; the integration tests cover the same over real sockets.
 
-use std::task::{Context, Poll, Waker};
+use std::{
+    collections::VecDeque,
+    task::{Context, Poll, Waker},
+};
 
 use super::*;
+use crate::domain::{Event, Target};
+
+/// Everything queued for a connection now (the writer takes the whole queue at once).
+fn drain(m: &Mailbox) -> (Poll<Drained>, Vec<Frame>) {
+    let mut out = VecDeque::new();
+    let poll = m.poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);
+    (poll, out.into())
+}
 
 fn router(cap: usize) -> Arc<Router> {
     Router::new(RouterConfig { epoch: Some(7), ..RouterConfig::with_queue_capacity(cap) })
@@ -25,9 +36,7 @@ fn ev(data: &str) -> Event {
 
 /// The first line of everything queued for `reg`, but the opening `id:` cursor.
 fn received(reg: &Registration) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cx = Context::from_waker(Waker::noop());
-    let _ = reg.mailbox().poll_drain(&mut cx, &mut out);
+    let (_, out) = drain(reg.mailbox());
     out.iter()
         .filter(|f| !f.bytes.starts_with(b"id: "))
         .map(|f| String::from_utf8_lossy(&f.bytes).lines().next().unwrap_or("").to_owned())
@@ -71,8 +80,7 @@ fn a_full_queue_cuts_off_that_connection_only() {
         r.publish(t.clone(), &ev(&i.to_string())).unwrap();
         assert_eq!(received(&fast).len(), 1);
     }
-    let mut out = Vec::new();
-    let poll = slow.mailbox().poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);
+    let (poll, _) = drain(slow.mailbox());
     assert_eq!(poll, Poll::Ready(Drained::End(CloseReason::SlowConsumer)));
     let s = r.stats();
     assert_eq!((s.connections, s.events_dropped), (1, 3), "2 queued + the one that did not fit");
@@ -160,8 +168,7 @@ fn a_resume_the_log_cannot_serve_gets_ssegate_missed() {
     ] {
         let c = resume(&r, "a", &[], last);
         assert_eq!(c.start(), Start::Missed(reason));
-        let mut out = Vec::new();
-        let _ = c.mailbox().poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);
+        let (_, out) = drain(c.mailbox());
         let text: Vec<_> = out.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect();
         let expected = format!(
             "event: ssegate.missed\ndata: {{\"reason\":\"{}\",\"last_event_id\":\"{last}\"}}\n\n",
@@ -222,13 +229,12 @@ fn resuming_while_events_are_published_loses_and_repeats_nothing() {
     };
     let mut seen = Vec::new();
     let mut last = id(0);
-    let mut cx = Context::from_waker(Waker::noop());
     while seen.last() != Some(&N) {
         let c = resume(&r, "a", &[], last);
         assert!(matches!(c.start(), Start::Resumed { .. }), "{:?}", c.start());
         let mut out = Vec::new();
         for _ in 0..3 {
-            let _ = c.mailbox().poll_drain(&mut cx, &mut out);
+            out.extend(drain(c.mailbox()).1);
         }
         for f in &out {
             let text = std::str::from_utf8(&f.bytes).unwrap();

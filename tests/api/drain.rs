@@ -10,8 +10,11 @@ use crate::helpers::{SseClient, deadline, ev, spawn_process};
 
 #[tokio::test]
 async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_despite_a_stuck_client() {
-    let mut server =
-        spawn_process(&["--shutdown-grace", "1s", "--retry", "1s", "--queue-capacity", "65536"], &[]).await;
+    let mut server = spawn_process(
+        &["--shutdown-grace", "1s", "--retry", "1s", "--queue-capacity", "65536", "--max-queue-bytes", "1073741824"],
+        &[],
+    )
+    .await;
     let (http, grpc) = (server.http, server.grpc);
     let mut client = PublisherClient::connect(format!("http://{grpc}")).await.unwrap();
 

@@ -92,6 +92,35 @@ async fn a_stalled_reader_is_cut_off_while_a_healthy_one_gets_everything_and_it_
     assert!(seen.iter().copied().eq(0..EVENTS), "nothing lost or repeated across the cut-off");
 }
 
+/// What a reader that stopped reading can pin is bounded in bytes (`--max-queue-bytes`), not in
+/// events: with unique 60 KB events each is cut off after its queue plus the kernel's send
+/// buffer (at most 4 MiB here) filled, long before its 4,096-event capacity.
+#[tokio::test]
+async fn readers_that_stopped_reading_are_cut_off_by_bytes_not_by_event_count() {
+    let app = spawn_app(&["--queue-capacity", "4096", "--max-queue-bytes", "262144"]).await;
+    let users = ["s0", "s1", "s2"];
+    let mut stalled = Vec::new();
+    for u in users {
+        stalled.push(stalled_subscriber(app.http, &format!("user={u}")).await);
+        app.wait_connections(u, 1).await;
+    }
+    let payload = "x".repeat(60_000);
+    for u in users {
+        let mut accepted = 0;
+        while app.publish_users(&[u], "", &format!("{accepted} {payload}")).await.recipients == Some(1) {
+            accepted += 1;
+            assert!(accepted < 100, "{u} still queued after {accepted} events of 60 KB: not bounded in bytes");
+        }
+        app.wait_connections(u, 0).await;
+    }
+    assert!(app.stats().await.events_dropped > 0);
+    // Everyone else is still served.
+    let mut ok = app.subscribe("user=ok").await;
+    app.publish_users(&["ok"], "", "still here").await;
+    assert_eq!(ok.next_event().await.data, "still here");
+    drop(stalled);
+}
+
 /// Reads a raw stream (HTTP/1.1 chunked) until the server closes it; returns the numbers of the
 /// complete events and the last event id a browser would resume from.
 async fn read_until_closed(mut stream: tokio::net::TcpStream) -> (Vec<usize>, String) {

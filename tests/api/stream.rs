@@ -53,7 +53,7 @@ async fn publish_stream_answers_in_order_and_a_bad_item_does_not_end_it() {
 
 #[tokio::test]
 async fn publish_stream_handles_a_bulk_load_in_order() {
-    let app = spawn_app(&["--queue-capacity", "20000"]).await;
+    let app = spawn_app(&["--queue-capacity", "20000", "--max-queue-bytes", "67108864"]).await;
     let mut u = app.subscribe("user=u").await;
     let reqs = (0..5000).map(|i| item(Target::Users(pb::UserTarget { user_ids: vec!["u".into()] }), &i.to_string()));
     let mut answers = app.client.clone().publish_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();

@@ -15,6 +15,8 @@ pub struct ServerUsage {
     /// CPU seconds while the connections opened, and during the publish/hold phase.
     pub cpu_connect_s: f64,
     pub cpu_run_s: f64,
+    /// The system (kernel) part of `cpu_run_s`.
+    pub cpu_run_sys_s: f64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -62,6 +64,13 @@ impl Report {
         (self.established > 0).then(|| {
             s.rss_peak_kib.max(s.rss_connected_kib).saturating_sub(s.rss_before_kib) as f64 / self.established as f64
         })
+    }
+
+    /// Server CPU seconds (user, system) per million deliveries during the run.
+    pub fn cpu_per_million(&self) -> Option<(f64, f64)> {
+        let s = self.server?;
+        let m = self.counts.delivered as f64 / 1e6;
+        (m > 0.0).then(|| ((s.cpu_run_s - s.cpu_run_sys_s) / m, s.cpu_run_sys_s / m))
     }
 
     fn ms(&self, q: f64) -> f64 {
@@ -126,11 +135,20 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "server CPU    {:.2} s connecting, {:.2} s during the run ({:.0} % of one core)",
+                "server CPU    {:.2} s connecting, {:.2} s during the run ({:.2} user + {:.2} system; {:.0} % of one core)",
                 u.cpu_connect_s,
                 u.cpu_run_s,
+                u.cpu_run_s - u.cpu_run_sys_s,
+                u.cpu_run_sys_s,
                 percent(u.cpu_run_s, self.run_seconds)
             );
+            if let Some((user, sys)) = self.cpu_per_million() {
+                let _ = writeln!(
+                    s,
+                    "server CPU    {:.2} s per million deliveries ({user:.2} user + {sys:.2} system)",
+                    user + sys
+                );
+            }
         }
         let _ = writeln!(
             s,
@@ -177,6 +195,11 @@ impl Report {
                 j.num("server_rss_per_conn_kib", self.rss_per_conn_kib().unwrap_or(0.0), 3);
                 j.num("server_cpu_connect_s", u.cpu_connect_s, 2);
                 j.num("server_cpu_run_s", u.cpu_run_s, 2);
+                j.num("server_cpu_run_user_s", u.cpu_run_s - u.cpu_run_sys_s, 2);
+                j.num("server_cpu_run_sys_s", u.cpu_run_sys_s, 2);
+                let (user, sys) = self.cpu_per_million().unwrap_or_default();
+                j.num("server_cpu_user_s_per_m", user, 3);
+                j.num("server_cpu_sys_s_per_m", sys, 3);
             }
             None => j.raw("server", "null"),
         }
@@ -266,6 +289,7 @@ mod tests {
                 rss_peak_kib: 14_000,
                 cpu_connect_s: 0.5,
                 cpu_run_s: 5.0,
+                cpu_run_sys_s: 2.0,
             }),
             ..Report::default()
         }

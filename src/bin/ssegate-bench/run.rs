@@ -206,6 +206,7 @@ pub fn main(args: RunArgs) -> Result<(), String> {
                 rss_peak_kib: peak_rss.max(a.rss_kib),
                 cpu_connect_s: c.cpu_seconds - b.cpu_seconds,
                 cpu_run_s: a.cpu_seconds - c.cpu_seconds,
+                cpu_run_sys_s: a.sys_seconds - c.sys_seconds,
             }),
             _ => None,
         },

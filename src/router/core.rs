@@ -1,0 +1,381 @@
+//! The router's core: what must be one order for everyone. Under one std `Mutex`, held for
+//! microseconds (no fan-out, no syscall, no logging inside): the sequence counter, the replay
+//! log, the closing flag, and the connection counts per user, group and topic (admission
+//! limits, Presence, Stats and `recipients` read them). Publishing, subscribing, Disconnect
+//! and close-all hand their command to the shards' inboxes inside this critical section, so
+//! every shard sees one order: the order of ids.
+
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    sync::{Arc, MutexGuard, atomic::Ordering::Relaxed},
+    time::Instant,
+};
+
+use bytes::Bytes;
+
+use super::{
+    CloseReason, ConnId, MissReason, Published, Registration, Router, RouterError, Start, Subscription,
+    mailbox::{Frame, Mailbox},
+    replay::{Gap, Logged, ReplayLog},
+    shard::{Cmd, Conn},
+    stats::target_index,
+};
+use crate::{
+    domain::{Event, EventId, EventName, GroupId, Target, Topic, UserId},
+    event_stream,
+};
+
+pub(super) struct Core {
+    /// The sequence number of the last event published; ids are `(epoch, last_seq)`.
+    last_seq: u64,
+    log: ReplayLog,
+    /// Set by `close_all`: new connections and publishes are refused from then on.
+    closing: bool,
+    next_conn: ConnId,
+    connections: u64,
+    users: HashMap<UserId, u64>,
+    groups: HashMap<GroupId, u64>,
+    topics: HashMap<Topic, u64>,
+}
+
+/// Gauges read for `Stats`.
+pub(super) struct Gauges {
+    pub connections: u64,
+    pub users: u64,
+    pub groups: u64,
+    pub topics: u64,
+    pub log_events: u64,
+    pub log_bytes: u64,
+}
+
+fn add<K: Hash + Eq + Clone>(map: &mut HashMap<K, u64>, key: &K) {
+    *map.entry(key.clone()).or_default() += 1;
+}
+
+fn sub<K: Hash + Eq>(map: &mut HashMap<K, u64>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+impl Core {
+    pub fn new(log: ReplayLog) -> Self {
+        Self {
+            last_seq: 0,
+            log,
+            closing: false,
+            next_conn: 0,
+            connections: 0,
+            users: HashMap::new(),
+            groups: HashMap::new(),
+            topics: HashMap::new(),
+        }
+    }
+
+    fn join(&mut self, user: &UserId, groups: &[GroupId], topics: &[Topic]) {
+        self.connections += 1;
+        add(&mut self.users, user);
+        groups.iter().for_each(|g| add(&mut self.groups, g));
+        topics.iter().for_each(|t| add(&mut self.topics, t));
+    }
+
+    /// Takes a connection its shard removed off the counts.
+    pub fn leave(&mut self, user: &UserId, groups: &[GroupId], topics: &[Topic]) {
+        self.connections -= 1;
+        sub(&mut self.users, user);
+        groups.iter().for_each(|g| sub(&mut self.groups, g));
+        topics.iter().for_each(|t| sub(&mut self.topics, t));
+    }
+
+    pub fn user_count(&self, user: &UserId) -> u64 {
+        self.users.get(user).copied().unwrap_or(0)
+    }
+
+    pub fn group_count(&self, group: &GroupId) -> u64 {
+        self.groups.get(group).copied().unwrap_or(0)
+    }
+
+    pub fn topic_count(&self, topic: &Topic) -> u64 {
+        self.topics.get(topic).copied().unwrap_or(0)
+    }
+
+    pub fn users_after(&self, after: &str) -> Vec<UserId> {
+        self.users.keys().filter(|u| u.as_str() > after).cloned().collect()
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            connections: self.connections,
+            users: self.users.len() as u64,
+            groups: self.groups.len() as u64,
+            topics: self.topics.len() as u64,
+            log_events: self.log.len() as u64,
+            log_bytes: self.log.bytes() as u64,
+        }
+    }
+
+    /// Connections `target` addresses now: the ones its shards will queue it for.
+    fn recipients(&self, target: &Target) -> u64 {
+        match target {
+            Target::Users(users) => users.iter().map(|u| self.user_count(u)).sum(),
+            Target::Group(g) => self.group_count(g),
+            Target::Topic(t) => self.topic_count(t),
+            Target::Broadcast => self.connections,
+        }
+    }
+}
+
+impl Router {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Core> {
+        // Every critical section leaves the core consistent before anything can panic, so a
+        // poisoned lock is safe to keep using.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sequence number of the last event published.
+    pub fn last_seq(&self) -> u64 {
+        self.lock().last_seq
+    }
+
+    /// Whether `close_all` has begun (publishes are refused).
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// Records that sequence numbers up to `seq` are taken without an event (a broker message
+    /// that could not be decoded), so later ones still flow.
+    pub fn skip_to(&self, seq: u64) {
+        let mut core = self.lock();
+        core.last_seq = core.last_seq.max(seq);
+    }
+
+    /// Evicts replay-log events past their maximum age (also done on every publish).
+    pub fn expire_replay(&self) {
+        self.lock().log.expire(Instant::now());
+    }
+
+    /// Registers a connection. Its mailbox receives every event published to its user, groups,
+    /// topics and to everyone from now on. With `resume`, the events it missed since that id
+    /// are queued first (or an `ssegate.missed` event if the log cannot tell), in the same
+    /// critical section that hands the connection to its shard, so the handoff from replay to
+    /// live has no gap and no duplicate. Then an `id:` line without data sets the client's last
+    /// event id to the newest one, so that a reconnect resumes from here even if no event
+    /// arrives before it.
+    pub fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<Registration, RouterError> {
+        let Subscription { user, mut groups, mut topics, abort, resume } = sub;
+        groups.sort_unstable();
+        groups.dedup();
+        topics.sort_unstable();
+        topics.dedup();
+        let mailbox = Arc::new(Mailbox::new(self.bounds, abort));
+        let shard = self.shard_of(&user);
+        let mut core = self.lock();
+        if let Err(e) = self.admit(&core, &user) {
+            drop(core);
+            self.counters.rejected.fetch_add(1, Relaxed);
+            return Err(e);
+        }
+        let now = Instant::now();
+        core.log.expire(now);
+        let newest = EventId { epoch: self.epoch, seq: core.last_seq };
+        let (start, mut preload) = match resume {
+            None => (Start::Fresh, Vec::new()),
+            Some(last) if last.epoch != self.epoch => (Start::Missed(MissReason::OtherEpoch), Vec::new()),
+            Some(last) if last.seq > newest.seq => (Start::Missed(MissReason::Unknown), Vec::new()),
+            Some(last) => match core.log.missed(last.seq, &user, &groups, &topics) {
+                Ok(frames) => {
+                    let frames: Vec<Frame> = frames.cloned().collect();
+                    (Start::Resumed { replayed: frames.len() }, frames)
+                }
+                Err(Gap::Expired) => (Start::Missed(MissReason::Expired), Vec::new()),
+            },
+        };
+        if let (Start::Missed(reason), Some(last)) = (start, resume) {
+            preload.push(missed_frame(reason, last, now));
+        }
+        preload.push(Frame { bytes: event_stream::cursor(newest), published_at: now, is_event: false });
+        mailbox.preload(preload);
+        core.next_conn += 1;
+        let id = core.next_conn;
+        core.join(&user, &groups, &topics);
+        let conn = Conn::new(mailbox.clone(), user, groups.into(), topics.into());
+        self.shards[shard].submit(Cmd::Register(id, conn));
+        drop(core);
+        self.run_shard(shard);
+        self.counters.opened.fetch_add(1, Relaxed);
+        let outcome = match start {
+            Start::Fresh => None,
+            Start::Resumed { replayed } => {
+                self.counters.replayed.fetch_add(replayed as u64, Relaxed);
+                Some(0)
+            }
+            Start::Missed(reason) => {
+                self.counters.missed.fetch_add(1, Relaxed);
+                Some(match reason {
+                    MissReason::Expired => 1,
+                    MissReason::Unknown => 2,
+                    MissReason::OtherEpoch => 3,
+                })
+            }
+        };
+        if let Some(i) = outcome {
+            self.counters.resumes[i].fetch_add(1, Relaxed);
+        }
+        Ok(Registration::new(self.clone(), id, shard, mailbox, start))
+    }
+
+    /// Whether one more connection of `user` may open now.
+    fn admit(&self, core: &Core, user: &UserId) -> Result<(), RouterError> {
+        if core.closing {
+            return Err(RouterError::ShuttingDown);
+        }
+        if core.connections >= self.max_connections as u64 {
+            return Err(RouterError::TooManyConnections { limit: self.max_connections });
+        }
+        if core.user_count(user) >= self.max_connections_per_user as u64 {
+            return Err(RouterError::TooManyForUser { limit: self.max_connections_per_user });
+        }
+        Ok(())
+    }
+
+    /// Publishes an event: assigns its id and queues it for every addressed connection. Never
+    /// waits on a subscriber; connections whose queue is full are cut off.
+    pub fn publish(&self, target: Target, event: &Event) -> Result<Published, RouterError> {
+        // Encode outside the lock; only the id is appended under it.
+        let partial = event_stream::encode(event.name.as_ref().map(EventName::as_str), &event.data);
+        let core = self.lock();
+        if core.closing {
+            return Err(RouterError::ShuttingDown);
+        }
+        let seq = core.last_seq + 1;
+        Ok(self.sequence(core, seq, target, partial))
+    }
+
+    /// Publishes an event whose sequence number a broker assigned (the NATS backplane): the
+    /// same event gets the same id on every replica. A sequence number not above the last one
+    /// is a redelivery and is ignored (`None`), so a browser never gets an event twice.
+    pub fn publish_sequenced(&self, seq: u64, target: Target, event: &Event) -> Option<Published> {
+        let partial = event_stream::encode(event.name.as_ref().map(EventName::as_str), &event.data);
+        let core = self.lock();
+        if seq <= core.last_seq {
+            return None;
+        }
+        Some(self.sequence(core, seq, target, partial))
+    }
+
+    /// Under the core lock: makes `seq` the last sequence number, logs the event for replay and
+    /// hands it to the shards that may hold its recipients; then, outside the lock, lets those
+    /// shards fan it out.
+    fn sequence(
+        &self,
+        mut core: MutexGuard<'_, Core>,
+        seq: u64,
+        target: Target,
+        partial: event_stream::PartialEvent,
+    ) -> Published {
+        let published_at = Instant::now();
+        let kind = target_index(&target);
+        core.last_seq = seq;
+        let id = EventId { epoch: self.epoch, seq };
+        let recipients = core.recipients(&target);
+        let shards = self.shards_for(&target);
+        let logged =
+            Arc::new(Logged { target, frame: Frame { bytes: partial.finish(id), published_at, is_event: true } });
+        for i in shards.iter() {
+            self.shards[i].submit(Cmd::Event(logged.clone()));
+        }
+        core.log.push(seq, logged);
+        core.log.expire(published_at);
+        drop(core);
+        for i in shards.iter() {
+            self.run_shard(i);
+        }
+        self.counters.published.fetch_add(1, Relaxed);
+        self.counters.published_by_target[kind].fetch_add(1, Relaxed);
+        Published { id, recipients }
+    }
+
+    /// The shards that may hold connections `target` addresses.
+    fn shards_for(&self, target: &Target) -> ShardSet {
+        let n = self.shards.len();
+        match target {
+            Target::Users(users) if users.len() < n => {
+                ShardSet::Some(users.iter().fold(0u64, |set, u| set | 1 << (self.shard_of(u) % 64)))
+            }
+            _ => ShardSet::All(n),
+        }
+    }
+
+    /// Closes every connection of `user`: each receives a final `ssegate.disconnect` event with
+    /// `reason` as data, then its stream ends. Returns how many were closed.
+    pub fn disconnect(&self, user: &UserId, reason: &str) -> u64 {
+        let name = EventName::reserved("disconnect");
+        let last = Frame {
+            bytes: event_stream::encode(Some(name.as_str()), reason).finish_without_id(),
+            published_at: Instant::now(),
+            is_event: false,
+        };
+        let shard = self.shard_of(user);
+        let core = self.lock();
+        let closed = core.user_count(user);
+        if closed > 0 {
+            self.shards[shard].submit(Cmd::Disconnect(user.clone(), last));
+        }
+        drop(core);
+        self.run_shard(shard);
+        tracing::info!(user = %user, closed, "user disconnected");
+        closed
+    }
+
+    /// Refuses new connections and publishes from now on, and closes every connection after
+    /// queuing the frame `last` makes for it. Returns how many were closed.
+    pub fn close_all(&self, reason: CloseReason, last: impl Fn() -> Option<Bytes> + Send + Sync + 'static) -> usize {
+        let last: super::shard::LastFrame = Arc::new(last);
+        let mut core = self.lock();
+        core.closing = true;
+        let closed = core.connections;
+        for shard in self.shards.iter() {
+            shard.submit(Cmd::CloseAll(reason, last.clone()));
+        }
+        drop(core);
+        for i in 0..self.shards.len() {
+            self.run_shard(i);
+        }
+        closed as usize
+    }
+}
+
+/// A set of shard indexes: a bit set when the target names fewer users than there are
+/// shards, else all of them.
+enum ShardSet {
+    Some(u64),
+    All(usize),
+}
+
+impl ShardSet {
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        let (bits, n) = match *self {
+            ShardSet::Some(bits) => (bits, 64),
+            ShardSet::All(n) => (u64::MAX, n),
+        };
+        (0..n).filter(move |i| bits & (1 << i) != 0)
+    }
+}
+
+/// The `ssegate.missed` event: `last` could not be resumed from, so the client may have
+/// missed events and should refetch its state. Its data is a small JSON object.
+fn missed_frame(reason: MissReason, last: EventId, now: Instant) -> Frame {
+    // Both values are from fixed alphabets (a reason name; hex, digits and `-`), so they need
+    // no JSON escaping.
+    let data = format!(r#"{{"reason":"{}","last_event_id":"{last}"}}"#, reason.as_str());
+    let name = EventName::reserved("missed");
+    Frame {
+        bytes: event_stream::encode(Some(name.as_str()), &data).finish_without_id(),
+        published_at: now,
+        is_event: false,
+    }
+}

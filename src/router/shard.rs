@@ -1,0 +1,338 @@
+//! A shard: the single owner of some connections (all of a user's connections live in the
+//! same shard) and of their membership indexes, and the place where events fan out to them.
+//!
+//! Work reaches a shard as commands in its `inbox`, appended in global order under the core
+//! lock (events in sequence order, registrations at the point in that order where their replay
+//! ended). Whoever submits a command then tries to apply the inbox; if another thread is
+//! applying already, that thread picks the new commands up before it lets go (flat combining),
+//! so nobody ever waits for a shard and every shard applies commands in submission order. The
+//! tables lock is held only while queuing frames into mailboxes; waking writers, aborting
+//! sockets and logging happen after it is released.
+//!
+//! Writes are coalesced here: a connection's writer is woken at most once per
+//! `--write-coalesce` window. The first event after a quiet period wakes it at once; events
+//! within the window wait in the mailbox and the shard's timer task wakes the writer at the end
+//! of the window, so it carries all of them in one write.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hash, Hasher},
+    sync::{Arc, Mutex, MutexGuard, TryLockError},
+    task::Waker,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+
+use super::{
+    CloseReason, ConnId,
+    mailbox::{Frame, Mailbox, Push},
+    replay::Logged,
+};
+use crate::domain::{GroupId, Target, Topic, UserId};
+
+/// Builds the frame a connection gets when the server closes everyone (a jittered `retry:`).
+pub(super) type LastFrame = Arc<dyn Fn() -> Option<Bytes> + Send + Sync>;
+
+pub(super) enum Cmd {
+    Event(Arc<Logged>),
+    Register(ConnId, Conn),
+    Unregister(ConnId),
+    /// Close every connection of the user, each after the given frame.
+    Disconnect(UserId, Frame),
+    CloseAll(CloseReason, LastFrame),
+}
+
+/// A connection as its shard knows it.
+pub(super) struct Conn {
+    pub mailbox: Arc<Mailbox>,
+    pub user: UserId,
+    pub groups: Box<[GroupId]>,
+    pub topics: Box<[Topic]>,
+    /// The writer may not be woken again before this (write coalescing).
+    next_wake: Instant,
+    /// In the shard's deferred list: its writer will be woken at the end of the window.
+    deferred: bool,
+}
+
+impl Conn {
+    pub fn new(mailbox: Arc<Mailbox>, user: UserId, groups: Box<[GroupId]>, topics: Box<[Topic]>) -> Self {
+        Self { mailbox, user, groups, topics, next_wake: Instant::now(), deferred: false }
+    }
+}
+
+/// Connection ids are sequential numbers: hashing them with SipHash would cost more than the
+/// rest of a delivery. A multiplicative hash spreads them over the table (hashbrown uses the
+/// top bits for its control bytes and the low bits for the bucket). std has no such hasher.
+#[derive(Default)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ById<V> = HashMap<ConnId, V, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+pub(super) struct Tables {
+    conns: ById<Conn>,
+    users: HashMap<UserId, Vec<ConnId>>,
+    groups: HashMap<GroupId, Vec<ConnId>>,
+    topics: HashMap<Topic, Vec<ConnId>>,
+    /// Connections whose writer waits for the end of the coalescing window.
+    deferred: Vec<ConnId>,
+}
+
+fn join<K: Hash + Eq + Clone>(index: &mut HashMap<K, Vec<ConnId>>, key: &K, id: ConnId) {
+    index.entry(key.clone()).or_default().push(id);
+}
+
+fn leave<K: Hash + Eq>(index: &mut HashMap<K, Vec<ConnId>>, key: &K, id: ConnId) {
+    if let Some(members) = index.get_mut(key) {
+        if let Some(i) = members.iter().position(|m| *m == id) {
+            members.swap_remove(i);
+        }
+        if members.is_empty() {
+            index.remove(key);
+        } else if members.capacity() > 4 * members.len() {
+            members.shrink_to_fit();
+        }
+    }
+}
+
+/// What applying commands left to do once the tables lock is released.
+#[derive(Default)]
+pub(super) struct Effects {
+    pub wakers: Vec<Waker>,
+    /// Cut off as slow consumers; `true` if an event (not a heartbeat) did not fit.
+    pub cut: Vec<(Conn, bool)>,
+    /// Closed gracefully, with a last frame.
+    pub closed: Vec<(Conn, CloseReason, Option<Frame>)>,
+    /// Removed because their registration ended.
+    pub gone: Vec<Conn>,
+    /// The deferred list became non-empty: the timer task must flush it.
+    pub arm_flush: bool,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.wakers.is_empty()
+            && self.cut.is_empty()
+            && self.closed.is_empty()
+            && self.gone.is_empty()
+            && !self.arm_flush
+    }
+}
+
+impl Tables {
+    fn insert(&mut self, id: ConnId, conn: Conn) {
+        join(&mut self.users, &conn.user, id);
+        for g in &conn.groups {
+            join(&mut self.groups, g, id);
+        }
+        for t in &conn.topics {
+            join(&mut self.topics, t, id);
+        }
+        self.conns.insert(id, conn);
+    }
+
+    fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        let conn = self.conns.remove(&id)?;
+        leave(&mut self.users, &conn.user, id);
+        for g in &conn.groups {
+            leave(&mut self.groups, g, id);
+        }
+        for t in &conn.topics {
+            leave(&mut self.topics, t, id);
+        }
+        Some(conn)
+    }
+
+    pub fn apply(&mut self, cmd: Cmd, window: Duration, now: Instant, fx: &mut Effects) {
+        match cmd {
+            Cmd::Event(logged) => self.fan_out(&logged, window, now, fx),
+            Cmd::Register(id, conn) => self.insert(id, conn),
+            Cmd::Unregister(id) => fx.gone.extend(self.remove(id)),
+            Cmd::Disconnect(user, last) => {
+                for id in self.users.get(&user).cloned().unwrap_or_default() {
+                    if let Some(conn) = self.remove(id) {
+                        fx.closed.push((conn, CloseReason::Disconnected, Some(last.clone())));
+                    }
+                }
+            }
+            Cmd::CloseAll(reason, last) => {
+                let all = std::mem::take(self);
+                let frame = |bytes| Frame { bytes, published_at: now, is_event: false };
+                fx.closed.extend(all.conns.into_values().map(|c| (c, reason, last().map(frame))));
+            }
+        }
+    }
+
+    /// Queues the event for every connection it addresses here, each at most once (a user
+    /// list is deduplicated, and a group or topic holds a connection once).
+    fn fan_out(&mut self, logged: &Logged, window: Duration, now: Instant, fx: &mut Effects) {
+        let Self { conns, users, groups, topics, deferred } = self;
+        let mut slow = Vec::new();
+        let mut deliver = |id: ConnId, conn: &mut Conn| {
+            if !schedule(id, conn, conn.mailbox.push(logged.frame.clone()), window, now, deferred, fx) {
+                slow.push(id);
+            }
+        };
+        match &logged.target {
+            Target::Users(list) => {
+                for ids in list.iter().filter_map(|u| users.get(u)) {
+                    visit(conns, ids, &mut deliver);
+                }
+            }
+            Target::Group(g) => visit(conns, groups.get(g).map_or(&[], Vec::as_slice), &mut deliver),
+            Target::Topic(t) => visit(conns, topics.get(t).map_or(&[], Vec::as_slice), &mut deliver),
+            Target::Broadcast => conns.iter_mut().for_each(|(id, c)| deliver(*id, c)),
+        }
+        for id in slow {
+            fx.cut.extend(self.remove(id).map(|c| (c, true)));
+        }
+    }
+
+    /// Queues a heartbeat on the idle connections of one slot.
+    pub fn heartbeat(&mut self, slot: u64, slots: u64, frame: &Frame, now: Instant, fx: &mut Effects) {
+        let mut slow = Vec::new();
+        for (id, conn) in self.conns.iter_mut().filter(|(id, _)| **id % slots == slot) {
+            match conn.mailbox.heartbeat(frame) {
+                None | Some(Push::Closed) | Some(Push::Queued { was_empty: false }) => {}
+                // Heartbeats are rare: wake at once, whatever the window.
+                Some(Push::Queued { was_empty: true }) => {
+                    conn.next_wake = now;
+                    fx.wakers.extend(conn.mailbox.take_waker());
+                }
+                Some(Push::Full) => slow.push(*id),
+            }
+        }
+        for id in slow {
+            fx.cut.extend(self.remove(id).map(|c| (c, false)));
+        }
+    }
+
+    /// Wakes every deferred writer: its window is over.
+    pub fn flush_deferred(&mut self, window: Duration, now: Instant, fx: &mut Effects) {
+        for id in std::mem::take(&mut self.deferred) {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.deferred = false;
+                conn.next_wake = now + window;
+                fx.wakers.extend(conn.mailbox.take_waker());
+            }
+        }
+    }
+}
+
+fn visit(conns: &mut ById<Conn>, ids: &[ConnId], mut f: impl FnMut(ConnId, &mut Conn)) {
+    for id in ids {
+        if let Some(conn) = conns.get_mut(id) {
+            f(*id, conn);
+        }
+    }
+}
+
+/// After a push: decides when the writer is woken. False if the mailbox was full.
+fn schedule(
+    id: ConnId,
+    conn: &mut Conn,
+    push: Push,
+    window: Duration,
+    now: Instant,
+    deferred: &mut Vec<ConnId>,
+    fx: &mut Effects,
+) -> bool {
+    match push {
+        Push::Full => return false,
+        Push::Closed | Push::Queued { was_empty: false } => {}
+        Push::Queued { was_empty: true } if now >= conn.next_wake => {
+            conn.next_wake = now + window;
+            fx.wakers.extend(conn.mailbox.take_waker());
+        }
+        Push::Queued { was_empty: true } => {
+            if !conn.deferred {
+                conn.deferred = true;
+                fx.arm_flush |= deferred.is_empty();
+                deferred.push(id);
+            }
+        }
+    }
+    true
+}
+
+pub(super) struct Shard {
+    inbox: Mutex<Vec<Cmd>>,
+    tables: Mutex<Tables>,
+    /// Wakes the shard's timer task when the deferred list becomes non-empty.
+    pub flush: tokio::sync::Notify,
+}
+
+impl Shard {
+    pub fn new() -> Self {
+        Self { inbox: Mutex::new(Vec::new()), tables: Mutex::new(Tables::default()), flush: tokio::sync::Notify::new() }
+    }
+
+    /// Appends a command; the caller orders submissions (under the core lock) and then calls
+    /// `run`.
+    pub fn submit(&self, cmd: Cmd) {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner()).push(cmd);
+    }
+
+    fn inbox_is_empty(&self) -> bool {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// Applies the inbox unless another thread is applying it (which then also applies what
+    /// was just submitted). `finish` runs the effects of each batch after the lock is released.
+    pub fn run(&self, window: Duration, mut finish: impl FnMut(Effects)) {
+        loop {
+            let mut tables = match self.tables.try_lock() {
+                Ok(t) => t,
+                // Every critical section leaves the tables consistent, so poison is harmless.
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            let batch = std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut fx = Effects::default();
+            let now = Instant::now();
+            for cmd in batch {
+                tables.apply(cmd, window, now, &mut fx);
+            }
+            drop(tables);
+            if !fx.is_empty() {
+                finish(fx);
+            }
+            // A command submitted while we held the lock saw `WouldBlock` and left it to us.
+            if self.inbox_is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Runs `f` on the tables (heartbeats, deferred flushes, queries), blocking briefly.
+    pub fn with_tables<R>(&self, f: impl FnOnce(&mut Tables) -> R) -> R {
+        let mut tables: MutexGuard<'_, Tables> = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut tables)
+    }
+}
+
+/// The shard a user's connections live in.
+pub(super) fn shard_of(user: &UserId, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    // DefaultHasher::new() has fixed keys: the same user always lands in the same shard.
+    let mut h = std::hash::DefaultHasher::new();
+    user.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}

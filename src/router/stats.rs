@@ -1,0 +1,119 @@
+//! What the router counts and reports: `Stats`, Presence and the online-user listing. Gauges
+//! come from the core's counts (one short lock); counters are relaxed atomics.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use super::{Router, UserPresence};
+use crate::domain::{GroupId, Target, Topic, UserId};
+
+/// A snapshot of the router's gauges and counters (serializable: replicas exchange it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub connections: u64,
+    pub users: u64,
+    pub groups: u64,
+    pub topics: u64,
+    pub events_published: u64,
+    pub events_delivered: u64,
+    pub events_dropped: u64,
+    pub connections_opened: u64,
+    /// Missed events sent to connections that resumed with `Last-Event-ID`.
+    pub events_replayed: u64,
+    /// Resumes that could not be served from the log (told with `ssegate.missed`).
+    pub resumes_missed: u64,
+    /// Connections refused by a connection limit.
+    pub connections_rejected: u64,
+    /// Events in the replay log now.
+    pub replay_log_events: u64,
+    /// Bytes of encoded events in the replay log now.
+    pub replay_log_bytes: u64,
+    /// Events published, by target kind (indexed like `TARGET_KINDS`).
+    pub published_by_target: [u64; 4],
+    /// Connections that came with a `Last-Event-ID`, by outcome (indexed like
+    /// `RESUME_OUTCOMES`).
+    pub resumes_by_outcome: [u64; 4],
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+    pub opened: AtomicU64,
+    pub replayed: AtomicU64,
+    pub missed: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Indexed like `TARGET_KINDS`.
+    pub published_by_target: [AtomicU64; 4],
+    /// Indexed like `RESUME_OUTCOMES`.
+    pub resumes: [AtomicU64; 4],
+}
+
+/// Names of target kinds, in the order of `Stats::published_by_target`.
+pub const TARGET_KINDS: [&str; 4] = ["user", "group", "topic", "broadcast"];
+/// Names of resume outcomes, in the order of `Stats::resumes_by_outcome`.
+pub const RESUME_OUTCOMES: [&str; 4] = ["resumed", "expired", "unknown", "other_epoch"];
+
+pub(super) fn target_index(target: &Target) -> usize {
+    match target {
+        Target::Users(_) => 0,
+        Target::Group(_) => 1,
+        Target::Topic(_) => 2,
+        Target::Broadcast => 3,
+    }
+}
+
+impl Router {
+    /// Counts frames handed to a connection's socket.
+    pub fn record_delivered(&self, frames: u64) {
+        self.counters.delivered.fetch_add(frames, Relaxed);
+    }
+
+    /// How many connections each user has (0 when offline), in the order asked.
+    pub fn user_presence(&self, users: &[UserId]) -> Vec<UserPresence> {
+        let core = self.lock();
+        users.iter().map(|u| UserPresence { user: u.clone(), connections: core.user_count(u) }).collect()
+    }
+
+    pub fn group_connections(&self, groups: &[GroupId]) -> Vec<u64> {
+        let core = self.lock();
+        groups.iter().map(|g| core.group_count(g)).collect()
+    }
+
+    pub fn topic_connections(&self, topics: &[Topic]) -> Vec<u64> {
+        let core = self.lock();
+        topics.iter().map(|t| core.topic_count(t)).collect()
+    }
+
+    /// Online users sorted by id, after `after` (exclusive), at most `limit`; and whether more
+    /// remain.
+    pub fn online_users(&self, after: Option<&str>, limit: usize) -> (Vec<UserId>, bool) {
+        let mut ids = self.lock().users_after(after.unwrap_or(""));
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        (ids, more)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let gauges = self.lock().gauges();
+        let c = &self.counters;
+        Stats {
+            connections: gauges.connections,
+            users: gauges.users,
+            groups: gauges.groups,
+            topics: gauges.topics,
+            events_published: c.published.load(Relaxed),
+            events_delivered: c.delivered.load(Relaxed),
+            events_dropped: c.dropped.load(Relaxed),
+            connections_opened: c.opened.load(Relaxed),
+            events_replayed: c.replayed.load(Relaxed),
+            resumes_missed: c.missed.load(Relaxed),
+            connections_rejected: c.rejected.load(Relaxed),
+            replay_log_events: gauges.log_events,
+            replay_log_bytes: gauges.log_bytes,
+            published_by_target: std::array::from_fn(|i| c.published_by_target[i].load(Relaxed)),
+            resumes_by_outcome: std::array::from_fn(|i| c.resumes[i].load(Relaxed)),
+        }
+    }
+}
