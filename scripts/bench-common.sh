@@ -9,7 +9,8 @@
 #   CARGO_TARGET_DIR  where to build (default: target)
 #   SERVER_CPU / CLIENT_CPU  taskset CPU lists (default 0 / 1)
 #   RESULTS           JSON-lines file (default: $CARGO_TARGET_DIR/bench-results/<scenario>.jsonl)
-#   TARGETS           which servers to run (default: "ssegate nchan baseline")
+#   TARGETS           which servers to run (default: "ssegate nchan baseline"; also "bare":
+#                     the baseline binary with --bare, a tokio task per socket, idle only)
 #   BACKPLANE         ssegate's backplane: memory (default) or nats (a fresh `nats-server -js`
 #                     on 127.0.0.1:14222, pinned to the server CPU too, is started with it)
 set -euo pipefail
@@ -146,8 +147,10 @@ CONF
       taskset -c "$SERVER_CPU" nginx -p "$SCRATCH/nginx" -c "$SCRATCH/nginx/nginx.conf" \
         >"$SCRATCH/nginx/logs/stdout.log" 2>&1 &
       SERVER_PID=$!; wait_port "$NCHAN_HTTP" ;;
-    baseline)
-      taskset -c "$SERVER_CPU" "$BIN/examples/bench-baseline" --addr "$BASELINE_HTTP" "$@" \
+    baseline|bare)
+      local bare=()
+      [ "$target" = bare ] && bare=(--bare)
+      taskset -c "$SERVER_CPU" "$BIN/examples/bench-baseline" --addr "$BASELINE_HTTP" "${bare[@]}" "$@" \
         >"$SCRATCH/baseline.log" 2>&1 &
       SERVER_PID=$!; wait_port "$BASELINE_HTTP" ;;
     *) die "unknown target $target" ;;
@@ -161,8 +164,10 @@ bench() {
   if [ "$BACKPLANE" = nats ] && [ "$target" = ssegate ]; then label="$label-nats"; fi
   local http
   case $target in
-    ssegate) http=$SSEGATE_HTTP ;; nchan) http=$NCHAN_HTTP ;; baseline) http=$BASELINE_HTTP ;;
+    ssegate) http=$SSEGATE_HTTP ;; nchan) http=$NCHAN_HTTP ;; baseline|bare) http=$BASELINE_HTTP ;;
   esac
+  # The bench client speaks to the bare floor as to the baseline (same paths).
+  if [ "$target" = bare ]; then label="$label-bare"; target=baseline; fi
   RUN_NO=$((RUN_NO + 1))
   log "$label ($target)"
   taskset -c "$CLIENT_CPU" "$BIN/ssegate-bench" run --target "$target" --label "$label" \

@@ -7,6 +7,10 @@
 //! client talks to both the same way. A subscriber that lags past `--capacity` skips events
 //! (tokio's broadcast semantics); the bench counts those as lost.
 //!
+//! With `--bare` it is the floor instead: a tokio task per socket that answers any request
+//! with an SSE head and then only waits for the client to leave (no HTTP library, no state),
+//! the reference for idle memory per connection.
+//!
 //! Run: `cargo run --release --example bench-baseline -- --addr 127.0.0.1:8091`
 
 use std::{
@@ -41,6 +45,27 @@ struct Args {
     /// Keep-alive comment interval on idle streams.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// Serve every connection with a bare task (idle reference; publishing is not supported).
+    #[arg(long)]
+    bare: bool,
+}
+
+/// The bare floor: one task per socket that reads the request, answers with an SSE head and a
+/// comment, then waits (reading 16 bytes at a time) until the client leaves.
+async fn serve_bare(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n:\n\n";
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut probe = [0u8; 16];
+            // The request head: anything up to the first read is enough for the bench client.
+            if socket.read(&mut probe).await.unwrap_or(0) == 0 || socket.write_all(HEAD).await.is_err() {
+                return;
+            }
+            while socket.read(&mut probe).await.unwrap_or(0) > 0 {}
+        });
+    }
 }
 
 #[derive(Clone)]
@@ -94,6 +119,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Router::new().route("/sub/{name}", get(subscribe)).route("/pub/{name}", post(publish)).with_state(channels);
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     eprintln!("bench-baseline listening on {}", listener.local_addr()?);
+    if args.bare {
+        serve_bare(listener).await?;
+        return Ok(());
+    }
     axum::serve(listener, app).await?;
     Ok(())
 }

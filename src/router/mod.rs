@@ -291,13 +291,15 @@ impl Router {
         let mut tick = tokio::time::interval((heartbeat / HEARTBEAT_SLOTS as u32).max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut slot = 0;
+        // The end of the earliest coalescing window of a deferred writer, if any waits.
+        let mut flush_at = None;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = self.shards[i].flush.notified() => {
-                    tokio::time::sleep(self.write_coalesce).await;
+                () = self.shards[i].flush.notified() => {}
+                () = sleep_until(flush_at), if flush_at.is_some() => {
                     let mut fx = Effects::default();
-                    self.shards[i].with_tables(|t| t.flush_deferred(self.write_coalesce, Instant::now(), &mut fx));
+                    self.shards[i].with_tables(|t| t.flush_due(self.write_coalesce, Instant::now(), &mut fx));
                     self.finish(i, fx);
                 }
                 _ = tick.tick() => {
@@ -310,7 +312,14 @@ impl Router {
                     slot = (slot + 1) % HEARTBEAT_SLOTS;
                 }
             }
+            flush_at = self.shards[i].with_tables(|t| t.flush_at());
         }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
     }
 }
 

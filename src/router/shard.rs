@@ -89,8 +89,10 @@ pub(super) struct Tables {
     users: HashMap<UserId, Vec<ConnId>>,
     groups: HashMap<GroupId, Vec<ConnId>>,
     topics: HashMap<Topic, Vec<ConnId>>,
-    /// Connections whose writer waits for the end of the coalescing window.
+    /// Connections whose writer waits for the end of its coalescing window.
     deferred: Vec<ConnId>,
+    /// The earliest end of those windows: when the timer task must flush.
+    flush_at: Option<Instant>,
 }
 
 fn join<K: Hash + Eq + Clone>(index: &mut HashMap<K, Vec<ConnId>>, key: &K, id: ConnId) {
@@ -181,10 +183,11 @@ impl Tables {
     /// Queues the event for every connection it addresses here, each at most once (a user
     /// list is deduplicated, and a group or topic holds a connection once).
     fn fan_out(&mut self, logged: &Logged, window: Duration, now: Instant, fx: &mut Effects) {
-        let Self { conns, users, groups, topics, deferred } = self;
+        let Self { conns, users, groups, topics, deferred, flush_at } = self;
+        let mut later = Deferred { list: deferred, at: flush_at };
         let mut slow = Vec::new();
         let mut deliver = |id: ConnId, conn: &mut Conn| {
-            if !schedule(id, conn, conn.mailbox.push(logged.frame.clone()), window, now, deferred, fx) {
+            if !schedule(id, conn, conn.mailbox.push(logged.frame.clone()), window, now, &mut later, fx) {
                 slow.push(id);
             }
         };
@@ -222,14 +225,29 @@ impl Tables {
         }
     }
 
-    /// Wakes every deferred writer: its window is over.
-    pub fn flush_deferred(&mut self, window: Duration, now: Instant, fx: &mut Effects) {
-        for id in std::mem::take(&mut self.deferred) {
-            if let Some(conn) = self.conns.get_mut(&id) {
-                conn.deferred = false;
-                conn.next_wake = now + window;
-                fx.wakers.extend(conn.mailbox.take_waker());
+    /// When the timer task must next flush deferred writers, if any wait.
+    pub fn flush_at(&self) -> Option<Instant> {
+        self.flush_at
+    }
+
+    /// Wakes the deferred writers whose window is over; the others wait for a later flush.
+    pub fn flush_due(&mut self, window: Duration, now: Instant, fx: &mut Effects) {
+        let mut at = None::<Instant>;
+        let conns = &mut self.conns;
+        self.deferred.retain(|id| {
+            let Some(conn) = conns.get_mut(id) else { return false };
+            if conn.next_wake > now {
+                at = Some(at.map_or(conn.next_wake, |a| a.min(conn.next_wake)));
+                return true;
             }
+            conn.deferred = false;
+            conn.next_wake = now + window;
+            fx.wakers.extend(conn.mailbox.take_waker());
+            false
+        });
+        self.flush_at = at;
+        if self.deferred.capacity() > 4 * self.deferred.len().max(16) {
+            self.deferred.shrink_to_fit();
         }
     }
 }
@@ -242,6 +260,12 @@ fn visit(conns: &mut ById<Conn>, ids: &[ConnId], mut f: impl FnMut(ConnId, &mut 
     }
 }
 
+/// The deferred list and its earliest deadline, borrowed together during a fan-out.
+struct Deferred<'a> {
+    list: &'a mut Vec<ConnId>,
+    at: &'a mut Option<Instant>,
+}
+
 /// After a push: decides when the writer is woken. False if the mailbox was full.
 fn schedule(
     id: ConnId,
@@ -249,7 +273,7 @@ fn schedule(
     push: Push,
     window: Duration,
     now: Instant,
-    deferred: &mut Vec<ConnId>,
+    later: &mut Deferred<'_>,
     fx: &mut Effects,
 ) -> bool {
     match push {
@@ -262,8 +286,9 @@ fn schedule(
         Push::Queued { was_empty: true } => {
             if !conn.deferred {
                 conn.deferred = true;
-                fx.arm_flush |= deferred.is_empty();
-                deferred.push(id);
+                fx.arm_flush |= later.list.is_empty();
+                later.list.push(id);
+                *later.at = Some(later.at.map_or(conn.next_wake, |a| a.min(conn.next_wake)));
             }
         }
     }

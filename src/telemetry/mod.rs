@@ -1,5 +1,7 @@
-//! Logs, traces and metrics. Logs: `tracing` to stderr, filtered by `RUST_LOG` (default
-//! `info`), pretty or JSON. Traces: the same spans exported over OTLP/gRPC when
+//! Logs, traces and metrics. Logs: `tracing` to stderr through a non-blocking writer (a
+//! dedicated thread does the writes, so no task ever blocks on a slow stderr; under a flood
+//! lines are dropped rather than waited for), filtered by `RUST_LOG` (default `info`), pretty
+//! or JSON. Traces: the same spans exported over OTLP/gRPC when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (off otherwise), with W3C trace context propagation.
 //! Metrics: see `metrics`.
 
@@ -18,11 +20,13 @@ use crate::config::LogFormat;
 #[must_use = "dropping the guard does not flush; call shutdown() before exiting"]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    /// Flushes the log writer's queue when dropped.
+    _logs: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl TelemetryGuard {
     pub fn shutdown(self) {
-        if let Some(p) = self.provider
+        if let Some(p) = &self.provider
             && let Err(e) = p.shutdown()
         {
             tracing::warn!(error = %e, "trace export did not shut down cleanly");
@@ -34,7 +38,8 @@ impl TelemetryGuard {
 /// installed already (tests).
 pub fn init(format: LogFormat) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt_layer = fmt::layer().with_writer(std::io::stderr);
+    let (writer, logs) = tracing_appender::non_blocking(std::io::stderr());
+    let fmt_layer = fmt::layer().with_writer(writer);
     let fmt_layer = match format {
         LogFormat::Pretty => fmt_layer.boxed(),
         LogFormat::Json => fmt_layer.json().flatten_event(true).boxed(),
@@ -54,7 +59,8 @@ pub fn init(format: LogFormat) -> TelemetryGuard {
     if installed.is_ok() && provider.is_some() {
         tracing::info!(endpoint = ?std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(), "exporting traces over OTLP");
     }
-    TelemetryGuard { provider }
+    // If a subscriber was installed already, ours is unused: its writer thread can stop.
+    TelemetryGuard { provider, _logs: installed.is_ok().then_some(logs) }
 }
 
 /// A tracer provider exporting over OTLP/gRPC, if `OTEL_EXPORTER_OTLP_ENDPOINT` (or the
