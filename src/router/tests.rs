@@ -348,7 +348,7 @@ fn resuming_across_shards_under_concurrent_publishers_loses_and_repeats_nothing(
         })
         .collect();
     // Even users join group g, odd users topic t.
-    let joins = |u: usize| if u % 2 == 0 { (vec!["g"], vec![]) } else { (vec![], vec!["t"]) };
+    let joins = |u: usize| if u.is_multiple_of(2) { (vec!["g"], vec![]) } else { (vec![], vec!["t"]) };
     let clients: Vec<_> = (0..users.len())
         .map(|u| {
             let (r, name) = (r.clone(), users[u].clone());
