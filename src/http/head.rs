@@ -35,21 +35,34 @@ pub enum Head {
 /// Reads until the head is complete (or is recognisably not ours). `buf` is the caller's so
 /// that it can tell, after a timeout, whether anything arrived.
 pub async fn read<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>, max: usize) -> io::Result<Head> {
-    buf.reserve(INITIAL_BUFFER.min(max));
+    buf.reserve_exact(INITIAL_BUFFER.min(max));
     loop {
         if buf.len() == buf.capacity() {
             if buf.len() >= max {
                 return Ok(Head::TooLarge);
             }
-            buf.reserve((buf.len() * 2).min(max) - buf.len());
+            buf.reserve_exact((buf.len() * 2).min(max) - buf.len());
         }
+        let before = buf.len();
         if io.read_buf(buf).await? == 0 {
             return Ok(Head::Closed);
         }
-        if let Some(head) = classify(buf) {
+        // Parse only once the head may be complete (or may be an HTTP/2 preface): a head
+        // dripped in byte by byte must not cost a full parse per byte.
+        let may_be_h2 = buf.len() <= H2_PREFACE.len() || buf.starts_with(b"PRI ");
+        if (may_be_h2 || ends_head(buf, before))
+            && let Some(head) = classify(buf)
+        {
             return Ok(head);
         }
     }
+}
+
+/// Whether the bytes from `from` on (with the three before, for a marker split across reads)
+/// hold the blank line that ends a head (`\n\n`, or `\n\r\n`: httparse accepts both).
+fn ends_head(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(3)..];
+    memchr::memmem::find(tail, b"\n\n").is_some() || memchr::memmem::find(tail, b"\n\r\n").is_some()
 }
 
 /// Decides from what was read so far; `None` means more bytes are needed.
@@ -171,6 +184,15 @@ mod tests {
         assert_eq!(kind("G\x01T / HTTP/1.1\r\n\r\n"), "other", "hyper answers malformed heads");
         assert_eq!(kind("PRI * HTTP/2.0\r\n"), "partial");
         assert_eq!(kind("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "other");
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_across_reads() {
+        let b = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(ends_head(b, 0));
+        assert!(ends_head(b, b.len() - 1), "the marker began in an earlier read");
+        assert!(!ends_head(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
+        assert!(ends_head(b"GET / HTTP/1.1\nHost: x\n\n", 0));
     }
 
     #[tokio::test]
