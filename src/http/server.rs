@@ -104,6 +104,7 @@ struct Shared {
     limits: ServerLimits,
     metrics: Arc<EdgeMetrics>,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 /// Accepts connections on `listener` until `shutdown` is cancelled, each served on a task of
@@ -126,7 +127,7 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder.http2().max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let per_ip = Arc::new(PerIp::default());
-    let shared = Arc::new(Shared { app, builder, limits, metrics, shutdown });
+    let shared = Arc::new(Shared { app, builder, limits, metrics, shutdown, tracker: tracker.clone() });
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -153,11 +154,10 @@ pub async fn serve(
         let shared = shared.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
-            let _slot = slot;
             match tls {
-                None => serve_conn(stream, peer, &shared, false).await,
+                None => serve_conn(stream, peer, &shared, false, slot).await,
                 // Boxed: a TLS session is large, and plain connections must not carry its room.
-                Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, &shared)).await,
+                Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, &shared, slot)).await,
             }
         });
     }
@@ -177,11 +177,17 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
     .await;
 }
 
-async fn serve_tls(stream: tokio::net::TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, shared: &Shared) {
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: &Shared,
+    slot: IpSlot,
+) {
     match tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_conn(tls, peer, shared, h2).await;
+            serve_conn(tls, peer, shared, h2, slot).await;
         }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -189,8 +195,9 @@ async fn serve_tls(stream: tokio::net::TcpStream, peer: SocketAddr, acceptor: Tl
 }
 
 /// Serves one connection (plain or TLS): reads the request head within the header timeout,
-/// then serves a stream itself or hands the connection to hyper.
-async fn serve_conn<IO>(mut io: IO, peer: SocketAddr, shared: &Shared, h2: bool)
+/// then serves a stream itself or hands the connection to hyper. `slot` (its place in the
+/// per-address count) is held as long as the connection is.
+async fn serve_conn<IO>(mut io: IO, peer: SocketAddr, shared: &Shared, h2: bool, slot: IpSlot)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -231,8 +238,13 @@ where
             match parts.extensions.get::<Handoff>().and_then(Handoff::take) {
                 Some(start) => {
                     let head = stream::response_head(&parts, None);
-                    drop(parts);
-                    stream::serve(io, head, start, shared.metrics.clone()).await;
+                    let metrics = shared.metrics.clone();
+                    // The stream gets a task of its own, sized to what it holds while idle;
+                    // this one, sized for reading heads, admission and hyper, ends here.
+                    shared.tracker.spawn(async move {
+                        let _slot = slot;
+                        stream::serve(io, head, start, metrics).await;
+                    });
                 }
                 None => {
                     let body = axum::body::to_bytes(body, MAX_ANSWER).await.unwrap_or_default();

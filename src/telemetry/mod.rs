@@ -38,7 +38,11 @@ impl TelemetryGuard {
 /// installed already (tests).
 pub fn init(format: LogFormat) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, logs) = tracing_appender::non_blocking(std::io::stderr());
+    // 8,192 lines of backlog (the default 128k pre-allocates 4 MB for a burst we would rather
+    // drop: a log line is never worth blocking or holding memory for).
+    let (writer, logs) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(8192)
+        .finish(std::io::stderr());
     let fmt_layer = fmt::layer().with_writer(writer);
     let fmt_layer = match format {
         LogFormat::Pretty => fmt_layer.boxed(),
