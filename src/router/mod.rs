@@ -273,6 +273,14 @@ impl Router {
         }
     }
 
+    /// Runs `f` on shard `i`'s tables (blocking briefly), then applies what was submitted
+    /// meanwhile: a submitter that found the lock taken left its command to us.
+    fn with_shard_tables<R>(&self, i: usize, f: impl FnOnce(&mut shard::Tables) -> R) -> R {
+        let r = self.shards[i].with_tables(f);
+        self.run_shard(i);
+        r
+    }
+
     /// Starts each shard's timer task: heartbeats on idle connections (spread over
     /// `HEARTBEAT_SLOTS` slots of the interval), the end of coalescing windows, and (shard 0)
     /// the age-based eviction of the replay log. The tasks end when `stop` is cancelled.
@@ -299,12 +307,12 @@ impl Router {
                 () = self.shards[i].flush.notified() => {}
                 () = sleep_until(flush_at), if flush_at.is_some() => {
                     let mut fx = Effects::default();
-                    self.shards[i].with_tables(|t| t.flush_due(self.write_coalesce, Instant::now(), &mut fx));
+                    self.with_shard_tables(i, |t| t.flush_due(self.write_coalesce, Instant::now(), &mut fx));
                     self.finish(i, fx);
                 }
                 _ = tick.tick() => {
                     let mut fx = Effects::default();
-                    self.shards[i].with_tables(|t| t.heartbeat(slot, HEARTBEAT_SLOTS, &frame, Instant::now(), &mut fx));
+                    self.with_shard_tables(i, |t| t.heartbeat(slot, HEARTBEAT_SLOTS, &frame, Instant::now(), &mut fx));
                     self.finish(i, fx);
                     if i == 0 && slot == 0 {
                         self.expire_replay();
@@ -312,7 +320,7 @@ impl Router {
                     slot = (slot + 1) % HEARTBEAT_SLOTS;
                 }
             }
-            flush_at = self.shards[i].with_tables(|t| t.flush_at());
+            flush_at = self.with_shard_tables(i, |t| t.flush_at());
         }
     }
 }

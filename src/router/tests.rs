@@ -409,3 +409,17 @@ fn resuming_across_shards_under_concurrent_publishers_loses_and_repeats_nothing(
         assert!(seen == expected, "{}: events out of order or not its own", users[u]);
     }
 }
+
+/// A command submitted while the shard's timer holds its tables (a heartbeat sweep) is left to
+/// the timer, which must apply it when it lets go: the event must not wait for the next one.
+#[test]
+fn an_event_published_while_the_timer_holds_the_shard_is_applied_when_it_lets_go() {
+    let r = router(16);
+    let a = sub(&r, "a", &[], &[]);
+    let shard = r.shard_of(&UserId::parse("a").unwrap());
+    r.with_shard_tables(shard, |_| {
+        // Same thread: the publisher's try_lock fails, as it would for another thread.
+        r.publish(Target::Broadcast, &ev("during the sweep")).unwrap();
+    });
+    assert_eq!(received(&a), ["data: during the sweep"]);
+}
