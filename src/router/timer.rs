@@ -17,7 +17,7 @@ const HEARTBEAT_SLOTS: u64 = 16;
 impl Router {
     /// Runs `f` on shard `i`'s tables (blocking briefly), then applies what was submitted
     /// meanwhile: a submitter that found the lock taken left its command to us.
-    fn with_shard_tables<R>(&self, i: usize, f: impl FnOnce(&mut shard::Tables) -> R) -> R {
+    pub(super) fn with_shard_tables<R>(&self, i: usize, f: impl FnOnce(&mut shard::Tables) -> R) -> R {
         let r = self.shards[i].with_tables(f);
         self.run_shard(i);
         r
