@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 
-use super::stream::StreamStart;
+use super::stream::{self, StreamStart};
 use crate::{
     domain::UserId,
     router::{CloseReason, Drained, Frame, Registration},
@@ -136,13 +136,6 @@ impl Body for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         let reason = self.ended.unwrap_or(CloseReason::ClientLeft);
-        self.metrics.closed(reason);
-        tracing::info!(
-            conn = self.reg.id(),
-            user = %self.user,
-            reason = reason.as_str(),
-            duration_ms = self.opened.elapsed().as_millis() as u64,
-            "sse connection closed"
-        );
+        stream::closed(&self.metrics, &self.reg, &self.user, reason, self.opened);
     }
 }

@@ -117,6 +117,11 @@ where
             break reason;
         }
     };
+    closed(&metrics, &reg, &user, reason, opened);
+}
+
+/// Counts and logs the end of a stream, whichever writer served it.
+pub(super) fn closed(metrics: &EdgeMetrics, reg: &Registration, user: &UserId, reason: CloseReason, opened: Instant) {
     metrics.closed(reason);
     let duration_ms = opened.elapsed().as_millis() as u64;
     if reason == CloseReason::SlowConsumer {

@@ -105,9 +105,18 @@ impl Inner {
         n
     }
 
-    fn fits(&self, bounds: Bounds, cost: usize) -> bool {
-        self.queue.len() < bounds.frames + self.allowance.frames
-            && self.bytes + cost <= bounds.bytes + self.allowance.bytes
+    /// Queues `frame` if it fits the bounds.
+    fn enqueue(&mut self, bounds: Bounds, frame: Frame) -> Push {
+        let cost = frame.cost();
+        if self.queue.len() >= bounds.frames + self.allowance.frames
+            || self.bytes + cost > bounds.bytes + self.allowance.bytes
+        {
+            return Push::Full;
+        }
+        let was_empty = self.queue.is_empty();
+        self.queue.push_back(frame);
+        self.bytes += cost;
+        Push::Queued { was_empty }
     }
 }
 
@@ -129,15 +138,9 @@ impl Mailbox {
         if inner.closed.is_some() {
             return Push::Closed;
         }
-        let cost = frame.cost();
-        if !inner.fits(self.bounds, cost) {
-            return Push::Full;
-        }
-        let was_empty = inner.queue.is_empty();
-        inner.queue.push_back(frame);
-        inner.bytes += cost;
-        inner.active = true;
-        Push::Queued { was_empty }
+        let pushed = inner.enqueue(self.bounds, frame);
+        inner.active |= pushed != Push::Full;
+        pushed
     }
 
     /// The consumer's waker, if it is waiting: waking it makes it drain everything queued.
@@ -163,14 +166,7 @@ impl Mailbox {
         if std::mem::take(&mut inner.active) || inner.closed.is_some() {
             return None;
         }
-        let cost = frame.cost();
-        if !inner.fits(self.bounds, cost) {
-            return Some(Push::Full);
-        }
-        let was_empty = inner.queue.is_empty();
-        inner.queue.push_back(frame.clone());
-        inner.bytes += cost;
-        Some(Push::Queued { was_empty })
+        Some(inner.enqueue(self.bounds, frame.clone()))
     }
 
     /// Closes gracefully: what is queued still goes out, then `last` (if any, even beyond the
