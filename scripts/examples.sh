@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Runs the publisher examples (examples/java, examples/python, examples/node) against the
+# real server and checks, with an SSE reader, that each one's events reached the browser side.
+# Run from anywhere:
+#
+#   [SSEGATE_BIN=target/debug/ssegate] ./scripts/examples.sh
+#
+# SSEGATE_BIN is the server binary (default target/debug/ssegate, which `cargo test` builds).
+# It is started on 127.0.0.1 with ports chosen by the kernel (port 0; the addresses are read
+# from its `ssegate serving` log line), a publisher API key and --insecure-dev-identity, so
+# the reader subscribes with `?user=`. Each example publishes to a user of its own; the
+# reader (examples/sse_check.py) must see exactly the events that example reports, with the
+# same ids, once each, in order.
+#
+# Installs what is missing, idempotently and quietly (output shown only on failure):
+#   - Java: Debian's libgrpc-java, libprotobuf-java, protobuf-compiler,
+#     protobuf-compiler-grpc-java-plugin, libnetty-java, libperfmark-java (apt, as root or
+#     through sudo -n), and a JDK if javac is missing;
+#   - Python: grpcio and grpcio-tools (examples/python/requirements.txt) in a venv at
+#     target/examples/venv;
+#   - Node: `npm ci` in examples/node.
+# Every wait has a deadline; the server and readers are stopped on exit. Logs and build
+# output go to target/examples/.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SSEGATE_BIN="${SSEGATE_BIN:-target/debug/ssegate}"
+WORK=target/examples
+API_KEY="examples-publisher-key-$$-0123456789"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'scripts/examples.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# Run a command as root: directly if we are root, through sudo if available.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    if [ -t 0 ]; then sudo "$@"; else sudo -n "$@"; fi
+  else
+    die "need root (or sudo) to run: $*"
+  fi
+}
+
+# Runs a command with its output kept in a file, shown only if the command fails.
+quietly() {
+  local what="$1" out
+  shift
+  out="$(mktemp)"
+  if ! "$@" >"$out" 2>&1; then
+    cat "$out" >&2
+    rm -f "$out"
+    die "$what failed (see output above)"
+  fi
+  rm -f "$out"
+}
+
+# Polls `$@` every 50 ms until it succeeds; fails after $1 seconds.
+wait_for() {
+  local seconds="$1" what="$2"
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@"; do
+    [ "$SECONDS" -lt "$deadline" ] || die "timed out after ${seconds}s waiting for $what"
+    sleep 0.05
+  done
+}
+
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get is not available to install: $*"
+  log "installing $* (apt-get)"
+  # The package index may be stale or absent on a fresh machine: update once on failure.
+  if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
+      >/dev/null 2>&1; then
+    quietly "apt-get update" as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    quietly "apt-get install $*" \
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+  fi
+}
+
+ensure_java() {
+  local missing=()
+  [ -x /usr/bin/grpc_java_plugin ] || missing+=(protobuf-compiler-grpc-java-plugin)
+  command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  [ -f /usr/share/java/grpc-netty.jar ] || missing+=(libgrpc-java)
+  [ -f /usr/share/java/protobuf.jar ] || missing+=(libprotobuf-java)
+  [ -f /usr/share/java/netty-codec-http2.jar ] || missing+=(libnetty-java)
+  [ -f /usr/share/java/perfmark-api.jar ] || missing+=(libperfmark-java)
+  command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+  fi
+}
+
+ensure_python() {
+  local venv="$WORK/venv" stamp="$WORK/venv/.requirements.txt"
+  if [ -x "$venv/bin/python" ] && cmp -s examples/python/requirements.txt "$stamp"; then
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || die "python3 is not installed"
+  log "installing grpcio and grpcio-tools (pip, into $venv)"
+  rm -rf "$venv"
+  quietly "python3 -m venv $venv (on Debian: apt-get install python3-venv)" python3 -m venv "$venv"
+  quietly "pip install -r examples/python/requirements.txt" \
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+  cp examples/python/requirements.txt "$stamp"
+}
+
+ensure_node() {
+  local stamp=examples/node/node_modules/.ssegate-installed-lock.json
+  command -v node >/dev/null 2>&1 || die "node is not installed"
+  if cmp -s examples/node/package-lock.json "$stamp"; then
+    return 0
+  fi
+  command -v npm >/dev/null 2>&1 || die "npm is not installed"
+  log "installing @grpc/grpc-js and @grpc/proto-loader (npm ci in examples/node)"
+  quietly "npm ci in examples/node" \
+    bash -c 'cd examples/node && npm ci --no-audit --no-fund --loglevel=error'
+  cp examples/node/package-lock.json "$stamp"
+}
+
+server_pid=""
+reader_pids=()
+cleanup() {
+  local pid
+  for pid in "${reader_pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 5))
+    while kill -0 "$server_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    kill -KILL "$server_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+server_alive() {
+  kill -0 "$server_pid" 2>/dev/null || { tail -n 20 "$WORK/server.log" >&2; die "the server exited"; }
+}
+server_announced() { server_alive && grep -q '"ssegate serving"' "$WORK/server.log"; }
+server_ready() { server_alive && curl -fsS -o /dev/null "http://$ADMIN_ADDR/readyz"; }
+
+# The bound address of one port, from the server's JSON `ssegate serving` log line.
+bound_addr() {
+  python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    if "\"ssegate serving\"" in line:
+        print(json.loads(line)[sys.argv[2]]); break' "$WORK/server.log" "$1"
+}
+
+start_server() {
+  [ -x "$SSEGATE_BIN" ] || die "no server binary at $SSEGATE_BIN (run cargo build, or set SSEGATE_BIN)"
+  "$SSEGATE_BIN" serve \
+    --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+    --publisher-api-keys "$API_KEY" --insecure-dev-identity \
+    --log-format json --shutdown-grace 2s >"$WORK/server.log" 2>&1 &
+  server_pid=$!
+  wait_for 20 "the server's 'ssegate serving' log line" server_announced
+  HTTP_ADDR="$(bound_addr http)"
+  GRPC_ADDR="$(bound_addr grpc)"
+  ADMIN_ADDR="$(bound_addr admin)"
+  wait_for 20 "http://$ADMIN_ADDR/readyz" server_ready
+}
+
+# Runs one example against the server and checks what its user's SSE stream received.
+#   $1 name, $2 time limit (seconds), then the command.
+check_example() {
+  local name="$1" limit="$2"
+  shift 2
+  local user="examples-$name" events="$WORK/$name.events" out="$WORK/$name.out" started=$SECONDS
+  python3 examples/sse_check.py read "http://$HTTP_ADDR/v1/events?user=$user" >"$events" 2>&1 &
+  reader_pids+=("$!")
+  # The event goes only to connections open when it is published: wait for the stream.
+  wait_for 10 "the SSE stream of $user to open" grep -q '^{"open"' "$events"
+  if ! env SSEGATE_GRPC_URL="http://$GRPC_ADDR" SSEGATE_API_KEY="$API_KEY" SSEGATE_USER="$user" \
+      timeout --kill-after=5 "$limit" "$@" >"$out" 2>&1; then
+    sed 's/^/    /' "$out" >&2
+    die "the $name example failed (output above)"
+  fi
+  sed 's/^/    /' "$out" >&2
+  python3 examples/sse_check.py expect "$events" "$out" "$user" --timeout 10 \
+    || die "the $name example's events did not all reach $user's stream"
+  log "$name: every event delivered to $user, once, in order ($((SECONDS - started))s)"
+}
+
+main() {
+  mkdir -p "$WORK"
+  local started=$SECONDS
+  command -v python3 >/dev/null 2>&1 || die "python3 is not installed (the SSE reader needs it)"
+  command -v curl >/dev/null 2>&1 || die "curl is not installed"
+  ensure_java
+  ensure_python
+  ensure_node
+  start_server
+  log "server $SSEGATE_BIN: http $HTTP_ADDR, grpc $GRPC_ADDR, admin $ADMIN_ADDR"
+
+  log "java (examples/java/run.sh)"
+  check_example java 180 examples/java/run.sh
+  log "python (examples/python/publish.py)"
+  check_example python 60 "$WORK/venv/bin/python" examples/python/publish.py
+  log "node (examples/node/publish.mjs)"
+  check_example node 60 node examples/node/publish.mjs
+  log "all publisher examples passed in $((SECONDS - started))s"
+}
+
+main
