@@ -10,6 +10,14 @@
 #   - the driver's npm dependencies (npm ci in tests/browser);
 #   - nats-server (Debian package), started by the cluster tests on loopback ports.
 # Then it runs `cargo test --locked "$@"`.
+#
+# A full run (no arguments) then also runs ./scripts/examples.sh with
+# SSEGATE_BIN=target/debug/ssegate (the binary `cargo test` just built; under
+# $CARGO_TARGET_DIR if set): the Java, Python
+# and Node publisher examples against the real server, with an SSE reader checking delivery.
+# It installs their toolchains itself (Debian grpc-java packages, a Python venv under
+# target/, npm ci in examples/node). A filtered run (any argument, e.g.
+# `./scripts/test.sh --test api publish`) runs only `cargo test` and skips the examples.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -100,4 +108,9 @@ ensure_nats_server
 export CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"
 
 log "cargo test --locked $*"
-exec cargo test --locked "$@"
+cargo test --locked "$@"
+
+if [ "$#" -eq 0 ]; then
+  log "publisher examples (scripts/examples.sh)"
+  SSEGATE_BIN="${CARGO_TARGET_DIR:-target}/debug/ssegate" ./scripts/examples.sh
+fi
