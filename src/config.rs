@@ -80,9 +80,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_NATS_CLUSTER_WAIT", default_value = "1s", value_parser = duration)]
     pub nats_cluster_wait: Duration,
 
-    /// Longest wait for JetStream to acknowledge a publish before answering UNAVAILABLE.
+    /// Longest wait for JetStream to acknowledge a publish; past it the call answers
+    /// DEADLINE_EXCEEDED (outcome unknown: retry with the same idempotency key).
     #[arg(long, env = "SSEGATE_NATS_PUBLISH_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub nats_publish_timeout: Duration,
+
+    /// Copies of the stream the NATS cluster keeps (JetStream `num_replicas`; 3 on a 3-node
+    /// cluster survives the loss of one node). An existing stream with another number is
+    /// updated at start (if NATS refuses, a warning is logged and the stream used as it is).
+    #[arg(long, env = "SSEGATE_NATS_STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_stream_replicas: u8,
 
     /// Interval between heartbeat comments on an idle stream.
     #[arg(long, env = "SSEGATE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
@@ -228,9 +236,21 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(8_192..=1_048_576))]
     pub max_header_bytes: u32,
 
-    /// Time a client may take to send its request headers.
+    /// Time a new connection (on any port) may take to send its first request: whole headers,
+    /// or the HTTP/2 preface and a stream, TLS handshake included. Silent sockets are closed.
     #[arg(long, env = "SSEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub header_read_timeout: Duration,
+
+    /// A connection (any port) with no request in flight is closed after this long: an HTTP/1.1
+    /// keep-alive or HTTP/2 connection with no open stream. Event streams are never idle.
+    #[arg(long, env = "SSEGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+
+    /// Most connections on the HTTP port that have not sent a complete request yet (TLS
+    /// handshakes included); more are closed at accept.
+    #[arg(long, env = "SSEGATE_MAX_PENDING_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_connections: u32,
 
     /// On SIGTERM/SIGINT, how long to keep serving while reporting not ready, before draining:
     /// time for load balancers (Kubernetes endpoints) to stop sending new traffic.
@@ -327,6 +347,19 @@ mod tests {
         assert_eq!(d.http_addr.port(), 8080);
         assert_eq!(d.grpc_addr.port(), 50051);
         assert_eq!(d.heartbeat_interval, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn nats_stream_replicas_is_one_by_default_and_between_one_and_five() {
+        let serve = |extra: &[&str]| match Cli::try_parse_from([&["ssegate", "serve"], extra].concat()) {
+            Ok(Cli { command: Command::Serve(a) }) => Ok(a.nats_stream_replicas),
+            Ok(_) => panic!("not serve"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(serve(&[]).unwrap(), 1);
+        assert_eq!(serve(&["--nats-stream-replicas", "3"]).unwrap(), 3);
+        assert!(serve(&["--nats-stream-replicas", "0"]).is_err());
+        assert!(serve(&["--nats-stream-replicas", "6"]).is_err());
     }
 
     #[test]

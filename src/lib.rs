@@ -20,6 +20,7 @@ pub mod domain;
 pub mod event_stream;
 pub mod grpc;
 pub mod http;
+pub mod net;
 pub mod reload;
 pub mod router;
 pub mod startup;

@@ -4,7 +4,10 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
 
 use crate::{
     admin::{self, Readiness},
@@ -19,6 +22,7 @@ use crate::{
     config::{BackplaneKind, ServeArgs},
     event_stream, grpc,
     http::{self, HttpSettings},
+    net::{Budget, Gate, Timeouts},
     router::{CloseReason, ReplayConfig, Router, RouterConfig},
     telemetry::metrics::Metrics,
     tls::{self, ReloadingCert},
@@ -46,6 +50,10 @@ pub enum StartupError {
     Nats(#[from] NatsError),
 }
 
+/// Most concurrent streams on one HTTP/2 connection when `--max-connections-per-ip` is 0: the
+/// RFC 9113 recommended minimum, far more than a browser opens for event streams.
+const DEFAULT_H2_STREAMS: u32 = 100;
+
 /// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
 /// real ports back.
 pub struct Application {
@@ -63,6 +71,10 @@ pub struct Application {
     tls: Option<(TlsAcceptor, TlsAcceptor)>,
     backplane: Arc<Backplane>,
     ready: Readiness,
+    /// Every task's stop signal (cancelled if the application is dropped without running) and
+    /// the tracker they are spawned on; the NATS tasks start in `build`.
+    stop: DropGuard,
+    tracker: TaskTracker,
 }
 
 /// The backplane from the flags, and the epoch its ids must use (`None`: the router draws one).
@@ -81,6 +93,7 @@ async fn connect_backplane(config: &ServeArgs) -> Result<(Arc<Backplane>, Option
                 duplicate_window: config.nats_duplicate_window,
                 publish_timeout: config.nats_publish_timeout,
                 cluster_wait: config.nats_cluster_wait,
+                stream_replicas: usize::from(config.nats_stream_replicas),
             })
             .await?;
             let epoch = nats.epoch;
@@ -147,7 +160,7 @@ fn publisher_auth(config: &ServeArgs) -> Result<PublisherAuth, StartupError> {
 }
 
 async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, StartupError> {
-    TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, port, source })
+    crate::net::bind(addr).map_err(|source| StartupError::Bind { addr, port, source })
 }
 
 impl Application {
@@ -168,11 +181,16 @@ impl Application {
             max_connections: config.max_connections as usize,
             max_connections_per_user: config.max_connections_per_user as usize,
         });
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        // If building fails from here on, the tasks already started stop.
+        let stop_on_drop = stop.clone().drop_guard();
         if let Backplane::Nats(nats) = &*backplane {
             // Fill the replay log and catch up before serving anyone.
-            nats.start_consumer(router.clone(), u64::from(config.replay_capacity), Duration::from_secs(60)).await?;
+            let capacity = u64::from(config.replay_capacity);
+            nats.start(router.clone(), capacity, Duration::from_secs(60), &stop, &tracker).await?;
         }
-        let metrics = Arc::new(Metrics::new(router.clone()));
+        let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone()));
         let subscriber_auth = subscriber_auth(&config)?;
         let cert = match (&config.tls_cert_file, &config.tls_key_file) {
             (Some(cert), Some(key)) => Some(ReloadingCert::load(cert.clone(), key.clone())?),
@@ -182,7 +200,7 @@ impl Application {
             None => None,
             Some(cert) => Some((
                 tls::acceptor(cert.clone(), None, &[b"h2", b"http/1.1"])?,
-                tls::acceptor(cert.clone(), config.grpc_client_ca_file.as_deref(), &[b"h2"])?,
+                tls::acceptor(cert.clone(), config.grpc_client_ca_file.as_deref(), &[b"h2", b"http/1.1"])?,
             )),
         };
         let publisher_auth = publisher_auth(&config)?;
@@ -194,6 +212,7 @@ impl Application {
                 max_subscriptions: config.max_subscriptions as usize,
                 cors_allowed_origins: config.cors_allowed_origins.clone(),
                 max_connection_lifetime: config.max_connection_lifetime,
+                demo_page: config.insecure_dev_identity,
             },
             metrics.edge.clone(),
         )?;
@@ -211,8 +230,10 @@ impl Application {
             publisher_auth,
             cert,
             tls,
-            ready: Readiness::new(backplane.clone()),
+            ready: Readiness::new(),
             backplane,
+            stop: stop_on_drop,
+            tracker,
         })
     }
 
@@ -236,8 +257,23 @@ impl Application {
     /// gets a `retry:` with a randomised delay and ends, in-flight gRPC calls are answered, and
     /// whatever is still open after the grace period is dropped.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
-        let Self { config, http, grpc, admin, router, app, metrics, publisher_auth, cert, tls, ready, backplane } =
-            self;
+        let Self {
+            config,
+            http,
+            grpc,
+            admin,
+            router,
+            app,
+            metrics,
+            publisher_auth,
+            cert,
+            tls,
+            ready,
+            backplane,
+            stop,
+            tracker,
+        } = self;
+        let stop = stop.disarm();
         if let Some(cert) = &cert {
             cert.watch(Duration::from_secs(2));
         }
@@ -247,9 +283,22 @@ impl Application {
         }
         // The bound addresses, not the configured ones: with port 0 the log tells the real port.
         let (http_addr, grpc_addr, admin_addr) = (http.local_addr()?, grpc.local_addr()?, admin.local_addr()?);
-        let stop = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let (reporter, health_service) = tonic_health::server::health_reporter();
+        let timeouts = Timeouts { first_request: config.header_read_timeout, idle: config.idle_timeout };
+        let budget = Budget::for_process();
+        if budget.http < config.max_connections as usize {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                http_sockets = budget.http,
+                "--max-connections is more than the descriptor limit allows on the HTTP port; raise \
+                 the open-files limit (ulimit -n) or lower --max-connections"
+            );
+        }
+        tracing::info!(http = budget.http, grpc = budget.grpc, admin = budget.admin, "sockets each port may hold");
+        let http_gate = Gate::new("http", budget.http, config.max_pending_connections as usize);
+        // Publishers and probes are few: their ports' whole budget may be pending.
+        let grpc_gate = Gate::new("grpc", budget.grpc, budget.grpc);
+        let admin_gate = Gate::new("admin", budget.admin, budget.admin);
 
         let limits = grpc::Limits {
             max_event_bytes: config.max_event_bytes as usize,
@@ -264,18 +313,28 @@ impl Application {
                 metrics: metrics.edge.clone(),
                 max_message_bytes: config.grpc_max_message_bytes as usize,
                 tls: grpc_tls,
-                backplane,
+                backplane: backplane.clone(),
+                gate: grpc_gate,
+                timeouts,
             },
             (reporter.clone(), health_service),
-            stop.clone().cancelled_owned(),
+            stop.clone(),
+            tracker.clone(),
         ));
         let server_limits = http::server::ServerLimits {
             header_read_timeout: config.header_read_timeout,
             max_header_bytes: config.max_header_bytes as usize,
             max_connections_per_ip: config.max_connections_per_ip as usize,
+            idle_timeout: config.idle_timeout,
+            // As many streams on one h2 connection as connections from one address, if limited.
+            max_streams_per_connection: match config.max_connections_per_ip {
+                0 => DEFAULT_H2_STREAMS,
+                n => n,
+            },
         };
         tracker.spawn(http::server::serve(
             http,
+            http_gate,
             app,
             server_limits,
             http_tls,
@@ -286,16 +345,28 @@ impl Application {
         router.start_timers(config.heartbeat_interval, &stop, &tracker);
         // The admin port outlives the drain (it stops last), so probes answer throughout.
         let admin_stop = CancellationToken::new();
-        let admin_task = tokio::spawn(
-            axum::serve(admin, admin::app(metrics, ready.clone()))
-                .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
-                .into_future(),
-        );
+        let admin_task = tokio::spawn(http::server::serve_plain(
+            admin,
+            admin_gate,
+            admin::app(metrics, ready.clone()),
+            timeouts,
+            admin_stop.clone(),
+            TaskTracker::new(),
+        ));
+        // The publisher's gRPC health follows the broker; stopped before the drain marks it.
+        let broker_health_stop = stop.child_token();
+        let broker_health = backplane
+            .watch_up()
+            .map(|up| tracker.spawn(follow_broker(up, reporter.clone(), broker_health_stop.clone())));
         ready.set(true);
         tracing::info!(http = %http_addr, grpc = %grpc_addr, admin = %admin_addr, "ssegate serving");
 
         shutdown.await;
         ready.set(false);
+        broker_health_stop.cancel();
+        if let Some(task) = broker_health {
+            let _ = task.await;
+        }
         grpc::set_not_serving(&reporter).await;
         if !config.shutdown_delay.is_zero() {
             // Keep serving while load balancers notice we are not ready.
@@ -320,11 +391,37 @@ impl Application {
             Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed"),
             Err(_) => tracing::warn!(streams = closed, "grace period over: dropping what is still open"),
         }
+        backplane.close().await;
         admin_stop.cancel();
         if let Err(e) = admin_task.await {
             tracing::warn!(error = %e, "admin server task failed");
         }
         tracing::info!("ssegate stopped");
         Ok(())
+    }
+}
+
+/// Marks the publisher service NOT_SERVING in the gRPC health service while the broker is down
+/// and SERVING once it is back, until `stop`. While down every probe re-asserts NOT_SERVING, so
+/// a SERVING set by the gRPC server's start in between does not stick.
+async fn follow_broker(
+    mut up: tokio::sync::watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    type Publisher = grpc::pb::publisher_server::PublisherServer<grpc::PublisherService>;
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = up.changed() => if changed.is_err() { return },
+        }
+        let now = *up.borrow_and_update();
+        if !now {
+            reporter.set_not_serving::<Publisher>().await;
+        } else if !serving {
+            reporter.set_serving::<Publisher>().await;
+        }
+        serving = now;
     }
 }

@@ -2,6 +2,7 @@
 //! services. The only module that sees prost types; requests are parsed into domain types on
 //! entry and errors mapped to `Status` in one place (`error.rs`).
 
+mod connect;
 mod convert;
 mod error;
 mod service;
@@ -13,25 +14,32 @@ pub use service::{Limits, PublisherService};
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("ssegate.v1");
+    // The proto3 JSON mapping (serde impls of the types above), for HTTP/JSON calls.
+    include!(concat!(env!("OUT_DIR"), "/ssegate.v1.serde.rs"));
 
     /// The encoded `FileDescriptorSet` of the ssegate protos, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ssegate_descriptor.bin"));
 }
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
     service::interceptor::InterceptedService,
-    transport::{Server, server::TcpIncoming},
+    transport::{
+        Server,
+        server::{TcpConnectInfo, TlsConnectInfo},
+    },
 };
 use tonic_health::server::HealthReporter;
 
 use crate::{
     auth::PublisherAuth,
     backplane::Backplane,
+    net::{self, Gate, Guarded, Registry, Timeouts, Tracked},
     router::Router,
     telemetry::{grpc_layer::GrpcTelemetryLayer, metrics::EdgeMetrics},
 };
@@ -47,10 +55,14 @@ pub struct GrpcSettings {
     pub tls: Option<TlsAcceptor>,
     /// Where publishes go.
     pub backplane: Arc<Backplane>,
+    /// The port's budget of open and not yet admitted sockets.
+    pub gate: Arc<Gate>,
+    /// First-request and idle deadlines of its connections.
+    pub timeouts: Timeouts,
 }
 
-/// Serves the publisher, health and reflection services on `listener` until `shutdown`
-/// completes; in-flight calls are answered before it returns.
+/// Serves the publisher, health and reflection services on `listener` until `shutdown` is
+/// cancelled; in-flight calls are answered before it returns. Connection tasks run on `tracker`.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
@@ -59,10 +71,11 @@ pub async fn serve(
         HealthReporter,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ),
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
-    let GrpcSettings { limits, auth, metrics, max_message_bytes, tls, backplane } = settings;
+    let GrpcSettings { limits, auth, metrics, max_message_bytes, tls, backplane, gate, timeouts } = settings;
     let service = PublisherService::new(router, backplane, limits, metrics.clone());
     let publisher = pb::publisher_server::PublisherServer::new(service).max_decoding_message_size(max_message_bytes);
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.
@@ -76,56 +89,132 @@ pub async fn serve(
     // Both reflection versions: v1alpha is what older tools (grpcurl 1.8) ask for.
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let registry = Arc::new(Registry::default());
+    // HTTP/1.1 too, for HTTP/JSON callers; `connect` answers those (outside the telemetry layer,
+    // so the gRPC call it makes of them is counted like any other).
     let server = Server::builder()
+        .accept_http1(true)
+        .layer(InFlightLayer(registry.clone()))
+        .layer(connect::ConnectLayer::new(max_message_bytes))
         .layer(GrpcTelemetryLayer::new(metrics))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(publisher);
+    let accept = Accept { listener, gate, timeouts, registry, shutdown: shutdown.clone(), tracker };
+    let stopped = shutdown.cancelled_owned();
     match tls {
-        None => {
-            server.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown).await?
+        None => server.serve_with_incoming_shutdown(accept.incoming(|io| async { Some(io) }), stopped).await?,
+        Some(acceptor) => {
+            let handshake = move |io: Guarded<TcpStream>| {
+                let acceptor = acceptor.clone();
+                async move {
+                    let peer = io.get_ref().peer_addr().ok();
+                    // The guard also fails a silent handshake's reads; this bounds a trickling one.
+                    match tokio::time::timeout(timeouts.first_request, acceptor.accept(io)).await {
+                        Ok(Ok(tls)) => Some(tls),
+                        Ok(Err(e)) => {
+                            tracing::info!(peer = ?peer, error = %e, "gRPC TLS handshake failed");
+                            None
+                        }
+                        Err(_) => {
+                            tracing::info!(peer = ?peer, "gRPC TLS handshake timed out");
+                            None
+                        }
+                    }
+                }
+            };
+            server.serve_with_incoming_shutdown(accept.incoming(handshake), stopped).await?
         }
-        Some(acceptor) => server.serve_with_incoming_shutdown(tls_incoming(listener, acceptor), shutdown).await?,
     }
     Ok(())
 }
 
-/// Accepted TLS connections. Each handshake runs in its own task, so a slow or hostile client
-/// cannot hold up the others; failed handshakes are logged and skipped. Ends when the server
-/// drops the stream.
-fn tls_incoming(
+/// The gRPC port's accept side.
+struct Accept {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = tx.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gRPC accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+    gate: Arc<Gate>,
+    timeouts: Timeouts,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Accept {
+    /// Accepted connections, guarded (`net::idle`) and listed in the registry, after `upgrade`
+    /// (the TLS handshake, in a task per connection so a slow client holds up no one). Ends
+    /// at shutdown.
+    fn incoming<IO, F, Fut>(self, upgrade: F) -> ReceiverStream<Result<IO, std::io::Error>>
+    where
+        IO: Send + 'static,
+        F: Fn(Guarded<TcpStream>) -> Fut + Send + 'static,
+        Fut: Future<Output = Option<IO>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let Self { listener, gate, timeouts, registry, shutdown, tracker } = self;
+        let tasks = tracker.clone();
+        tracker.spawn(net::accept_loop(
+            listener,
+            gate,
+            shutdown,
+            |_, _| {},
+            move |stream, peer, admission| {
+                let _ = stream.set_nodelay(true);
+                let io = Guarded::admitted(stream, timeouts, admission).register(&registry, peer);
+                let (tx, upgraded) = (tx.clone(), upgrade(io));
+                tasks.spawn(async move {
+                    if let Some(io) = upgraded.await {
+                        let _ = tx.send(Ok(io)).await;
                     }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "gRPC TLS handshake failed"),
-                    Err(_) => tracing::info!(%peer, "gRPC TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+                });
+            },
+        ));
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Counts each call as in flight on its connection (found by peer address) until its response
+/// ends, so a connection with no call in flight can be closed when idle.
+#[derive(Clone)]
+struct InFlightLayer(Arc<Registry>);
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlight<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InFlight { inner, registry: self.0.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct InFlight<S> {
+    inner: S,
+    registry: Arc<Registry>,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for InFlight<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Tracked<RB>>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let ext = req.extensions();
+        let peer = ext
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr()));
+        let guard = peer.and_then(|p| self.registry.begin(p));
+        let fut = self.inner.call(req);
+        Box::pin(async move { Ok(fut.await?.map(|body| Tracked::new(body, guard))) })
+    }
 }
 
 /// The gRPC server could not start or failed while serving.

@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The HTTP/2 connection preface a prior-knowledge (h2c) client opens with.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Headers parsed on the fast path; a request with more goes to hyper.
 const MAX_HEADERS: usize = 48;
 /// First read buffer; EventSource requests fit (grows up to the head limit otherwise).

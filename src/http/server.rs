@@ -6,6 +6,7 @@
 //! consumer's socket is torn down from the router) and graceful shutdown under our deadline.
 
 use std::{
+    cell::Cell,
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
@@ -13,10 +14,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use hyper::body::Incoming;
+use hyper::{
+    body::Incoming,
+    server::conn::{http1, http2},
+};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulConnection,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -30,7 +34,10 @@ use super::{
     head::{self, Head, Rewind},
     stream::{self, FastPath, Handoff},
 };
-use crate::telemetry::metrics::{EdgeMetrics, Rejection};
+use crate::{
+    net::{self, ActiveGuard, Admission, Gate, Guarded, Refusal, Timeouts, Tracked},
+    telemetry::metrics::{EdgeMetrics, Rejection},
+};
 
 /// Per-TCP-connection facts handed to handlers as a request extension.
 #[derive(Clone, Debug)]
@@ -50,6 +57,10 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     /// Most TCP connections from one IP address; 0 means no limit.
     pub max_connections_per_ip: usize,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Most concurrent streams on one HTTP/2 connection.
+    pub max_streams_per_connection: u32,
 }
 
 /// Open TCP connections per peer IP address.
@@ -95,12 +106,11 @@ content-length: 44\r\nconnection: close\r\n\r\nrequest head larger than --max-he
 /// Largest answer body (an error message) the fast path serializes.
 const MAX_ANSWER: usize = 64 * 1024;
 
-type Builder = auto::Builder<TokioExecutor>;
-
 /// What every connection task of one listener shares.
 struct Shared {
     app: axum::Router,
-    builder: Builder,
+    h1: http1::Builder,
+    h2: http2::Builder<StreamExec>,
     limits: ServerLimits,
     metrics: Arc<EdgeMetrics>,
     shutdown: CancellationToken,
@@ -108,10 +118,12 @@ struct Shared {
 }
 
 /// Accepts connections on `listener` until `shutdown` is cancelled, each served on a task of
-/// `tracker`. On shutdown, connections finish their current response (SSE streams are ended
-/// by the router) and then close.
+/// `tracker`, within the port's budget (`gate`). On shutdown, connections finish their current
+/// response (SSE streams are ended by the router) and then close.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
+    gate: Arc<Gate>,
     app: axum::Router,
     limits: ServerLimits,
     tls: Option<TlsAcceptor>,
@@ -119,48 +131,59 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
-    builder.http2().max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let mut h2 = http2::Builder::new(StreamExec(tracker.clone()));
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        // A stream whose reader stalls holds at most this much in h2's buffer; the rest waits in
+        // its mailbox, whose bound cuts it off (that stream only) as it would an HTTP/1.1 reader.
+        .max_send_buf_size(H2_SEND_BUFFER);
     let per_ip = Arc::new(PerIp::default());
-    let shared = Arc::new(Shared { app, builder, limits, metrics, shutdown, tracker: tracker.clone() });
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            () = shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Typically EMFILE/ENFILE: back off instead of spinning, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    let shared = Arc::new(Shared { app, h1, h2, limits, metrics, shutdown, tracker: tracker.clone() });
+    let refused_metrics = shared.metrics.clone();
+    let refused = move |why: Refusal, _peer: SocketAddr| {
+        refused_metrics.rejected(match why {
+            Refusal::DescriptorBudget => Rejection::DescriptorBudget,
+            Refusal::PendingConnections => Rejection::PendingConnections,
+        });
+    };
+    let accept_shared = shared.clone();
+    net::accept_loop(listener, gate, shared.shutdown.clone(), refused, move |stream, peer, admission| {
+        let shared = &accept_shared;
         let limits = &shared.limits;
         let Some(slot) = per_ip.acquire(peer.ip(), limits.max_connections_per_ip) else {
             shared.metrics.rejected(Rejection::MaxConnectionsPerIp);
             tracing::warn!(%peer, limit = limits.max_connections_per_ip, "connection refused: too many from this address");
             tracker.spawn(refuse(stream));
-            continue;
+            return;
         };
         // Events are small and latency matters; coalescing happens in the router instead.
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
+        let conn = Conn { peer, slot, admission };
         tracker.spawn(async move {
             match tls {
-                None => serve_conn(stream, peer, &shared, false, slot).await,
+                None => serve_conn(stream, conn, &shared, false).await,
                 // Boxed: a TLS session is large, and plain connections must not carry its room.
-                Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, &shared, slot)).await,
+                Some(acceptor) => Box::pin(serve_tls(stream, conn, acceptor, &shared)).await,
             }
         });
-    }
+    })
+    .await;
+}
+
+/// What a connection holds from accept to close.
+struct Conn {
+    peer: SocketAddr,
+    /// Its place in the per-address count.
+    slot: IpSlot,
+    /// Its places in the port's counts of open and not yet admitted sockets.
+    admission: Admission,
 }
 
 /// Answers 429 to a connection over the per-address limit. In a task: a client that does not
@@ -177,17 +200,12 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
     .await;
 }
 
-async fn serve_tls(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    shared: &Shared,
-    slot: IpSlot,
-) {
+async fn serve_tls(stream: tokio::net::TcpStream, conn: Conn, acceptor: TlsAcceptor, shared: &Shared) {
+    let peer = conn.peer;
     match tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_conn(tls, peer, shared, h2, slot).await;
+            serve_conn(tls, conn, shared, h2).await;
         }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -195,14 +213,15 @@ async fn serve_tls(
 }
 
 /// Serves one connection (plain or TLS): reads the request head within the header timeout,
-/// then serves a stream itself or hands the connection to hyper. `slot` (its place in the
-/// per-address count) is held as long as the connection is.
-async fn serve_conn<IO>(mut io: IO, peer: SocketAddr, shared: &Shared, h2: bool, slot: IpSlot)
+/// then serves a stream itself or hands the connection to hyper. What `conn` holds is held as
+/// long as the connection is.
+async fn serve_conn<IO>(mut io: IO, conn: Conn, shared: &Shared, h2: bool)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = conn.peer;
     if h2 {
-        return Box::pin(serve_hyper(io, Bytes::new(), peer, shared)).await;
+        return Box::pin(serve_hyper(io, Bytes::new(), conn, shared, true)).await;
     }
     let mut buf = Vec::new();
     let limits = &shared.limits;
@@ -228,8 +247,14 @@ where
             shared.metrics.rejected(Rejection::BadRequest);
             let _ = answer(&mut io, HEAD_TOO_LARGE).await;
         }
-        Head::Other(read) => Box::pin(serve_hyper(io, read, peer, shared)).await,
+        Head::Other(read) => {
+            let h2 = read.starts_with(head::H2_PREFACE);
+            Box::pin(serve_hyper(io, read, conn, shared, h2)).await;
+        }
         Head::Stream(req) => {
+            let Conn { slot, admission, .. } = conn;
+            // A whole request arrived: no longer pending; the socket keeps its open place.
+            let open = admission.open;
             let mut req = *req;
             req.extensions_mut().insert(ConnContext { peer, abort: None });
             req.extensions_mut().insert(FastPath);
@@ -242,7 +267,7 @@ where
                     // The stream gets a task of its own, sized to what it holds while idle;
                     // this one, sized for reading heads, admission and hyper, ends here.
                     shared.tracker.spawn(async move {
-                        let _slot = slot;
+                        let _held = (slot, open);
                         stream::serve(io, head, start, metrics).await;
                     });
                 }
@@ -268,42 +293,62 @@ async fn answer<IO: AsyncWrite + Unpin>(io: &mut IO, bytes: &[u8]) -> std::io::R
     .unwrap_or(Ok(()))
 }
 
-/// Serves a connection with hyper (HTTP/1.1 keep-alive or h2), replaying `read` first.
-async fn serve_hyper<IO>(io: IO, read: Bytes, peer: SocketAddr, shared: &Shared)
+/// Serves a connection with hyper (HTTP/1.1 keep-alive, or h2), replaying `read` first. The
+/// connection is closed once idle (`net::idle`): no first request in time, or no request in
+/// flight for the idle timeout.
+async fn serve_hyper<IO>(io: IO, read: Bytes, conn: Conn, shared: &Shared, h2: bool)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let abort = CancellationToken::new();
-    let ctx = ConnContext { peer, abort: Some(abort.clone()) };
+    let Conn { peer, slot: _slot, admission } = conn;
+    let timeouts = Timeouts { first_request: shared.limits.header_read_timeout, idle: shared.limits.idle_timeout };
+    let io = Guarded::admitted(Rewind::new(read, io), timeouts, admission);
+    let activity = io.activity().clone();
+    let io = TokioIo::new(io);
     let app = shared.app.clone();
-    let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-        req.extensions_mut().insert(ctx.clone());
-        app.clone().oneshot(req)
-    });
-    let io = TokioIo::new(Rewind::new(read, io));
-    if let Err(e) = serve_io(&shared.builder, io, service, &abort, &shared.shutdown).await {
+    let result = if h2 {
+        // Each stream gets its own abort token: a slow consumer's stream is reset alone
+        // (`StreamExec`), its neighbours on the connection keep going.
+        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            let guard = activity.begin();
+            let abort = CancellationToken::new();
+            NEXT_STREAM_ABORT.with(|slot| slot.set(Some(abort.clone())));
+            req.extensions_mut().insert(ConnContext { peer, abort: Some(abort) });
+            call(app.clone(), req, guard)
+        });
+        let conn = shared.h2.serve_connection(io, service);
+        drive(conn, &CancellationToken::new(), &shared.shutdown).await
+    } else {
+        let abort = CancellationToken::new();
+        let ctx = ConnContext { peer, abort: Some(abort.clone()) };
+        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            let guard = activity.begin();
+            req.extensions_mut().insert(ctx.clone());
+            call(app.clone(), req, guard)
+        });
+        let conn = shared.h1.serve_connection(io, service);
+        drive(conn, &abort, &shared.shutdown).await
+    };
+    if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "http connection ended with an error");
     }
 }
 
-/// Serves one connection with hyper until it ends, is aborted, or shutdown completes it.
-async fn serve_io<I, S, B>(
-    builder: &Builder,
-    io: TokioIo<I>,
-    service: S,
-    abort: &CancellationToken,
-    shutdown: &CancellationToken,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+/// Calls the app; the request counts as in flight until its response body is done.
+async fn call(
+    app: axum::Router,
+    req: http::Request<Incoming>,
+    guard: ActiveGuard,
+) -> Result<http::Response<Tracked<axum::body::Body>>, std::convert::Infallible> {
+    let Ok(resp) = app.oneshot(req).await;
+    Ok(resp.map(|body| Tracked::new(body, Some(guard))))
+}
+
+/// Runs a hyper connection until it ends, is aborted, or shutdown completes it.
+async fn drive<C>(conn: C, abort: &CancellationToken, shutdown: &CancellationToken) -> hyper::Result<()>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    C: GracefulConnection<Error = hyper::Error>,
 {
-    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r,
@@ -313,6 +358,80 @@ where
             tokio::select! {
                 r = conn.as_mut() => r,
                 () = abort.cancelled() => Ok(()),
+            }
+        }
+    }
+}
+
+/// Serves a plain HTTP/1.1 port (the admin port) within its budget: each connection must send
+/// its first request within `timeouts.first_request` and is closed when idle.
+pub async fn serve_plain(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    app: axum::Router,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new()).header_read_timeout(timeouts.first_request);
+    let tasks = tracker.clone();
+    let stop = shutdown.clone();
+    net::accept_loop(
+        listener,
+        gate,
+        shutdown,
+        |_, _| {},
+        move |stream, _peer, admission| {
+            let io = Guarded::admitted(stream, timeouts, admission);
+            let activity = io.activity().clone();
+            let app = app.clone();
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                call(app.clone(), req, activity.begin())
+            });
+            let conn = h1.serve_connection(TokioIo::new(io), service);
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let _ = drive(conn, &CancellationToken::new(), &stop).await;
+            });
+        },
+    )
+    .await;
+}
+
+/// Largest send buffer of one h2 stream (hyper's default is 400 KiB).
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+thread_local! {
+    /// The abort token of the h2 stream whose request hyper has just handed the service, taken
+    /// by `StreamExec` when hyper spawns that stream's task right after, on the same thread.
+    static NEXT_STREAM_ABORT: Cell<Option<CancellationToken>> = const { Cell::new(None) };
+}
+
+/// The executor of h2 stream tasks: each runs until its stream ends or its abort token is
+/// cancelled. Dropping the task drops hyper's handle on the stream, and h2 then resets it
+/// (`RST_STREAM`, CANCEL) while the connection's other streams carry on. (hyper offers no
+/// other way to end one stream that is waiting for flow-control capacity: it does not poll
+/// the body then.)
+#[derive(Clone)]
+struct StreamExec(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match NEXT_STREAM_ABORT.with(Cell::take) {
+            Some(abort) => {
+                self.0.spawn(async move {
+                    tokio::select! {
+                        () = fut => {}
+                        () = abort.cancelled() => {}
+                    }
+                });
+            }
+            None => {
+                self.0.spawn(fut);
             }
         }
     }

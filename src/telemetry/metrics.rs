@@ -20,7 +20,10 @@ use prometheus_client::{
 };
 
 use super::{histogram::Histogram, process};
-use crate::router::{CloseReason, RESUME_OUTCOMES, Router, TARGET_KINDS};
+use crate::{
+    backplane::Backplane,
+    router::{CloseReason, RESUME_OUTCOMES, Router, TARGET_KINDS},
+};
 
 /// Why a subscription was refused, for `ssegate_connections_rejected_total{reason}`.
 #[derive(Clone, Copy, Debug)]
@@ -33,9 +36,13 @@ pub enum Rejection {
     Forbidden = 5,
     Disabled = 6,
     MaxConnectionsPerIp = 7,
+    /// Closed at accept: the port held all the sockets its descriptor budget allows.
+    DescriptorBudget = 8,
+    /// Closed at accept: too many connections had not sent a request yet.
+    PendingConnections = 9,
 }
 
-const REJECTIONS: [&str; 8] = [
+const REJECTIONS: [&str; 10] = [
     "max_connections",
     "max_connections_per_user",
     "shutting_down",
@@ -44,13 +51,18 @@ const REJECTIONS: [&str; 8] = [
     "forbidden",
     "disabled",
     "max_connections_per_ip",
+    "descriptor_budget",
+    "pending_connections",
 ];
 
 /// Why a publish failed, for `ssegate_events_published_total{outcome}`.
 #[derive(Clone, Copy, Debug)]
 pub enum PublishFailure {
     Invalid = 0,
+    /// Not applied: nothing was stored (safe to retry anywhere).
     Unavailable = 1,
+    /// Sent but not acknowledged: may be stored (retry with the same idempotency key).
+    Unknown = 2,
 }
 
 const TARGETS: [&str; 4] = ["user", "group", "topic", "broadcast"];
@@ -61,7 +73,7 @@ pub struct EdgeMetrics {
     closed: [AtomicU64; CloseReason::ALL.len()],
     rejected: [AtomicU64; REJECTIONS.len()],
     /// `[target kind][failure]`.
-    publish_failed: [[AtomicU64; 2]; 4],
+    publish_failed: [[AtomicU64; 3]; 4],
     /// Publish to socket write, one sample per write (the oldest event in it).
     pub delivery_latency: Histogram,
     /// Frames a connection's writer found queued when it drained its mailbox.
@@ -117,7 +129,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(router: Arc<Router>) -> Self {
+    pub fn new(router: Arc<Router>, backplane: Arc<Backplane>) -> Self {
         let edge = Arc::new(EdgeMetrics::new());
         let mut registry = Registry::default();
         registry.register(
@@ -130,7 +142,7 @@ impl Metrics {
             "Time from a gRPC request's arrival to its final status, by method",
             edge.grpc_duration.clone(),
         );
-        registry.register_collector(Box::new(ServerCollector { router, edge: edge.clone() }));
+        registry.register_collector(Box::new(ServerCollector { router, backplane, edge: edge.clone() }));
         registry.register_collector(Box::new(process::ProcessCollector));
         Self { registry, edge }
     }
@@ -146,6 +158,7 @@ impl Metrics {
 
 struct ServerCollector {
     router: Arc<Router>,
+    backplane: Arc<Backplane>,
     edge: Arc<EdgeMetrics>,
 }
 
@@ -222,13 +235,13 @@ impl Collector for ServerCollector {
         let published =
             TARGET_KINDS.iter().zip(s.published_by_target).map(|(t, n)| ([("target", *t), ("outcome", "ok")], n));
         let failed = TARGETS.iter().enumerate().flat_map(|(i, t)| {
-            [("invalid", 0), ("unavailable", 1)]
+            [("invalid", 0), ("unavailable", 1), ("unknown", 2)]
                 .map(|(outcome, j)| ([("target", *t), ("outcome", outcome)], e.publish_failed[i][j].load(Relaxed)))
         });
         labelled(
             &mut enc,
             "ssegate_events_published",
-            "Publish requests, by target kind and outcome (ok, invalid, unavailable)",
+            "Publish requests, by target kind and outcome (ok; invalid; unavailable: not applied; unknown: sent, not acknowledged)",
             C,
             published.chain(failed),
         )?;
@@ -267,6 +280,13 @@ impl Collector for ServerCollector {
             "ssegate_queue_depth",
             "Frames found queued at each drain of a connection",
             &e.queue_depth,
+        )?;
+        single(
+            &mut enc,
+            "ssegate_backplane_up",
+            "1 while the backplane takes publishes (always with memory; with NATS, while JetStream answers its probe), else 0",
+            G,
+            if self.backplane.is_up() { 1.0 } else { 0.0 },
         )?;
         single(&mut enc, "ssegate_uptime_seconds", "Seconds since start", G, self.router.uptime().as_secs_f64())
     }

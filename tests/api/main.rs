@@ -3,12 +3,16 @@
 //! Set TEST_LOG=1 to see the server's logs.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod backplane_faults;
 mod browser;
+mod client_js;
 mod cluster;
+mod connect;
 mod control;
 mod drain;
 mod encoding;
 mod helpers;
+mod hostile;
 mod http_edge;
 mod limits;
 mod observability;
