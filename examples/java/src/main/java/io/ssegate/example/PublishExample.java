@@ -224,8 +224,9 @@ public final class PublishExample {
       run(channel, user);
     } catch (StatusRuntimeException e) {
       fail(e.getStatus().getCode() + ": " + e.getStatus().getDescription());
-    } catch (ExecutionException e) {
-      fail(Status.fromThrowable(e.getCause()).getCode() + ": " + e.getCause().getMessage());
+    } catch (ExecutionException e) { // PublishStream failed as a whole
+      Status status = Status.fromThrowable(e.getCause());
+      fail(status.getCode() + ": " + status.getDescription());
     } finally {
       // Let in-flight calls finish, but do not hang the exit on them.
       channel.shutdown();
