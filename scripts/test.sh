@@ -13,11 +13,11 @@
 #
 # A full run (no arguments) then also runs ./scripts/examples.sh with
 # SSEGATE_BIN=target/debug/ssegate (the binary `cargo test` just built; under
-# $CARGO_TARGET_DIR if set): the Java, Python
-# and Node publisher examples against the real server, with an SSE reader checking delivery.
-# It installs their toolchains itself (Debian grpc-java packages, a Python venv under
-# target/, npm ci in examples/node). A filtered run (any argument, e.g.
-# `./scripts/test.sh --test api publish`) runs only `cargo test` and skips the examples.
+# $CARGO_TARGET_DIR if that is set): the Java, Python and Node publisher examples against
+# the real server, with an SSE reader checking delivery. It installs their toolchains
+# itself (Debian grpc-java packages, a Python venv under target/, npm ci in examples/node).
+# A filtered run (any argument, e.g. `./scripts/test.sh --test api publish`) runs only
+# `cargo test` and skips the examples.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
