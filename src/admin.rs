@@ -3,7 +3,10 @@
 //! - `GET /metrics`: OpenMetrics text.
 //! - `GET /healthz`: 200 while the process runs (liveness).
 //! - `GET /readyz`: 200 while serving, 503 from the start of a drain (readiness), so load
-//!   balancers stop sending new connections before any are closed.
+//!   balancers stop sending new connections before any are closed. It is about serving
+//!   subscribers only: a broker outage does not change it (streams and resumes keep working, and
+//!   pulling every replica out of the Service at once would cut them all off). The broker's
+//!   state is the gRPC health of `ssegate.v1.Publisher` and the `ssegate_backplane_up` gauge.
 
 use std::sync::{
     Arc,
@@ -13,19 +16,17 @@ use std::sync::{
 use axum::{extract::State, response::IntoResponse, routing::get};
 use http::{StatusCode, header};
 
-use crate::{backplane::Backplane, telemetry::metrics::Metrics};
+use crate::telemetry::metrics::Metrics;
 
-/// Whether this server should receive new traffic: serving, not draining, and its backplane
-/// (the broker) reachable.
-#[derive(Clone)]
+/// Whether this server should receive new subscribers: serving and not draining.
+#[derive(Clone, Default)]
 pub struct Readiness {
     serving: Arc<AtomicBool>,
-    backplane: Arc<Backplane>,
 }
 
 impl Readiness {
-    pub fn new(backplane: Arc<Backplane>) -> Self {
-        Self { serving: Arc::default(), backplane }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     pub fn set(&self, ready: bool) {
@@ -36,9 +37,6 @@ impl Readiness {
     pub fn check(&self) -> Result<(), &'static str> {
         if !self.serving.load(Ordering::SeqCst) {
             return Err("not ready: draining");
-        }
-        if !self.backplane.is_healthy() {
-            return Err("not ready: broker unavailable");
         }
         Ok(())
     }

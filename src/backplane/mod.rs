@@ -55,12 +55,33 @@ pub struct Accepted {
     pub recipients: Option<u64>,
 }
 
+/// Why a publish failed, and whether the event may still have been stored: the first three
+/// mean it was not (safe to retry anywhere, with or without the key); `NoAck` and `Lost` mean
+/// the outcome is unknown (it may be stored and delivered later: retry with the same
+/// idempotency key, which JetStream deduplicates within its duplicate window, and get the
+/// first one's id back).
 #[derive(Debug, thiserror::Error)]
 pub enum BackplaneError {
     #[error(transparent)]
     Router(#[from] RouterError),
-    #[error("the broker is unavailable: {0}")]
+    /// Nothing was sent: the broker is not connected or not answering.
+    #[error("not published (nothing was sent; safe to retry): the broker is unavailable: {0}")]
     Unavailable(String),
+    /// The broker answered that it did not store the event.
+    #[error("not published: {0}")]
+    Refused(String),
+    /// Sent, but no acknowledgement came in time.
+    #[error(
+        "outcome unknown: no acknowledgement from JetStream within {timeout:?} (--nats-publish-timeout); the event may \
+         still be stored and delivered: retry with the same idempotency_key"
+    )]
+    NoAck { timeout: std::time::Duration },
+    /// Sent, then the connection failed before an acknowledgement arrived.
+    #[error(
+        "outcome unknown: the NATS connection failed before JetStream acknowledged ({0}); the event may still be \
+         stored and delivered: retry with the same idempotency_key"
+    )]
+    Lost(String),
 }
 
 impl Backplane {
@@ -124,11 +145,28 @@ impl Backplane {
         }
     }
 
-    /// Whether the backplane can take publishes now (for readiness).
-    pub fn is_healthy(&self) -> bool {
+    /// Whether the backplane can take publishes now: always in memory; with NATS, while the
+    /// broker answers its probe (`nats::HEALTH_EVERY`).
+    pub fn is_up(&self) -> bool {
         match self {
             Backplane::Memory(_) => true,
-            Backplane::Nats(n) => n.is_connected(),
+            Backplane::Nats(n) => n.is_up(),
+        }
+    }
+
+    /// Follows `is_up` (`None` in memory: always up).
+    pub fn watch_up(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        match self {
+            Backplane::Memory(_) => None,
+            Backplane::Nats(n) => Some(n.watch_up()),
+        }
+    }
+
+    /// Closes the connection to the broker (after every task using it has stopped): pending
+    /// messages are flushed and the server sees the client leave at once.
+    pub async fn close(&self) {
+        if let Backplane::Nats(n) = self {
+            n.close().await;
         }
     }
 }

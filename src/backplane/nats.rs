@@ -12,8 +12,19 @@
 //!   once it has caught up, so a client resuming on a fresh replica finds its events.
 //! - Epoch: the stream's creation time, so ids are the same on every replica and change only if
 //!   the stream is recreated (clients are then told with `ssegate.missed` / `other_epoch`).
+//! - Health: a probe task asks JetStream for the stream's info every `HEALTH_EVERY`, bounded by
+//!   `HEALTH_TIMEOUT`; a failure or a lost connection marks the broker down (publishes are then
+//!   refused at once with nothing sent, the gRPC health of `ssegate.v1.Publisher` turns
+//!   NOT_SERVING, `ssegate_backplane_up` is 0). A paused broker keeps its TCP connection open,
+//!   so the connection state alone would not notice it; the round trip does.
+//! - Tasks (consumer, probe, cluster responder) run on the application's `TaskTracker` and end
+//!   when its `CancellationToken` is cancelled.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_nats::{
     Client, ConnectOptions,
@@ -28,6 +39,7 @@ use async_nats::{
 };
 use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{BackplaneError, cluster::Cluster, wire};
 use crate::{
@@ -50,7 +62,20 @@ pub struct NatsSettings {
     pub publish_timeout: Duration,
     /// Longest wait for every replica's answer to a cluster-wide query.
     pub cluster_wait: Duration,
+    /// Copies of the stream the NATS cluster keeps (`num_replicas`, 1 to 5).
+    pub stream_replicas: usize,
 }
+
+/// How often the broker is probed (one JetStream stream-info request per replica), and how long
+/// a probe may take before the broker counts as down. A killed broker is noticed within
+/// `HEALTH_EVERY` (the connection drops); a paused or unresponsive one within
+/// `HEALTH_EVERY + HEALTH_TIMEOUT`.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The client's own keep-alive: a connection that answers no PING for three intervals is dropped
+/// and re-established (possibly to another server of a NATS cluster).
+const PING_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
@@ -78,6 +103,9 @@ pub struct NatsBackplane {
     reconnected: Arc<Notify>,
     /// Cluster-wide Presence, Stats and Disconnect.
     pub cluster: Arc<Cluster>,
+    /// Whether the broker answered the last probe (see `HEALTH_EVERY`). Starts true: connecting
+    /// just succeeded.
+    up: watch::Sender<bool>,
 }
 
 impl NatsBackplane {
@@ -87,15 +115,18 @@ impl NatsBackplane {
         let connect_err = |reason: String| NatsError::Connect { urls: urls.clone(), reason };
         let reconnected = Arc::new(Notify::new());
         let notify = reconnected.clone();
-        let mut options = ConnectOptions::new().name("ssegate").max_reconnects(None).event_callback(move |event| {
-            let notify = notify.clone();
-            async move {
-                tracing::info!(%event, "NATS connection event");
-                if matches!(event, async_nats::Event::Connected) {
-                    notify.notify_waiters();
-                }
-            }
-        });
+        let mut options =
+            ConnectOptions::new().name("ssegate").max_reconnects(None).ping_interval(PING_INTERVAL).event_callback(
+                move |event| {
+                    let notify = notify.clone();
+                    async move {
+                        tracing::info!(%event, "NATS connection event");
+                        if matches!(event, async_nats::Event::Connected) {
+                            notify.notify_waiters();
+                        }
+                    }
+                },
+            );
         if let Some(creds) = &settings.creds_file {
             options = options.credentials_file(creds).await.map_err(|e| connect_err(e.to_string()))?;
         }
@@ -109,7 +140,10 @@ impl NatsBackplane {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| connect_err(e.to_string()))?;
         let client = options.connect(addrs).await.map_err(|e| connect_err(e.to_string()))?;
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        // The acknowledgement wait of a publish is the context's timeout; `publish` bounds the
+        // whole call by --nats-publish-timeout itself, so this only must not be shorter.
+        js.set_timeout(settings.publish_timeout.max(Duration::from_secs(5)));
         let stream_err = |reason: String| NatsError::Stream { stream: settings.stream.clone(), reason };
         let mut stream = js
             .get_or_create_stream(Config {
@@ -120,11 +154,15 @@ impl NatsBackplane {
                 duplicate_window: settings.duplicate_window,
                 storage: StorageType::File,
                 discard: DiscardPolicy::Old,
+                num_replicas: settings.stream_replicas,
                 ..Default::default()
             })
             .await
             .map_err(|e| stream_err(e.to_string()))?;
-        let info = stream.info().await.map_err(|e| stream_err(e.to_string()))?;
+        let mut info = stream.info().await.map_err(|e| stream_err(e.to_string()))?.clone();
+        if info.config.num_replicas != settings.stream_replicas {
+            info = Self::change_replicas(&js, info, settings.stream_replicas).await;
+        }
         if !info.config.subjects.contains(&settings.subject) {
             return Err(NatsError::Conflict {
                 stream: settings.stream.clone(),
@@ -139,53 +177,125 @@ impl NatsBackplane {
         tracing::info!(stream = %settings.stream, subject = %settings.subject, last_seq = last_seq_at_start,
             "NATS JetStream backplane connected");
         let cluster = Cluster::new(client.clone(), &settings.subject, settings.cluster_wait);
-        Ok(Self { client, js, settings, last_seq_at_start, epoch, reconnected, cluster })
+        let (up, _) = watch::channel(true);
+        Ok(Self { client, js, settings, last_seq_at_start, epoch, reconnected, cluster, up })
+    }
+
+    /// Asks JetStream to keep `replicas` copies of an existing stream that has another number
+    /// (the flag changed, or the stream was made by an older version). A refusal (e.g. more
+    /// replicas than the NATS cluster has servers) is logged and the stream used as it is: the
+    /// events still flow, with the durability the stream has.
+    async fn change_replicas(js: &Context, info: jetstream::stream::Info, replicas: usize) -> jetstream::stream::Info {
+        let from = info.config.num_replicas;
+        let mut config = info.config.clone();
+        config.num_replicas = replicas;
+        match js.update_stream(config).await {
+            Ok(updated) => {
+                tracing::info!(stream = %info.config.name, from, to = replicas, "JetStream stream replicas changed");
+                updated
+            }
+            Err(e) => {
+                tracing::warn!(stream = %info.config.name, has = from, wanted = replicas, error = %e,
+                    "cannot change the stream's replicas (--nats-stream-replicas); using it as it is");
+                info
+            }
+        }
+    }
+
+    /// Drains the connection (its subscriptions end, pending messages are flushed) and closes
+    /// it. Call once the tasks using it have stopped.
+    pub async fn close(&self) {
+        if let Err(e) = self.client.drain().await {
+            tracing::debug!(error = %e, "closing the NATS connection");
+        }
     }
 
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
     }
 
+    /// Whether the broker is reachable and answering (the last probe succeeded).
+    pub fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    /// Follows `is_up`. While the broker is down, every probe sends `false` again (so a
+    /// follower can re-assert it); a recovery is sent once.
+    pub fn watch_up(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
     /// Stores one event; returns its stream sequence number.
+    ///
+    /// Errors say whether the event may have been stored: `Unavailable` and `Refused` only when
+    /// nothing was handed to the connection or JetStream answered that it did not store it;
+    /// `NoAck` and `Lost` once it was handed over without an acknowledgement (it may still be
+    /// stored, and then delivered: the caller must retry with the same idempotency key).
     pub async fn publish(&self, target: &Target, event: &Event, idempotency_key: &str) -> Result<u64, BackplaneError> {
         if !self.is_connected() {
             return Err(BackplaneError::Unavailable("not connected to NATS".into()));
+        }
+        if !self.is_up() {
+            return Err(BackplaneError::Unavailable("NATS JetStream is not answering".into()));
         }
         let mut msg = PublishMessage::build().payload(wire::encode(target, event).into());
         if !idempotency_key.is_empty() {
             msg = msg.message_id(idempotency_key);
         }
-        let unavailable = |e: String| BackplaneError::Unavailable(e);
-        let ack = tokio::time::timeout(self.settings.publish_timeout, async {
-            let ack = self.js.send_publish(self.settings.subject.clone(), msg).await.map_err(|e| match e.kind() {
-                PublishErrorKind::MaxPayloadExceeded => unavailable(format!("the broker refused the size: {e}")),
-                _ => unavailable(e.to_string()),
-            })?;
-            ack.await.map_err(|e| unavailable(e.to_string()))
-        })
-        .await
-        .map_err(|_| unavailable("no acknowledgement from JetStream in time".into()))??;
+        let timeout = self.settings.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Handing the message to the connection: until this completes nothing was sent (a
+        // cancelled channel send sends nothing), so every failure here is a plain refusal.
+        let ack =
+            match tokio::time::timeout_at(deadline, self.js.send_publish(self.settings.subject.clone(), msg)).await {
+                Err(_) => return Err(BackplaneError::Unavailable("the NATS connection is not taking messages".into())),
+                Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    return Err(BackplaneError::Refused(format!("the broker refused the size: {e}")));
+                }
+                Ok(Err(e)) => return Err(BackplaneError::Unavailable(e.to_string())),
+                Ok(Ok(ack)) => ack,
+            };
+        // From here on the event may be stored even if no acknowledgement arrives.
+        let ack = match tokio::time::timeout_at(deadline, ack).await {
+            Err(_) => return Err(BackplaneError::NoAck { timeout }),
+            Ok(Ok(ack)) => ack,
+            Ok(Err(e)) => return Err(classify_ack_error(&e, timeout)),
+        };
+        if ack.duplicate {
+            tracing::debug!(seq = ack.sequence, "publish was a duplicate of an earlier one (same idempotency key)");
+        }
         Ok(ack.sequence)
     }
 
-    /// Starts feeding `router` from the stream (in a task that lives until the process ends),
-    /// beginning early enough to fill the replay log, and waits until it has caught up with
-    /// the stream as it was at connect time.
-    pub async fn start_consumer(
+    /// Starts the tasks on `tracker`, each ending when `stop` is cancelled: the cluster
+    /// responder, the broker probe, and the consumer feeding `router` from the stream,
+    /// beginning early enough to fill the replay log. Waits until the consumer has caught up
+    /// with the stream as it was at connect time.
+    pub async fn start(
         self: &Arc<Self>,
         router: Arc<Router>,
         replay_capacity: u64,
         catch_up: Duration,
+        stop: &CancellationToken,
+        tracker: &TaskTracker,
     ) -> Result<(), NatsError> {
-        self.cluster.start(router.clone()).await.map_err(|e| NatsError::Stream {
+        self.cluster.start(router.clone(), stop, tracker).await.map_err(|e| NatsError::Stream {
             stream: self.settings.stream.clone(),
             reason: format!("cannot subscribe to the control subjects: {e}"),
         })?;
+        let this = self.clone();
+        tracker.spawn(this.probe(stop.clone()));
         let target = self.last_seq_at_start;
         let first = target.saturating_sub(replay_capacity) + 1;
         let (progress_tx, mut progress) = watch::channel(0u64);
         let this = self.clone();
-        tokio::spawn(async move { this.consume(router, first, progress_tx).await });
+        let token = stop.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = this.consume(router, first, progress_tx) => {}
+                () = token.cancelled() => tracing::debug!("NATS consumer stopped"),
+            }
+        });
         let caught_up = tokio::time::timeout(catch_up, async {
             while *progress.borrow_and_update() < target {
                 if progress.changed().await.is_err() {
@@ -199,13 +309,55 @@ impl NatsBackplane {
         Ok(())
     }
 
+    /// Probes the broker until `stop`: see `HEALTH_EVERY`.
+    async fn probe(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(HEALTH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                r = async {
+                    tick.tick().await;
+                    self.check().await
+                } => r,
+            };
+            match result {
+                Ok(()) => {
+                    if self.up.send_if_modified(|up| !std::mem::replace(up, true)) {
+                        tracing::info!(after = ?started.elapsed(), "NATS JetStream answers again: publishing resumes");
+                    }
+                }
+                Err(reason) => {
+                    if self.up.send_replace(false) {
+                        tracing::warn!(%reason, "NATS JetStream is not answering: publishes are refused until it does");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round trip to JetStream (the stream's info), bounded by `HEALTH_TIMEOUT`.
+    async fn check(&self) -> Result<(), String> {
+        if !self.is_connected() {
+            return Err("not connected".to_owned());
+        }
+        match tokio::time::timeout(HEALTH_TIMEOUT, self.js.get_stream(&self.settings.stream)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {HEALTH_TIMEOUT:?}")),
+        }
+    }
+
     /// Consumes forever: an ordered consumer from `from`, recreated from the router's last
     /// sequence whenever it fails (broker restart, network).
     async fn consume(self: Arc<Self>, router: Arc<Router>, mut from: u64, progress: watch::Sender<u64>) {
         loop {
             match self.consume_once(&router, from, &progress).await {
-                Ok(()) => tracing::debug!("NATS consumer ended; restarting it"),
-                Err(e) => tracing::warn!(error = %e, "NATS consumer failed; restarting it"),
+                Ok(()) => tracing::debug!(from = router.last_seq() + 1, "NATS consumer ended; restarting it"),
+                Err(e) => {
+                    tracing::warn!(error = %e, from = router.last_seq() + 1, "NATS consumer failed; restarting it")
+                }
             }
             from = router.last_seq() + 1;
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -251,5 +403,20 @@ impl NatsBackplane {
             }
             progress.send_replace(seq);
         }
+    }
+}
+
+/// What an acknowledgement that failed says about the event.
+fn classify_ack_error(e: &jetstream::context::PublishError, timeout: Duration) -> BackplaneError {
+    match e.kind() {
+        // No stream listens on the subject: nothing stored it.
+        PublishErrorKind::StreamNotFound => BackplaneError::Unavailable(format!("JetStream: {e}")),
+        PublishErrorKind::TimedOut => BackplaneError::NoAck { timeout },
+        // JetStream answered with an error: it did not store the event.
+        _ if std::error::Error::source(e).is_some_and(|s| s.is::<jetstream::Error>()) => {
+            BackplaneError::Refused(format!("JetStream refused the event: {e}"))
+        }
+        // The connection went away, or the answer was unreadable.
+        _ => BackplaneError::Lost(e.to_string()),
     }
 }

@@ -1,6 +1,11 @@
 //! The form of an event inside the broker: small JSON, readable with `nats stream view`.
 //! Targets travel in the payload, never in subject names, so no user, group or topic id
 //! (dots, spaces, `*`, `>`, unicode) can change where a message is routed.
+//!
+//! **Compatibility:** the stream outlives any one version and replicas of two versions read it
+//! during a rolling upgrade: unknown fields are ignored and optional ones may be missing (never
+//! `deny_unknown_fields`). A target kind this version does not know cannot be delivered: the
+//! message is skipped with an error log, and the sequence still advances.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +25,7 @@ struct WireEvent {
     target: WireTarget,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
+    #[serde(default)]
     data: String,
 }
 
@@ -74,5 +80,25 @@ mod tests {
             assert_eq!(decode(&encode(&t, &event)).unwrap(), (t, event.clone()));
         }
         assert!(decode(b"{\"target\":{\"kind\":\"group\",\"id\":\"\"},\"data\":\"x\"}").is_err());
+    }
+
+    #[test]
+    fn an_event_with_fields_this_version_does_not_know_is_read() {
+        let newer = br#"{"v":2,"target":{"kind":"users","ids":["u"],"tenant":"t1"},"name":"n","data":"d",
+            "published_at":"2030-01-01T00:00:00Z","priority":5}"#;
+        let (target, event) = decode(newer).unwrap();
+        assert_eq!(target, Target::users(vec![UserId::parse("u").unwrap()]));
+        assert_eq!(event, Event { name: Some(EventName::parse("n").unwrap()), data: "d".into() });
+    }
+
+    #[test]
+    fn an_event_missing_optional_fields_is_read() {
+        let (target, event) = decode(br#"{"target":{"kind":"broadcast"}}"#).unwrap();
+        assert_eq!((target, event), (Target::Broadcast, Event { name: None, data: String::new() }));
+    }
+
+    #[test]
+    fn a_target_kind_this_version_does_not_know_is_an_error_not_a_misdelivery() {
+        assert!(decode(br#"{"target":{"kind":"session","id":"s1"},"data":"d"}"#).is_err());
     }
 }

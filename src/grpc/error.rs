@@ -22,13 +22,21 @@ pub enum ApiError {
     Router(#[from] RouterError),
     #[error("{0}")]
     Unavailable(String),
+    /// The publish was sent but not acknowledged in time: it may have been applied.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The publish was sent, then the connection to the broker failed: it may have been applied.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl From<BackplaneError> for ApiError {
     fn from(e: BackplaneError) -> Self {
         match e {
             BackplaneError::Router(r) => ApiError::Router(r),
-            BackplaneError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            BackplaneError::Unavailable(_) | BackplaneError::Refused(_) => ApiError::Unavailable(e.to_string()),
+            BackplaneError::NoAck { .. } => ApiError::DeadlineExceeded(e.to_string()),
+            BackplaneError::Lost(_) => ApiError::OutcomeUnknown(e.to_string()),
         }
     }
 }
@@ -42,6 +50,8 @@ impl ApiError {
             | ApiError::EventTooLarge { .. }
             | ApiError::OutOfRange(_) => Code::InvalidArgument,
             ApiError::Router(RouterError::ShuttingDown) | ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ApiError::OutcomeUnknown(_) => Code::Unknown,
             ApiError::Router(RouterError::TooManyConnections { .. } | RouterError::TooManyForUser { .. }) => {
                 Code::ResourceExhausted
             }

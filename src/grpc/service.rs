@@ -79,6 +79,7 @@ impl PublisherService {
         if let Err(e) = &result {
             let failure = match e.code() {
                 Code::Unavailable | Code::ResourceExhausted => PublishFailure::Unavailable,
+                Code::DeadlineExceeded | Code::Unknown => PublishFailure::Unknown,
                 _ => PublishFailure::Invalid,
             };
             self.metrics.publish_failed(kind, failure);
