@@ -1,6 +1,7 @@
 //! The HTTP edge (the public port): `GET /v1/events` and the SSE body. The only module that
 //! sees axum; errors map to responses in one place (`error.rs`).
 
+mod assets;
 mod body;
 mod error;
 mod events;
@@ -31,6 +32,8 @@ pub struct HttpSettings {
     pub cors_allowed_origins: Vec<String>,
     /// Streams are closed cleanly after about this long, if set.
     pub max_connection_lifetime: Option<Duration>,
+    /// Serve the demo page at `GET /` (development mode only).
+    pub demo_page: bool,
 }
 
 #[derive(Clone)]
@@ -72,6 +75,8 @@ pub fn app(
     };
     let app = axum::Router::new()
         .route("/v1/events", get(events::subscribe))
+        .route("/v1/client.js", get(assets::client_js))
+        .route("/", assets::demo(settings.demo_page))
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
         .fallback(|| async { HttpError::NotFound })
         .with_state(state);
