@@ -33,6 +33,12 @@ pub enum Command {
     /// Internal: one client process holding a share of the connections (started by `run`).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// The chaos run: nats-server, three replicas, browser-like clients, faults; checks that
+    /// nothing acknowledged is lost or delivered twice (docs/chaos.md).
+    Chaos(Box<crate::chaos::ChaosArgs>),
+    /// Internal: one client process of the chaos run (started by `chaos`).
+    #[command(hide = true)]
+    ChaosWorker(crate::chaos::ChaosWorkerArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -285,7 +291,7 @@ mod tests {
         let argv = std::iter::once("ssegate-bench").chain("run".split(' ')).chain(args.split_whitespace());
         match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
             Command::Run(r) => r.validate().map(|()| *r),
-            Command::Worker(_) => Err("worker".into()),
+            _ => Err("not run".into()),
         }
     }
 

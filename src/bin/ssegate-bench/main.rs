@@ -11,8 +11,10 @@
 //! - `sse`: HTTP response head, chunked decoding, a lean SSE scanner.
 //! - `seqcheck`, `histogram`: loss/duplicate accounting and latency percentiles.
 //! - `procstat`, `report`, `wire`: `/proc` readings, the output, the worker line protocol.
+//! - `chaos`: the chaos run (replicas, broker, faults, browser-like clients; docs/chaos.md).
 
 mod args;
+mod chaos;
 mod histogram;
 mod httppub;
 mod plan;
@@ -32,6 +34,8 @@ fn main() {
     let result = match cli.command {
         args::Command::Run(a) => run::main(*a),
         args::Command::Worker(a) => worker::main(a),
+        args::Command::Chaos(a) => chaos::main(*a),
+        args::Command::ChaosWorker(a) => chaos::worker_main(a),
     };
     if let Err(e) = result {
         eprintln!("ssegate-bench: {e}");

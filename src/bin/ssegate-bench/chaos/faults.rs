@@ -1,0 +1,274 @@
+//! The fault schedule, run on its own thread while the publishers and clients carry on:
+//!
+//! 1. `SIGKILL` one replica; start it again after a pause.
+//! 2. `SIGSTOP` the broker; `SIGCONT` it after a while (longer than the publish timeout).
+//! 3. Restart the broker (`SIGTERM`, wait for its exit, start it on the same store and port).
+//! 4. A rolling `SIGTERM` of the three replicas: each drained, restarted, ready, then the next.
+//! 5. A flood of silent sockets on replica 2 and of stalled HTTP/2 streams (fed big events) on
+//!    replica 0, at the same time.
+//!
+//! Each fault starts at its offset from the start of publishing, or `gap` after the previous
+//! one ended, whichever is later. Every wait has a deadline; a fault that cannot be carried out
+//! is a problem of the run (which then fails).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{
+    floods, procs,
+    procs::{Ports, Proc},
+    publisher::{self, Shared},
+};
+use crate::{plan::now_ns, procstat};
+
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub kill_at: Duration,
+    pub kill_down: Duration,
+    pub stop_at: Duration,
+    pub stop_for: Duration,
+    pub broker_restart_at: Duration,
+    pub rolling_at: Duration,
+    pub flood_at: Duration,
+    pub flood_hold: Duration,
+    pub gap: Duration,
+}
+
+pub struct Cluster {
+    pub nats: Proc,
+    pub nats_port: u16,
+    pub replicas: Vec<Proc>,
+    pub ports: Vec<Ports>,
+}
+
+/// One injected fault: when it began, when its cause was lifted (the process back, the broker
+/// resumed, the floods released), when the step ended, and what was observed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Fault {
+    pub name: String,
+    pub start_ns: u64,
+    pub lift_ns: u64,
+    pub end_ns: u64,
+    pub notes: Vec<String>,
+}
+
+pub struct FaultReport {
+    pub faults: Vec<Fault>,
+    pub silent: Option<floods::SilentOutcome>,
+    pub stalled: Option<floods::StallOutcome>,
+    pub problems: Vec<String>,
+}
+
+const READY_WITHIN: Duration = Duration::from_secs(120);
+const EXIT_WITHIN: Duration = Duration::from_secs(20);
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
+
+/// Runs every fault in order. Never panics on a failed step: it is noted and the run goes on.
+pub fn run(
+    c: &mut Cluster,
+    s: &Schedule,
+    t0: Instant,
+    rt: &tokio::runtime::Handle,
+    shared: &Arc<Shared>,
+    silent: u64,
+    stalled: u64,
+) -> FaultReport {
+    let mut r = FaultReport { faults: Vec::new(), silent: None, stalled: None, problems: Vec::new() };
+    let mut prev_end = t0;
+    let wait_for = |at: Duration, prev_end: Instant| {
+        let when = (t0 + at).max(prev_end + s.gap);
+        while let Some(left) = when.checked_duration_since(Instant::now()) {
+            std::thread::sleep(left.min(Duration::from_millis(200)));
+        }
+    };
+    type Step<'a> = Box<dyn FnOnce(&mut Cluster, &mut FaultReport) -> Result<Fault, String> + 'a>;
+    let steps: Vec<(Duration, &str, Step)> = vec![
+        (s.kill_at, "SIGKILL replica-1, restart", Box::new(|c, _| kill_replica(c, 1, s.kill_down))),
+        (s.stop_at, "SIGSTOP/SIGCONT broker", Box::new(|c, _| stop_broker(c, s.stop_for))),
+        (s.broker_restart_at, "restart broker", Box::new(restart_broker)),
+        (s.rolling_at, "rolling SIGTERM of all replicas", Box::new(rolling)),
+        (
+            s.flood_at,
+            "flood: silent sockets + stalled h2 streams",
+            Box::new(move |c, r| flood(c, r, rt, shared, silent, stalled, s.flood_hold)),
+        ),
+    ];
+    for (at, name, step) in steps {
+        wait_for(at, prev_end);
+        crashed(c, &mut r.problems, name);
+        match step(c, &mut r) {
+            Ok(f) => r.faults.push(f),
+            Err(e) => {
+                r.problems.push(format!("fault `{name}` could not be carried out: {e}"));
+                r.faults.push(Fault {
+                    name: name.into(),
+                    start_ns: 0,
+                    lift_ns: 0,
+                    end_ns: 0,
+                    notes: vec![format!("failed: {e}")],
+                });
+            }
+        }
+        prev_end = Instant::now();
+    }
+    crashed(c, &mut r.problems, "the end of the faults");
+    r
+}
+
+/// Notes (and restarts) a replica or broker that died on its own.
+fn crashed(c: &mut Cluster, problems: &mut Vec<String>, before: &str) {
+    for (i, p) in c.replicas.iter_mut().enumerate() {
+        if let Some(status) = p.exited() {
+            problems.push(format!("{} exited on its own ({status}) before {before}; restarted", p.name));
+            if p.start().is_ok() {
+                let _ = procs::wait_ready(c.ports[i].admin, READY_WITHIN);
+            }
+        }
+    }
+    if let Some(status) = c.nats.exited() {
+        problems.push(format!("nats-server exited on its own ({status}) before {before}; restarted"));
+        let _ = c.nats.start();
+    }
+}
+
+fn start_replica(c: &mut Cluster, i: usize, notes: &mut Vec<String>) -> Result<(), String> {
+    c.replicas[i].start()?;
+    let took = procs::wait_ready(c.ports[i].admin, READY_WITHIN)?;
+    notes.push(format!("replica-{i} ready {} after start", secs(took)));
+    Ok(())
+}
+
+fn kill_replica(c: &mut Cluster, i: usize, down: Duration) -> Result<Fault, String> {
+    let start_ns = now_ns();
+    let mut notes = Vec::new();
+    c.replicas[i].signal("KILL")?;
+    let status = c.replicas[i].wait_exit(EXIT_WITHIN).ok_or("did not die of SIGKILL")?;
+    notes.push(format!("replica-{i} killed: {status}"));
+    let lift_ns = now_ns();
+    std::thread::sleep(down);
+    start_replica(c, i, &mut notes)?;
+    Ok(Fault { name: format!("SIGKILL replica-{i}, restart"), start_ns, lift_ns, end_ns: now_ns(), notes })
+}
+
+fn stop_broker(c: &mut Cluster, stop_for: Duration) -> Result<Fault, String> {
+    let start_ns = now_ns();
+    c.nats.signal("STOP")?;
+    std::thread::sleep(stop_for);
+    c.nats.signal("CONT")?;
+    let lift_ns = now_ns();
+    Ok(Fault {
+        name: "SIGSTOP/SIGCONT broker".into(),
+        start_ns,
+        lift_ns,
+        end_ns: lift_ns,
+        notes: vec![format!("broker stopped for {}", secs(stop_for))],
+    })
+}
+
+fn restart_broker(c: &mut Cluster, _: &mut FaultReport) -> Result<Fault, String> {
+    let start_ns = now_ns();
+    let t = Instant::now();
+    let (status, killed) = c.nats.stop(EXIT_WITHIN);
+    let mut notes = vec![match (status, killed) {
+        (_, true) => format!("nats-server did not exit within {EXIT_WITHIN:?} of SIGTERM: killed"),
+        (s, false) => format!("nats-server exited after {}: {s:?}", secs(t.elapsed())),
+    }];
+    c.nats.start()?;
+    procs::wait_port(std::net::SocketAddr::from(([127, 0, 0, 1], c.nats_port)), Duration::from_secs(30))?;
+    let lift_ns = now_ns();
+    notes.push(format!("nats-server listening again {} after SIGTERM", secs(t.elapsed())));
+    // Replicas report not-ready while the broker is away; note how long they take to be back.
+    let back = Instant::now();
+    for (i, p) in c.ports.iter().enumerate() {
+        match procs::wait_ready(p.admin, READY_WITHIN) {
+            Ok(_) => {}
+            Err(e) => notes.push(format!("replica-{i}: {e}")),
+        }
+    }
+    notes.push(format!("all replicas ready {} after the broker listened", secs(back.elapsed())));
+    Ok(Fault { name: "restart broker".into(), start_ns, lift_ns, end_ns: now_ns(), notes })
+}
+
+fn rolling(c: &mut Cluster, _: &mut FaultReport) -> Result<Fault, String> {
+    let start_ns = now_ns();
+    let mut notes = Vec::new();
+    for i in 0..c.replicas.len() {
+        let t = Instant::now();
+        let (status, killed) = c.replicas[i].stop(EXIT_WITHIN);
+        notes.push(match (status, killed) {
+            (_, true) => format!("replica-{i} did not exit within {EXIT_WITHIN:?} of SIGTERM: killed"),
+            (Some(s), false) => format!("replica-{i} drained and exited after {}: {s}", secs(t.elapsed())),
+            (None, false) => format!("replica-{i} was not running"),
+        });
+        start_replica(c, i, &mut notes)?;
+    }
+    let lift_ns = now_ns();
+    Ok(Fault { name: "rolling SIGTERM of all replicas".into(), start_ns, lift_ns, end_ns: lift_ns, notes })
+}
+
+fn flood(
+    c: &mut Cluster,
+    r: &mut FaultReport,
+    rt: &tokio::runtime::Handle,
+    shared: &Arc<Shared>,
+    silent: u64,
+    stalled: u64,
+    hold: Duration,
+) -> Result<Fault, String> {
+    let start_ns = now_ns();
+    let silent_addr = c.ports[2].http;
+    let silent_thread = std::thread::spawn(move || floods::silent_sockets(silent_addr, silent, hold));
+    let pid = c.replicas[0].pid();
+    let stall_until = tokio::time::Instant::now() + hold;
+    let mut load = None;
+    let stall = floods::stalled_h2(
+        c.ports[0].http,
+        stalled,
+        publisher::STALL_TOPIC,
+        hold,
+        || load = Some(rt.spawn(publisher::stall_load(shared.clone(), 8192, 20, stall_until))),
+        || pid.and_then(procstat::read_one).map(|u| u.rss_kib),
+    );
+    let silent = silent_thread.join().map_err(|_| "the silent-socket thread panicked")?;
+    let lift_ns = now_ns();
+    let mut notes = vec![
+        format!(
+            "silent sockets on replica-2: {} opened, {} closed by the server (after {:?}..{:?} ms), {} still open after {} ms",
+            silent.opened,
+            silent.closed_by_server,
+            silent.close_after_ms_min,
+            silent.close_after_ms_max,
+            silent.still_open_at_end,
+            silent.held_ms
+        ),
+        format!(
+            "stalled h2 streams on replica-0: {} opened, {} answered, {} reset (codes {:?}), {} GOAWAY, {} closed, {} untouched; {} DATA bytes; replica-0 RSS {:?} -> {:?} KiB",
+            stall.opened,
+            stall.answered,
+            stall.rst_stream,
+            stall.rst_codes,
+            stall.goaway,
+            stall.closed,
+            stall.untouched,
+            stall.data_bytes,
+            stall.server_rss_kib_before,
+            stall.server_rss_kib_after
+        ),
+    ];
+    if let Some(h) = load {
+        let acked = rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), h).await });
+        if let Ok(Ok(n)) = acked {
+            notes.push(format!("{n} events of 8 KiB acknowledged to the stalled streams' topic"));
+        }
+    }
+    r.silent = Some(silent);
+    r.stalled = Some(stall);
+    Ok(Fault { name: "flood: silent sockets + stalled h2 streams".into(), start_ns, lift_ns, end_ns: now_ns(), notes })
+}
