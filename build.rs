@@ -1,6 +1,7 @@
 //! Compiles `proto/ssegate/v1/*.proto` with protox (pure Rust, so no system `protoc` is needed)
 //! and generates the tonic server and client. The encoded descriptor set is written next to the
-//! generated code for gRPC server reflection.
+//! generated code for gRPC server reflection, and is what pbjson-build reads to generate the
+//! proto3 JSON mapping (serde impls of the same prost types) for HTTP/JSON on the gRPC port.
 
 use std::{env, fs, path::PathBuf};
 
@@ -13,7 +14,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out.join("ssegate_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    let encoded = fds.encode_to_vec();
+    fs::write(out.join("ssegate_descriptor.bin"), &encoded)?;
+    // Our codec (src/grpc/codec.rs): undecodable requests are INVALID_ARGUMENT, not INTERNAL.
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::grpc::codec::Codec")
+        .compile_fds(fds)?;
+    // Fields with default values are written too (proto3 JSON allows it; plain HTTP clients
+    // then see every field); unknown fields in a request are an error, as in protojson.
+    pbjson_build::Builder::new().register_descriptors(&encoded)?.emit_fields().build(&[".ssegate.v1"])?;
     Ok(())
 }

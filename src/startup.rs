@@ -303,6 +303,7 @@ impl Application {
         let limits = grpc::Limits {
             max_event_bytes: config.max_event_bytes as usize,
             max_ids_per_request: config.max_ids_per_request as usize,
+            max_message_bytes: config.grpc_max_message_bytes as usize,
         };
         let grpc_task = tokio::spawn(grpc::serve(
             grpc,

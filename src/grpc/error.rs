@@ -18,6 +18,8 @@ pub enum ApiError {
     EventTooLarge { len: usize, max: usize },
     #[error("{0}")]
     OutOfRange(String),
+    #[error("request message is {len} bytes, over the limit of {max} bytes (--grpc-max-message-bytes)")]
+    MessageTooLarge { len: usize, max: usize },
     #[error(transparent)]
     Router(#[from] RouterError),
     #[error("{0}")]
@@ -52,9 +54,8 @@ impl ApiError {
             ApiError::Router(RouterError::ShuttingDown) | ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::OutcomeUnknown(_) => Code::Unknown,
-            ApiError::Router(RouterError::TooManyConnections { .. } | RouterError::TooManyForUser { .. }) => {
-                Code::ResourceExhausted
-            }
+            ApiError::Router(RouterError::TooManyConnections { .. } | RouterError::TooManyForUser { .. })
+            | ApiError::MessageTooLarge { .. } => Code::ResourceExhausted,
         }
     }
 }

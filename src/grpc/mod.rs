@@ -2,9 +2,11 @@
 //! services. The only module that sees prost types; requests are parsed into domain types on
 //! entry and errors mapped to `Status` in one place (`error.rs`).
 
+mod codec;
 mod connect;
 mod convert;
 mod error;
+mod layers;
 mod service;
 
 pub use error::ApiError;
@@ -27,19 +29,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{
-        Server,
-        server::{TcpConnectInfo, TlsConnectInfo},
-    },
-};
+use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tonic_health::server::HealthReporter;
 
 use crate::{
     auth::PublisherAuth,
     backplane::Backplane,
-    net::{self, Gate, Guarded, Registry, Timeouts, Tracked},
+    net::{self, Gate, Guarded, Registry, Timeouts},
     router::Router,
     telemetry::{grpc_layer::GrpcTelemetryLayer, metrics::EdgeMetrics},
 };
@@ -77,7 +73,10 @@ pub async fn serve(
     let (reporter, health_service) = health;
     let GrpcSettings { limits, auth, metrics, max_message_bytes, tls, backplane, gate, timeouts } = settings;
     let service = PublisherService::new(router, backplane, limits, metrics.clone());
-    let publisher = pb::publisher_server::PublisherServer::new(service).max_decoding_message_size(max_message_bytes);
+    // Read messages up to twice the limit, so that a `PublishStream` item over it is refused
+    // alone (the service checks the limit); beyond that the call ends (`layers::Oversize`).
+    let publisher = pb::publisher_server::PublisherServer::new(service)
+        .max_decoding_message_size(max_message_bytes.saturating_mul(2));
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.
     let publisher = InterceptedService::new(publisher, move |req| auth.check(req));
     reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
@@ -94,7 +93,8 @@ pub async fn serve(
     // so the gRPC call it makes of them is counted like any other).
     let server = Server::builder()
         .accept_http1(true)
-        .layer(InFlightLayer(registry.clone()))
+        .layer(layers::InFlightLayer(registry.clone()))
+        .layer(layers::OversizeLayer::new(max_message_bytes))
         .layer(connect::ConnectLayer::new(max_message_bytes))
         .layer(GrpcTelemetryLayer::new(metrics))
         .add_service(health_service)
@@ -170,50 +170,6 @@ impl Accept {
             },
         ));
         ReceiverStream::new(rx)
-    }
-}
-
-/// Counts each call as in flight on its connection (found by peer address) until its response
-/// ends, so a connection with no call in flight can be closed when idle.
-#[derive(Clone)]
-struct InFlightLayer(Arc<Registry>);
-
-impl<S> tower::Layer<S> for InFlightLayer {
-    type Service = InFlight<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        InFlight { inner, registry: self.0.clone() }
-    }
-}
-
-#[derive(Clone)]
-struct InFlight<S> {
-    inner: S,
-    registry: Arc<Registry>,
-}
-
-impl<S, B, RB> tower::Service<http::Request<B>> for InFlight<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Tracked<RB>>;
-    type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let ext = req.extensions();
-        let peer = ext
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
-            .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr()));
-        let guard = peer.and_then(|p| self.registry.begin(p));
-        let fut = self.inner.call(req);
-        Box::pin(async move { Ok(fut.await?.map(|body| Tracked::new(body, guard))) })
     }
 }
 

@@ -25,6 +25,9 @@ pub struct Limits {
     pub max_event_bytes: usize,
     /// Most ids in one list of a request (users of a publish, entries of a presence query).
     pub max_ids_per_request: usize,
+    /// Largest request message (`--grpc-max-message-bytes`). The transport reads messages up to
+    /// twice this, so that a larger item of a `PublishStream` is refused alone.
+    pub max_message_bytes: usize,
 }
 
 /// Largest page of `Presence.list_online`, and the page size when none is given.
@@ -43,6 +46,12 @@ pub struct PublisherService {
 }
 
 impl PublisherService {
+    /// Refuses a request message over the size limit (`RESOURCE_EXHAUSTED`).
+    fn within_limit(&self, msg: &impl prost::Message) -> Result<(), ApiError> {
+        let (len, max) = (msg.encoded_len(), self.limits.max_message_bytes);
+        if len > max { Err(ApiError::MessageTooLarge { len, max }) } else { Ok(()) }
+    }
+
     pub fn new(router: Arc<Router>, backplane: Arc<Backplane>, limits: Limits, metrics: Arc<EdgeMetrics>) -> Self {
         Self { router, backplane, limits: Arc::new(limits), metrics }
     }
@@ -89,6 +98,15 @@ impl PublisherService {
 
     async fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
         use pb::publish_stream_request::Target as T;
+        if let Err(e) = self.within_limit(&req) {
+            return pb::PublishStreamResponse {
+                index,
+                code: e.code() as i32,
+                message: e.to_string(),
+                event_id: String::new(),
+                recipients: None,
+            };
+        }
         let kind = match &req.target {
             Some(T::Users(_)) | None => "user",
             Some(T::Group(_)) => "group",
@@ -124,6 +142,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse
 #[tonic::async_trait]
 impl pb::publisher_server::Publisher for PublisherService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        self.within_limit(req.get_ref())?;
         let req = req.into_inner();
         let target = convert::users_target("user_ids", &req.user_ids, &self.limits);
         Ok(answer(self.publish("user", target, req.event, &req.idempotency_key).await?))
@@ -133,6 +152,7 @@ impl pb::publisher_server::Publisher for PublisherService {
         &self,
         req: Request<pb::PublishGroupRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        self.within_limit(req.get_ref())?;
         let req = req.into_inner();
         let target = convert::group(&req.group).map(Target::Group);
         Ok(answer(self.publish("group", target, req.event, &req.idempotency_key).await?))
@@ -142,12 +162,14 @@ impl pb::publisher_server::Publisher for PublisherService {
         &self,
         req: Request<pb::PublishTopicRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        self.within_limit(req.get_ref())?;
         let req = req.into_inner();
         let target = convert::topic(&req.topic).map(Target::Topic);
         Ok(answer(self.publish("topic", target, req.event, &req.idempotency_key).await?))
     }
 
     async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        self.within_limit(req.get_ref())?;
         let req = req.into_inner();
         Ok(answer(self.publish("broadcast", Ok(Target::Broadcast), req.event, &req.idempotency_key).await?))
     }
@@ -166,8 +188,15 @@ impl pb::publisher_server::Publisher for PublisherService {
             let this = this.clone();
             async move {
                 // A transport or decoding error ends the stream: framing can no longer be trusted.
+                // A message too large even to be read and skipped (over twice the limit) is
+                // the caller's excess, not a range error (tonic says OUT_OF_RANGE).
                 match item {
                     Ok(r) => Ok(this.stream_item(i as u64, r).await),
+                    Err(e) if e.code() == Code::OutOfRange => Err(Status::resource_exhausted(format!(
+                        "item {i}: {} (--grpc-max-message-bytes is {})",
+                        e.message(),
+                        this.limits.max_message_bytes
+                    ))),
                     Err(e) => Err(e),
                 }
             }
@@ -179,6 +208,7 @@ impl pb::publisher_server::Publisher for PublisherService {
         &self,
         req: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::DisconnectResponse>, Status> {
+        self.within_limit(req.get_ref())?;
         let req = req.into_inner();
         let user = convert::user("user_id", &req.user_id)?;
         if req.reason.len() > 1024 {
@@ -193,6 +223,7 @@ impl pb::publisher_server::Publisher for PublisherService {
     }
 
     async fn presence(&self, req: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
+        self.within_limit(req.get_ref())?;
         let req = req.into_inner();
         // Validated here, once; replicas receive only valid ids.
         convert::list("user_ids", &req.user_ids, &self.limits, UserId::parse)?;

@@ -182,6 +182,11 @@ pub fn response_head(parts: &http::response::Parts, content_length: Option<usize
     let status = parts.status;
     let _ = write!(h, "HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
     for (name, value) in &parts.headers {
+        // The framing is ours to say, once (a handed-off stream's parts may say
+        // `content-length: 0`; RFC 9112 forbids sending it beside chunked).
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
         h.extend_from_slice(name.as_str().as_bytes());
         h.extend_from_slice(b": ");
         h.extend_from_slice(value.as_bytes());
@@ -219,6 +224,7 @@ mod tests {
     fn response_heads_are_chunked_for_streams_and_sized_for_answers() {
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.headers.insert("content-type", http::HeaderValue::from_static("text/event-stream"));
+        parts.headers.insert("content-length", http::HeaderValue::from_static("0"));
         let head = String::from_utf8(response_head(&parts, None)).unwrap();
         assert_eq!(head, "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n");
         parts.status = http::StatusCode::TOO_MANY_REQUESTS;

@@ -75,11 +75,61 @@ async fn invalid_publishes_get_invalid_argument_naming_the_problem() {
 }
 
 #[tokio::test]
-async fn an_oversized_grpc_message_is_refused_and_the_server_keeps_serving() {
+async fn an_oversized_grpc_message_gets_resource_exhausted_and_the_server_keeps_serving() {
     let app = spawn_app(&["--grpc-max-message-bytes", "4096"]).await;
     let mut c = app.client.clone();
-    let big = pb::BroadcastRequest { event: Some(ev("", &"x".repeat(10_000))), ..Default::default() };
-    let status = c.broadcast(big).await.unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // Over the limit (read, then refused by the service), and over twice the limit (refused by
+    // the transport before it is read): both RESOURCE_EXHAUSTED, as grpc-go and grpc-java say.
+    for len in [6_000, 10_000] {
+        let big = pb::BroadcastRequest { event: Some(ev("", &"x".repeat(len))), ..Default::default() };
+        let status = c.broadcast(big).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{len} bytes: {status:?}");
+        assert!(status.message().contains("4096"), "{status:?}");
+    }
     assert!(app.broadcast("small").await.event_id.contains('-'));
+}
+
+#[tokio::test]
+async fn an_oversized_publish_stream_item_is_refused_alone_and_a_huge_one_ends_the_stream() {
+    let app = spawn_app(&["--grpc-max-message-bytes", "4096"]).await;
+    let item = |data: &str| pb::PublishStreamRequest {
+        target: Some(pb::publish_stream_request::Target::Broadcast(pb::BroadcastTarget {})),
+        event: Some(ev("", data)),
+        ..Default::default()
+    };
+    let items = vec![item("a"), item(&"x".repeat(6_000)), item("b")];
+    let mut answers = app.client.clone().publish_stream(tokio_stream::iter(items)).await.unwrap().into_inner();
+    let mut codes = Vec::new();
+    while let Some(a) = answers.message().await.unwrap() {
+        codes.push(Code::from_i32(a.code));
+    }
+    assert_eq!(codes, [Code::Ok, Code::ResourceExhausted, Code::Ok]);
+    let items = vec![item("c"), item(&"x".repeat(10_000))];
+    let mut answers = app.client.clone().publish_stream(tokio_stream::iter(items)).await.unwrap().into_inner();
+    assert_eq!(Code::from_i32(answers.message().await.unwrap().unwrap().code), Code::Ok);
+    let status = answers.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_protobuf_gets_invalid_argument() {
+    let app = spawn_app(&[]).await;
+    let tcp = tokio::net::TcpStream::connect(app.grpc).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/ssegate.v1.Publisher/Broadcast", app.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut body) = client.ready().await.unwrap().send_request(req, false).unwrap();
+    // One uncompressed gRPC frame of 4 bytes that are no valid protobuf (field 1, wire type 7).
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 4, 0x0f, 0xff, 0xff, 0xff]), true).unwrap();
+    let resp = resp.await.unwrap();
+    let status = match resp.headers().get("grpc-status") {
+        Some(s) => s.clone(),
+        None => resp.into_body().trailers().await.unwrap().unwrap()["grpc-status"].clone(),
+    };
+    assert_eq!(status, "3", "INVALID_ARGUMENT");
+    assert!(app.broadcast("still serving").await.event_id.contains('-'));
 }
