@@ -194,6 +194,18 @@ check_set default
 for f in helm/ci/*.yaml; do
     check_set "$(basename "$f" .yaml)" -f "$f"
 done
+# The ssegate side of helm/examples (the NATS chart's values there are documented, not run).
+check_set example-ssegate-values -f helm/examples/ssegate-values.yaml
+
+# The memory limit derived from the connection limit (values.yaml `memory`): default values,
+# cleartext: (32 MiB + 64 MiB + 50000 × 4 KiB) × 1.5 = 437Mi; with TLS (HTTP/2): 24 KiB each.
+memory_limit() { "$HELM" template ssegate "$CHART" "$@" | sed -n 's/^ *memory: \([0-9]*Mi\)$/\1/p' | head -1; }
+step "the memory limit is derived from max-connections"
+[[ "$(memory_limit)" == "437Mi" ]] || die "default memory limit: $(memory_limit), expected 437Mi"
+[[ "$(memory_limit --set tls.enabled=true --set tls.existingSecret=t)" == "1902Mi" ]] \
+    || die "memory limit with TLS: $(memory_limit --set tls.enabled=true --set tls.existingSecret=t), expected 1902Mi"
+[[ "$(memory_limit --set config.max-connections=1000)" == "150Mi" ]] || die "memory limit at 1000 connections"
+echo "   437Mi by default, 1902Mi with TLS, 150Mi at 1000 connections"
 
 # --- forbidden combinations -----------------------------------------------------------------
 must_fail() { # <message: extended regex, case-insensitive> [helm args...]
@@ -221,5 +233,11 @@ must_fail "jwt.existingSecret is set but none of" --set jwt.existingSecret=ssega
 must_fail "networkPolicy.grpcFrom is empty" --set 'networkPolicy.grpcFrom=null'
 must_fail "service.type.*must be one of.*ClusterIP" --set service.type=ExternalName
 must_fail "additional propert(y|ies) '?replicas'? (is )?not allowed" --set replicas=3
+must_fail "resources.limits.memory=1Gi \\(1024 MiB\\) is below what the server needs" \
+    --set tls.enabled=true --set tls.existingSecret=t --set resources.limits.memory=1Gi
+must_fail "not a memory quantity" --set resources.limits.memory=lots
+must_fail "streamReplicas.*(maximum|less than or equal to 5)" --set backplane.nats.streamReplicas=7
+must_fail "config.nats-stream-replicas is set by the chart; use backplane.nats.streamReplicas" \
+    --set config.nats-stream-replicas=3
 
 echo "helm-check: OK"

@@ -60,7 +60,7 @@ from dedicated values (managed below) or not a flag. Keep in sync with `ssegate 
 (scripts/helm-check.sh compares them when target/debug/ssegate exists).
 */}}
 {{- define "ssegate.configFlags" -}}
-nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins log-format
+nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins idle-timeout max-pending-connections log-format
 {{- end }}
 
 {{/* Flags the chart sets itself, with the value to use instead. */}}
@@ -71,6 +71,7 @@ admin-addr: ports.admin
 backplane: backplane.type
 nats-url: backplane.nats.urls
 nats-stream: backplane.nats.stream
+nats-stream-replicas: backplane.nats.streamReplicas
 nats-creds-file: backplane.nats.credsSecret
 nats-tls-ca-file: backplane.nats.tlsCaSecret
 jwt-secret-file: jwt.existingSecret + jwt.secretKey
@@ -128,6 +129,69 @@ change. Included by the Deployment, so `helm template`/`install`/`upgrade` fail.
 {{- if and $v.networkPolicy.enabled (empty $v.networkPolicy.grpcFrom) }}
 {{- fail "\n\nssegate: networkPolicy.grpcFrom is empty: no publisher could reach the gRPC port. List the allowed peers or set networkPolicy.enabled=false.\n" }}
 {{- end }}
+{{- end }}
+
+{{/*
+Memory the server needs, in MiB (float): memory.baseMiB + replay-max-bytes + max-connections ×
+the memory of one connection (memory.perConnectionKiB, or by protocol when 0: 24 KiB with
+tls.enabled, where browsers speak HTTP/2 to the pod; 4 KiB for cleartext HTTP/1.1).
+*/}}
+{{- define "ssegate.memoryPerConnectionKiB" -}}
+{{- $kib := int64 .Values.memory.perConnectionKiB }}
+{{- if eq $kib 0 }}{{ $kib = ternary 24 4 (eq (toString .Values.tls.enabled) "true") }}{{ end }}
+{{- $kib }}
+{{- end }}
+
+{{- define "ssegate.maxConnections" -}}
+{{- int64 (default 50000 (get .Values.config "max-connections")) }}
+{{- end }}
+
+{{- define "ssegate.replayMaxMiB" -}}
+{{- divf (float64 (default 67108864 (get .Values.config "replay-max-bytes"))) 1048576.0 }}
+{{- end }}
+
+{{- define "ssegate.memoryNeedMiB" -}}
+{{- $conns := int64 (include "ssegate.maxConnections" .) }}
+{{- $kib := int64 (include "ssegate.memoryPerConnectionKiB" .) }}
+{{- addf (float64 .Values.memory.baseMiB) (float64 (include "ssegate.replayMaxMiB" .)) (divf (mul $conns $kib) 1024.0) }}
+{{- end }}
+
+{{/* A Kubernetes memory quantity (1Gi, 1500Mi, 2G, 1.5Gi, or bytes) in MiB (float). */}}
+{{- define "ssegate.quantityMiB" -}}
+{{- if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) }}
+{{- divf (float64 .) 1048576.0 }}
+{{- else }}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9]+([.][0-9]+)?" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $mult := dict "" 1.0 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "k" 1000.0 "M" 1000000.0 "G" 1000000000.0 "T" 1000000000000.0 }}
+{{- if or (not $num) (not (hasKey $mult $unit)) }}
+{{- fail (printf "\n\nssegate: resources.limits.memory=%s is not a memory quantity the chart understands (e.g. 1Gi, 1536Mi, 2G).\n" $q) }}
+{{- end }}
+{{- divf (mulf (float64 $num) (get $mult $unit)) 1048576.0 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The container resources: `resources` as given, with limits.memory derived from the connection
+limit when unset (need × (100 + memory.headroomPercent) / 100), and refused when set below the
+need: the pod would be OOM-killed before --max-connections answers 503.
+*/}}
+{{- define "ssegate.resources" -}}
+{{- $r := deepCopy (default (dict) .Values.resources) }}
+{{- $limits := default (dict) (get $r "limits") }}
+{{- $need := float64 (include "ssegate.memoryNeedMiB" .) }}
+{{- if get $limits "memory" }}
+{{- $set := float64 (include "ssegate.quantityMiB" (get $limits "memory")) }}
+{{- if lt $set $need }}
+{{- fail (printf "\n\nssegate: resources.limits.memory=%v (%.0f MiB) is below what the server needs at its connection limit: %.0f MiB = %d MiB base + %.0f MiB replay log + %d connections (config.max-connections) × %d KiB.\nRaise resources.limits.memory (or leave it unset: the chart then derives it with %d%% headroom), lower config.max-connections, or set memory.perConnectionKiB to what you measured.\n" (get $limits "memory") $set $need (int64 .Values.memory.baseMiB) (float64 (include "ssegate.replayMaxMiB" .)) (int64 (include "ssegate.maxConnections" .)) (int64 (include "ssegate.memoryPerConnectionKiB" .)) (int64 .Values.memory.headroomPercent)) }}
+{{- end }}
+{{- else }}
+{{- $limit := ceil (mulf $need (divf (float64 (add 100 (int64 .Values.memory.headroomPercent))) 100.0)) }}
+{{- $_ := set $limits "memory" (printf "%dMi" (int64 $limit)) }}
+{{- end }}
+{{- $_ := set $r "limits" $limits }}
+{{- toYaml $r }}
 {{- end }}
 
 {{/* Renders one config value as an environment variable string. */}}
