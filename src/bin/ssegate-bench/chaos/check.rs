@@ -17,11 +17,13 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{Identity, Layout, Record, Target};
 
-/// One received event: its stream sequence and publish number.
+/// One received event: its stream sequence, publish number and latency (first publish attempt
+/// to receipt, µs). 12 bytes: the full run keeps ~10 million of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rec {
-    pub seq: u64,
-    pub n: u64,
+    pub seq: u32,
+    pub n: u32,
+    pub latency_us: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +137,8 @@ impl Counts {
 pub struct Ledger {
     /// By publish number: the acknowledged sequence (if any) and the target.
     by_n: Vec<Option<(Option<u64>, Target)>>,
+    /// By publish number: attempts it took.
+    attempts: Vec<u32>,
     users: Vec<Vec<(u64, u64)>>,
     groups: Vec<Vec<(u64, u64)>>,
     topics: Vec<Vec<(u64, u64)>>,
@@ -153,7 +157,9 @@ impl Ledger {
             let n = r.n as usize;
             if l.by_n.len() <= n {
                 l.by_n.resize(n + 1, None);
+                l.attempts.resize(n + 1, 0);
             }
+            l.attempts[n] = r.attempts;
             if let Some(seq) = r.seq {
                 let e = (seq, r.n);
                 let slot = |v: &mut Vec<Vec<(u64, u64)>>, i: u32| {
@@ -177,6 +183,11 @@ impl Ledger {
         l
     }
 
+    /// How many attempts publish `n` took (0 if unknown).
+    pub fn attempts(&self, n: u32) -> u32 {
+        self.attempts.get(n as usize).copied().unwrap_or(0)
+    }
+
     /// Acknowledged publishes addressed to `id`, as `(seq, n)`, in sequence order.
     fn addressed(&self, id: &Identity) -> Vec<(u64, u64)> {
         let empty = Vec::new();
@@ -193,8 +204,13 @@ impl Ledger {
 /// Checks one client. Returns its counts and, for the report, up to `max_notes` descriptions
 /// of what went wrong.
 pub fn check(log: &ClientLog, id: &Identity, ledger: &Ledger, end_seq: u64, max_notes: usize) -> (Counts, Vec<String>) {
-    let mut c =
-        Counts { clients: 1, foreign: log.foreign, no_id: log.no_id, segments: log.segs.len() as u64, ..Counts::default() };
+    let mut c = Counts {
+        clients: 1,
+        foreign: log.foreign,
+        no_id: log.no_id,
+        segments: log.segs.len() as u64,
+        ..Counts::default()
+    };
     let mut notes = Vec::new();
     let mut note = |s: String| {
         if notes.len() < max_notes {
@@ -228,43 +244,41 @@ pub fn check(log: &ClientLog, id: &Identity, ledger: &Ledger, end_seq: u64, max_
     let mut seen: std::collections::HashMap<u64, usize> = std::collections::HashMap::with_capacity(log.recs.len());
     let mut prev_seq = 0;
     for (i, r) in log.recs.iter().enumerate() {
-        if let Some(&first) = seen.get(&r.n) {
+        let (n, seq) = (u64::from(r.n), u64::from(r.seq));
+        if let Some(&first) = seen.get(&n) {
             c.duplicated += 1;
-            let missed_between =
-                log.segs.iter().any(|s| s.missed.is_some() && s.first_rec > first && s.first_rec <= i);
+            let missed_between = log.segs.iter().any(|s| s.missed.is_some() && s.first_rec > first && s.first_rec <= i);
             if missed_between {
                 c.duplicated_after_missed += 1;
             }
             note(format!(
-                "duplicate n={} seq={} (first copy seq={}){}",
-                r.n,
-                r.seq,
+                "duplicate n={n} seq={seq} (first copy seq={}){}",
                 log.recs[first].seq,
                 if missed_between { " after ssegate.missed" } else { "" }
             ));
         } else {
-            seen.insert(r.n, i);
-            if r.seq <= prev_seq && i > 0 {
+            seen.insert(n, i);
+            if seq <= prev_seq && i > 0 {
                 c.out_of_order += 1;
-                note(format!("out of order: seq={} after seq={prev_seq}", r.seq));
+                note(format!("out of order: seq={seq} after seq={prev_seq}"));
             }
-            prev_seq = r.seq;
+            prev_seq = seq;
         }
-        match ledger.by_n.get(r.n as usize).and_then(Option::as_ref) {
+        match ledger.by_n.get(n as usize).and_then(Option::as_ref) {
             None => {
                 c.phantom += 1;
-                note(format!("phantom n={} seq={}", r.n, r.seq));
+                note(format!("phantom n={n} seq={seq}"));
             }
             Some((acked, target)) => {
                 if !target.addresses(id) {
                     c.misrouted += 1;
-                    note(format!("misrouted n={} ({target:?}) seq={}", r.n, r.seq));
+                    note(format!("misrouted n={n} ({target:?}) seq={seq}"));
                 }
                 match acked {
-                    None => c.unacked_delivered += u64::from(seen.get(&r.n) == Some(&i)),
-                    Some(s) if *s != r.seq => {
+                    None => c.unacked_delivered += u64::from(seen.get(&n) == Some(&i)),
+                    Some(s) if *s != seq => {
                         c.id_mismatch += 1;
-                        note(format!("n={} acknowledged as seq={s}, received as seq={}", r.n, r.seq));
+                        note(format!("n={n} acknowledged as seq={s}, received as seq={seq}"));
                     }
                     Some(_) => {}
                 }
@@ -331,20 +345,11 @@ mod tests {
     }
 
     fn seg(resume: Option<u64>, cursor: u64, missed: Option<Miss>, first_rec: usize) -> Segment {
-        Segment {
-            replica: 0,
-            opened_ns: 1,
-            closed_ns: 2,
-            resume,
-            cursor: Some(cursor),
-            missed,
-            first_rec,
-            end: "eof",
-        }
+        Segment { replica: 0, opened_ns: 1, closed_ns: 2, resume, cursor: Some(cursor), missed, first_rec, end: "eof" }
     }
 
-    fn r(seq: u64, n: u64) -> Rec {
-        Rec { seq, n }
+    fn r(seq: u32, n: u32) -> Rec {
+        Rec { seq, n, latency_us: 0 }
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub struct EndLine {
 pub struct ResultLine {
     pub counts: Counts,
     pub latency: String,
+    /// Only events whose publish was acknowledged at the first attempt (no broker outage or
+    /// retry in the figure), µs.
+    pub latency_first_attempt_us: String,
     pub opened: u64,
     pub failed_attempts: u64,
     pub first_error: String,
@@ -226,7 +229,13 @@ fn finish(ctx: &Ctx, end: &EndLine, drained: u64) -> Result<ResultLine, String> 
     let mut failed_clients = 0;
     let mut reasons: std::collections::BTreeMap<&'static str, u64> = Default::default();
     let logs = ctx.logs.borrow();
+    let mut first_attempt = Histogram::default();
     for (local, log) in logs.iter().enumerate() {
+        for r in &log.recs {
+            if ledger.attempts(r.n) == 1 {
+                first_attempt.record(u64::from(r.latency_us));
+            }
+        }
         let global = ctx.args.first + local as u64;
         let id = ctx.layout.identity(global);
         let (c, notes) = check::check(log, &id, &ledger, end.seq, NOTES_PER_CLIENT);
@@ -255,6 +264,7 @@ fn finish(ctx: &Ctx, end: &EndLine, drained: u64) -> Result<ResultLine, String> 
     Ok(ResultLine {
         counts,
         latency: ctx.latency.borrow().encode(),
+        latency_first_attempt_us: first_attempt.encode(),
         opened: ctx.opened.get(),
         failed_attempts: ctx.failed_attempts.get(),
         first_error: ctx.first_error.borrow().clone(),
@@ -330,10 +340,14 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
             }
             Ok((stream, body, rest)) => {
                 let lifetime = rng.between_ms(a.churn_min_ms, a.churn_max_ms);
-                let end = stream_once(&ctx, local, replica, stream, body, rest, lifetime, &mut last_id, &mut retry_ms)
-                    .await;
+                let end =
+                    stream_once(&ctx, local, replica, stream, body, rest, lifetime, &mut last_id, &mut retry_ms).await;
                 mark_ready(&ctx, local);
-                if end == "churn" { rng.between_ms(0, 250) } else { Duration::from_millis(retry_ms) + rng.between_ms(0, 250) }
+                if end == "churn" {
+                    rng.between_ms(0, 250)
+                } else {
+                    Duration::from_millis(retry_ms) + rng.between_ms(0, 250)
+                }
             }
         };
         first = false;
@@ -467,10 +481,15 @@ fn receive(
                 log.no_id += 1;
                 return;
             };
-            log.recs.push(Rec { seq, n });
+            let (Ok(seq32), Ok(n32)) = (u32::try_from(seq), u32::try_from(n)) else {
+                log.foreign += 1;
+                return;
+            };
+            let latency = now.saturating_sub(sent);
+            log.recs.push(Rec { seq: seq32, n: n32, latency_us: u32::try_from(latency / 1000).unwrap_or(u32::MAX) });
             last_seq.set(seq);
             ctx.events.set(ctx.events.get() + 1);
-            ctx.latency.borrow_mut().record(now.saturating_sub(sent));
+            ctx.latency.borrow_mut().record(latency);
         }
     };
     let scanner = &mut st.scanner;

@@ -3,7 +3,8 @@
 //! 1. `SIGKILL` one replica; start it again after a pause.
 //! 2. `SIGSTOP` the broker; `SIGCONT` it after a while (longer than the publish timeout).
 //! 3. Restart the broker (`SIGTERM`, wait for its exit, start it on the same store and port).
-//! 4. A rolling `SIGTERM` of the three replicas: each drained, restarted, ready, then the next.
+//! 4. A rolling `SIGTERM` of the three replicas: each drained, restarted, ready, a pause (the
+//!    schedule's gap), then the next.
 //! 5. A flood of silent sockets on replica 2 and of stalled HTTP/2 streams (fed big events) on
 //!    replica 0, at the same time.
 //!
@@ -93,7 +94,7 @@ pub fn run(
         (s.kill_at, "SIGKILL replica-1, restart", Box::new(|c, _| kill_replica(c, 1, s.kill_down))),
         (s.stop_at, "SIGSTOP/SIGCONT broker", Box::new(|c, _| stop_broker(c, s.stop_for))),
         (s.broker_restart_at, "restart broker", Box::new(restart_broker)),
-        (s.rolling_at, "rolling SIGTERM of all replicas", Box::new(rolling)),
+        (s.rolling_at, "rolling SIGTERM of all replicas", Box::new(|c, _| rolling(c, s.gap))),
         (
             s.flood_at,
             "flood: silent sockets + stalled h2 streams",
@@ -196,7 +197,9 @@ fn restart_broker(c: &mut Cluster, _: &mut FaultReport) -> Result<Fault, String>
     Ok(Fault { name: "restart broker".into(), start_ns, lift_ns, end_ns: now_ns(), notes })
 }
 
-fn rolling(c: &mut Cluster, _: &mut FaultReport) -> Result<Fault, String> {
+/// Each replica in turn: SIGTERM, wait for its exit, start it, wait until ready, then `pause`
+/// (a rollout's minimum ready time) before the next one.
+fn rolling(c: &mut Cluster, pause: Duration) -> Result<Fault, String> {
     let start_ns = now_ns();
     let mut notes = Vec::new();
     for i in 0..c.replicas.len() {
@@ -208,6 +211,9 @@ fn rolling(c: &mut Cluster, _: &mut FaultReport) -> Result<Fault, String> {
             (None, false) => format!("replica-{i} was not running"),
         });
         start_replica(c, i, &mut notes)?;
+        if i + 1 < c.replicas.len() {
+            std::thread::sleep(pause);
+        }
     }
     let lift_ns = now_ns();
     Ok(Fault { name: "rolling SIGTERM of all replicas".into(), start_ns, lift_ns, end_ns: lift_ns, notes })

@@ -82,6 +82,9 @@ pub struct ChaosArgs {
     /// Stalled HTTP/2 streams (default 100; 10 with --short).
     #[arg(long)]
     pub stalled_h2: Option<u64>,
+    /// Per mille of publishes sent over `PublishStream` (the rest are unary calls).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub stream_per_mille: u64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
@@ -238,11 +241,13 @@ pub fn main(args: ChaosArgs) -> Result<(), String> {
     if profile.duration > Duration::from_secs(900) {
         return Err("--duration is at most 15m".into());
     }
-    let ssegate = args.ssegate_bin.clone().or_else(default_ssegate_bin).ok_or("no ssegate binary: pass --ssegate-bin")?;
+    let ssegate =
+        args.ssegate_bin.clone().or_else(default_ssegate_bin).ok_or("no ssegate binary: pass --ssegate-bin")?;
     let nats = args.nats_bin.clone().or_else(procs::find_nats).ok_or("nats-server is not installed")?;
-    let out = args.out_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(format!("target/chaos/{}-{}", profile.name, now_ns() / 1_000_000_000))
-    });
+    let out = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("target/chaos/{}-{}", profile.name, now_ns() / 1_000_000_000)));
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let started = Instant::now();
     let mut outcome = Outcome::default();
@@ -401,8 +406,8 @@ fn run(
         layout,
         rate: profile.rate,
         broadcast_every: u64::from(profile.rate / 2).max(1),
-        stream_per_mille: 250,
-        stream_tasks: 2,
+        stream_per_mille: args.stream_per_mille,
+        stream_tasks: if args.stream_per_mille > 0 { 2 } else { 0 },
         seed: args.seed,
     };
     let t0 = Instant::now();
@@ -528,11 +533,16 @@ fn handle_line(w: usize, line: &str, outcome: &mut Outcome) {
 }
 
 fn drain_lines(lines: &mpsc::Receiver<(usize, String)>, outcome: &mut Outcome, wait: Duration) {
-    if let Ok((w, line)) = lines.recv_timeout(wait) {
-        handle_line(w, &line, outcome);
-        while let Ok((w, line)) = lines.try_recv() {
+    match lines.recv_timeout(wait) {
+        Ok((w, line)) => {
             handle_line(w, &line, outcome);
+            while let Ok((w, line)) = lines.try_recv() {
+                handle_line(w, &line, outcome);
+            }
         }
+        Err(mpsc::RecvTimeoutError::Timeout) => {}
+        // Every worker is gone (noticed again at the end): do not spin.
+        Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
     }
 }
 

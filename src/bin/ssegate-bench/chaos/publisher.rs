@@ -288,8 +288,7 @@ async fn spawn_unary(shared: &Arc<Shared>, in_flight: &Arc<Semaphore>, n: u64, t
 async fn stream_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Item>, task: usize) {
     let mut retry: Vec<Item> = Vec::new();
     let mut replica = task;
-    let mut open: Option<(mpsc::Sender<pb::PublishStreamRequest>, tonic::Streaming<pb::PublishStreamResponse>)> =
-        None;
+    let mut open: Option<(mpsc::Sender<pb::PublishStreamRequest>, tonic::Streaming<pb::PublishStreamResponse>)> = None;
     let mut closed = false;
     loop {
         let mut batch: Vec<Item> = retry.drain(..retry.len().min(STREAM_BATCH)).collect();
@@ -345,6 +344,7 @@ async fn stream_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Item>, task: us
         let Some((_, answers)) = open.as_mut() else { continue };
         let mut answered = 0;
         let mut broken = false;
+        let mut move_on = false;
         let deadline = Instant::now() + STREAM_BATCH_TIMEOUT;
         let mut failed: Vec<Item> = Vec::new();
         let mut items = batch.into_iter();
@@ -357,8 +357,10 @@ async fn stream_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Item>, task: us
                     match seq {
                         Some(seq) => shared.settle(item.n, Ok(seq), item.attempts),
                         None if a.code == 0 || retryable(Code::from(a.code)) => {
+                            // UNAVAILABLE (draining, broker away): retry on another replica.
                             shared.failed_attempt(format!("stream item {:?}", Code::from(a.code)));
                             failed.push(item);
+                            move_on = true;
                         }
                         None => {
                             let mut s = shared.stats();
@@ -380,7 +382,8 @@ async fn stream_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Item>, task: us
             }
         }
         failed.extend(items);
-        if broken {
+        if broken || move_on {
+            // Closing our side ends the stream on the server.
             open = None;
             replica += 1;
         }

@@ -85,6 +85,7 @@ pub struct Report {
     pub via_stream: u64,
     pub end_seq: u64,
     pub latency: Histogram,
+    pub latency_first_us: Histogram,
     pub faults: Vec<FaultFigures>,
     pub silent: serde_json::Value,
     pub stalled: serde_json::Value,
@@ -98,12 +99,16 @@ impl Report {
     pub fn new(p: &Profile, o: &Outcome) -> Report {
         let mut counts = Counts::default();
         let mut latency = Histogram::default();
+        let mut latency_first_us = Histogram::default();
         let mut reasons: std::collections::BTreeMap<String, u64> = Default::default();
         let mut first_error = String::new();
         for r in &o.results {
             counts.add(&r.counts);
             if let Ok(h) = Histogram::decode(&r.latency) {
                 latency.merge(&h);
+            }
+            if let Ok(h) = Histogram::decode(&r.latency_first_attempt_us) {
+                latency_first_us.merge(&h);
             }
             for (k, v) in &r.end_reasons {
                 *reasons.entry(k.clone()).or_default() += v;
@@ -183,6 +188,7 @@ impl Report {
             via_stream: o.publish.via_stream,
             end_seq: o.end_seq,
             latency,
+            latency_first_us,
             faults,
             silent: serde_json::to_value(&o.silent).unwrap_or_default(),
             stalled: serde_json::to_value(&o.stalled).unwrap_or_default(),
@@ -272,6 +278,13 @@ impl Report {
             self.ms(0.999),
             self.latency.max() as f64 / 1e6
         );
+        let _ = writeln!(
+            s,
+            "latency of events acknowledged at the first attempt: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.latency_first_us.quantile(0.5) as f64 / 1e3,
+            self.latency_first_us.quantile(0.99) as f64 / 1e3,
+            self.latency_first_us.max() as f64 / 1e3
+        );
         let _ = writeln!(s, "clients that reached the end barrier: {} of {}", self.drained, self.connections);
         let reasons: Vec<String> = self.end_reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(s, "stream ends: {}", reasons.join(", "));
@@ -294,7 +307,8 @@ impl Report {
             let _ = writeln!(s, "PROBLEM: {p}");
         }
         let _ = writeln!(s, "logs, ledger and failing clients' histories: {}", out.display());
-        let _ = writeln!(s, "verdict: {} (wall time {:.0} s)", if self.passed() { "PASS" } else { "FAIL" }, self.wall_s);
+        let _ =
+            writeln!(s, "verdict: {} (wall time {:.0} s)", if self.passed() { "PASS" } else { "FAIL" }, self.wall_s);
         s
     }
 
@@ -345,6 +359,7 @@ impl Report {
             "p50_latency_ms": self.ms(0.5),
             "p99_latency_ms": self.ms(0.99),
             "max_latency_ms": self.latency.max() as f64 / 1e6,
+            "p99_latency_first_attempt_ms": self.latency_first_us.quantile(0.99) as f64 / 1e3,
             "faults": faults,
             "silent_sockets": self.silent,
             "stalled_h2": self.stalled,
@@ -371,8 +386,13 @@ mod tests {
     #[test]
     fn recovery_waits_for_every_worker_to_pass_the_probe() {
         let ledger = [bcast(1, 100, Some(5)), bcast(2, 200, None), bcast(3, 300, Some(9))];
-        let timeline =
-            [(0, stat(250, 1, 9)), (1, stat(260, 1, 5)), (0, stat(350, 1, 9)), (1, stat(400, 1, 9)), (1, stat(500, 0, 9))];
+        let timeline = [
+            (0, stat(250, 1, 9)),
+            (1, stat(260, 1, 5)),
+            (0, stat(350, 1, 9)),
+            (1, stat(400, 1, 9)),
+            (1, stat(500, 0, 9)),
+        ];
         assert_eq!(caught_up(&timeline, 2, &ledger, 150), Some(400), "probe = seq 9 (seq of n=2 unknown)");
         assert_eq!(caught_up(&timeline, 2, &ledger, 50), Some(260));
         assert_eq!(caught_up(&timeline, 2, &ledger, 301), None, "no probe after");

@@ -9,9 +9,15 @@
 #[derive(Debug, PartialEq, Eq)]
 pub enum Item<'a> {
     /// A dispatched event; `id` is the last event id after this dispatch.
-    Event { name: &'a [u8], data: &'a [u8], id: &'a [u8] },
+    Event {
+        name: &'a [u8],
+        data: &'a [u8],
+        id: &'a [u8],
+    },
     /// A block with an `id:` field and no data: only the last event id changed.
-    IdOnly { id: &'a [u8] },
+    IdOnly {
+        id: &'a [u8],
+    },
     Retry(u64),
     Comment,
 }
