@@ -50,6 +50,9 @@ pub enum StartupError {
     Nats(#[from] NatsError),
 }
 
+/// How often key and certificate files are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
 /// Most concurrent streams on one HTTP/2 connection when `--max-connections-per-ip` is 0: the
 /// RFC 9113 recommended minimum, far more than a browser opens for event streams.
 const DEFAULT_H2_STREAMS: u32 = 100;
@@ -104,7 +107,11 @@ async fn connect_backplane(config: &ServeArgs) -> Result<(Arc<Backplane>, Option
 
 /// Subscriber authentication from the flags: a JWT key, or the explicit development mode, or
 /// nothing (subscriptions refused, with a message saying what to configure).
-fn subscriber_auth(config: &ServeArgs) -> Result<SubscriberAuth, StartupError> {
+fn subscriber_auth(
+    config: &ServeArgs,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<SubscriberAuth, StartupError> {
     let jwt = JwtSettings {
         secret_file: config.jwt_secret_file.clone(),
         public_key_file: config.jwt_public_key_file.clone(),
@@ -117,7 +124,7 @@ fn subscriber_auth(config: &ServeArgs) -> Result<SubscriberAuth, StartupError> {
         (true, true) => Err(StartupError::Conflict("--insecure-dev-identity cannot be combined with --jwt-* keys")),
         (true, false) => {
             let verifier = ReloadingVerifier::load(&jwt)?;
-            verifier.watch(Duration::from_secs(2));
+            verifier.watch(RELOAD_EVERY, stop, tracker);
             Ok(SubscriberAuth::Jwt { verifier, cookie: config.token_cookie.clone() })
         }
         (false, true) => {
@@ -191,7 +198,7 @@ impl Application {
             nats.start(router.clone(), capacity, Duration::from_secs(60), &stop, &tracker).await?;
         }
         let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone()));
-        let subscriber_auth = subscriber_auth(&config)?;
+        let subscriber_auth = subscriber_auth(&config, &stop, &tracker)?;
         let cert = match (&config.tls_cert_file, &config.tls_key_file) {
             (Some(cert), Some(key)) => Some(ReloadingCert::load(cert.clone(), key.clone())?),
             _ => None,
@@ -275,11 +282,11 @@ impl Application {
         } = self;
         let stop = stop.disarm();
         if let Some(cert) = &cert {
-            cert.watch(Duration::from_secs(2));
+            cert.watch(RELOAD_EVERY, &stop, &tracker);
         }
         let (http_tls, grpc_tls) = tls.unzip();
         if let PublisherAuth::ApiKeys(keys) = &publisher_auth {
-            keys.clone().watch(Duration::from_secs(2));
+            keys.clone().watch(RELOAD_EVERY, &stop, &tracker);
         }
         // The bound addresses, not the configured ones: with port 0 the log tells the real port.
         let (http_addr, grpc_addr, admin_addr) = (http.local_addr()?, grpc.local_addr()?, admin.local_addr()?);

@@ -11,6 +11,7 @@ use std::{
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use tokio_rustls::{
     TlsAcceptor,
@@ -88,10 +89,10 @@ impl ReloadingCert {
         }
     }
 
-    /// Checks the files every `every` until the process ends.
-    pub fn watch(self: &Arc<Self>, every: Duration) {
+    /// Checks the files every `every` until `stop`, on a task of `tracker`.
+    pub fn watch(self: &Arc<Self>, every: Duration, stop: &CancellationToken, tracker: &TaskTracker) {
         let this = self.clone();
-        crate::reload::every(every, move || this.refresh());
+        crate::reload::every(every, stop, tracker, move || this.refresh());
     }
 }
 

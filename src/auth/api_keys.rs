@@ -9,6 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,9 @@ pub struct ApiKeys {
     modified: RwLock<Option<SystemTime>>,
 }
 
+/// Shortest key accepted: shorter ones are guessable.
+const MIN_KEY_LEN: usize = 16;
+
 fn parse(text: &str) -> Vec<String> {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
 }
@@ -42,41 +46,65 @@ impl ApiKeys {
         Ok(keys)
     }
 
-    fn read_file(&self) -> Result<(Vec<String>, Option<SystemTime>), ApiKeyError> {
-        let Some(path) = &self.file else { return Ok((Vec::new(), None)) };
-        let err = |source| ApiKeyError::Read { path: path.display().to_string(), source };
+    /// At start, strict: a file that cannot be read, holds a key too short to be one, or (with
+    /// no key in the environment either) holds none stops the server.
+    fn reload(&self) -> Result<(), ApiKeyError> {
+        let Some(path) = &self.file else {
+            return self.install(self.from_env.clone(), None);
+        };
+        let name = || path.display().to_string();
+        let err = |source| ApiKeyError::Read { path: name(), source };
         let modified = std::fs::metadata(path).and_then(|m| m.modified()).map_err(err)?;
-        let keys = parse(&std::fs::read_to_string(path).map_err(err)?);
-        if keys.is_empty() && self.from_env.is_empty() {
-            return Err(ApiKeyError::Empty(path.display().to_string()));
+        let mut keys = parse(&std::fs::read_to_string(path).map_err(err)?);
+        if keys.iter().any(|k| k.len() < MIN_KEY_LEN) {
+            return Err(ApiKeyError::TooShort(name()));
         }
-        Ok((keys, Some(modified)))
+        if keys.is_empty() && self.from_env.is_empty() {
+            return Err(ApiKeyError::Empty(name()));
+        }
+        keys.extend(self.from_env.iter().cloned());
+        self.install(keys, Some(modified))
     }
 
-    fn reload(&self) -> Result<(), ApiKeyError> {
-        let (mut keys, modified) = self.read_file()?;
-        keys.extend(self.from_env.iter().cloned());
-        if keys.iter().any(|k| k.len() < 16) {
-            return Err(ApiKeyError::TooShort(
-                self.file.as_ref().map_or("SSEGATE_PUBLISHER_API_KEYS".into(), |p| p.display().to_string()),
-            ));
+    fn install(&self, keys: Vec<String>, modified: Option<SystemTime>) -> Result<(), ApiKeyError> {
+        if keys.iter().any(|k| k.len() < MIN_KEY_LEN) {
+            return Err(ApiKeyError::TooShort("SSEGATE_PUBLISHER_API_KEYS".into()));
         }
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         *self.modified.write().unwrap_or_else(|e| e.into_inner()) = modified;
         Ok(())
     }
 
-    /// Re-reads the file if it changed since the last read. A file that became unreadable or
-    /// invalid keeps the previous keys (and is logged), so a bad edit never opens the door.
+    /// Re-reads the file if it changed since the last read. Fails closed: the keys are then
+    /// exactly the valid keys the file holds now (plus those of the environment). Emptying the
+    /// file revokes every key; a line too short to be a key is not one; a file that cannot be
+    /// read holds none. Each of these is logged as an error.
     pub fn refresh(&self) {
         let Some(path) = &self.file else { return };
         let modified = crate::reload::modified(path);
         if modified == *self.modified.read().unwrap_or_else(|e| e.into_inner()) {
             return;
         }
-        match self.reload() {
-            Ok(()) => tracing::info!(file = %path.display(), keys = self.len(), "publisher API keys reloaded"),
-            Err(e) => tracing::error!(error = %e, "publisher API keys not reloaded; keeping the previous ones"),
+        let file = path.display().to_string();
+        let mut keys = match std::fs::read_to_string(path) {
+            Ok(text) => parse(&text),
+            Err(e) => {
+                tracing::error!(%file, error = %e, "publisher API key file unreadable: its keys are revoked");
+                Vec::new()
+            }
+        };
+        let before = keys.len();
+        keys.retain(|k| k.len() >= MIN_KEY_LEN);
+        if keys.len() < before {
+            tracing::error!(%file, ignored = before - keys.len(), min_len = MIN_KEY_LEN, "publisher API keys too short to be keys: ignored");
+        }
+        let from_file = keys.len();
+        keys.extend(self.from_env.iter().cloned());
+        if keys.is_empty() {
+            tracing::error!(%file, "no valid publisher API key left: every publish is refused until one is added");
+        }
+        if self.install(keys, modified).is_ok() {
+            tracing::info!(%file, from_file, total = self.len(), "publisher API keys reloaded");
         }
     }
 
@@ -95,12 +123,12 @@ impl ApiKeys {
         keys.iter().fold(false, |found, k| found | constant_time_eq(k.as_bytes(), presented.as_bytes()))
     }
 
-    /// Re-reads the file every `every` until the process ends.
-    pub fn watch(self: Arc<Self>, every: Duration) {
+    /// Re-reads the file every `every` until `stop`, on a task of `tracker`.
+    pub fn watch(self: Arc<Self>, every: Duration, stop: &CancellationToken, tracker: &TaskTracker) {
         if self.file.is_none() {
             return;
         }
-        crate::reload::every(every, move || self.refresh());
+        crate::reload::every(every, stop, tracker, move || self.refresh());
     }
 }
 
@@ -142,6 +170,12 @@ impl PublisherAuth {
                     .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                     .map(|(_, key)| key.trim());
                 match presented {
+                    _ if keys.is_empty() => Err(Status::unauthenticated(
+                        "no publisher API key is configured (the key file holds no valid key); publishing is refused",
+                    )),
+                    None if req.metadata().contains_key("authorization") => Err(Status::unauthenticated(
+                        "the authorization header is malformed: expected `authorization: Bearer <key>`",
+                    )),
                     None => Err(Status::unauthenticated("an API key is required: send `authorization: Bearer <key>`")),
                     Some(key) if keys.accepts(key) => Ok(req),
                     Some(_) => Err(Status::unauthenticated("the API key is not valid")),
@@ -173,6 +207,39 @@ mod tests {
         assert!(!keys.accepts("key-one-0123456789abcdef"));
         assert!(keys.accepts("key-two-0123456789abcdef"));
         assert!(ApiKeys::load(None, Some("short")).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Sets the file's content and a modification time the reload will notice.
+    fn rewrite(file: &std::path::Path, content: &str, secs: u64) {
+        std::fs::write(file, content).unwrap();
+        let t = SystemTime::now() + Duration::from_secs(secs);
+        std::fs::File::options().write(true).open(file).unwrap().set_modified(t).unwrap();
+    }
+
+    #[test]
+    fn rotation_fails_closed_emptied_short_or_missing_files_revoke_their_keys() {
+        let dir = std::env::temp_dir().join(format!("ssegate-keys-closed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        let key = "key-one-0123456789abcdef";
+        std::fs::write(&file, format!("{key}\n")).unwrap();
+        let keys = ApiKeys::load(Some(file.clone()), None).unwrap();
+        assert!(keys.accepts(key));
+        rewrite(&file, "", 5);
+        keys.refresh();
+        assert!(!keys.accepts(key) && keys.is_empty(), "emptying the file revokes every key");
+        rewrite(&file, &format!("{key}\n"), 10);
+        keys.refresh();
+        assert!(keys.accepts(key));
+        rewrite(&file, "short\n", 15);
+        keys.refresh();
+        assert!(!keys.accepts(key) && !keys.accepts("short"), "a too-short line is no key, and replaces the old ones");
+        rewrite(&file, &format!("{key}\n"), 20);
+        keys.refresh();
+        std::fs::remove_file(&file).unwrap();
+        keys.refresh();
+        assert!(!keys.accepts(key), "a file that is gone holds no key");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

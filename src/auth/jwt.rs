@@ -5,6 +5,8 @@
 
 use std::{path::Path, time::Duration};
 
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
 use serde::Deserialize;
 
@@ -76,6 +78,33 @@ pub enum TokenError {
     MissingClaim(String),
     #[error("the token is malformed")]
     Malformed,
+    #[error("the token's header marks `{0}` critical, an extension ssegate does not understand")]
+    Critical(String),
+}
+
+/// RFC 7515 §4.1.11: a header parameter listed in `crit` must be understood, or the token
+/// refused. ssegate understands no extension, so any `crit` refuses the token. (jsonwebtoken's
+/// `Header` drops `crit`, so the header segment is read here.)
+fn refuse_critical(token: &str) -> Result<(), TokenError> {
+    use base64::Engine;
+    let segment = token.split('.').next().unwrap_or("");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(segment).map_err(|_| TokenError::Malformed)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+    match header.get("crit") {
+        None => Ok(()),
+        Some(serde_json::Value::Array(names)) if !names.is_empty() => {
+            let first = names.first().and_then(|n| n.as_str()).unwrap_or("?");
+            Err(TokenError::Critical(first.to_owned()))
+        }
+        // Present but not a non-empty list of names: malformed (RFC 7515 §4.1.11).
+        Some(_) => Err(TokenError::Malformed),
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, KeyError> {
@@ -133,6 +162,7 @@ impl JwtVerifier {
     /// Verifies `token` and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        refuse_critical(token)?;
         let candidates = self
             .keys
             .iter()
@@ -140,14 +170,20 @@ impl JwtVerifier {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.settings.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not only right when present.
+        let mut required = vec!["exp", "sub"];
         if let Some(iss) = &self.settings.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
         match &self.settings.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let mut outcome = Err(TokenError::Algorithm);
         for key in candidates {
             outcome =
@@ -169,7 +205,12 @@ impl JwtVerifier {
                 break;
             }
         }
-        outcome
+        // The leeway forgives a clock that runs ahead (`nbf`), not expiry: a stream admitted
+        // with an expired token would be closed at once, and the client would loop.
+        match outcome {
+            Ok(claims) if claims.exp <= now_secs() => Err(TokenError::Expired),
+            other => other,
+        }
     }
 }
 
@@ -220,10 +261,10 @@ impl ReloadingVerifier {
         }
     }
 
-    /// Checks the key files every `every` until the process ends.
-    pub fn watch(self: &std::sync::Arc<Self>, every: Duration) {
+    /// Checks the key files every `every` until `stop`, on a task of `tracker`.
+    pub fn watch(self: &std::sync::Arc<Self>, every: Duration, stop: &CancellationToken, tracker: &TaskTracker) {
         let this = self.clone();
-        crate::reload::every(every, move || this.refresh());
+        crate::reload::every(every, stop, tracker, move || this.refresh());
     }
 }
 
@@ -232,11 +273,16 @@ mod tests {
     use super::*;
 
     fn verifier() -> JwtVerifier {
-        let dir = std::env::temp_dir().join(format!("ssegate-jwt-{}", std::process::id()));
+        // A directory per call: tests run in parallel, and a file being rewritten reads short.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ssegate-jwt-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("secret");
         std::fs::write(&path, "0123456789abcdef0123456789abcdef").unwrap();
-        JwtVerifier::load(&JwtSettings { secret_file: Some(path), ..Default::default() }).unwrap()
+        let v = JwtVerifier::load(&JwtSettings { secret_file: Some(path), ..Default::default() }).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        v
     }
 
     #[test]
@@ -247,6 +293,59 @@ mod tests {
         std::fs::write(&path, "too short").unwrap();
         let err = JwtVerifier::load(&JwtSettings { secret_file: Some(path), ..Default::default() });
         assert!(err.err().is_some_and(|e| e.to_string().ends_with("an HS256 secret must be at least 32 bytes")));
+    }
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    /// A token with this header and these claims, signed with the test secret.
+    fn token(header: serde_json::Value, claims: serde_json::Value) -> String {
+        use base64::Engine;
+        let b64 = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let signing_input = format!("{}.{}", b64(&header), b64(&claims));
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET);
+        let sig = jsonwebtoken::crypto::sign(signing_input.as_bytes(), &key, Algorithm::HS256).unwrap();
+        format!("{signing_input}.{sig}")
+    }
+
+    fn hs256() -> serde_json::Value {
+        serde_json::json!({"alg": "HS256", "typ": "JWT"})
+    }
+
+    #[test]
+    fn a_token_expired_within_the_leeway_is_refused_and_nbf_keeps_its_leeway() {
+        let v = verifier();
+        let v = JwtVerifier { settings: JwtSettings { leeway: Duration::from_secs(30), ..v.settings.clone() }, ..v };
+        let now = now_secs();
+        let expired = token(hs256(), serde_json::json!({"sub": "a", "exp": now - 5}));
+        assert!(matches!(v.verify(&expired), Err(TokenError::Expired)));
+        let early = token(hs256(), serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now + 5}));
+        assert!(v.verify(&early).is_ok(), "a token from a clock 5 s ahead is accepted");
+    }
+
+    #[test]
+    fn a_critical_header_extension_is_refused() {
+        let v = verifier();
+        let claims = serde_json::json!({"sub": "a", "exp": now_secs() + 60});
+        assert!(v.verify(&token(hs256(), claims.clone())).is_ok());
+        let crit = serde_json::json!({"alg": "HS256", "crit": ["exp-ext"], "exp-ext": 1});
+        assert!(matches!(v.verify(&token(crit, claims.clone())), Err(TokenError::Critical(n)) if n == "exp-ext"));
+        let empty = serde_json::json!({"alg": "HS256", "crit": []});
+        assert!(matches!(v.verify(&token(empty, claims)), Err(TokenError::Malformed)));
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_must_be_present() {
+        let v = verifier();
+        let settings =
+            JwtSettings { issuer: Some("https://app".into()), audience: Some("ssegate".into()), ..v.settings.clone() };
+        let v = JwtVerifier { settings, ..v };
+        let exp = now_secs() + 60;
+        let ok = serde_json::json!({"sub": "a", "exp": exp, "iss": "https://app", "aud": "ssegate"});
+        assert!(v.verify(&token(hs256(), ok)).is_ok());
+        let no_iss = serde_json::json!({"sub": "a", "exp": exp, "aud": "ssegate"});
+        assert!(matches!(v.verify(&token(hs256(), no_iss)), Err(TokenError::MissingClaim(c)) if c == "iss"));
+        let no_aud = serde_json::json!({"sub": "a", "exp": exp, "iss": "https://app"});
+        assert!(matches!(v.verify(&token(hs256(), no_aud)), Err(TokenError::MissingClaim(c)) if c == "aud"));
     }
 
     proptest::proptest! {
