@@ -129,13 +129,15 @@ fn subscriber_auth(
         }
         (false, true) => {
             tracing::warn!(
-                "INSECURE: --insecure-dev-identity is on: subscribers are whoever `?user=` says;                  anyone can read anyone's events. Never use this in production."
+                "INSECURE: --insecure-dev-identity is on: subscribers are whoever `?user=` says; \
+                 anyone can read anyone's events. Never use this in production."
             );
             Ok(SubscriberAuth::InsecureQuery)
         }
         (false, false) => {
             tracing::warn!(
-                "no subscriber authentication configured: every subscription will be refused; set                  --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file (or --insecure-dev-identity)"
+                "no subscriber authentication configured: every subscription will be refused; set \
+                 --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file (or --insecure-dev-identity)"
             );
             Ok(SubscriberAuth::Disabled)
         }
@@ -161,7 +163,8 @@ fn publisher_auth(config: &ServeArgs) -> Result<PublisherAuth, StartupError> {
         return Ok(PublisherAuth::Open);
     }
     tracing::warn!(
-        "no publisher authentication configured: every publish will be refused; set          --publisher-api-keys-file or SSEGATE_PUBLISHER_API_KEYS (or --insecure-open-publish)"
+        "no publisher authentication configured: every publish will be refused; set \
+                 --publisher-api-keys-file or SSEGATE_PUBLISHER_API_KEYS (or --insecure-open-publish)"
     );
     Ok(PublisherAuth::Disabled)
 }

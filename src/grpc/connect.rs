@@ -384,10 +384,16 @@ where
         return Err(ConnectError::TooLarge(max));
     }
     let work = async {
-        let body = match Limited::new(body, max).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(ConnectError::TooLarge(max)),
-            Err(e) => return Err(ConnectError::Body(e.to_string())),
+        // A body trickled in byte by byte must not hold the call (and its connection) forever.
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, max).collect());
+        let body = match read.await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(ConnectError::TooLarge(max)),
+            Ok(Err(e)) => return Err(ConnectError::Body(e.to_string())),
+            Err(_) => {
+                let secs = BODY_READ_TIMEOUT.as_secs();
+                return Err(ConnectError::Body(format!("the request body did not arrive within {secs} s")));
+            }
         };
         let message = (procedure.request)(&body, codec)?;
         grpc_headers(&mut parts.headers);
@@ -401,6 +407,9 @@ where
     };
     Ok((codec, body))
 }
+
+/// Longest time a request body may take to arrive, whatever the caller's deadline.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `Connect-Timeout-Ms`: a positive integer of at most 10 digits.
 fn timeout(v: &str) -> Option<Duration> {

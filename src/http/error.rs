@@ -14,6 +14,10 @@ pub enum HttpError {
     Repeated(&'static str),
     #[error("unknown query parameter `{0}` (expected user, group, topic, last_event_id, token)")]
     UnknownParam(String),
+    #[error("query parameter `{0}` is not valid UTF-8 once percent-decoded")]
+    NotUtf8(String),
+    #[error("the request has no Host header (HTTP/1.1 requires one)")]
+    MissingHost,
     #[error("{count} groups and topics requested, over the limit of {max} (--max-subscriptions)")]
     TooManySubscriptions { count: usize, max: usize },
     #[error("no such resource; subscribe with GET /v1/events")]
@@ -32,6 +36,8 @@ impl HttpError {
             HttpError::InvalidParam { .. }
             | HttpError::Repeated(_)
             | HttpError::UnknownParam(_)
+            | HttpError::NotUtf8(_)
+            | HttpError::MissingHost
             | HttpError::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
             HttpError::NotFound => StatusCode::NOT_FOUND,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -58,6 +64,9 @@ impl IntoResponse for HttpError {
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -6,7 +6,7 @@ use axum::{
     extract::{RawQuery, State},
     response::Response,
 };
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use http::{HeaderMap, HeaderValue, header};
 
@@ -32,21 +32,47 @@ pub struct SubscribeQuery {
     pub last_event_id: Option<String>,
 }
 
+/// Decodes one `application/x-www-form-urlencoded` component strictly: percent-escapes that do
+/// not decode to UTF-8 are an error, not U+FFFD (two different ids must never collide).
+/// (`form_urlencoded` only decodes lossily.)
+fn decode(raw: &str) -> Result<Cow<'_, str>, std::str::Utf8Error> {
+    let raw: Cow<'_, str> = if raw.contains('+') { Cow::Owned(raw.replace('+', " ")) } else { Cow::Borrowed(raw) };
+    match raw {
+        Cow::Borrowed(r) => percent_encoding::percent_decode_str(r).decode_utf8(),
+        Cow::Owned(r) => percent_encoding::percent_decode_str(&r).decode_utf8().map(|c| Cow::Owned(c.into_owned())),
+    }
+}
+
+/// The query's `key=value` pairs, decoded strictly (see `decode`).
+fn pairs(query: &str) -> impl Iterator<Item = Result<(Cow<'_, str>, Cow<'_, str>), HttpError>> {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = decode(k).map_err(|_| HttpError::NotUtf8(k.chars().take(64).collect()))?;
+        let value = decode(v).map_err(|_| HttpError::NotUtf8(key.chars().take(64).collect()))?;
+        Ok((key, value))
+    })
+}
+
 /// Parses `?user=ID&group=G&topic=T&last_event_id=ID&token=JWT` (groups and topics
-/// repeatable).
+/// repeatable). Also accepted: `lastEventId` (what the `event-source-polyfill` sends on
+/// reconnect), the same as `last_event_id`, and `_` (cache busters), ignored.
 pub fn parse_query(query: &str, max_subscriptions: usize) -> Result<SubscribeQuery, HttpError> {
     fn param<T>(param: &'static str, r: Result<T, InvalidText>) -> Result<T, HttpError> {
         r.map_err(|reason| HttpError::InvalidParam { param, reason })
     }
     let (mut user, mut groups, mut topics, mut last_event_id, mut token) = (None, Vec::new(), Vec::new(), None, None);
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+    for pair in pairs(query) {
+        let (key, value) = pair?;
         match &*key {
+            "_" => {}
             "user" if user.is_some() => return Err(HttpError::Repeated("user")),
             "user" => user = Some(param("user", UserId::parse(&value))?),
             "group" => groups.push(param("group", GroupId::parse(&value))?),
             "topic" => topics.push(param("topic", Topic::parse(&value))?),
-            "last_event_id" if last_event_id.is_some() => return Err(HttpError::Repeated("last_event_id")),
-            "last_event_id" => last_event_id = Some(value.into_owned()),
+            "last_event_id" | "lastEventId" if last_event_id.is_some() => {
+                return Err(HttpError::Repeated("last_event_id"));
+            }
+            "last_event_id" | "lastEventId" => last_event_id = Some(value.into_owned()),
             "token" if token.is_some() => return Err(HttpError::Repeated("token")),
             "token" => token = Some(value.into_owned()),
             other => return Err(HttpError::UnknownParam(other.chars().take(64).collect())),
@@ -91,8 +117,14 @@ pub async fn subscribe(
     conn: Option<Extension<ConnContext>>,
     fast: Option<Extension<FastPath>>,
     headers: HeaderMap,
+    uri: http::Uri,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
+    // HTTP/1.1 requires Host (RFC 9112 §3.2); h2 carries the authority in the URI instead.
+    if !headers.contains_key(header::HOST) && uri.authority().is_none() {
+        state.metrics.rejected(Rejection::BadRequest);
+        return Err(HttpError::MissingHost);
+    }
     let q = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions).inspect_err(|_| {
         state.metrics.rejected(Rejection::BadRequest);
     })?;
@@ -192,6 +224,19 @@ mod tests {
             "3 groups and topics requested, over the limit of 2 (--max-subscriptions)"
         );
         assert_eq!(err("user=&"), "query parameter `user` must not be empty");
+        // Invalid UTF-8 is refused, not replaced: `%FF` and `%FE` would both become U+FFFD.
+        assert_eq!(err("user=a%FF"), "query parameter `user` is not valid UTF-8 once percent-decoded");
+        assert_eq!(err("us%C3er=a"), "query parameter `us%C3er` is not valid UTF-8 once percent-decoded");
+        assert_eq!(err("lastEventId=1-1&last_event_id=1-2"), "query parameter `last_event_id` may appear only once");
+    }
+
+    #[test]
+    fn polyfill_resume_ids_and_cache_busters_are_accepted() {
+        let q = parse_query("user=a&lastEventId=7-3&_=1700000000000&_=2", 8).unwrap();
+        assert_eq!(q.last_event_id.as_deref(), Some("7-3"));
+        let q = parse_query("user=a+b&group=%C3%A9t%C3%A9", 8).unwrap();
+        assert_eq!(q.requested.user.as_ref().map(UserId::as_str), Some("a b"));
+        assert_eq!(q.requested.groups[0].as_str(), "été");
     }
 
     #[test]

@@ -74,7 +74,8 @@ pub fn app(
         }),
     };
     let app = axum::Router::new()
-        .route("/v1/events", get(events::subscribe))
+        // HEAD would open (and at once drop) a subscription: refused, like every other method.
+        .route("/v1/events", get(events::subscribe).head(|| async { HttpError::MethodNotAllowed }))
         .route("/v1/client.js", get(assets::client_js))
         .route("/", assets::demo(settings.demo_page))
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })

@@ -244,12 +244,7 @@ impl Router {
     /// Closes every connection of `user`: each receives a final `ssegate.disconnect` event with
     /// `reason` as data, then its stream ends. Returns how many were closed.
     pub fn disconnect(&self, user: &UserId, reason: &str) -> u64 {
-        let name = EventName::reserved("disconnect");
-        let last = Frame {
-            bytes: event_stream::encode(Some(name.as_str()), reason).finish_without_id(),
-            published_at: Instant::now(),
-            is_event: false,
-        };
+        let last = Frame::disconnect(reason);
         let shard = self.shard_of(user);
         let core = self.lock();
         let closed = core.user_count(user);

@@ -36,6 +36,17 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// The last frame of a stream the server ends: an `ssegate.disconnect` event (no id: it is
+    /// not part of the replayable stream) with `reason` as its data.
+    pub fn disconnect(reason: &str) -> Self {
+        let name = crate::domain::EventName::reserved("disconnect");
+        Frame {
+            bytes: crate::event_stream::encode(Some(name.as_str()), reason).finish_without_id(),
+            published_at: Instant::now(),
+            is_event: false,
+        }
+    }
+
     fn cost(&self) -> usize {
         self.bytes.len() + FRAME_OVERHEAD
     }

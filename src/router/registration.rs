@@ -2,7 +2,11 @@
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
-use super::{CloseReason, ConnId, Router, Start, mailbox::Mailbox, shard::Cmd};
+use super::{
+    CloseReason, ConnId, Router, Start,
+    mailbox::{Frame, Mailbox},
+    shard::Cmd,
+};
 
 /// Dropping it (the stream's writer ends) removes the connection from its shard and from the
 /// counts.
@@ -29,9 +33,12 @@ impl Registration {
     }
 
     /// Ends this connection's stream gracefully: what is queued still goes out, nothing new
-    /// is queued. The client may resume from its last id.
+    /// is queued. The client may resume from its last id. At token expiry the stream's last
+    /// event says so (`ssegate.disconnect`, `token_expired`), so a client knows to get a fresh
+    /// token rather than retry the same URL.
     pub fn close(&self, reason: CloseReason) {
-        self.mailbox.close(reason, None);
+        let last = (reason == CloseReason::TokenExpired).then(|| Frame::disconnect("token_expired"));
+        self.mailbox.close(reason, last);
         self.unregister();
     }
 

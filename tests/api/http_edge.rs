@@ -98,3 +98,32 @@ async fn the_publish_command_delivers_an_event() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("user_ids[0] must not be empty"));
 }
+
+#[tokio::test]
+async fn head_is_refused_missing_host_is_400_and_polyfill_params_are_accepted() {
+    let app = spawn_app(&[]).await;
+    let (status, headers, _) = crate::helpers::http_request(app.http, "HEAD", "/v1/events?user=a", &[]).await;
+    assert_eq!(status, 405);
+    assert!(headers.iter().any(|(k, v)| k == "allow" && v == "GET"), "{headers:?}");
+    assert_eq!(app.stats().await.connections, 0, "HEAD opened no subscription");
+
+    // No Host header at all (the helper always sends one, so by hand).
+    let mut s = tokio::net::TcpStream::connect(app.http).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /v1/events?user=a HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout_at(crate::helpers::deadline(), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("no Host header"), "{text}");
+
+    // event-source-polyfill's `lastEventId` resumes; `_` cache busters are ignored.
+    let first = app.publish_users(&["a"], "m", "one").await;
+    app.publish_users(&["a"], "m", "two").await;
+    let mut c = app.subscribe(&format!("user=a&_=1700000000000&lastEventId={}", first.event_id)).await;
+    assert_eq!(c.next_event().await.data, "two");
+    let (status, _, body) = crate::helpers::http_request(app.http, "GET", "/v1/events?user=a%FF", &[]).await;
+    assert_eq!(status, 400, "{body}");
+}

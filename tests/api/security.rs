@@ -230,10 +230,22 @@ async fn a_stream_is_closed_when_its_token_expires() {
     let mut c = SseClient::connect(app.http, "/v1/events", &[("Authorization", &auth)]).await;
     assert_eq!(c.status, 200);
     let items = c.until_end().await;
-    assert!(!items.iter().any(|i| matches!(i, Item::Event(_))));
+    // The stream's last event says why it ends, so a client fetches a fresh token.
+    let events: Vec<_> = items.iter().filter_map(|i| if let Item::Event(e) = i { Some(e) } else { None }).collect();
+    assert_eq!(events.len(), 1, "{items:?}");
+    assert_eq!((events[0].event_type.as_str(), events[0].data.as_str()), ("ssegate.disconnect", "token_expired"));
     app.wait_connections("a", 0).await;
     let (_, _, metrics) = http_request(app.admin, "GET", "/metrics", &[]).await;
     assert!(metrics.contains(r#"ssegate_connections_closed_total{reason="token_expired"} 1"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_token_expired_within_the_leeway_is_refused_at_once_not_admitted_then_closed() {
+    let app = hs256_app(&["--jwt-leeway", "60s"]).await;
+    let auth = bearer(&hs256(&json!({"sub": "a", "exp": now() - 5})));
+    let (status, _, body) = get(&app, "/v1/events", &[("Authorization", &auth)]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.starts_with("the token has expired"), "{body}");
 }
 
 #[tokio::test]
