@@ -90,6 +90,8 @@ struct ClientPage {
     state: String,
     /// Every event the page received, in order.
     events: Vec<Value>,
+    /// The payloads of every `ssegate.disconnect` reported.
+    disconnects: Vec<Value>,
     /// Answers token requests by itself once set.
     auto_token: Option<Box<dyn Fn() -> String + Send>>,
 }
@@ -118,13 +120,14 @@ impl ClientPage {
             backlog: VecDeque::new(),
             state: String::new(),
             events: Vec::new(),
+            disconnects: Vec::new(),
             auto_token: None,
         };
         // The client starts connecting (and may ask for a token) before the page says ready:
         // keep those lines for the test.
-        let mut early = VecDeque::new();
+        let (mut early, end) = (VecDeque::new(), deadline());
         loop {
-            let v = page.next("ready").await;
+            let v = page.next("ready", end).await;
             if v["kind"] == "ready" {
                 break;
             }
@@ -134,13 +137,14 @@ impl ClientPage {
         page
     }
 
-    /// The next line the driver printed (token requests answered if `auto_token` is set).
-    async fn next(&mut self, what: &str) -> Value {
+    /// The next line the driver printed, by `end` (token requests answered if `auto_token` is
+    /// set).
+    async fn next(&mut self, what: &str, end: Instant) -> Value {
         if let Some(v) = self.backlog.pop_front() {
             return v;
         }
         loop {
-            let line = timeout_at(deadline(), self.lines.next_line())
+            let line = timeout_at(end, self.lines.next_line())
                 .await
                 .unwrap_or_else(|_| panic!("client page: timed out waiting for {what} (state {})", self.state))
                 .expect("read driver output")
@@ -149,6 +153,7 @@ impl ClientPage {
             match v["kind"].as_str() {
                 Some("state") => self.state = v["state"].as_str().unwrap().to_owned(),
                 Some("event") => self.events.push(v.clone()),
+                Some("disconnect") => self.disconnects.push(v["payload"].clone()),
                 Some("token_request") => {
                     if let Some(mint) = &self.auto_token {
                         let token = mint();
@@ -162,9 +167,11 @@ impl ClientPage {
         }
     }
 
+    /// The next line of this kind, skipping others; within one deadline.
     async fn next_kind(&mut self, kind: &str) -> Value {
+        let end = deadline();
         loop {
-            let v = self.next(kind).await;
+            let v = self.next(kind, end).await;
             if v["kind"] == kind {
                 return v;
             }
@@ -172,8 +179,9 @@ impl ClientPage {
     }
 
     async fn wait_state(&mut self, state: &str) {
+        let end = deadline();
         while self.state != state {
-            self.next(&format!("state {state}")).await;
+            self.next(&format!("state {state}"), end).await;
         }
     }
 
@@ -313,8 +321,9 @@ async fn the_client_keeps_retrying_a_429_with_growing_backoff_and_connects_once_
     let mut page = ClientPage::open(app.http, options).await;
 
     // Refused again and again; each retry waits under a ceiling that doubles up to the max.
-    let mut caps = Vec::new();
+    let (mut caps, end) = (Vec::new(), deadline());
     while caps.len() < 5 {
+        assert!(Instant::now() < end, "five retries within the deadline: {caps:?}");
         let v = page.next_kind("state").await;
         assert_ne!(v["state"], "open", "the slot is taken");
         if v["state"] == "waiting" {
@@ -390,5 +399,10 @@ async fn the_client_gets_a_fresh_token_when_the_stream_closes_at_expiry_and_lose
     let data: Vec<_> = page.events.iter().map(|e| e["data"].as_str().unwrap()).collect();
     assert_eq!(data, ["e1", "e2", "e3"], "everything, in order, once");
     assert_eq!(app.stats().await.events_replayed, 1, "e2 came from the replay log");
+    // Whether or not the server says why it closed (the client must not depend on it), it
+    // never says anything else here.
+    for d in &page.disconnects {
+        assert_eq!(d["reason"], "token_expired", "{d}");
+    }
     page.quit().await;
 }
