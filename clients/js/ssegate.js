@@ -75,6 +75,7 @@ export class SsegateClient {
     }
     /** The id of the last event received (sent back on reconnect). */
     this.lastEventId = this.options.lastEventId || '';
+    this._streamUrl(undefined); // a bad URL throws here, not in a later reconnect
     /** @type {'connecting'|'open'|'waiting'|'closed'} */
     this.state = State.CONNECTING;
     this._handlers = new Map(); // event name -> Set of handlers
