@@ -2,7 +2,8 @@
 //! behaves like a browser tab's `EventSource`: it subscribes to one replica, keeps the last
 //! event id (cursor lines included), and when its stream ends or fails it waits the server's
 //! `retry:` time (plus up to 250 ms, as browsers do not all wake in the same millisecond) and
-//! reconnects with `Last-Event-ID` to a replica picked at random. It also leaves on its own
+//! reconnects with `Last-Event-ID` to a replica picked at random; a refused connection is
+//! tried on the next replica at once (a load balancer's retry of another backend). It also leaves on its own
 //! after a random lifetime (a page reload), so resumes happen all the time, not only at faults.
 //!
 //! Everything received is logged per client (sequence, publish number) for the final check
@@ -320,6 +321,7 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
     let mut retry_ms = DEFAULT_RETRY_MS;
     let mut last_id: Option<String> = None;
     let mut first = true;
+    let mut refused = 0;
     while !ctx.stopping.get() {
         let opened = {
             // Only the first wave is throttled; reconnections go at once, as browsers do.
@@ -329,6 +331,14 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
                 .unwrap_or_else(|_| Err("open timed out".into()))
         };
         let delay = match opened {
+            // A refused connection goes to the next replica at once, as a load balancer
+            // retries another backend when one refuses; once all refused, wait as below.
+            Err(e) if e.starts_with("connect ") && refused + 1 < ctx.replicas.len() => {
+                ctx.failed_attempts.set(ctx.failed_attempts.get() + 1);
+                refused += 1;
+                replica = (replica + 1) % ctx.replicas.len();
+                continue;
+            }
             Err(e) => {
                 mark_ready(&ctx, local);
                 ctx.failed_attempts.set(ctx.failed_attempts.get() + 1);
@@ -351,6 +361,7 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
             }
         };
         first = false;
+        refused = 0;
         tokio::time::sleep(delay).await;
         replica = rng.below(n) as usize;
     }

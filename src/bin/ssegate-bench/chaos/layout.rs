@@ -41,8 +41,8 @@ impl Rng {
     }
 }
 
-const GROUP_SALT: u64 = 0x6772_6f75_70;
-const TOPIC_SALT: u64 = 0x746f_7069_63;
+const GROUP_SALT: u64 = 0x0067_726f_7570;
+const TOPIC_SALT: u64 = 0x0074_6f70_6963;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -92,7 +92,7 @@ impl Layout {
     /// The target of publish `n`: a broadcast every `broadcast_every` publishes (the recovery
     /// probes), else 10 % groups, 15 % topics, 75 % one to three users.
     pub fn target(&self, n: u64, broadcast_every: u64, seed: u64) -> Target {
-        if n % broadcast_every.max(1) == 0 {
+        if n.is_multiple_of(broadcast_every.max(1)) {
             return Target::Broadcast;
         }
         let h = mix64(n ^ seed);

@@ -441,10 +441,9 @@ fn run(
             faults_done_at = Some(Instant::now());
         }
         // Publishing lasts the profile's duration, and at least 8 s past the last fault.
-        if faults_done_at.is_some_and(|d| Instant::now() >= (t0 + profile.duration).max(d + Duration::from_secs(8))) {
-            if !stop.swap(true, Ordering::Relaxed) {
-                outcome.publish_s = t0.elapsed().as_secs_f64();
-            }
+        let publish_until = faults_done_at.map(|d| (t0 + profile.duration).max(d + Duration::from_secs(8)));
+        if publish_until.is_some_and(|u| Instant::now() >= u) && !stop.swap(true, Ordering::Relaxed) {
+            outcome.publish_s = t0.elapsed().as_secs_f64();
         }
         drain_lines(&lines, outcome, Duration::from_millis(100));
     }
