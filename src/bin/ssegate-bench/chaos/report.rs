@@ -7,7 +7,7 @@
 //! second and address everyone, so this says "every tab is live again and has caught up",
 //! within about half a second of granularity (plus the workers' 250 ms sampling).
 //! `recovery_s` counts from when the fault's cause was lifted (process back, broker resumed,
-//! floods released); `disruption_s` from when it was injected.
+//! floods released); `disruption_s` is the whole window, from the injection to that recovery.
 
 use std::{fmt::Write, path::Path};
 
@@ -140,11 +140,12 @@ impl Report {
                         .flatten()
                         .map(|at| at.saturating_sub(t) as f64 / 1e9)
                 };
-                let disruption_s = after(f.start_ns);
+                let recovery_s = after(f.lift_ns);
+                let disruption_s = recovery_s.map(|r| r + f.lift_ns.saturating_sub(f.start_ns) as f64 / 1e9);
                 let until = f.start_ns + disruption_s.map_or(0, |d| (d * 1e9) as u64);
                 FaultFigures {
                     name: f.name.clone(),
-                    recovery_s: after(f.lift_ns),
+                    recovery_s,
                     disruption_s,
                     fewest_connected: fewest_connected(&timeline, o.workers, f.start_ns, until.max(f.end_ns)),
                     notes: f.notes.clone(),
