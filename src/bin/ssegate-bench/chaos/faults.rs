@@ -89,23 +89,23 @@ pub fn run(
             std::thread::sleep(left.min(Duration::from_millis(200)));
         }
     };
-    type Step<'a> = Box<dyn FnOnce(&mut Cluster, &mut FaultReport) -> Result<Fault, String> + 'a>;
+    type Step<'a> = Box<dyn FnOnce(&mut Cluster, &mut FaultReport) -> Result<Vec<Fault>, String> + 'a>;
     let steps: Vec<(Duration, &str, Step)> = vec![
-        (s.kill_at, "SIGKILL replica-1, restart", Box::new(|c, _| kill_replica(c, 1, s.kill_down))),
-        (s.stop_at, "SIGSTOP/SIGCONT broker", Box::new(|c, _| stop_broker(c, s.stop_for))),
-        (s.broker_restart_at, "restart broker", Box::new(restart_broker)),
+        (s.kill_at, "SIGKILL replica-1, restart", Box::new(|c, _| kill_replica(c, 1, s.kill_down).map(|f| vec![f]))),
+        (s.stop_at, "SIGSTOP/SIGCONT broker", Box::new(|c, _| stop_broker(c, s.stop_for).map(|f| vec![f]))),
+        (s.broker_restart_at, "restart broker", Box::new(|c, r| restart_broker(c, r).map(|f| vec![f]))),
         (s.rolling_at, "rolling SIGTERM of all replicas", Box::new(|c, _| rolling(c, s.gap))),
         (
             s.flood_at,
             "flood: silent sockets + stalled h2 streams",
-            Box::new(move |c, r| flood(c, r, rt, shared, silent, stalled, s.flood_hold)),
+            Box::new(move |c, r| flood(c, r, rt, shared, silent, stalled, s.flood_hold).map(|f| vec![f])),
         ),
     ];
     for (at, name, step) in steps {
         wait_for(at, prev_end);
         crashed(c, &mut r.problems, name);
         match step(c, &mut r) {
-            Ok(f) => r.faults.push(f),
+            Ok(f) => r.faults.extend(f),
             Err(e) => {
                 r.problems.push(format!("fault `{name}` could not be carried out: {e}"));
                 r.faults.push(Fault {
@@ -198,11 +198,12 @@ fn restart_broker(c: &mut Cluster, _: &mut FaultReport) -> Result<Fault, String>
 }
 
 /// Each replica in turn: SIGTERM, wait for its exit, start it, wait until ready, then `pause`
-/// (a rollout's minimum ready time) before the next one.
-fn rolling(c: &mut Cluster, pause: Duration) -> Result<Fault, String> {
-    let start_ns = now_ns();
-    let mut notes = Vec::new();
+/// (a rollout's minimum ready time) before the next one. One fault per replica.
+fn rolling(c: &mut Cluster, pause: Duration) -> Result<Vec<Fault>, String> {
+    let mut faults = Vec::new();
     for i in 0..c.replicas.len() {
+        let start_ns = now_ns();
+        let mut notes = Vec::new();
         let t = Instant::now();
         let (status, killed) = c.replicas[i].stop(EXIT_WITHIN);
         notes.push(match (status, killed) {
@@ -211,12 +212,13 @@ fn rolling(c: &mut Cluster, pause: Duration) -> Result<Fault, String> {
             (None, false) => format!("replica-{i} was not running"),
         });
         start_replica(c, i, &mut notes)?;
+        let lift_ns = now_ns();
+        faults.push(Fault { name: format!("rolling SIGTERM: replica-{i}"), start_ns, lift_ns, end_ns: lift_ns, notes });
         if i + 1 < c.replicas.len() {
             std::thread::sleep(pause);
         }
     }
-    let lift_ns = now_ns();
-    Ok(Fault { name: "rolling SIGTERM of all replicas".into(), start_ns, lift_ns, end_ns: lift_ns, notes })
+    Ok(faults)
 }
 
 fn flood(

@@ -7,7 +7,10 @@
 //! second and address everyone, so this says "every tab is live again and has caught up",
 //! within about half a second of granularity (plus the workers' 250 ms sampling).
 //! `recovery_s` counts from when the fault's cause was lifted (process back, broker resumed,
-//! floods released); `disruption_s` is the whole window, from the injection to that recovery.
+//! floods released); `disruption_s` from the injection (for a fault lifted later, such as the
+//! broker's stop, it includes the time it lasted: the first broadcast after the injection is
+//! acknowledged only once the broker is back). "Fewest connected": the fewest clients holding
+//! a stream from the injection to the recovery.
 
 use std::{fmt::Write, path::Path};
 
@@ -141,8 +144,8 @@ impl Report {
                         .map(|at| at.saturating_sub(t) as f64 / 1e9)
                 };
                 let recovery_s = after(f.lift_ns);
-                let disruption_s = recovery_s.map(|r| r + f.lift_ns.saturating_sub(f.start_ns) as f64 / 1e9);
-                let until = f.start_ns + disruption_s.map_or(0, |d| (d * 1e9) as u64);
+                let disruption_s = after(f.start_ns);
+                let until = f.lift_ns + recovery_s.map_or(0, |d| (d * 1e9) as u64);
                 FaultFigures {
                     name: f.name.clone(),
                     recovery_s,
