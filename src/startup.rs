@@ -183,6 +183,8 @@ impl Application {
             // One shard per runtime worker: fan-out to different shards can run in parallel.
             shards: tokio::runtime::Handle::current().metrics().num_workers(),
             epoch,
+            // A broker's stream numbers the events of every replica.
+            shared_sequence: epoch.is_some(),
             replay: ReplayConfig {
                 capacity: config.replay_capacity as usize,
                 max_bytes: usize::try_from(config.replay_max_bytes).unwrap_or(usize::MAX),

@@ -181,9 +181,16 @@ impl Router {
         let now = Instant::now();
         core.log.expire(now);
         let newest = EventId { epoch: self.epoch, seq: core.last_seq };
+        // A client resuming after an id this router has not received yet (another replica of
+        // a shared sequence issued it): it is served from there on as the events arrive, those
+        // up to its id skipped (`floor`), and its cursor stays at its own id. Telling it
+        // "missed" and sending our older cursor would move its id backwards and repeat events.
+        let ahead = resume.filter(|last| self.shared_sequence && last.epoch == self.epoch && last.seq > newest.seq);
+        let floor = ahead.map_or(0, |last| last.seq);
         let (start, mut preload) = match resume {
             None => (Start::Fresh, Vec::new()),
             Some(last) if last.epoch != self.epoch => (Start::Missed(MissReason::OtherEpoch), Vec::new()),
+            Some(_) if ahead.is_some() => (Start::Resumed { replayed: 0 }, Vec::new()),
             Some(last) if last.seq > newest.seq => (Start::Missed(MissReason::Unknown), Vec::new()),
             Some(last) => match core.log.missed(last.seq, &user, &groups, &topics) {
                 Ok(frames) => {
@@ -196,12 +203,13 @@ impl Router {
         if let (Start::Missed(reason), Some(last)) = (start, resume) {
             preload.push(missed_frame(reason, last, now));
         }
-        preload.push(Frame { bytes: event_stream::cursor(newest), published_at: now, is_event: false });
+        let cursor = ahead.unwrap_or(newest);
+        preload.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
         mailbox.preload(preload);
         core.next_conn += 1;
         let id = core.next_conn;
         core.join(&user, &groups, &topics);
-        let conn = Conn::new(mailbox.clone(), user, groups.into(), topics.into());
+        let conn = Conn::new(mailbox.clone(), user, groups.into(), topics.into(), floor);
         self.shards[shard].submit(Cmd::Register(id, conn));
         drop(core);
         self.run_shard(shard);

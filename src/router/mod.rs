@@ -98,6 +98,9 @@ pub struct RouterConfig {
     pub shards: usize,
     /// The epoch of event ids; `None` draws a random one (a fresh sequence per process).
     pub epoch: Option<u64>,
+    /// Ids come from a sequence shared by several routers (a broker's stream): a resume id
+    /// ahead of this router's newest is one it has not received yet, not an unknown one.
+    pub shared_sequence: bool,
     /// Bounds of the replay log that serves `Last-Event-ID` resumes.
     pub replay: ReplayConfig,
     /// Most connections at once; more are refused.
@@ -115,6 +118,7 @@ impl RouterConfig {
             write_coalesce: Duration::ZERO,
             shards: 2,
             epoch: None,
+            shared_sequence: false,
             replay: ReplayConfig { capacity: 10_000, max_bytes: 64 << 20, max_age: Duration::from_secs(300) },
             max_connections: usize::MAX,
             max_connections_per_user: usize::MAX,
@@ -196,6 +200,7 @@ pub struct Router {
     core: Mutex<Core>,
     shards: Box<[Shard]>,
     epoch: u64,
+    shared_sequence: bool,
     bounds: Bounds,
     write_coalesce: Duration,
     max_connections: usize,
@@ -210,6 +215,7 @@ impl Router {
             core: Mutex::new(Core::new(replay::ReplayLog::new(config.replay))),
             shards: (0..config.shards.clamp(1, 64)).map(|_| Shard::new()).collect(),
             epoch: config.epoch.unwrap_or_else(|| fastrand::u64(1..)),
+            shared_sequence: config.shared_sequence,
             bounds: Bounds { frames: config.queue_capacity, bytes: config.max_queue_bytes },
             write_coalesce: config.write_coalesce,
             max_connections: config.max_connections,

@@ -57,7 +57,7 @@ impl Router {
         let recipients = core.recipients(&target);
         let shards = self.shards_for(&target);
         let logged =
-            Arc::new(Logged { target, frame: Frame { bytes: partial.finish(id), published_at, is_event: true } });
+            Arc::new(Logged { seq, target, frame: Frame { bytes: partial.finish(id), published_at, is_event: true } });
         for i in shards.iter() {
             self.shards[i].submit(Cmd::Event(logged.clone()));
         }

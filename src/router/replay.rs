@@ -24,6 +24,8 @@ pub struct ReplayConfig {
 
 /// A published event as the log and the shards share it: its target and its frame.
 pub struct Logged {
+    /// Its sequence number (the `seq` of its id).
+    pub seq: u64,
     pub target: Target,
     pub frame: Frame,
 }
@@ -140,7 +142,7 @@ mod tests {
 
     impl ReplayLog {
         fn add(&mut self, seq: u64, target: Target, frame: Frame) {
-            self.push(seq, Arc::new(Logged { target, frame }));
+            self.push(seq, Arc::new(Logged { seq, target, frame }));
         }
     }
 

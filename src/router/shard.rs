@@ -53,11 +53,14 @@ pub(super) struct Conn {
     next_wake: Instant,
     /// In the shard's deferred list: its writer will be woken at the end of the window.
     deferred: bool,
+    /// Events up to this sequence are not for it: it resumed after an id this router had not
+    /// received yet (a shared sequence); 0 for every other connection.
+    floor: u64,
 }
 
 impl Conn {
-    pub fn new(mailbox: Arc<Mailbox>, user: UserId, groups: Box<[GroupId]>, topics: Box<[Topic]>) -> Self {
-        Self { mailbox, user, groups, topics, next_wake: Instant::now(), deferred: false }
+    pub fn new(mailbox: Arc<Mailbox>, user: UserId, groups: Box<[GroupId]>, topics: Box<[Topic]>, floor: u64) -> Self {
+        Self { mailbox, user, groups, topics, next_wake: Instant::now(), deferred: false, floor }
     }
 }
 
@@ -187,6 +190,9 @@ impl Tables {
         let mut later = Deferred { list: deferred, at: flush_at };
         let mut slow = Vec::new();
         let mut deliver = |id: ConnId, conn: &mut Conn| {
+            if logged.seq <= conn.floor {
+                return;
+            }
             if !schedule(id, conn, conn.mailbox.push(logged.frame.clone()), window, now, &mut later, fx) {
                 slow.push(id);
             }

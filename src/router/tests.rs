@@ -182,6 +182,26 @@ fn a_resume_the_log_cannot_serve_gets_ssegate_missed() {
 }
 
 #[test]
+fn on_a_shared_sequence_a_resume_ahead_of_this_router_waits_for_its_events_without_repeats() {
+    // A replica behind the broker: the client saw up to 6 on another replica; this one has 4.
+    let r =
+        Router::new(RouterConfig { epoch: Some(7), shared_sequence: true, ..RouterConfig::with_queue_capacity(16) });
+    let publish = |seq: u64| {
+        r.publish_sequenced(seq, Target::Broadcast, &ev(&seq.to_string())).unwrap();
+    };
+    (1..=4).for_each(publish);
+    let c = resume(&r, "a", &[], id(6));
+    assert_eq!(c.start(), Start::Resumed { replayed: 0 });
+    let (_, out) = drain(c.mailbox());
+    let text: Vec<_> = out.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect();
+    assert_eq!(text, ["id: 7-6\n\n"], "no ssegate.missed, and the cursor does not move the client's id back");
+    // The router catches up: 5 and 6 the client has, 7 and 8 it gets.
+    (5..=8).for_each(publish);
+    assert_eq!(received(&c), ["data: 7", "data: 8"]);
+    assert_eq!(r.stats().resumes_missed, 0);
+}
+
+#[test]
 fn connection_limits_refuse_and_count() {
     let r = Router::new(RouterConfig {
         max_connections: 3,
