@@ -288,3 +288,82 @@ async fn presence_stats_and_disconnect_cover_every_replica() {
         assert_eq!((e.event_type.as_str(), e.data.as_str()), ("ssegate.disconnect", "bye"));
     }
 }
+
+/// A TCP forwarder to the broker that can be paused: a replica behind it stops receiving
+/// (it falls behind the others) without losing its connection.
+struct PausableProxy {
+    port: u16,
+    paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl PausableProxy {
+    async fn start(to: u16) -> PausableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (paused, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else { return };
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::spawn(Self::pipe(cr, uw, rx.clone()));
+                tokio::spawn(Self::pipe(ur, cw, rx.clone()));
+            }
+        });
+        PausableProxy { port, paused }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut paused: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if paused.wait_for(|p| !*p).await.is_err() {
+                return;
+            }
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    // Bytes read just before a pause wait for the resume, like the rest.
+                    if paused.wait_for(|p| !*p).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn pause(&self, on: bool) {
+        self.paused.send_replace(on);
+    }
+}
+
+#[tokio::test]
+async fn a_resume_on_a_replica_behind_the_client_neither_repeats_nor_moves_the_id_back() {
+    let nats = Nats::start().await;
+    let a = replica(&nats, &[]).await;
+    let proxy = PausableProxy::start(nats.port).await;
+    let behind_url = format!("nats://127.0.0.1:{}", proxy.port);
+    let b = spawn_app(&["--backplane", "nats", "--nats-url", &behind_url, "--nats-publish-timeout", "2s"]).await;
+    let one = a.publish_users(&["u"], "", "one").await.event_id;
+    // B has consumed it once a fresh stream on B opens at its id.
+    let end = deadline();
+    while b.subscribe("user=probe").await.cursor().await != one {
+        assert!(Instant::now() < end, "replica B never consumed the first event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B stops receiving; a browser on A sees two more events.
+    proxy.pause(true);
+    a.publish_users(&["u"], "", "two").await;
+    let three = a.publish_users(&["u"], "", "three").await.event_id;
+    // It moves to B, which has not received them yet.
+    let mut moved = b.resume("user=u", &three).await;
+    assert_eq!(moved.cursor().await, three, "the cursor keeps the client's id, never an older one");
+    proxy.pause(false);
+    a.publish_users(&["u"], "", "four").await;
+    let got = moved.next_event().await;
+    assert_eq!(got.data, "four", "neither ssegate.missed nor a repeat of two and three: {got:?}");
+}
