@@ -247,7 +247,7 @@ pub struct ServeArgs {
     pub idle_timeout: Duration,
 
     /// Most connections on the HTTP port that have not sent a complete request yet (TLS
-    /// handshakes included); more are closed at accept.
+    /// handshakes included); at the limit, a new one evicts the one that has waited longest.
     #[arg(long, env = "SSEGATE_MAX_PENDING_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_connections: u32,

@@ -148,7 +148,7 @@ pub async fn serve(
     let refused = move |why: Refusal, _peer: SocketAddr| {
         refused_metrics.rejected(match why {
             Refusal::DescriptorBudget => Rejection::DescriptorBudget,
-            Refusal::PendingConnections => Rejection::PendingConnections,
+            Refusal::PendingConnections | Refusal::EvictedOldestPending => Rejection::PendingConnections,
         });
     };
     let accept_shared = shared.clone();
@@ -202,7 +202,12 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
 
 async fn serve_tls(stream: tokio::net::TcpStream, conn: Conn, acceptor: TlsAcceptor, shared: &Shared) {
     let peer = conn.peer;
-    match tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream)).await {
+    let evicted = conn.admission.pending.evicted();
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream)) => r,
+        () = evicted => return tracing::debug!(%peer, "pending TLS handshake evicted for a newer connection"),
+    };
+    match handshake {
         Ok(Ok(tls)) => {
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             serve_conn(tls, conn, shared, h2).await;
@@ -225,9 +230,11 @@ where
     }
     let mut buf = Vec::new();
     let limits = &shared.limits;
+    let evicted = conn.admission.pending.evicted();
     let read = tokio::select! {
         r = tokio::time::timeout(limits.header_read_timeout, head::read(&mut io, &mut buf, limits.max_header_bytes)) => r,
         () = shared.shutdown.cancelled() => return,
+        () = evicted => return tracing::debug!(%peer, received = buf.len(), "pending connection evicted for a newer one"),
     };
     let head = match read {
         Ok(Ok(head)) => head,

@@ -33,6 +33,8 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
 use super::listen::{Admission, OpenPermit, PendingPermit};
 
 /// The two deadlines of a connection.
@@ -108,6 +110,8 @@ pub struct Guarded<IO> {
     /// Where this connection is listed by peer address, if its server finds requests that way.
     registry: Option<(Arc<Registry>, SocketAddr)>,
     _open: Option<OpenPermit>,
+    /// Until the first request: completes if the gate evicts this connection for a newer one.
+    evicted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl<IO> Guarded<IO> {
@@ -129,9 +133,10 @@ impl<IO> Guarded<IO> {
         open: Option<OpenPermit>,
         pending: Option<PendingPermit>,
     ) -> Self {
+        let evicted = pending.as_ref().map(|p| Box::pin(p.evicted()));
         let activity = Activity::new(accepted, pending);
         let timer = Box::pin(tokio::time::sleep_until(accepted + timeouts.first_request));
-        Self { io, activity, timeouts, timer, registry: None, _open: open }
+        Self { io, activity, timeouts, timer, registry: None, _open: open, evicted }
     }
 
     /// Lists the connection in `registry` under `peer`, for servers (tonic) whose requests carry
@@ -153,6 +158,13 @@ impl<IO> Guarded<IO> {
     /// `Ready` once the deadline has passed with nothing in flight; otherwise registers the
     /// timer for the next check.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(evicted) = &mut self.evicted {
+            if self.activity.served.load(Ordering::Relaxed) {
+                self.evicted = None;
+            } else if evicted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
         loop {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;

@@ -5,9 +5,10 @@
 //! loop serves all three ports.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -63,16 +64,21 @@ impl Budget {
     }
 }
 
-/// Why an accepted socket was closed at once.
+/// Why an accepted socket was closed at once, or an older one closed to make room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// The port holds all the sockets its descriptor budget allows.
     DescriptorBudget,
-    /// Too many connections have not sent their first request yet.
+    /// Too many connections have not sent their first request yet (and none could be evicted).
     PendingConnections,
+    /// The pending connection silent the longest was closed to admit a new one.
+    EvictedOldestPending,
 }
 
-/// Counts a port's open and not-yet-admitted sockets against their limits.
+/// Counts a port's open and not-yet-admitted sockets against their limits. When the pending
+/// ones are at their limit, a new socket evicts the one that has been pending longest, rather
+/// than being refused: clients that send their request at once get in even while a flood of
+/// silent sockets keeps the limit full (each flood socket lives only until it is the oldest).
 #[derive(Debug)]
 pub struct Gate {
     port: &'static str,
@@ -80,6 +86,8 @@ pub struct Gate {
     max_pending: usize,
     open: AtomicUsize,
     pending: AtomicUsize,
+    /// Eviction handles of the pending sockets, oldest first (dead ones are skipped).
+    oldest: Mutex<VecDeque<Weak<CancellationToken>>>,
 }
 
 /// Holds a socket's place in its port's open count.
@@ -87,8 +95,16 @@ pub struct Gate {
 pub struct OpenPermit(Arc<Gate>);
 
 /// Holds a socket's place among the not yet admitted, until it sends its first request.
+/// `evicted()` completes if the gate closes it to make room for a newer one.
 #[derive(Debug)]
-pub struct PendingPermit(Arc<Gate>);
+pub struct PendingPermit(Arc<Gate>, Arc<CancellationToken>);
+
+impl PendingPermit {
+    /// Completes when the gate evicts this socket: its connection should close.
+    pub fn evicted(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        (*self.1).clone().cancelled_owned()
+    }
+}
 
 /// What an accepted socket carries: its places in the counts, and when it was accepted.
 #[derive(Debug)]
@@ -100,7 +116,35 @@ pub struct Admission {
 
 impl Gate {
     pub fn new(port: &'static str, max_open: usize, max_pending: usize) -> Arc<Self> {
-        Arc::new(Self { port, max_open, max_pending, open: AtomicUsize::new(0), pending: AtomicUsize::new(0) })
+        Arc::new(Self {
+            port,
+            max_open,
+            max_pending,
+            open: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            oldest: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Evicts the socket pending longest, if there is one still pending.
+    fn evict_oldest(&self) -> bool {
+        let mut q = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(w) = q.pop_front() {
+            if let Some(token) = w.upgrade() {
+                token.cancel();
+                return true;
+            }
+        }
+        false
+    }
+
+    fn track(&self, token: &Arc<CancellationToken>) {
+        let mut q = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
+        // Sockets admitted normally leave dead entries behind: sweep them now and then.
+        if q.len() >= 2 * self.max_pending.max(16) {
+            q.retain(|w| w.strong_count() > 0);
+        }
+        q.push_back(Arc::downgrade(token));
     }
 
     pub fn open(&self) -> usize {
@@ -111,17 +155,26 @@ impl Gate {
         self.pending.load(Ordering::Relaxed)
     }
 
-    fn admit(self: &Arc<Self>) -> Result<Admission, Refusal> {
+    /// Admits a socket, evicting the oldest pending one if the pending are at their limit
+    /// (the evicted one gives its place back when its task ends; until then the count may
+    /// exceed the limit by the evictions in flight). The second value says one was evicted.
+    fn admit(self: &Arc<Self>) -> Result<(Admission, bool), Refusal> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_open {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::DescriptorBudget);
         }
         let open = OpenPermit(self.clone());
+        let mut evicted = false;
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::PendingConnections);
+            evicted = self.evict_oldest();
+            if !evicted {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::PendingConnections);
+            }
         }
-        Ok(Admission { open, pending: PendingPermit(self.clone()), accepted: Instant::now() })
+        let token = Arc::new(CancellationToken::new());
+        self.track(&token);
+        Ok((Admission { open, pending: PendingPermit(self.clone(), token), accepted: Instant::now() }, evicted))
     }
 }
 
@@ -138,7 +191,8 @@ impl Drop for PendingPermit {
 }
 
 /// Accepts on `listener` until `shutdown`, handing each socket within its port's limits to
-/// `serve` and closing the others at once (`refused` is told why). Accept errors (typically
+/// `serve` and closing the others at once (`refused` is told why, and also when an older
+/// pending socket was evicted to admit one). Accept errors (typically
 /// the descriptor limit) back off for 100 ms instead of spinning.
 pub async fn accept_loop(
     listener: TcpListener,
@@ -165,28 +219,35 @@ pub async fn accept_loop(
                 }
             },
         };
-        match gate.admit() {
-            Ok(admission) => serve(stream, peer, admission),
+        let outcome = match gate.admit() {
+            Ok((admission, evicted)) => {
+                serve(stream, peer, admission);
+                if !evicted {
+                    continue;
+                }
+                Refusal::EvictedOldestPending
+            }
             Err(why) => {
                 drop(stream);
-                refused(why, peer);
-                unlogged += 1;
-                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    tracing::warn!(
-                        port = gate.port,
-                        %peer,
-                        reason = ?why,
-                        refused = unlogged,
-                        open = gate.open(),
-                        max_open = gate.max_open,
-                        pending = gate.pending(),
-                        max_pending = gate.max_pending,
-                        "connections closed at accept: over the port's limits"
-                    );
-                    last_log = Some(Instant::now());
-                    unlogged = 0;
-                }
+                why
             }
+        };
+        refused(outcome, peer);
+        unlogged += 1;
+        if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            tracing::warn!(
+                port = gate.port,
+                %peer,
+                reason = ?outcome,
+                closed = unlogged,
+                open = gate.open(),
+                max_open = gate.max_open,
+                pending = gate.pending(),
+                max_pending = gate.max_pending,
+                "connections closed: over the port's limits"
+            );
+            last_log = Some(Instant::now());
+            unlogged = 0;
         }
     }
 }
@@ -203,18 +264,24 @@ mod tests {
     }
 
     #[test]
-    fn the_gate_counts_open_and_pending_sockets_and_gives_places_back() {
+    fn the_gate_counts_open_and_pending_sockets_evicts_the_oldest_pending_and_gives_places_back() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         rt.block_on(async {
-            let gate = Gate::new("test", 3, 2);
-            let a = gate.admit().unwrap();
-            let b = gate.admit().unwrap();
-            assert_eq!(gate.admit().unwrap_err(), Refusal::PendingConnections);
+            let gate = Gate::new("test", 4, 2);
+            let (a, _) = gate.admit().unwrap();
+            let (b, _) = gate.admit().unwrap();
             drop(a.pending); // admitted: no longer pending
-            let c = gate.admit().unwrap();
-            assert_eq!(gate.admit().unwrap_err(), Refusal::DescriptorBudget);
+            let (c, evicted) = gate.admit().unwrap();
+            assert!(!evicted);
             assert_eq!((gate.open(), gate.pending()), (3, 2));
-            drop((b, c));
+            // Pending full: the newcomer evicts the oldest pending socket (b), not c.
+            let (d, evicted) = gate.admit().unwrap();
+            assert!(evicted);
+            let b_evicted = b.pending.evicted();
+            tokio::time::timeout(Duration::from_secs(1), b_evicted).await.expect("b is told to close");
+            assert!(tokio::time::timeout(Duration::from_millis(10), c.pending.evicted()).await.is_err());
+            assert_eq!(gate.admit().unwrap_err(), Refusal::DescriptorBudget);
+            drop((b, c, d));
             assert_eq!((gate.open(), gate.pending()), (1, 0));
         });
     }
