@@ -118,6 +118,13 @@ impl Body for SseBody {
             match this.reg.mailbox().poll_drain(cx, &mut this.backlog) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Drained::Frames) => this.metrics.queue_depth.observe_value(this.backlog.len() as f64),
+                // Cut off as a slow consumer: the abort token (cancelled with the mailbox) drops
+                // this stream's task, so h2 resets the stream (HTTP/1.1: the connection) rather
+                // than ending it as if it were complete. Nothing more to write meanwhile.
+                Poll::Ready(Drained::End(CloseReason::SlowConsumer)) => {
+                    this.ended = Some(CloseReason::SlowConsumer);
+                    return Poll::Pending;
+                }
                 Poll::Ready(Drained::End(reason)) => this.ended = Some(reason),
             }
         }

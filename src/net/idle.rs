@@ -33,6 +33,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+use futures_util::task::AtomicWaker;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::listen::{Admission, OpenPermit, PendingPermit};
@@ -56,6 +57,9 @@ pub struct Activity {
     served: AtomicBool,
     /// The connection's place among those not yet admitted, given back at the first request.
     pending: Mutex<Option<PendingPermit>>,
+    /// The connection's task, woken when its last request in flight ends (the idle deadline
+    /// then moves earlier than its timer may be set).
+    waker: AtomicWaker,
 }
 
 impl Activity {
@@ -66,6 +70,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             served: AtomicBool::new(false),
             pending: Mutex::new(pending),
+            waker: AtomicWaker::new(),
         })
     }
 
@@ -97,7 +102,9 @@ impl Drop for ActiveGuard {
         let a = &self.0;
         let ms = u64::try_from(a.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         a.idle_since_ms.store(ms, Ordering::Relaxed);
-        a.active.fetch_sub(1, Ordering::AcqRel);
+        if a.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.waker.wake();
+        }
     }
 }
 
@@ -164,6 +171,13 @@ impl<IO> Guarded<IO> {
             } else if evicted.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(());
             }
+        }
+        self.activity.waker.register(cx.waker());
+        // Idle since a request ended: the deadline may be earlier than the timer.
+        if let Some(at) = self.activity.deadline(self.timeouts)
+            && at < self.timer.deadline()
+        {
+            self.timer.as_mut().reset(at);
         }
         loop {
             if self.timer.as_mut().poll(cx).is_pending() {
@@ -330,6 +344,23 @@ mod tests {
         assert_eq!(kind, io::ErrorKind::TimedOut);
         // In flight for 305 s without being cut, then idle for exactly the idle timeout.
         assert_eq!(failed_at - started, Duration::from_secs(305) + T.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_end_of_the_first_request_not_from_its_deadline() {
+        let t = Timeouts { first_request: Duration::from_secs(100), idle: Duration::from_secs(10) };
+        let (_client, server) = duplex(64);
+        let mut g = Guarded::new(server, t, Instant::now());
+        let guard = g.activity().begin();
+        let started = Instant::now();
+        let reader = async { (g.read(&mut [0u8; 8]).await.unwrap_err().kind(), Instant::now()) };
+        let driver = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(guard);
+        };
+        let ((kind, failed_at), ()) = tokio::join!(reader, driver);
+        assert_eq!(kind, io::ErrorKind::TimedOut);
+        assert_eq!(failed_at - started, Duration::from_secs(15), "5 s in flight, then 10 s idle");
     }
 
     #[test]
