@@ -261,10 +261,6 @@ impl Application {
         self.grpc.local_addr()
     }
 
-    pub fn router(&self) -> Arc<Router> {
-        self.router.clone()
-    }
-
     /// Serves until `shutdown` completes, then drains: health turns NOT_SERVING, every stream
     /// gets a `retry:` with a randomised delay and ends, in-flight gRPC calls are answered, and
     /// whatever is still open after the grace period is dropped.

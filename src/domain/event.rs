@@ -74,16 +74,6 @@ impl Target {
         ids.dedup();
         Target::Users(ids)
     }
-
-    /// A short name of the kind of target, for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Target::Users(_) => "user",
-            Target::Group(_) => "group",
-            Target::Topic(_) => "topic",
-            Target::Broadcast => "broadcast",
-        }
-    }
 }
 
 #[cfg(test)]

@@ -56,8 +56,8 @@ impl PublisherService {
         Self { router, backplane, limits: Arc::new(limits), metrics }
     }
 
-    /// Publishes to `target` (of kind `kind`, a `Target::kind` name, known even when the
-    /// target did not parse) and counts a failure by its kind.
+    /// Publishes to `target` (of kind `kind`: user, group, topic or broadcast, known even when
+    /// the target did not parse) and counts a failure by its kind.
     async fn publish(
         &self,
         kind: &'static str,
