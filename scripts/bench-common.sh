@@ -72,7 +72,7 @@ trap 'exit 130' INT TERM
 
 build() {
   log "building release binaries in $TARGET_DIR"
-  cargo build --release --quiet --bin ssegate --bin ssegate-bench --example bench-baseline
+  cargo build --release --quiet --workspace --bin ssegate --bin ssegate-bench --example bench-baseline
   mkdir -p "$(dirname "$RESULTS")"
   # Wider ephemeral port range for tens of thousands of client sockets (best effort).
   sysctl -qw net.ipv4.ip_local_port_range="1024 65535" 2>/dev/null || true

@@ -30,10 +30,10 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 if [ -z "${SSEGATE_BIN:-}" ] || [ -z "${SSEGATE_BENCH_BIN:-}" ]; then
   if [ "$profile" = release ]; then
     log "building release binaries (ssegate, ssegate-bench)"
-    cargo build --locked --release --quiet --bin ssegate --bin ssegate-bench
+    cargo build --locked --release --quiet --workspace --bin ssegate --bin ssegate-bench
   else
     [ -x "$TARGET_DIR/debug/ssegate" ] || cargo build --locked --quiet --bin ssegate
-    [ -x "$TARGET_DIR/debug/ssegate-bench" ] || cargo build --locked --quiet --bin ssegate-bench
+    [ -x "$TARGET_DIR/debug/ssegate-bench" ] || cargo build --locked --quiet -p ssegate-bench
   fi
 fi
 SSEGATE_BIN=${SSEGATE_BIN:-$TARGET_DIR/$profile/ssegate}

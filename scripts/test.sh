@@ -9,7 +9,8 @@
 #     by the browser EventSource tests through tests/browser/driver.mjs;
 #   - the driver's npm dependencies (npm ci in tests/browser);
 #   - nats-server (Debian package), started by the cluster tests on loopback ports.
-# Then it runs `cargo test --locked "$@"`.
+# Then it runs `cargo test --locked --workspace "$@"` (the server and the load generator
+# in bench/).
 #
 # A full run (no arguments) then also runs ./scripts/examples.sh with
 # SSEGATE_BIN=target/debug/ssegate (the binary `cargo test` just built; under
@@ -107,8 +108,8 @@ ensure_nats_server
 
 export CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"
 
-log "cargo test --locked $*"
-cargo test --locked "$@"
+log "cargo test --locked --workspace $*"
+cargo test --locked --workspace "$@"
 
 if [ "$#" -eq 0 ]; then
   log "publisher examples (scripts/examples.sh)"
