@@ -16,6 +16,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     let encoded = fds.encode_to_vec();
     fs::write(out.join("ssegate_descriptor.bin"), &encoded)?;
+    // The gRPC paths of every method, derived from the proto (metrics label calls by them).
+    let mut methods = Vec::new();
+    for file in &fds.file {
+        for service in &file.service {
+            for method in &service.method {
+                methods.push(format!("{}.{}/{}", file.package(), service.name(), method.name()));
+            }
+        }
+    }
+    let table = format!(
+        "/// `package.Service/Method` of every method in the ssegate protos.\npub const METHODS: [&str; {}] = {:?};\n",
+        methods.len(),
+        methods
+    );
+    fs::write(out.join("ssegate_methods.rs"), table)?;
     // Our codec (src/grpc/codec.rs): undecodable requests are INVALID_ARGUMENT, not INTERNAL.
     tonic_prost_build::configure()
         .build_server(true)

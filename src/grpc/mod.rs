@@ -19,6 +19,8 @@ pub mod pb {
     // The proto3 JSON mapping (serde impls of the types above), for HTTP/JSON calls.
     include!(concat!(env!("OUT_DIR"), "/ssegate.v1.serde.rs"));
 
+    include!(concat!(env!("OUT_DIR"), "/ssegate_methods.rs"));
+
     /// The encoded `FileDescriptorSet` of the ssegate protos, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ssegate_descriptor.bin"));
 }

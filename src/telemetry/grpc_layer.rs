@@ -22,16 +22,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::metrics::{EdgeMetrics, GrpcLabels, MethodLabels};
 
-/// The methods we serve; anything else is labelled `unknown` so labels stay bounded.
-const METHODS: [&str; 13] = [
-    "ssegate.v1.Publisher/Publish",
-    "ssegate.v1.Publisher/PublishGroup",
-    "ssegate.v1.Publisher/PublishTopic",
-    "ssegate.v1.Publisher/Broadcast",
-    "ssegate.v1.Publisher/PublishStream",
-    "ssegate.v1.Publisher/Disconnect",
-    "ssegate.v1.Publisher/Presence",
-    "ssegate.v1.Publisher/Stats",
+/// The standard services we serve beside ours (whose methods `build.rs` derives from the
+/// proto: `pb::METHODS`); anything else is labelled `unknown` so labels stay bounded.
+const STANDARD_METHODS: [&str; 5] = [
     "grpc.health.v1.Health/Check",
     "grpc.health.v1.Health/Watch",
     "grpc.health.v1.Health/List",
@@ -41,7 +34,7 @@ const METHODS: [&str; 13] = [
 
 fn method_name(path: &str) -> &'static str {
     let path = path.strip_prefix('/').unwrap_or(path);
-    METHODS.iter().find(|m| **m == path).copied().unwrap_or("unknown")
+    crate::grpc::pb::METHODS.iter().chain(&STANDARD_METHODS).find(|m| **m == path).copied().unwrap_or("unknown")
 }
 
 /// The canonical name of a numeric gRPC status code.
@@ -218,5 +211,20 @@ impl<B> Drop for Recorded<B> {
     fn drop(&mut self) {
         // Dropped before the end: the client went away (or the server is stopping).
         self.finish(self.status.unwrap_or(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_of_the_proto_is_its_own_label_and_anything_else_is_unknown() {
+        assert_eq!(crate::grpc::pb::METHODS.len(), 8, "the Publisher's methods, from the proto");
+        for m in crate::grpc::pb::METHODS.iter().chain(&STANDARD_METHODS) {
+            assert_eq!(method_name(&format!("/{m}")), *m);
+        }
+        assert_eq!(method_name("/ssegate.v1.Publisher/Nope"), "unknown");
+        assert_eq!(method_name("/../etc"), "unknown");
     }
 }
