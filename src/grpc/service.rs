@@ -133,8 +133,63 @@ impl PublisherService {
     }
 }
 
-fn answer(p: Accepted) -> Response<pb::PublishResponse> {
-    Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: p.recipients })
+/// A unary publish request: its target kind, its target parsed, and its event and key.
+trait UnaryPublish: prost::Message + Send + 'static {
+    const KIND: &'static str;
+    fn target(&self, limits: &Limits) -> Result<Target, ApiError>;
+    fn into_event(self) -> (Option<pb::Event>, String);
+}
+
+impl UnaryPublish for pb::PublishRequest {
+    const KIND: &'static str = "user";
+    fn target(&self, limits: &Limits) -> Result<Target, ApiError> {
+        convert::users_target("user_ids", &self.user_ids, limits)
+    }
+    fn into_event(self) -> (Option<pb::Event>, String) {
+        (self.event, self.idempotency_key)
+    }
+}
+
+impl UnaryPublish for pb::PublishGroupRequest {
+    const KIND: &'static str = "group";
+    fn target(&self, _: &Limits) -> Result<Target, ApiError> {
+        convert::group(&self.group).map(Target::Group)
+    }
+    fn into_event(self) -> (Option<pb::Event>, String) {
+        (self.event, self.idempotency_key)
+    }
+}
+
+impl UnaryPublish for pb::PublishTopicRequest {
+    const KIND: &'static str = "topic";
+    fn target(&self, _: &Limits) -> Result<Target, ApiError> {
+        convert::topic(&self.topic).map(Target::Topic)
+    }
+    fn into_event(self) -> (Option<pb::Event>, String) {
+        (self.event, self.idempotency_key)
+    }
+}
+
+impl UnaryPublish for pb::BroadcastRequest {
+    const KIND: &'static str = "broadcast";
+    fn target(&self, _: &Limits) -> Result<Target, ApiError> {
+        Ok(Target::Broadcast)
+    }
+    fn into_event(self) -> (Option<pb::Event>, String) {
+        (self.event, self.idempotency_key)
+    }
+}
+
+impl PublisherService {
+    /// The one handler of the four unary publishes.
+    async fn unary<R: UnaryPublish>(&self, req: Request<R>) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = req.into_inner();
+        self.within_limit(&req)?;
+        let target = req.target(&self.limits);
+        let (event, key) = req.into_event();
+        let p = self.publish(R::KIND, target, event, &key).await?;
+        Ok(Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: p.recipients }))
+    }
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse, Status>> + Send>>;
@@ -142,36 +197,25 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse
 #[tonic::async_trait]
 impl pb::publisher_server::Publisher for PublisherService {
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
-        self.within_limit(req.get_ref())?;
-        let req = req.into_inner();
-        let target = convert::users_target("user_ids", &req.user_ids, &self.limits);
-        Ok(answer(self.publish("user", target, req.event, &req.idempotency_key).await?))
+        self.unary(req).await
     }
 
     async fn publish_group(
         &self,
         req: Request<pb::PublishGroupRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        self.within_limit(req.get_ref())?;
-        let req = req.into_inner();
-        let target = convert::group(&req.group).map(Target::Group);
-        Ok(answer(self.publish("group", target, req.event, &req.idempotency_key).await?))
+        self.unary(req).await
     }
 
     async fn publish_topic(
         &self,
         req: Request<pb::PublishTopicRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        self.within_limit(req.get_ref())?;
-        let req = req.into_inner();
-        let target = convert::topic(&req.topic).map(Target::Topic);
-        Ok(answer(self.publish("topic", target, req.event, &req.idempotency_key).await?))
+        self.unary(req).await
     }
 
     async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::PublishResponse>, Status> {
-        self.within_limit(req.get_ref())?;
-        let req = req.into_inner();
-        Ok(answer(self.publish("broadcast", Ok(Target::Broadcast), req.event, &req.idempotency_key).await?))
+        self.unary(req).await
     }
 
     type PublishStreamStream = ResponseStream;
