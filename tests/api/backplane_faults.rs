@@ -81,10 +81,13 @@ impl Broker {
             .spawn()
             .expect("nats-server starts");
         self.child = Some(child);
+        // Both ports: the monitoring one opens first, the client one once JetStream is up.
         let end = deadline();
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.monitor)).await.is_err() {
-            assert!(Instant::now() < end, "nats-server did not listen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for port in [self.monitor, self.port] {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                assert!(Instant::now() < end, "nats-server did not listen on {port}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 
