@@ -10,7 +10,6 @@ use std::{
 };
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{Request, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiKeyError {
@@ -151,43 +150,64 @@ pub enum PublisherAuth {
     Disabled,
 }
 
+/// Why a publisher was refused; the message is shown to it as is.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishDenied {
+    #[error(
+        "publishing is disabled: configure --publisher-api-keys-file (or SSEGATE_PUBLISHER_API_KEYS), \
+         --grpc-client-ca-file, or --insecure-open-publish for development"
+    )]
+    Disabled,
+    #[error("no publisher API key is configured (the key file holds no valid key); publishing is refused")]
+    NoKeys,
+    #[error("the authorization header is malformed: expected `authorization: Bearer <key>`")]
+    Malformed,
+    #[error("an API key is required: send `authorization: Bearer <key>`")]
+    Missing,
+    #[error("the API key is not valid")]
+    Invalid,
+}
+
 impl PublisherAuth {
-    /// The interceptor run before every `Publisher` call.
-    #[allow(clippy::result_large_err)] // the signature tonic's interceptors have
-    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
-        match self {
-            PublisherAuth::Open | PublisherAuth::ClientCertificate => Ok(req),
-            PublisherAuth::Disabled => Err(Status::unauthenticated(
-                "publishing is disabled: configure --publisher-api-keys-file (or SSEGATE_PUBLISHER_API_KEYS), \
-                 --grpc-client-ca-file, or --insecure-open-publish for development",
-            )),
-            PublisherAuth::ApiKeys(keys) => {
-                let presented = req
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.split_once(' '))
-                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                    .map(|(_, key)| key.trim());
-                match presented {
-                    _ if keys.is_empty() => Err(Status::unauthenticated(
-                        "no publisher API key is configured (the key file holds no valid key); publishing is refused",
-                    )),
-                    None if req.metadata().contains_key("authorization") => Err(Status::unauthenticated(
-                        "the authorization header is malformed: expected `authorization: Bearer <key>`",
-                    )),
-                    None => Err(Status::unauthenticated("an API key is required: send `authorization: Bearer <key>`")),
-                    Some(key) if keys.accepts(key) => Ok(req),
-                    Some(_) => Err(Status::unauthenticated("the API key is not valid")),
-                }
-            }
+    /// Decides on a publisher call from its `authorization` header (absent: `None`). The gRPC
+    /// edge runs it before every `Publisher` call and maps a refusal to `UNAUTHENTICATED`.
+    pub fn authorize(&self, authorization: Option<&[u8]>) -> Result<(), PublishDenied> {
+        let keys = match self {
+            PublisherAuth::Open | PublisherAuth::ClientCertificate => return Ok(()),
+            PublisherAuth::Disabled => return Err(PublishDenied::Disabled),
+            PublisherAuth::ApiKeys(keys) => keys,
+        };
+        if keys.is_empty() {
+            return Err(PublishDenied::NoKeys);
         }
+        let Some(header) = authorization else { return Err(PublishDenied::Missing) };
+        let key = std::str::from_utf8(header)
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
+            .ok_or(PublishDenied::Malformed)?;
+        if keys.accepts(key) { Ok(()) } else { Err(PublishDenied::Invalid) }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_is_refused_saying_whether_the_key_is_missing_malformed_or_wrong() {
+        let keys = Arc::new(ApiKeys::load(None, Some("key-one-0123456789abcdef")).unwrap());
+        let auth = PublisherAuth::ApiKeys(keys);
+        assert_eq!(auth.authorize(Some(b"Bearer key-one-0123456789abcdef")), Ok(()));
+        assert_eq!(auth.authorize(Some(b"bearer  key-one-0123456789abcdef ")), Ok(()));
+        assert_eq!(auth.authorize(None), Err(PublishDenied::Missing));
+        assert_eq!(auth.authorize(Some(b"key-one-0123456789abcdef")), Err(PublishDenied::Malformed));
+        assert_eq!(auth.authorize(Some(b"Basic a2V5")), Err(PublishDenied::Malformed));
+        assert_eq!(auth.authorize(Some(b"Bearer nope-0123456789abcdef")), Err(PublishDenied::Invalid));
+        assert_eq!(PublisherAuth::Disabled.authorize(None), Err(PublishDenied::Disabled));
+        assert_eq!(PublisherAuth::Open.authorize(None), Ok(()));
+    }
 
     #[test]
     fn keys_from_file_and_env_and_rotation() {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 
-pub use api_keys::{ApiKeyError, ApiKeys, PublisherAuth};
+pub use api_keys::{ApiKeyError, ApiKeys, PublishDenied, PublisherAuth};
 use std::sync::Arc;
 
 use jwt::{ReloadingVerifier, TokenError};

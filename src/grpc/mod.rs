@@ -80,7 +80,7 @@ pub async fn serve(
     let publisher = pb::publisher_server::PublisherServer::new(service)
         .max_decoding_message_size(max_message_bytes.saturating_mul(2));
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.
-    let publisher = InterceptedService::new(publisher, move |req| auth.check(req));
+    let publisher = InterceptedService::new(publisher, move |req| authorize(&auth, req));
     reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -130,6 +130,16 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The interceptor run before every `Publisher` call: auth decides, this maps a refusal.
+#[allow(clippy::result_large_err)] // the signature tonic's interceptors have
+fn authorize(auth: &PublisherAuth, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+    match auth.authorize(header) {
+        Ok(()) => Ok(req),
+        Err(denied) => Err(tonic::Status::unauthenticated(denied.to_string())),
+    }
 }
 
 /// The gRPC port's accept side.
