@@ -9,6 +9,7 @@ mod client_js;
 mod cluster;
 mod connect;
 mod control;
+mod docs;
 mod drain;
 mod encoding;
 mod helpers;
