@@ -1,4 +1,5 @@
-//! The admin port: Prometheus metrics and Kubernetes-style probes, kept off the public port.
+//! The admin port's state: whether this server is ready. Its routes (metrics and
+//! Kubernetes-style probes, kept off the public port) are served by `http::admin`.
 //!
 //! - `GET /metrics`: OpenMetrics text.
 //! - `GET /healthz`: 200 while the process runs (liveness).
@@ -12,11 +13,6 @@ use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
 };
-
-use axum::{extract::State, response::IntoResponse, routing::get};
-use http::{StatusCode, header};
-
-use crate::telemetry::metrics::Metrics;
 
 /// Whether this server should receive new subscribers: serving and not draining.
 #[derive(Clone, Default)]
@@ -39,30 +35,5 @@ impl Readiness {
             return Err("not ready: draining");
         }
         Ok(())
-    }
-}
-
-#[derive(Clone)]
-struct AdminState {
-    metrics: Arc<Metrics>,
-    ready: Readiness,
-}
-
-pub fn app(metrics: Arc<Metrics>, ready: Readiness) -> axum::Router {
-    axum::Router::new()
-        .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics, ready })
-}
-
-async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
-}
-
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    match s.ready.check() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }

@@ -10,7 +10,7 @@ use tokio_util::{
 };
 
 use crate::{
-    admin::{self, Readiness},
+    admin::Readiness,
     auth::{
         ApiKeyError, ApiKeys, PublisherAuth, SubscriberAuth,
         jwt::{JwtSettings, KeyError, ReloadingVerifier},
@@ -65,7 +65,7 @@ pub struct Application {
     grpc: TcpListener,
     admin: TcpListener,
     router: Arc<Router>,
-    app: axum::Router,
+    app: http::App,
     metrics: Arc<Metrics>,
     publisher_auth: PublisherAuth,
     /// The TLS certificate, watched for changes, if TLS is on.
@@ -354,10 +354,11 @@ impl Application {
         router.start_timers(config.heartbeat_interval, &stop, &tracker);
         // The admin port outlives the drain (it stops last), so probes answer throughout.
         let admin_stop = CancellationToken::new();
-        let admin_task = tokio::spawn(http::server::serve_plain(
+        let admin_task = tokio::spawn(http::admin::serve(
             admin,
             admin_gate,
-            admin::app(metrics, ready.clone()),
+            metrics,
+            ready.clone(),
             timeouts,
             admin_stop.clone(),
             TaskTracker::new(),

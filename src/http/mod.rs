@@ -1,6 +1,7 @@
 //! The HTTP edge (the public port): `GET /v1/events` and the SSE body. The only module that
 //! sees axum; errors map to responses in one place (`error.rs`).
 
+pub mod admin;
 mod assets;
 mod body;
 mod error;
@@ -55,6 +56,9 @@ struct Settings {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid CORS origin `{0}`: expected `*` or an origin such as https://app.example.com")]
 pub struct InvalidOrigin(String);
+
+/// The public port's application (routes, state, CORS), built once by `app`.
+pub type App = axum::Router;
 
 /// Builds the application: routes, state and CORS.
 pub fn app(

@@ -1,0 +1,53 @@
+//! The admin port's routes: `/metrics`, `/healthz`, `/readyz` (see `crate::admin`), served
+//! with the same socket budget and deadlines as the other ports.
+
+use std::sync::Arc;
+
+use axum::{extract::State, response::IntoResponse, routing::get};
+use http::{StatusCode, header};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::Readiness,
+    net::{Gate, Timeouts},
+    telemetry::metrics::Metrics,
+};
+
+/// Serves the admin port until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    super::server::serve_plain(listener, gate, app(metrics, ready), timeouts, shutdown, tracker).await;
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+}
+
+fn app(metrics: Arc<Metrics>, ready: Readiness) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState { metrics, ready })
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    match s.ready.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
