@@ -291,7 +291,7 @@ impl Application {
         }
         // The bound addresses, not the configured ones: with port 0 the log tells the real port.
         let (http_addr, grpc_addr, admin_addr) = (http.local_addr()?, grpc.local_addr()?, admin.local_addr()?);
-        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let (health, health_service) = grpc::Health::new();
         let timeouts = Timeouts { first_request: config.header_read_timeout, idle: config.idle_timeout };
         let budget = Budget::for_process();
         if budget.http < config.max_connections as usize {
@@ -326,7 +326,7 @@ impl Application {
                 gate: grpc_gate,
                 timeouts,
             },
-            (reporter.clone(), health_service),
+            (health.clone(), health_service),
             stop.clone(),
             tracker.clone(),
         ));
@@ -365,9 +365,8 @@ impl Application {
         ));
         // The publisher's gRPC health follows the broker; stopped before the drain marks it.
         let broker_health_stop = stop.child_token();
-        let broker_health = backplane
-            .watch_up()
-            .map(|up| tracker.spawn(follow_broker(up, reporter.clone(), broker_health_stop.clone())));
+        let broker_health =
+            backplane.watch_up().map(|up| tracker.spawn(health.clone().follow_broker(up, broker_health_stop.clone())));
         ready.set(true);
         tracing::info!(http = %http_addr, grpc = %grpc_addr, admin = %admin_addr, "ssegate serving");
 
@@ -377,7 +376,7 @@ impl Application {
         if let Some(task) = broker_health {
             let _ = task.await;
         }
-        grpc::set_not_serving(&reporter).await;
+        health.set_not_serving().await;
         if !config.shutdown_delay.is_zero() {
             // Keep serving while load balancers notice we are not ready.
             tracing::info!(delay = ?config.shutdown_delay, "shutting down: not ready, still serving");
@@ -408,30 +407,5 @@ impl Application {
         }
         tracing::info!("ssegate stopped");
         Ok(())
-    }
-}
-
-/// Marks the publisher service NOT_SERVING in the gRPC health service while the broker is down
-/// and SERVING once it is back, until `stop`. While down every probe re-asserts NOT_SERVING, so
-/// a SERVING set by the gRPC server's start in between does not stick.
-async fn follow_broker(
-    mut up: tokio::sync::watch::Receiver<bool>,
-    reporter: tonic_health::server::HealthReporter,
-    stop: CancellationToken,
-) {
-    type Publisher = grpc::pb::publisher_server::PublisherServer<grpc::PublisherService>;
-    let mut serving = true;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            changed = up.changed() => if changed.is_err() { return },
-        }
-        let now = *up.borrow_and_update();
-        if !now {
-            reporter.set_not_serving::<Publisher>().await;
-        } else if !serving {
-            reporter.set_serving::<Publisher>().await;
-        }
-        serving = now;
     }
 }

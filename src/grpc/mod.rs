@@ -7,10 +7,12 @@ mod codec;
 mod connect;
 mod convert;
 mod error;
+mod health;
 mod layers;
 mod service;
 
 pub use error::ApiError;
+pub use health::{Health, HealthService};
 pub use service::{Limits, PublisherService};
 
 /// Generated protobuf types, server and client of `proto/ssegate/v1/publisher.proto`.
@@ -33,7 +35,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{service::interceptor::InterceptedService, transport::Server};
-use tonic_health::server::HealthReporter;
 
 use crate::{
     auth::PublisherAuth,
@@ -66,14 +67,11 @@ pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     settings: GrpcSettings,
-    health: (
-        HealthReporter,
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    ),
+    health: (Health, HealthService),
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> Result<(), ServeError> {
-    let (reporter, health_service) = health;
+    let (health, HealthService(health_service)) = health;
     let GrpcSettings { limits, auth, metrics, max_message_bytes, tls, backplane, gate, timeouts } = settings;
     let service = PublisherService::new(router, backplane, limits, metrics.clone());
     // Read messages up to twice the limit, so that a `PublishStream` item over it is refused
@@ -82,7 +80,7 @@ pub async fn serve(
         .max_decoding_message_size(max_message_bytes.saturating_mul(2));
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.
     let publisher = InterceptedService::new(publisher, move |req| authorize(&auth, req));
-    reporter.set_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
+    health.set_publisher_serving().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -195,8 +193,10 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Marks the publisher service not serving in the health service (used when draining).
-pub async fn set_not_serving(reporter: &HealthReporter) {
-    reporter.set_not_serving::<pb::publisher_server::PublisherServer<PublisherService>>().await;
-    reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+impl tonic::transport::server::Connected for Guarded<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.get_ref().connect_info()
+    }
 }
