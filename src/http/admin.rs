@@ -24,7 +24,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    super::server::serve_plain(listener, gate, app(metrics, ready), timeouts, shutdown, tracker).await;
+    super::hyper_conn::serve_plain(listener, gate, app(metrics, ready), timeouts, shutdown, tracker).await;
 }
 
 #[derive(Clone)]

@@ -7,6 +7,8 @@ mod body;
 mod error;
 mod events;
 mod head;
+mod hyper_conn;
+mod per_ip;
 pub mod server;
 mod stream;
 

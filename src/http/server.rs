@@ -1,29 +1,16 @@
 //! The HTTP accept loop. Hand-rolled (rather than `axum::serve`) because it reads each
 //! connection's request head itself, with a deadline: an HTTP/1.1 `GET /v1/events` is admitted
 //! by the same axum route as everything else and then served without hyper (`stream.rs`);
-//! everything else is handed to hyper-util's auto (HTTP/1.1 + h2) builder with the bytes
-//! already read. Connections served by hyper get a per-connection abort token (a slow
-//! consumer's socket is torn down from the router) and graceful shutdown under our deadline.
+//! everything else is handed to hyper (`hyper_conn.rs`: HTTP/1.1 or h2) with the bytes already
+//! read. The per-address count is `per_ip.rs`.
 
-use std::{
-    cell::Cell,
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use hyper::{
-    body::Incoming,
-    server::conn::{http1, http2},
-};
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulConnection,
-};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::TokioTimer;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
 };
 use tokio_rustls::TlsAcceptor;
@@ -31,11 +18,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use super::{
-    head::{self, Head, Rewind},
+    head::{self, Head},
+    hyper_conn::{H2_SEND_BUFFER, StreamExec, serve_hyper},
+    per_ip::{IpSlot, PerIp, refuse},
     stream::{self, FastPath, Handoff},
 };
 use crate::{
-    net::{self, ActiveGuard, Admission, Gate, Guarded, Refusal, Timeouts, Tracked},
+    net::{self, Admission, Gate, Refusal},
     telemetry::metrics::{EdgeMetrics, Rejection},
 };
 
@@ -63,41 +52,6 @@ pub struct ServerLimits {
     pub max_streams_per_connection: u32,
 }
 
-/// Open TCP connections per peer IP address.
-#[derive(Default)]
-struct PerIp(Mutex<HashMap<IpAddr, usize>>);
-
-/// Holds one connection's place in `PerIp`; gives it back when dropped.
-struct IpSlot(Arc<PerIp>, IpAddr);
-
-impl PerIp {
-    fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_default();
-        if max > 0 && *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
-
-const TOO_MANY_FROM_IP: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n\
-retry-after: 5\r\nconnection: close\r\ncontent-length: 52\r\n\r\n\
-too many connections from this address; retry later\n";
-
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 const HEAD_TOO_LARGE: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -107,14 +61,14 @@ content-length: 44\r\nconnection: close\r\n\r\nrequest head larger than --max-he
 const MAX_ANSWER: usize = 64 * 1024;
 
 /// What every connection task of one listener shares.
-struct Shared {
-    app: axum::Router,
-    h1: http1::Builder,
-    h2: http2::Builder<StreamExec>,
-    limits: ServerLimits,
-    metrics: Arc<EdgeMetrics>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+pub(super) struct Shared {
+    pub(super) app: axum::Router,
+    pub(super) h1: http1::Builder,
+    pub(super) h2: http2::Builder<StreamExec>,
+    pub(super) limits: ServerLimits,
+    pub(super) metrics: Arc<EdgeMetrics>,
+    pub(super) shutdown: CancellationToken,
+    pub(super) tracker: TaskTracker,
 }
 
 /// Accepts connections on `listener` until `shutdown` is cancelled, each served on a task of
@@ -178,26 +132,12 @@ pub async fn serve(
 }
 
 /// What a connection holds from accept to close.
-struct Conn {
-    peer: SocketAddr,
+pub(super) struct Conn {
+    pub(super) peer: SocketAddr,
     /// Its place in the per-address count.
-    slot: IpSlot,
+    pub(super) slot: IpSlot,
     /// Its places in the port's counts of open and not yet admitted sockets.
-    admission: Admission,
-}
-
-/// Answers 429 to a connection over the per-address limit. In a task: a client that does not
-/// read must not stall the accept loop. Then half-closes and drains what it sent, so the close
-/// is a FIN the client can read the answer before, not a reset that discards it.
-async fn refuse(mut stream: tokio::net::TcpStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(TOO_MANY_FROM_IP).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        while stream.read(&mut sink).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
+    pub(super) admission: Admission,
 }
 
 async fn serve_tls(stream: tokio::net::TcpStream, conn: Conn, acceptor: TlsAcceptor, shared: &Shared) {
@@ -298,148 +238,4 @@ async fn answer<IO: AsyncWrite + Unpin>(io: &mut IO, bytes: &[u8]) -> std::io::R
     })
     .await
     .unwrap_or(Ok(()))
-}
-
-/// Serves a connection with hyper (HTTP/1.1 keep-alive, or h2), replaying `read` first. The
-/// connection is closed once idle (`net::idle`): no first request in time, or no request in
-/// flight for the idle timeout.
-async fn serve_hyper<IO>(io: IO, read: Bytes, conn: Conn, shared: &Shared, h2: bool)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let Conn { peer, slot: _slot, admission } = conn;
-    let timeouts = Timeouts { first_request: shared.limits.header_read_timeout, idle: shared.limits.idle_timeout };
-    let io = Guarded::admitted(Rewind::new(read, io), timeouts, admission);
-    let activity = io.activity().clone();
-    let io = TokioIo::new(io);
-    let app = shared.app.clone();
-    let result = if h2 {
-        // Each stream gets its own abort token: a slow consumer's stream is reset alone
-        // (`StreamExec`), its neighbours on the connection keep going.
-        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            let guard = activity.begin();
-            let abort = CancellationToken::new();
-            NEXT_STREAM_ABORT.with(|slot| slot.set(Some(abort.clone())));
-            req.extensions_mut().insert(ConnContext { peer, abort: Some(abort) });
-            call(app.clone(), req, guard)
-        });
-        let conn = shared.h2.serve_connection(io, service);
-        drive(conn, &CancellationToken::new(), &shared.shutdown).await
-    } else {
-        let abort = CancellationToken::new();
-        let ctx = ConnContext { peer, abort: Some(abort.clone()) };
-        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            let guard = activity.begin();
-            req.extensions_mut().insert(ctx.clone());
-            call(app.clone(), req, guard)
-        });
-        let conn = shared.h1.serve_connection(io, service);
-        drive(conn, &abort, &shared.shutdown).await
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "http connection ended with an error");
-    }
-}
-
-/// Calls the app; the request counts as in flight until its response body is done.
-async fn call(
-    app: axum::Router,
-    req: http::Request<Incoming>,
-    guard: ActiveGuard,
-) -> Result<http::Response<Tracked<axum::body::Body>>, std::convert::Infallible> {
-    let Ok(resp) = app.oneshot(req).await;
-    Ok(resp.map(|body| Tracked::new(body, Some(guard))))
-}
-
-/// Runs a hyper connection until it ends, is aborted, or shutdown completes it.
-async fn drive<C>(conn: C, abort: &CancellationToken, shutdown: &CancellationToken) -> hyper::Result<()>
-where
-    C: GracefulConnection<Error = hyper::Error>,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = abort.cancelled() => Ok(()),
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = abort.cancelled() => Ok(()),
-            }
-        }
-    }
-}
-
-/// Serves a plain HTTP/1.1 port (the admin port) within its budget: each connection must send
-/// its first request within `timeouts.first_request` and is closed when idle.
-pub async fn serve_plain(
-    listener: TcpListener,
-    gate: Arc<Gate>,
-    app: axum::Router,
-    timeouts: Timeouts,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new()).header_read_timeout(timeouts.first_request);
-    let tasks = tracker.clone();
-    let stop = shutdown.clone();
-    net::accept_loop(
-        listener,
-        gate,
-        shutdown,
-        |_, _| {},
-        move |stream, _peer, admission| {
-            let io = Guarded::admitted(stream, timeouts, admission);
-            let activity = io.activity().clone();
-            let app = app.clone();
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                call(app.clone(), req, activity.begin())
-            });
-            let conn = h1.serve_connection(TokioIo::new(io), service);
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                let _ = drive(conn, &CancellationToken::new(), &stop).await;
-            });
-        },
-    )
-    .await;
-}
-
-/// Largest send buffer of one h2 stream (hyper's default is 400 KiB).
-const H2_SEND_BUFFER: usize = 64 * 1024;
-
-thread_local! {
-    /// The abort token of the h2 stream whose request hyper has just handed the service, taken
-    /// by `StreamExec` when hyper spawns that stream's task right after, on the same thread.
-    static NEXT_STREAM_ABORT: Cell<Option<CancellationToken>> = const { Cell::new(None) };
-}
-
-/// The executor of h2 stream tasks: each runs until its stream ends or its abort token is
-/// cancelled. Dropping the task drops hyper's handle on the stream, and h2 then resets it
-/// (`RST_STREAM`, CANCEL) while the connection's other streams carry on. (hyper offers no
-/// other way to end one stream that is waiting for flow-control capacity: it does not poll
-/// the body then.)
-#[derive(Clone)]
-struct StreamExec(TaskTracker);
-
-impl<F> hyper::rt::Executor<F> for StreamExec
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        match NEXT_STREAM_ABORT.with(Cell::take) {
-            Some(abort) => {
-                self.0.spawn(async move {
-                    tokio::select! {
-                        () = fut => {}
-                        () = abort.cancelled() => {}
-                    }
-                });
-            }
-            None => {
-                self.0.spawn(fut);
-            }
-        }
-    }
 }
