@@ -10,6 +10,7 @@ mod error;
 mod health;
 mod layers;
 mod service;
+mod unary;
 
 pub use error::ApiError;
 pub use health::{Health, HealthService};

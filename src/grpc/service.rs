@@ -41,13 +41,13 @@ const MAX_IDEMPOTENCY_KEY: usize = 256;
 pub struct PublisherService {
     router: Arc<Router>,
     backplane: Arc<Backplane>,
-    limits: Arc<Limits>,
+    pub(super) limits: Arc<Limits>,
     metrics: Arc<EdgeMetrics>,
 }
 
 impl PublisherService {
     /// Refuses a request message over the size limit (`RESOURCE_EXHAUSTED`).
-    fn within_limit(&self, msg: &impl prost::Message) -> Result<(), ApiError> {
+    pub(super) fn within_limit(&self, msg: &impl prost::Message) -> Result<(), ApiError> {
         let (len, max) = (msg.encoded_len(), self.limits.max_message_bytes);
         if len > max { Err(ApiError::MessageTooLarge { len, max }) } else { Ok(()) }
     }
@@ -58,7 +58,7 @@ impl PublisherService {
 
     /// Publishes to `target` (of kind `kind`: user, group, topic or broadcast, known even when
     /// the target did not parse) and counts a failure by its kind.
-    async fn publish(
+    pub(super) async fn publish(
         &self,
         kind: &'static str,
         target: Result<Target, ApiError>,
@@ -130,65 +130,6 @@ impl PublisherService {
                 recipients: None,
             },
         }
-    }
-}
-
-/// A unary publish request: its target kind, its target parsed, and its event and key.
-trait UnaryPublish: prost::Message + Send + 'static {
-    const KIND: &'static str;
-    fn target(&self, limits: &Limits) -> Result<Target, ApiError>;
-    fn into_event(self) -> (Option<pb::Event>, String);
-}
-
-impl UnaryPublish for pb::PublishRequest {
-    const KIND: &'static str = "user";
-    fn target(&self, limits: &Limits) -> Result<Target, ApiError> {
-        convert::users_target("user_ids", &self.user_ids, limits)
-    }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
-    }
-}
-
-impl UnaryPublish for pb::PublishGroupRequest {
-    const KIND: &'static str = "group";
-    fn target(&self, _: &Limits) -> Result<Target, ApiError> {
-        convert::group(&self.group).map(Target::Group)
-    }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
-    }
-}
-
-impl UnaryPublish for pb::PublishTopicRequest {
-    const KIND: &'static str = "topic";
-    fn target(&self, _: &Limits) -> Result<Target, ApiError> {
-        convert::topic(&self.topic).map(Target::Topic)
-    }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
-    }
-}
-
-impl UnaryPublish for pb::BroadcastRequest {
-    const KIND: &'static str = "broadcast";
-    fn target(&self, _: &Limits) -> Result<Target, ApiError> {
-        Ok(Target::Broadcast)
-    }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
-    }
-}
-
-impl PublisherService {
-    /// The one handler of the four unary publishes.
-    async fn unary<R: UnaryPublish>(&self, req: Request<R>) -> Result<Response<pb::PublishResponse>, Status> {
-        let req = req.into_inner();
-        self.within_limit(&req)?;
-        let target = req.target(&self.limits);
-        let (event, key) = req.into_event();
-        let p = self.publish(R::KIND, target, event, &key).await?;
-        Ok(Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: p.recipients }))
     }
 }
 
