@@ -136,34 +136,32 @@ pub enum Sse<'a> {
     Comment,
 }
 
+/// Splits a byte stream into lines the WHATWG way (LF, CR or CR LF end a line), across chunks.
+/// Both event-stream scanners (this one, and the chaos run's) read through it.
 #[derive(Debug, Default)]
-pub struct Scanner {
+pub struct Lines {
     /// An incomplete line carried over from the previous chunk.
     carry: Vec<u8>,
     /// The previous chunk ended in CR: a LF first in the next one is part of that break.
     skip_lf: bool,
-    data: Vec<u8>,
-    has_data: bool,
 }
 
-impl Scanner {
-    pub fn feed(&mut self, mut input: &[u8], on: &mut impl FnMut(Sse<'_>)) {
+impl Lines {
+    pub fn feed(&mut self, mut input: &[u8], on_line: &mut impl FnMut(&[u8])) {
         if std::mem::take(&mut self.skip_lf) && input.first() == Some(&b'\n') {
             input = &input[1..];
         }
         while let Some(i) = memchr::memchr2(b'\n', b'\r', input) {
             if self.carry.is_empty() {
-                self.line(&input[..i], on);
+                on_line(&input[..i]);
             } else {
-                let mut carry = std::mem::take(&mut self.carry);
-                carry.extend_from_slice(&input[..i]);
-                self.line(&carry, on);
-                carry.clear();
-                self.carry = carry;
+                self.carry.extend_from_slice(&input[..i]);
+                on_line(&self.carry);
+                self.carry.clear();
             }
-            let crlf = input[i] == b'\r';
+            let cr = input[i] == b'\r';
             input = &input[i + 1..];
-            if crlf {
+            if cr {
                 match input.first() {
                     Some(b'\n') => input = &input[1..],
                     Some(_) => {}
@@ -173,28 +171,46 @@ impl Scanner {
         }
         self.carry.extend_from_slice(input);
     }
+}
 
-    fn line(&mut self, line: &[u8], on: &mut impl FnMut(Sse<'_>)) {
-        if line.is_empty() {
-            if std::mem::take(&mut self.has_data) {
-                on(Sse::Event(&self.data));
+/// A field line's name and value (one optional space after the colon dropped; no colon: the
+/// whole line is the name).
+pub fn field(line: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(b':', line) {
+        Some(i) => (&line[..i], line[i + 1..].strip_prefix(b" ").unwrap_or(&line[i + 1..])),
+        None => (line, &b""[..]),
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Scanner {
+    lines: Lines,
+    data: Vec<u8>,
+    has_data: bool,
+}
+
+impl Scanner {
+    pub fn feed(&mut self, input: &[u8], on: &mut impl FnMut(Sse<'_>)) {
+        let Self { lines, data, has_data } = self;
+        lines.feed(input, &mut |line| {
+            if line.is_empty() {
+                if std::mem::take(has_data) {
+                    on(Sse::Event(data));
+                }
+                data.clear();
+                return;
             }
-            self.data.clear();
-            return;
-        }
-        if line[0] == b':' {
-            return on(Sse::Comment);
-        }
-        let (name, value) = match memchr::memchr(b':', line) {
-            Some(i) => (&line[..i], line[i + 1..].strip_prefix(b" ").unwrap_or(&line[i + 1..])),
-            None => (line, &b""[..]),
-        };
-        if name == b"data" {
-            if std::mem::replace(&mut self.has_data, true) {
-                self.data.push(b'\n');
+            if line[0] == b':' {
+                return on(Sse::Comment);
             }
-            self.data.extend_from_slice(value);
-        }
+            let (name, value) = field(line);
+            if name == b"data" {
+                if std::mem::replace(has_data, true) {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(value);
+            }
+        });
     }
 }
 

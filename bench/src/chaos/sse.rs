@@ -6,6 +6,8 @@
 //! Line rules per WHATWG (LF, CR, CR LF; one optional space after the colon; a blank line
 //! dispatches; no data, no event; an `id` containing NUL is ignored; `retry` only if digits).
 
+use crate::sse::{Lines, field};
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Item<'a> {
     /// A dispatched event; `id` is the last event id after this dispatch.
@@ -24,8 +26,13 @@ pub enum Item<'a> {
 
 #[derive(Debug, Default)]
 pub struct Scanner {
-    carry: Vec<u8>,
-    skip_lf: bool,
+    lines: Lines,
+    state: State,
+}
+
+/// What a browser keeps between lines.
+#[derive(Debug, Default)]
+struct State {
     name: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
@@ -37,36 +44,16 @@ pub struct Scanner {
 impl Scanner {
     /// The last event id, as a browser would send it in `Last-Event-ID`.
     pub fn last_id(&self) -> &[u8] {
-        &self.last_id
+        &self.state.last_id
     }
 
-    pub fn feed(&mut self, mut input: &[u8], on: &mut impl FnMut(Item<'_>)) {
-        if std::mem::take(&mut self.skip_lf) && input.first() == Some(&b'\n') {
-            input = &input[1..];
-        }
-        while let Some(i) = memchr::memchr2(b'\n', b'\r', input) {
-            if self.carry.is_empty() {
-                self.line(&input[..i], on);
-            } else {
-                let mut carry = std::mem::take(&mut self.carry);
-                carry.extend_from_slice(&input[..i]);
-                self.line(&carry, on);
-                carry.clear();
-                self.carry = carry;
-            }
-            let cr = input[i] == b'\r';
-            input = &input[i + 1..];
-            if cr {
-                match input.first() {
-                    Some(b'\n') => input = &input[1..],
-                    Some(_) => {}
-                    None => self.skip_lf = true,
-                }
-            }
-        }
-        self.carry.extend_from_slice(input);
+    pub fn feed(&mut self, input: &[u8], on: &mut impl FnMut(Item<'_>)) {
+        let Self { lines, state } = self;
+        lines.feed(input, &mut |line| state.line(line, on));
     }
+}
 
+impl State {
     fn line(&mut self, line: &[u8], on: &mut impl FnMut(Item<'_>)) {
         if line.is_empty() {
             self.last_id.clone_from(&self.id_buffer);
@@ -84,10 +71,7 @@ impl Scanner {
         if line[0] == b':' {
             return on(Item::Comment);
         }
-        let (field, value) = match memchr::memchr(b':', line) {
-            Some(i) => (&line[..i], line[i + 1..].strip_prefix(b" ").unwrap_or(&line[i + 1..])),
-            None => (line, &b""[..]),
-        };
+        let (field, value) = field(line);
         match field {
             b"data" => {
                 if std::mem::replace(&mut self.has_data, true) {
