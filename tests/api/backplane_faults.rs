@@ -10,159 +10,20 @@
 //! - replicas of another version (fields added or removed) still count in cluster queries;
 //! - `--nats-stream-replicas` on a three-server NATS cluster.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use ssegate::grpc::pb;
-use tokio::{
-    process::{Child, Command},
-    time::Instant,
-};
+use tokio::time::Instant;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-use crate::helpers::{TestApp, deadline, ev, http_request, spawn_app};
+use crate::{
+    broker::{Broker, backplane_up, free_port, readyz, replica},
+    helpers::{TestApp, deadline, ev, spawn_app},
+};
 
 const PUBLISHER: &str = "ssegate.v1.Publisher";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn nats_binary() -> &'static str {
-    ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("nats-server is not installed: run ./scripts/test.sh (it installs Debian's nats-server)")
-}
-
-/// A `nats-server -js` with its monitoring port, which the test may kill, restart, pause and
-/// resume. Optionally one of a cluster (`routes` to the others).
-struct Broker {
-    child: Option<Child>,
-    port: u16,
-    monitor: u16,
-    dir: PathBuf,
-    /// `-cluster` and `-routes` arguments, for a cluster member.
-    cluster: Vec<String>,
-    paused: bool,
-}
-
-impl Broker {
-    async fn start() -> Broker {
-        Broker::start_with(Vec::new(), "").await
-    }
-
-    async fn start_with(cluster: Vec<String>, name: &str) -> Broker {
-        let (port, monitor) = (free_port(), free_port());
-        let dir = std::env::temp_dir().join(format!("ssegate-faults-{}-{port}{name}", std::process::id()));
-        let mut b = Broker { child: None, port, monitor, dir, cluster, paused: false };
-        b.restart().await;
-        b
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn pid(&self) -> String {
-        self.child.as_ref().and_then(Child::id).expect("nats-server runs").to_string()
-    }
-
-    async fn restart(&mut self) {
-        let (port, monitor) = (self.port.to_string(), self.monitor.to_string());
-        let child = Command::new(nats_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-sd", self.dir.to_str().unwrap()])
-            .args(&self.cluster)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
-        // Both ports: the monitoring one opens first, the client one once JetStream is up.
-        let end = deadline();
-        for port in [self.monitor, self.port] {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                assert!(Instant::now() < end, "nats-server did not listen on {port}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-
-    async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
-        }
-    }
-
-    fn signal(&mut self, sig: &str) {
-        let status = std::process::Command::new("kill").args([sig, &self.pid()]).status().expect("kill runs");
-        assert!(status.success(), "kill {sig}");
-        self.paused = sig == "-STOP";
-    }
-
-    /// SIGSTOP: the process stops answering; its sockets stay open.
-    fn pause(&mut self) {
-        self.signal("-STOP");
-    }
-
-    fn resume(&mut self) {
-        self.signal("-CONT");
-    }
-
-    /// A monitoring endpoint's JSON.
-    async fn monitor(&self, path: &str) -> serde_json::Value {
-        let addr = ([127, 0, 0, 1], self.monitor).into();
-        let (status, headers, body) = http_request(addr, "GET", path, &[]).await;
-        assert_eq!(status, 200, "{path}: {body}");
-        let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        let body = if chunked { dechunk(&body) } else { body };
-        serde_json::from_str(&body).expect("monitoring JSON")
-    }
-
-    /// Client connections the server has now.
-    async fn connections(&self) -> u64 {
-        self.monitor("/connz").await["num_connections"].as_u64().unwrap()
-    }
-}
-
-/// The body of a chunked response (the monitoring port's JSON is ASCII).
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
-    out
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if self.paused {
-            let _ = std::process::Command::new("kill").args(["-CONT", &self.pid()]).status();
-        }
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.start_kill();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn replica(broker: &Broker, extra: &[&str]) -> TestApp {
-    let url = broker.url();
-    let mut flags = vec!["--backplane", "nats", "--nats-url", url.as_str()];
-    if !extra.contains(&"--nats-publish-timeout") {
-        flags.extend_from_slice(&["--nats-publish-timeout", "2s"]);
-    }
-    flags.extend_from_slice(extra);
-    spawn_app(&flags).await
-}
 
 async fn publisher_health(app: &TestApp) -> ServingStatus {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc)).unwrap();
@@ -181,19 +42,6 @@ async fn wait_health(app: &TestApp, want: ServingStatus) {
         assert!(Instant::now() < end, "the publisher's health stayed {got:?}, not {want:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The value of `ssegate_backplane_up` on the admin port.
-async fn backplane_up(app: &TestApp) -> f64 {
-    let (status, _, body) = http_request(app.admin, "GET", "/metrics", &[]).await;
-    assert_eq!(status, 200);
-    let line = body.lines().find(|l| l.starts_with("ssegate_backplane_up ")).expect("ssegate_backplane_up exported");
-    line.trim_start_matches("ssegate_backplane_up ").parse().expect("a number")
-}
-
-async fn readyz(app: &TestApp) -> (u16, String) {
-    let (status, _, body) = http_request(app.admin, "GET", "/readyz", &[]).await;
-    (status, body.trim_end().to_owned())
 }
 
 fn to_user(user: &str, data: &str, key: &str) -> pb::PublishRequest {

@@ -3,94 +3,20 @@
 //! client resumes on another replica after its own was killed, retries with an idempotency
 //! key are delivered once, and a broker restart loses no acknowledged event.
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant as StdInstant},
-};
+use std::time::{Duration, Instant as StdInstant};
 
 use ssegate::grpc::pb;
-use tokio::{
-    process::{Child, Command},
-    time::Instant,
-};
+use tokio::time::Instant;
 use tonic::Code;
 
-use crate::helpers::{SseClient, TestApp, deadline, ev, http_request, spawn_app, spawn_process};
-
-/// A `nats-server` with JetStream, on a free loopback port, storing in a temporary directory.
-pub struct Nats {
-    child: Option<Child>,
-    pub port: u16,
-    dir: PathBuf,
-}
-
-fn nats_binary() -> String {
-    for p in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
-        if std::path::Path::new(p).exists() {
-            return p.to_owned();
-        }
-    }
-    panic!("nats-server is not installed: run ./scripts/test.sh (it installs Debian's nats-server)");
-}
-
-impl Nats {
-    pub async fn start() -> Nats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = std::env::temp_dir().join(format!("ssegate-nats-{}-{port}", std::process::id()));
-        let mut n = Nats { child: None, port, dir };
-        n.restart().await;
-        n
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again, with the same port and store).
-    pub async fn restart(&mut self) {
-        let child = Command::new(nats_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd", self.dir.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
-        let end = deadline();
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < end, "nats-server did not listen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.start_kill();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn replica(nats: &Nats, extra: &[&str]) -> TestApp {
-    let url = nats.url();
-    let mut flags = vec!["--backplane", "nats", "--nats-url", url.as_str(), "--nats-publish-timeout", "2s"];
-    flags.extend_from_slice(extra);
-    spawn_app(&flags).await
-}
+use crate::{
+    broker::{Broker, readyz, replica, wait_backplane_up},
+    helpers::{SseClient, deadline, ev, spawn_app, spawn_process},
+};
 
 #[tokio::test]
 async fn an_event_published_on_any_replica_reaches_its_subscribers_on_every_replica_with_one_id() {
-    let nats = Nats::start().await;
+    let nats = Broker::start().await;
     let (a, b, c) = (replica(&nats, &[]).await, replica(&nats, &[]).await, replica(&nats, &[]).await);
     let mut on_a = a.subscribe("user=ua&group=g").await;
     let mut on_b = b.subscribe("user=ub").await;
@@ -116,7 +42,7 @@ async fn an_event_published_on_any_replica_reaches_its_subscribers_on_every_repl
 
 #[tokio::test]
 async fn ids_with_dots_stars_and_gt_never_leak_across_targets() {
-    let nats = Nats::start().await;
+    let nats = Broker::start().await;
     let (a, b) = (replica(&nats, &[]).await, replica(&nats, &[]).await);
     let mut star = b.subscribe("user=*").await;
     let mut dotted = b.subscribe("user=a.b").await;
@@ -131,7 +57,7 @@ async fn ids_with_dots_stars_and_gt_never_leak_across_targets() {
 
 #[tokio::test]
 async fn a_retry_with_the_same_idempotency_key_is_delivered_once_with_the_first_id() {
-    let nats = Nats::start().await;
+    let nats = Broker::start().await;
     let a = replica(&nats, &[]).await;
     let mut sub = a.subscribe("user=u").await;
     let req = pb::PublishRequest {
@@ -148,7 +74,7 @@ async fn a_retry_with_the_same_idempotency_key_is_delivered_once_with_the_first_
 
 #[tokio::test]
 async fn a_client_of_a_killed_replica_resumes_on_another_with_nothing_lost() {
-    let nats = Nats::start().await;
+    let nats = Broker::start().await;
     let b = replica(&nats, &[]).await;
     let url = nats.url();
     let mut a = spawn_process(&["--backplane", "nats", "--nats-url", &url], &[]).await;
@@ -171,7 +97,7 @@ async fn a_client_of_a_killed_replica_resumes_on_another_with_nothing_lost() {
 
 #[tokio::test]
 async fn a_replica_started_later_can_serve_resumes_from_before_it_existed() {
-    let nats = Nats::start().await;
+    let nats = Broker::start().await;
     let a = replica(&nats, &[]).await;
     let mut c = a.subscribe("user=u").await;
     a.publish_users(&["u"], "", "seen").await;
@@ -184,28 +110,9 @@ async fn a_replica_started_later_can_serve_resumes_from_before_it_existed() {
     assert_eq!(resumed.next_event().await.data, "missed");
 }
 
-async fn readyz(app: &TestApp) -> (u16, String) {
-    let (status, _, body) = http_request(app.admin, "GET", "/readyz", &[]).await;
-    (status, body.trim_end().to_owned())
-}
-
-/// Waits until `ssegate_backplane_up` on the admin port is `want`.
-async fn wait_backplane_up(app: &TestApp, want: f64) {
-    let end = deadline();
-    loop {
-        let (_, _, body) = http_request(app.admin, "GET", "/metrics", &[]).await;
-        let value = body.lines().find_map(|l| l.strip_prefix("ssegate_backplane_up ")?.parse::<f64>().ok());
-        if value == Some(want) {
-            return;
-        }
-        assert!(Instant::now() < end, "ssegate_backplane_up never became {want}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_broker_restart_fails_publishes_fast_keeps_streams_up_and_loses_no_acknowledged_event() {
-    let mut nats = Nats::start().await;
+    let mut nats = Broker::start().await;
     let a = replica(&nats, &[]).await;
     let b = replica(&nats, &[]).await;
     let mut sub = b.subscribe("user=u").await;
@@ -214,7 +121,7 @@ async fn a_broker_restart_fails_publishes_fast_keeps_streams_up_and_loses_no_ack
     }
     assert_eq!(sub.next_data(3).await, ["0", "1", "2"]);
 
-    nats.stop().await;
+    nats.kill().await;
     wait_backplane_up(&a, 0.0).await;
     let started = StdInstant::now();
     let refused = a
@@ -239,7 +146,7 @@ async fn a_broker_restart_fails_publishes_fast_keeps_streams_up_and_loses_no_ack
 
 #[tokio::test]
 async fn presence_stats_and_disconnect_cover_every_replica() {
-    let nats = Nats::start().await;
+    let nats = Broker::start().await;
     let (a, b) = (replica(&nats, &[]).await, replica(&nats, &[]).await);
     let mut u_on_a = a.subscribe("user=u&group=g").await;
     let mut u_on_b = b.subscribe("user=u").await;
@@ -343,7 +250,7 @@ impl PausableProxy {
 
 #[tokio::test]
 async fn a_resume_on_a_replica_behind_the_client_neither_repeats_nor_moves_the_id_back() {
-    let nats = Nats::start().await;
+    let nats = Broker::start().await;
     let a = replica(&nats, &[]).await;
     let proxy = PausableProxy::start(nats.port).await;
     let behind_url = format!("nats://127.0.0.1:{}", proxy.port);

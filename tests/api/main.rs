@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod backplane_faults;
+mod broker;
 mod browser;
 mod client_js;
 mod cluster;

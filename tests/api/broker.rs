@@ -1,0 +1,173 @@
+//! A real `nats-server -js` for the cluster and backplane tests, on free loopback ports, with
+//! its monitoring port: started, killed, restarted, paused (SIGSTOP) and resumed (SIGCONT) by
+//! the tests, optionally one of a cluster. `./scripts/test.sh` installs Debian's nats-server.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::{
+    process::{Child, Command},
+    time::Instant,
+};
+
+use crate::helpers::{TestApp, deadline, http_request, spawn_app};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn nats_binary() -> &'static str {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("nats-server is not installed: run ./scripts/test.sh (it installs Debian's nats-server)")
+}
+
+/// A `nats-server -js` with its monitoring port, which the test may kill, restart, pause and
+/// resume. Optionally one of a cluster (`routes` to the others).
+pub struct Broker {
+    child: Option<Child>,
+    pub port: u16,
+    monitor: u16,
+    dir: PathBuf,
+    /// `-cluster` and `-routes` arguments, for a cluster member.
+    cluster: Vec<String>,
+    paused: bool,
+}
+
+impl Broker {
+    pub async fn start() -> Broker {
+        Broker::start_with(Vec::new(), "").await
+    }
+
+    pub async fn start_with(cluster: Vec<String>, name: &str) -> Broker {
+        let (port, monitor) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("ssegate-faults-{}-{port}{name}", std::process::id()));
+        let mut b = Broker { child: None, port, monitor, dir, cluster, paused: false };
+        b.restart().await;
+        b
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.as_ref().and_then(Child::id).expect("nats-server runs").to_string()
+    }
+
+    pub async fn restart(&mut self) {
+        let (port, monitor) = (self.port.to_string(), self.monitor.to_string());
+        let child = Command::new(nats_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-sd", self.dir.to_str().unwrap()])
+            .args(&self.cluster)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        // Both ports: the monitoring one opens first, the client one once JetStream is up.
+        let end = deadline();
+        for port in [self.monitor, self.port] {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                assert!(Instant::now() < end, "nats-server did not listen on {port}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    fn signal(&mut self, sig: &str) {
+        let status = std::process::Command::new("kill").args([sig, &self.pid()]).status().expect("kill runs");
+        assert!(status.success(), "kill {sig}");
+        self.paused = sig == "-STOP";
+    }
+
+    /// SIGSTOP: the process stops answering; its sockets stay open.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    /// A monitoring endpoint's JSON.
+    pub async fn monitor(&self, path: &str) -> serde_json::Value {
+        let addr = ([127, 0, 0, 1], self.monitor).into();
+        let (status, headers, body) = http_request(addr, "GET", path, &[]).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked { dechunk(&body) } else { body };
+        serde_json::from_str(&body).expect("monitoring JSON")
+    }
+
+    /// Client connections the server has now.
+    pub async fn connections(&self) -> u64 {
+        self.monitor("/connz").await["num_connections"].as_u64().unwrap()
+    }
+}
+
+/// The body of a chunked response (the monitoring port's JSON is ASCII).
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.paused {
+            let _ = std::process::Command::new("kill").args(["-CONT", &self.pid()]).status();
+        }
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub async fn replica(broker: &Broker, extra: &[&str]) -> TestApp {
+    let url = broker.url();
+    let mut flags = vec!["--backplane", "nats", "--nats-url", url.as_str()];
+    if !extra.contains(&"--nats-publish-timeout") {
+        flags.extend_from_slice(&["--nats-publish-timeout", "2s"]);
+    }
+    flags.extend_from_slice(extra);
+    spawn_app(&flags).await
+}
+
+/// The value of `ssegate_backplane_up` on the admin port.
+pub async fn backplane_up(app: &TestApp) -> f64 {
+    let (status, _, body) = http_request(app.admin, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    let line = body.lines().find(|l| l.starts_with("ssegate_backplane_up ")).expect("ssegate_backplane_up exported");
+    line.trim_start_matches("ssegate_backplane_up ").parse().expect("a number")
+}
+
+pub async fn readyz(app: &TestApp) -> (u16, String) {
+    let (status, _, body) = http_request(app.admin, "GET", "/readyz", &[]).await;
+    (status, body.trim_end().to_owned())
+}
+
+/// Waits until `ssegate_backplane_up` on the admin port is `want`.
+pub async fn wait_backplane_up(app: &TestApp, want: f64) {
+    let end = deadline();
+    while backplane_up(app).await != want {
+        assert!(Instant::now() < end, "ssegate_backplane_up never became {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
