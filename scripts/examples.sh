@@ -29,32 +29,9 @@ SSEGATE_BIN="${SSEGATE_BIN:-target/debug/ssegate}"
 WORK=target/examples
 API_KEY="examples-publisher-key-$$-0123456789"
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'scripts/examples.sh: error: %s\n' "$*" >&2; exit 1; }
-
-# Run a command as root: directly if we are root, through sudo if available.
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then
-    "$@"
-  elif command -v sudo >/dev/null 2>&1; then
-    if [ -t 0 ]; then sudo "$@"; else sudo -n "$@"; fi
-  else
-    die "need root (or sudo) to run: $*"
-  fi
-}
-
-# Runs a command with its output kept in a file, shown only if the command fails.
-quietly() {
-  local what="$1" out
-  shift
-  out="$(mktemp)"
-  if ! "$@" >"$out" 2>&1; then
-    cat "$out" >&2
-    rm -f "$out"
-    die "$what failed (see output above)"
-  fi
-  rm -f "$out"
-}
+SCRIPT=scripts/examples.sh
+# shellcheck source=scripts/lib/install.sh
+source scripts/lib/install.sh
 
 # Polls `$@` every 50 ms until it succeeds; fails after $1 seconds.
 wait_for() {
@@ -65,18 +42,6 @@ wait_for() {
     [ "$SECONDS" -lt "$deadline" ] || die "timed out after ${seconds}s waiting for $what"
     sleep 0.05
   done
-}
-
-apt_install() {
-  command -v apt-get >/dev/null 2>&1 || die "apt-get is not available to install: $*"
-  log "installing $* (apt-get)"
-  # The package index may be stale or absent on a fresh machine: update once on failure.
-  if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
-      >/dev/null 2>&1; then
-    quietly "apt-get update" as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    quietly "apt-get install $*" \
-      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
-  fi
 }
 
 ensure_java() {
