@@ -27,16 +27,10 @@
 //
 // Only loopback addresses are ever contacted. SSE_DRIVER_DEBUG=1 copies the page's console.
 
-import http from 'node:http';
-import fs from 'node:fs';
-import readline from 'node:readline';
+import { Harness, isLoopbackHost } from './harness.mjs';
 
-const DEBUG = !!process.env.SSE_DRIVER_DEBUG;
-
-function fail(message, code = 1) {
-  process.stderr.write(`client-driver.mjs: ${message}\n`);
-  process.exit(code);
-}
+const h = new Harness('client-driver.mjs');
+const fail = (message, code) => h.fail(message, code);
 
 const [baseArg, optionsArg = '{}'] = process.argv.slice(2);
 let base;
@@ -47,40 +41,9 @@ try {
 } catch (err) {
   fail(`usage: node client-driver.mjs <server-base-url> <options-json> (${err.message})`, 2);
 }
-if (!/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(base.hostname) && base.hostname !== 'localhost') {
+if (!isLoopbackHost(base.hostname)) {
   fail(`refusing non-loopback host ${JSON.stringify(base.hostname)}`, 2);
 }
-const hosts = [...new Set(['127.0.0.1', 'localhost', base.hostname])];
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-proxy-server',
-  `--host-resolver-rules=MAP * ~NOTFOUND, ${hosts.map((h) => `EXCLUDE ${h}`).join(', ')}`,
-];
-
-function emit(obj) {
-  process.stdout.write(JSON.stringify(obj) + '\n');
-}
-
-// Reports carry a sequence number and are printed strictly in page order.
-let nextSeq = 0;
-const pending = new Map();
-function onReport(json) {
-  const msg = JSON.parse(json);
-  pending.set(msg.seq, msg.report);
-  while (pending.has(nextSeq)) {
-    emit(pending.get(nextSeq));
-    pending.delete(nextSeq);
-    nextSeq += 1;
-  }
-}
-
 const config = {
   module: new URL('/v1/client.js', base).href,
   url: new URL('/v1/events', base).href,
@@ -118,84 +81,11 @@ report({ kind: 'ready' });
 </body></html>
 `;
 
-const server = http.createServer((req, res) => {
-  if (req.method === 'GET' && req.url === '/') {
-    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
-    res.end(PAGE);
-  } else {
-    res.writeHead(404, { 'content-type': 'text/plain' });
-    res.end('not found\n');
-  }
-});
-
-let browser = null;
-let shuttingDown = false;
-async function shutdown(code) {
-  if (shuttingDown) return;
-  shuttingDown = true;
-  setTimeout(() => process.exit(code), 10_000).unref();
-  try {
-    if (browser) await browser.close();
-  } catch {
-    // already gone
-  }
-  server.close();
-  server.closeAllConnections?.();
-  process.exit(code);
-}
-process.on('SIGTERM', () => shutdown(143));
-process.on('SIGINT', () => shutdown(130));
-
-async function main() {
-  let chromium;
-  try {
-    ({ chromium } = await import('playwright-core'));
-  } catch (err) {
-    fail(`cannot load playwright-core (${err.message}); run \`npm ci\` in tests/browser`);
-  }
-  const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-  try {
-    fs.accessSync(executablePath, fs.constants.X_OK);
-  } catch {
-    fail(`Chromium not found at ${executablePath}; run scripts/test.sh or set CHROMIUM_PATH`);
-  }
-  await new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
+h.run(async () => {
+  const page = await h.open({ html: PAGE, hosts: ['127.0.0.1', 'localhost', base.hostname], binding: '__report' });
+  h.commands((cmd, arg) => {
+    if (cmd === 'token') return () => page.evaluate((t) => window.__giveToken(t), arg);
+    if (cmd === 'close') return () => page.evaluate(() => window.__close());
+    return null;
   });
-  browser = await chromium.launch({ executablePath, headless: true, args: CHROMIUM_ARGS, timeout: 60_000 });
-  browser.on('disconnected', () => {
-    if (!shuttingDown) {
-      process.stderr.write('client-driver.mjs: browser disconnected unexpectedly\n');
-      shutdown(1);
-    }
-  });
-  const page = await (await browser.newContext()).newPage();
-  page.on('pageerror', (err) => process.stderr.write(`client-driver.mjs: page error: ${err.message}\n`));
-  page.on('crash', () => shutdown(1));
-  if (DEBUG) page.on('console', (m) => process.stderr.write(`client-driver.mjs: console: ${m.text()}\n`));
-  await page.exposeFunction('__report', onReport);
-  await page.goto(`http://127.0.0.1:${server.address().port}/`, { waitUntil: 'load', timeout: 30_000 });
-
-  const rl = readline.createInterface({ input: process.stdin, terminal: false });
-  let queue = Promise.resolve();
-  const enqueue = (fn) => {
-    queue = queue.then(fn).catch((err) => {
-      process.stderr.write(`client-driver.mjs: command failed: ${err.message}\n`);
-      return shutdown(1);
-    });
-  };
-  rl.on('line', (line) => {
-    const [cmd, arg] = line.trim().split(/\s+/, 2);
-    if (cmd === 'token') enqueue(() => page.evaluate((t) => window.__giveToken(t), arg));
-    else if (cmd === 'close') enqueue(() => page.evaluate(() => window.__close()));
-    else if (cmd === 'quit') enqueue(() => shutdown(0));
-    else if (cmd) process.stderr.write(`client-driver.mjs: unknown command ${JSON.stringify(cmd)}\n`);
-  });
-  rl.on('close', () => enqueue(() => shutdown(0)));
-}
-
-main().catch((err) => {
-  process.stderr.write(`client-driver.mjs: ${err.stack || err.message}\n`);
-  shutdown(1);
 });
