@@ -14,6 +14,26 @@ use ssegate::grpc::pb;
 
 use crate::helpers::{deadline, spawn_app};
 
+/// Starts `node tests/browser/<script> <args>` with piped stdin and stdout (its JSON lines).
+pub fn spawn_driver(script: &str, args: &[String]) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    assert!(
+        std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
+        "tests/browser/node_modules is missing: run ./scripts/test.sh (or `npm ci` in tests/browser)"
+    );
+    let mut child = Command::new("node")
+        .arg(format!("{dir}/{script}"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs (install Node.js 20)");
+    let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    (child, lines)
+}
+
 pub struct Browser {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
@@ -22,22 +42,9 @@ pub struct Browser {
 impl Browser {
     /// Opens a page whose EventSource connects to `url`, listening for `message` and `names`.
     pub async fn open(url: &str, names: &[&str]) -> Browser {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-        assert!(
-            std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
-            "tests/browser/node_modules is missing: run ./scripts/test.sh (or `npm ci` in tests/browser)"
-        );
-        let mut child = Command::new("node")
-            .arg(format!("{dir}/driver.mjs"))
-            .arg(url)
-            .args(names)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs (install Node.js 20)");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut args = vec![url.to_owned()];
+        args.extend(names.iter().map(|n| n.to_string()));
+        let (child, lines) = spawn_driver("driver.mjs", &args);
         let mut b = Browser { child, lines };
         assert_eq!(b.next("ready").await["kind"], "ready");
         b

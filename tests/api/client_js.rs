@@ -98,22 +98,8 @@ struct ClientPage {
 
 impl ClientPage {
     async fn open(server: SocketAddr, options: Value) -> ClientPage {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-        assert!(
-            std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
-            "tests/browser/node_modules is missing: run ./scripts/test.sh (or `npm ci` in tests/browser)"
-        );
-        let mut child = Command::new("node")
-            .arg(format!("{dir}/client-driver.mjs"))
-            .arg(format!("http://{server}"))
-            .arg(options.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs (install Node.js 20)");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (child, lines) =
+            crate::browser::spawn_driver("client-driver.mjs", &[format!("http://{server}"), options.to_string()]);
         let mut page = ClientPage {
             child,
             lines,
