@@ -65,15 +65,8 @@ async fn exchange(
     io.write_all(&bytes).await.expect("send request");
     let mut raw = Vec::new();
     timeout_at(deadline(), io.read_to_end(&mut raw)).await.expect("response in time").expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("incomplete response: {text:?}"));
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Reply { status, headers, body: body.to_owned() }
+    let (status, headers, body) = crate::helpers::parse_response(&raw);
+    Reply { status, headers, body }
 }
 
 /// `POST /ssegate.v1.Publisher/{method}` over HTTP/1.1 with a JSON body and extra headers.

@@ -376,8 +376,13 @@ pub async fn http_request(
     let mut stream = send_request(addr, method, path, &all).await;
     let mut raw = Vec::new();
     timeout_at(deadline(), stream.read_to_end(&mut raw)).await.expect("response in time").expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("complete response");
+    parse_response(&raw)
+}
+
+/// A whole HTTP/1.1 response read to its end: status, lower-cased headers, body as text.
+pub fn parse_response(raw: &[u8]) -> (u16, Vec<(String, String)>, String) {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("incomplete response: {text:?}"));
     let mut lines = head.lines();
     let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
     let headers = lines
