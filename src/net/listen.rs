@@ -173,7 +173,10 @@ impl Gate {
             }
         }
         let token = Arc::new(CancellationToken::new());
-        self.track(&token);
+        // Only a port whose pending limit is below its open limit can ever evict.
+        if self.max_pending < self.max_open {
+            self.track(&token);
+        }
         Ok((Admission { open, pending: PendingPermit(self.clone(), token), accepted: Instant::now() }, evicted))
     }
 }
