@@ -130,6 +130,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_REPLAY_MAX_AGE", default_value = "5m", value_parser = duration)]
     pub replay_max_age: Duration,
 
+    /// Most retained values (one per target and event name, see "State on page load"); a
+    /// retained publish that would add one more gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SSEGATE_MAX_RETAINED", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(0..=100_000_000))]
+    pub max_retained: u32,
+
+    /// Most bytes the retained values take (each its encoded event, its key and 64); a
+    /// retained publish over it gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SSEGATE_MAX_RETAINED_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_retained_bytes: u64,
+
     /// Most SSE connections at once; more get HTTP 503 with Retry-After.
     #[arg(long, env = "SSEGATE_MAX_CONNECTIONS", default_value_t = 50_000,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -329,6 +340,19 @@ pub struct PublishArgs {
     /// SSE event name; empty for the default `message`.
     #[arg(long, default_value = "")]
     pub event: String,
+
+    /// Keep the event as the current state of its target and name, sent to every connection
+    /// that opens later ("State on page load" in the README).
+    #[arg(long)]
+    pub retain: bool,
+
+    /// With --retain: stop sending the value to new connections after this long.
+    #[arg(long, requires = "retain", value_parser = duration)]
+    pub retain_ttl: Option<Duration>,
+
+    /// Delete the retained value of the target and event name (the event is still delivered).
+    #[arg(long, conflicts_with_all = ["retain", "retain_ttl"])]
+    pub clear_retained: bool,
 
     /// Event data; `-` reads it from standard input.
     #[arg(long)]

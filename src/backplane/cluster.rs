@@ -88,6 +88,9 @@ mod wire_stats {
         connections_rejected: u64,
         replay_log_events: u64,
         replay_log_bytes: u64,
+        retained_values: u64,
+        retained_bytes: u64,
+        retained_sent: u64,
         published_by_target: Vec<u64>,
         resumes_by_outcome: Vec<u64>,
     }
@@ -117,6 +120,9 @@ mod wire_stats {
                 connections_rejected: st.connections_rejected,
                 replay_log_events: st.replay_log_events,
                 replay_log_bytes: st.replay_log_bytes,
+                retained_values: st.retained_values,
+                retained_bytes: st.retained_bytes,
+                retained_sent: st.retained_sent,
                 published_by_target: st.published_by_target.to_vec(),
                 resumes_by_outcome: st.resumes_by_outcome.to_vec(),
             })
@@ -138,6 +144,9 @@ mod wire_stats {
             connections_rejected: w.connections_rejected,
             replay_log_events: w.replay_log_events,
             replay_log_bytes: w.replay_log_bytes,
+            retained_values: w.retained_values,
+            retained_bytes: w.retained_bytes,
+            retained_sent: w.retained_sent,
             published_by_target: array(&w.published_by_target),
             resumes_by_outcome: array(&w.resumes_by_outcome),
         }))

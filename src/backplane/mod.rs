@@ -14,8 +14,8 @@ use std::{
 };
 
 use crate::{
-    domain::{Event, EventId, Target},
-    router::{Router, RouterError},
+    domain::{Event, EventId, Retain, Target},
+    router::{PublishError, Router},
 };
 
 pub enum Backplane {
@@ -63,7 +63,7 @@ pub struct Accepted {
 #[derive(Debug, thiserror::Error)]
 pub enum BackplaneError {
     #[error(transparent)]
-    Router(#[from] RouterError),
+    Router(#[from] PublishError),
     /// Nothing was sent: the broker is not connected or not answering.
     #[error("not published (nothing was sent; safe to retry): the broker is unavailable: {0}")]
     Unavailable(String),
@@ -91,11 +91,12 @@ impl Backplane {
         router: &Router,
         target: Target,
         event: Event,
+        retain: Retain,
         idempotency_key: &str,
     ) -> Result<Accepted, BackplaneError> {
         match self {
             Backplane::Memory(_) if idempotency_key.is_empty() => {
-                let p = router.publish(target, &event)?;
+                let p = router.publish_with(target, &event, retain)?;
                 Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
             }
             Backplane::Memory(dedupe) => {
@@ -115,16 +116,19 @@ impl Backplane {
                 if let Some((id, _)) = seen.ids.get(idempotency_key) {
                     return Ok(Accepted { id: *id, recipients: None });
                 }
-                let p = router.publish(target, &event)?;
+                let p = router.publish_with(target, &event, retain)?;
                 seen.ids.insert(idempotency_key.to_owned(), (p.id, now));
                 seen.order.push_back(idempotency_key.to_owned());
                 Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
             }
             Backplane::Nats(nats) => {
                 if router.is_closing() {
-                    return Err(RouterError::ShuttingDown.into());
+                    return Err(PublishError::ShuttingDown.into());
                 }
-                let seq = nats.publish(&target, &event, idempotency_key).await?;
+                if matches!(retain, Retain::Set { .. }) {
+                    router.admits_retained(&target, &event)?;
+                }
+                let seq = nats.publish(&target, &event, retain, idempotency_key).await?;
                 Ok(Accepted { id: EventId { epoch: router.epoch(), seq }, recipients: None })
             }
         }

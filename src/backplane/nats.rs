@@ -43,7 +43,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{BackplaneError, cluster::Cluster, wire};
 use crate::{
-    domain::{Event, Target},
+    domain::{Event, Retain, Target},
     router::Router,
 };
 
@@ -231,14 +231,20 @@ impl NatsBackplane {
     /// nothing was handed to the connection or JetStream answered that it did not store it;
     /// `NoAck` and `Lost` once it was handed over without an acknowledgement (it may still be
     /// stored, and then delivered: the caller must retry with the same idempotency key).
-    pub async fn publish(&self, target: &Target, event: &Event, idempotency_key: &str) -> Result<u64, BackplaneError> {
+    pub async fn publish(
+        &self,
+        target: &Target,
+        event: &Event,
+        retain: Retain,
+        idempotency_key: &str,
+    ) -> Result<u64, BackplaneError> {
         if !self.is_connected() {
             return Err(BackplaneError::Unavailable("not connected to NATS".into()));
         }
         if !self.is_up() {
             return Err(BackplaneError::Unavailable("NATS JetStream is not answering".into()));
         }
-        let mut msg = PublishMessage::build().payload(wire::encode(target, event).into());
+        let mut msg = PublishMessage::build().payload(wire::encode(target, event, retain).into());
         if !idempotency_key.is_empty() {
             msg = msg.message_id(idempotency_key);
         }
@@ -392,8 +398,8 @@ impl NatsBackplane {
             };
             let seq = msg.info()?.stream_sequence;
             match wire::decode(&msg.payload) {
-                Ok((target, event)) => {
-                    router.publish_sequenced(seq, target, &event);
+                Ok(d) => {
+                    router.publish_sequenced(seq, d.target, &d.event, d.retain);
                 }
                 Err(e) => {
                     // Still advance: skipping it must not stall every later event.

@@ -1,6 +1,6 @@
 //! Events, their ids and their targets.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, time::SystemTime};
 
 use super::{EventName, GroupId, Topic, UserId};
 
@@ -55,6 +55,21 @@ impl FromStr for EventId {
 pub struct Event {
     pub name: Option<EventName>,
     pub data: String,
+}
+
+/// What a publish does to the retained state of its target and event name: the latest event
+/// published with `Set` per (target, name) is sent to every connection that opens later,
+/// before live events (see `router::retained`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum Retain {
+    /// A plain event: the retained state is left as it is.
+    #[default]
+    No,
+    /// The event becomes the current value, kept until replaced, cleared, or `expires_at`
+    /// passes. Wall-clock time, so that every replica (and a restarted one) agrees on it.
+    Set { expires_at: Option<SystemTime> },
+    /// The current value is deleted; the event itself is still delivered like any other.
+    Clear,
 }
 
 /// Who receives an event.

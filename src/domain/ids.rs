@@ -92,7 +92,7 @@ id_type!(
 );
 
 /// An SSE event name other than the default `message`.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct EventName(Arc<str>);
 
 impl EventName {

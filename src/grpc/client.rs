@@ -31,14 +31,22 @@ pub async fn publish(args: PublishArgs, data: String) -> anyhow::Result<String> 
         Ok(req)
     });
     let key = args.idempotency_key.unwrap_or_default();
-    let resp = if !args.user.is_empty() {
-        client.publish(pb::PublishRequest { user_ids: args.user, event, idempotency_key: key }).await
-    } else if let Some(group) = args.group {
-        client.publish_group(pb::PublishGroupRequest { group, event, idempotency_key: key }).await
-    } else if let Some(topic) = args.topic {
-        client.publish_topic(pb::PublishTopicRequest { topic, event, idempotency_key: key }).await
+    let retain = if args.clear_retained {
+        Some(pb::Retain { ttl_seconds: 0, clear: true })
+    } else if args.retain {
+        let ttl = args.retain_ttl.map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
+        Some(pb::Retain { ttl_seconds: ttl, clear: false })
     } else {
-        client.broadcast(pb::BroadcastRequest { event, idempotency_key: key }).await
+        None
+    };
+    let resp = if !args.user.is_empty() {
+        client.publish(pb::PublishRequest { user_ids: args.user, event, idempotency_key: key, retain }).await
+    } else if let Some(group) = args.group {
+        client.publish_group(pb::PublishGroupRequest { group, event, idempotency_key: key, retain }).await
+    } else if let Some(topic) = args.topic {
+        client.publish_topic(pb::PublishTopicRequest { topic, event, idempotency_key: key, retain }).await
+    } else {
+        client.broadcast(pb::BroadcastRequest { event, idempotency_key: key, retain }).await
     };
     let resp = resp.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
     Ok(resp.event_id)

@@ -2,7 +2,9 @@
 //! caller sent (for example `user_ids[2]`).
 
 use super::{ApiError, pb, service::Limits};
-use crate::domain::{Event, EventName, GroupId, InvalidText, Target, Topic, UserId};
+use std::time::{Duration, SystemTime};
+
+use crate::domain::{Event, EventName, GroupId, InvalidText, Retain, Target, Topic, UserId};
 
 fn field<T>(name: impl Into<String>, r: Result<T, InvalidText>) -> Result<T, ApiError> {
     r.map_err(|reason| ApiError::Invalid { field: name.into(), reason })
@@ -51,6 +53,24 @@ pub fn event(ev: Option<pb::Event>, limits: &Limits) -> Result<Event, ApiError> 
         n => Some(field("event.name", EventName::parse(n))?),
     };
     Ok(Event { name, data: ev.data })
+}
+
+/// `retain`: absent is a plain event; `clear` deletes; otherwise a value with an optional time
+/// to live, turned into a wall-clock expiry here (replicas agree on it).
+pub fn retain(r: Option<pb::Retain>) -> Result<Retain, ApiError> {
+    Ok(match r {
+        None => Retain::No,
+        Some(pb::Retain { clear: true, ttl_seconds: 0 }) => Retain::Clear,
+        Some(pb::Retain { clear: true, .. }) => {
+            return Err(ApiError::Conflict(
+                "retain.ttl_seconds must be 0 with retain.clear (a cleared value has no time to live)",
+            ));
+        }
+        Some(pb::Retain { ttl_seconds: 0, .. }) => Retain::Set { expires_at: None },
+        Some(pb::Retain { ttl_seconds, .. }) => {
+            Retain::Set { expires_at: Some(SystemTime::now() + Duration::from_secs(u64::from(ttl_seconds))) }
+        }
+    })
 }
 
 pub fn stream_target(t: Option<pb::publish_stream_request::Target>, limits: &Limits) -> Result<Target, ApiError> {

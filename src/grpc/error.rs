@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{backplane::BackplaneError, domain::InvalidText, router::RouterError};
+use crate::{backplane::BackplaneError, domain::InvalidText, router::PublishError};
 
 /// Why a request was refused. The message is shown to the caller as is: one line, naming the
 /// field and the rule, never internal detail.
@@ -18,10 +18,13 @@ pub enum ApiError {
     EventTooLarge { len: usize, max: usize },
     #[error("{0}")]
     OutOfRange(String),
+    /// Two fields that cannot go together.
+    #[error("{0}")]
+    Conflict(&'static str),
     #[error("request message is {len} bytes, over the limit of {max} bytes (--grpc-max-message-bytes)")]
     MessageTooLarge { len: usize, max: usize },
     #[error(transparent)]
-    Router(#[from] RouterError),
+    Router(#[from] PublishError),
     #[error("{0}")]
     Unavailable(String),
     /// The publish was sent but not acknowledged in time: it may have been applied.
@@ -50,12 +53,14 @@ impl ApiError {
             | ApiError::Missing(_)
             | ApiError::TooMany { .. }
             | ApiError::EventTooLarge { .. }
-            | ApiError::OutOfRange(_) => Code::InvalidArgument,
-            ApiError::Router(RouterError::ShuttingDown) | ApiError::Unavailable(_) => Code::Unavailable,
+            | ApiError::OutOfRange(_)
+            | ApiError::Conflict(_) => Code::InvalidArgument,
+            ApiError::Router(PublishError::ShuttingDown) | ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::OutcomeUnknown(_) => Code::Unknown,
-            ApiError::Router(RouterError::TooManyConnections { .. } | RouterError::TooManyForUser { .. })
-            | ApiError::MessageTooLarge { .. } => Code::ResourceExhausted,
+            ApiError::Router(PublishError::RetainedFull(_)) | ApiError::MessageTooLarge { .. } => {
+                Code::ResourceExhausted
+            }
         }
     }
 }

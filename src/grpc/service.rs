@@ -7,7 +7,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use tracing::{Instrument, field::Empty};
 
-use super::{ApiError, convert, pb};
+use super::{ApiError, convert, pb, unary::Parts};
 use crate::{
     backplane::{
         Accepted, Backplane,
@@ -62,20 +62,21 @@ impl PublisherService {
         &self,
         kind: &'static str,
         target: Result<Target, ApiError>,
-        event: Option<pb::Event>,
-        idempotency_key: &str,
+        parts: Parts,
     ) -> Result<Accepted, ApiError> {
+        let Parts { event, retain, idempotency_key } = parts;
         let span = tracing::info_span!("publish", target = kind, event_id = Empty, recipients = Empty);
         let result = async {
             let target = target?;
             let event = convert::event(event, &self.limits)?;
+            let retain = convert::retain(retain)?;
             if idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
                 return Err(ApiError::OutOfRange(format!(
                     "idempotency_key is {} bytes, over the limit of {MAX_IDEMPOTENCY_KEY}",
                     idempotency_key.len()
                 )));
             }
-            let accepted = self.backplane.publish(&self.router, target, event, idempotency_key).await?;
+            let accepted = self.backplane.publish(&self.router, target, event, retain, &idempotency_key).await?;
             let span = tracing::Span::current();
             span.record("event_id", tracing::field::display(accepted.id));
             if let Some(n) = accepted.recipients {
@@ -114,7 +115,8 @@ impl PublisherService {
             Some(T::Broadcast(_)) => "broadcast",
         };
         let target = convert::stream_target(req.target, &self.limits);
-        match self.publish(kind, target, req.event, &req.idempotency_key).await {
+        let parts = Parts { event: req.event, retain: req.retain, idempotency_key: req.idempotency_key };
+        match self.publish(kind, target, parts).await {
             Ok(p) => pb::PublishStreamResponse {
                 index,
                 code: Code::Ok as i32,
@@ -287,6 +289,10 @@ impl pb::publisher_server::Publisher for PublisherService {
             connections_rejected: total(|s| s.connections_rejected),
             replay_log_events: most(|s| s.replay_log_events),
             replay_log_bytes: most(|s| s.replay_log_bytes),
+            // Every replica applies the same retained updates in stream order.
+            retained_values: most(|s| s.retained_values),
+            retained_bytes: most(|s| s.retained_bytes),
+            retained_sent: total(|s| s.retained_sent),
             partial: g.partial,
             replicas: g.answers.len() as u32,
         }))

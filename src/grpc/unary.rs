@@ -9,11 +9,18 @@ use super::{
 };
 use crate::domain::Target;
 
-/// A unary publish request: its target kind, its target parsed, and its event and key.
+/// What every publish request carries besides its target.
+pub(super) struct Parts {
+    pub event: Option<pb::Event>,
+    pub retain: Option<pb::Retain>,
+    pub idempotency_key: String,
+}
+
+/// A unary publish request: its target kind, its target parsed, and the rest.
 pub(super) trait UnaryPublish: prost::Message + Send + 'static {
     const KIND: &'static str;
     fn target(&self, limits: &Limits) -> Result<Target, ApiError>;
-    fn into_event(self) -> (Option<pb::Event>, String);
+    fn into_parts(self) -> Parts;
 }
 
 impl UnaryPublish for pb::PublishRequest {
@@ -21,8 +28,8 @@ impl UnaryPublish for pb::PublishRequest {
     fn target(&self, limits: &Limits) -> Result<Target, ApiError> {
         convert::users_target("user_ids", &self.user_ids, limits)
     }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
+    fn into_parts(self) -> Parts {
+        Parts { event: self.event, retain: self.retain, idempotency_key: self.idempotency_key }
     }
 }
 
@@ -31,8 +38,8 @@ impl UnaryPublish for pb::PublishGroupRequest {
     fn target(&self, _: &Limits) -> Result<Target, ApiError> {
         convert::group(&self.group).map(Target::Group)
     }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
+    fn into_parts(self) -> Parts {
+        Parts { event: self.event, retain: self.retain, idempotency_key: self.idempotency_key }
     }
 }
 
@@ -41,8 +48,8 @@ impl UnaryPublish for pb::PublishTopicRequest {
     fn target(&self, _: &Limits) -> Result<Target, ApiError> {
         convert::topic(&self.topic).map(Target::Topic)
     }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
+    fn into_parts(self) -> Parts {
+        Parts { event: self.event, retain: self.retain, idempotency_key: self.idempotency_key }
     }
 }
 
@@ -51,8 +58,8 @@ impl UnaryPublish for pb::BroadcastRequest {
     fn target(&self, _: &Limits) -> Result<Target, ApiError> {
         Ok(Target::Broadcast)
     }
-    fn into_event(self) -> (Option<pb::Event>, String) {
-        (self.event, self.idempotency_key)
+    fn into_parts(self) -> Parts {
+        Parts { event: self.event, retain: self.retain, idempotency_key: self.idempotency_key }
     }
 }
 
@@ -65,8 +72,7 @@ impl PublisherService {
         let req = req.into_inner();
         self.within_limit(&req)?;
         let target = req.target(&self.limits);
-        let (event, key) = req.into_event();
-        let p = self.publish(R::KIND, target, event, &key).await?;
+        let p = self.publish(R::KIND, target, req.into_parts()).await?;
         Ok(Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: p.recipients }))
     }
 }

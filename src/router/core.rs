@@ -9,7 +9,7 @@ use std::{
     collections::HashMap,
     hash::Hash,
     sync::{Arc, MutexGuard, atomic::Ordering::Relaxed},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use super::{
     CloseReason, ConnId, MissReason, Registration, Router, RouterError, Start, Subscription,
     mailbox::{Frame, Mailbox},
     replay::{Gap, ReplayLog},
+    retained::Retained,
     shard::{Cmd, Conn},
 };
 use crate::{
@@ -29,6 +30,8 @@ pub(super) struct Core {
     /// The sequence number of the last event published; ids are `(epoch, last_seq)`.
     pub(super) last_seq: u64,
     pub(super) log: ReplayLog,
+    /// The retained events (`retained.rs`).
+    pub(super) retained: Retained,
     /// Set by `close_all`: new connections and publishes are refused from then on.
     pub(super) closing: bool,
     next_conn: ConnId,
@@ -46,6 +49,8 @@ pub(super) struct Gauges {
     pub topics: u64,
     pub log_events: u64,
     pub log_bytes: u64,
+    pub retained_values: u64,
+    pub retained_bytes: u64,
 }
 
 fn add<K: Hash + Eq + Clone>(map: &mut HashMap<K, u64>, key: &K) {
@@ -62,10 +67,11 @@ fn sub<K: Hash + Eq>(map: &mut HashMap<K, u64>, key: &K) {
 }
 
 impl Core {
-    pub fn new(log: ReplayLog) -> Self {
+    pub fn new(log: ReplayLog, retained: Retained) -> Self {
         Self {
             last_seq: 0,
             log,
+            retained,
             closing: false,
             next_conn: 0,
             connections: 0,
@@ -114,6 +120,8 @@ impl Core {
             topics: self.topics.len() as u64,
             log_events: self.log.len() as u64,
             log_bytes: self.log.bytes() as u64,
+            retained_values: self.retained.len() as u64,
+            retained_bytes: self.retained.bytes() as u64,
         }
     }
 
@@ -152,18 +160,22 @@ impl Router {
         core.last_seq = core.last_seq.max(seq);
     }
 
-    /// Evicts replay-log events past their maximum age (also done on every publish).
+    /// Evicts replay-log events past their maximum age (also done on every publish), and
+    /// retained events past their time to live.
     pub fn expire_replay(&self) {
-        self.lock().log.expire(Instant::now());
+        let mut core = self.lock();
+        core.log.expire(Instant::now());
+        core.retained.expire(SystemTime::now());
     }
 
     /// Registers a connection. Its mailbox receives every event published to its user, groups,
     /// topics and to everyone from now on. With `resume`, the events it missed since that id
-    /// are queued first (or an `ssegate.missed` event if the log cannot tell), in the same
-    /// critical section that hands the connection to its shard, so the handoff from replay to
-    /// live has no gap and no duplicate. Then an `id:` line without data sets the client's last
+    /// are queued first (or an `ssegate.missed` event if the log cannot tell); without, or
+    /// after `ssegate.missed`, the current retained events for it. Either is taken in the same
+    /// critical section that hands the connection to its shard, so the handoff to live events
+    /// has no gap and no duplicate. Then an `id:` line without data sets the client's last
     /// event id to the newest one, so that a reconnect resumes from here even if no event
-    /// arrives before it.
+    /// arrives before it (retained events carry no id: they never move it backwards).
     pub fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<Registration, RouterError> {
         let Subscription { user, mut groups, mut topics, abort, resume } = sub;
         groups.sort_unstable();
@@ -203,6 +215,12 @@ impl Router {
         if let (Start::Missed(reason), Some(last)) = (start, resume) {
             preload.push(missed_frame(reason, last, now));
         }
+        let mut retained = 0;
+        if matches!(start, Start::Fresh | Start::Missed(_)) {
+            let state = core.retained.snapshot(&user, &groups, &topics, SystemTime::now());
+            retained = state.len();
+            preload.extend(state.into_iter().map(|bytes| Frame { bytes, published_at: now, is_event: true }));
+        }
         let cursor = ahead.unwrap_or(newest);
         preload.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
         mailbox.preload(preload);
@@ -214,6 +232,7 @@ impl Router {
         drop(core);
         self.run_shard(shard);
         self.counters.opened.fetch_add(1, Relaxed);
+        self.counters.retained_sent.fetch_add(retained as u64, Relaxed);
         let outcome = match start {
             Start::Fresh => None,
             Start::Resumed { replayed } => {

@@ -19,6 +19,7 @@ mod mailbox;
 mod publish;
 mod registration;
 mod replay;
+mod retained;
 mod shard;
 mod stats;
 mod timer;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Push};
 pub use registration::Registration;
 pub use replay::ReplayConfig;
+pub use retained::{RetainedConfig, RetainedFull, VALUE_OVERHEAD as RETAINED_VALUE_OVERHEAD};
 pub use stats::{RESUME_OUTCOMES, Stats, TARGET_KINDS};
 
 use self::core::Core;
@@ -103,6 +105,8 @@ pub struct RouterConfig {
     pub shared_sequence: bool,
     /// Bounds of the replay log that serves `Last-Event-ID` resumes.
     pub replay: ReplayConfig,
+    /// Bounds of the retained events sent to new connections.
+    pub retained: RetainedConfig,
     /// Most connections at once; more are refused.
     pub max_connections: usize,
     /// Most connections of one user at once; more are refused.
@@ -120,6 +124,7 @@ impl RouterConfig {
             epoch: None,
             shared_sequence: false,
             replay: ReplayConfig { capacity: 10_000, max_bytes: 64 << 20, max_age: Duration::from_secs(300) },
+            retained: RetainedConfig { max_values: 100_000, max_bytes: 64 << 20 },
             max_connections: usize::MAX,
             max_connections_per_user: usize::MAX,
         }
@@ -141,11 +146,12 @@ pub struct Subscription {
 /// How a new connection's stream begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
-    /// No `Last-Event-ID`: live events from now on.
+    /// No `Last-Event-ID`: the retained events, then live events from now on.
     Fresh,
     /// Resumed: this many missed events were queued ahead of the live ones.
     Resumed { replayed: usize },
-    /// The resume could not be served; the client was sent an `ssegate.missed` event.
+    /// The resume could not be served; the client was sent an `ssegate.missed` event, then the
+    /// retained events.
     Missed(MissReason),
 }
 
@@ -181,6 +187,15 @@ pub enum RouterError {
     TooManyForUser { limit: usize },
 }
 
+/// The router refused a publish; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    RetainedFull(#[from] RetainedFull),
+}
+
 /// A publish that was accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -212,7 +227,10 @@ pub struct Router {
 impl Router {
     pub fn new(config: RouterConfig) -> Arc<Self> {
         Arc::new(Self {
-            core: Mutex::new(Core::new(replay::ReplayLog::new(config.replay))),
+            core: Mutex::new(Core::new(
+                replay::ReplayLog::new(config.replay),
+                retained::Retained::new(config.retained),
+            )),
             shards: (0..config.shards.clamp(1, 64)).map(|_| Shard::new()).collect(),
             epoch: config.epoch.unwrap_or_else(|| fastrand::u64(1..)),
             shared_sequence: config.shared_sequence,

@@ -27,6 +27,13 @@ pub struct Stats {
     pub replay_log_events: u64,
     /// Bytes of encoded events in the replay log now.
     pub replay_log_bytes: u64,
+    /// Retained values now (one per target and event name).
+    pub retained_values: u64,
+    /// Bytes the retained values take now (each its encoded event, key and
+    /// `RETAINED_VALUE_OVERHEAD`).
+    pub retained_bytes: u64,
+    /// Retained events sent to connections as they opened.
+    pub retained_sent: u64,
     /// Events published, by target kind (indexed like `TARGET_KINDS`).
     pub published_by_target: [u64; 4],
     /// Connections that came with a `Last-Event-ID`, by outcome (indexed like
@@ -43,6 +50,7 @@ pub(super) struct Counters {
     pub replayed: AtomicU64,
     pub missed: AtomicU64,
     pub rejected: AtomicU64,
+    pub retained_sent: AtomicU64,
     /// Indexed like `TARGET_KINDS`.
     pub published_by_target: [AtomicU64; 4],
     /// Indexed like `RESUME_OUTCOMES`.
@@ -112,6 +120,9 @@ impl Router {
             connections_rejected: c.rejected.load(Relaxed),
             replay_log_events: gauges.log_events,
             replay_log_bytes: gauges.log_bytes,
+            retained_values: gauges.retained_values,
+            retained_bytes: gauges.retained_bytes,
+            retained_sent: c.retained_sent.load(Relaxed),
             published_by_target: std::array::from_fn(|i| c.published_by_target[i].load(Relaxed)),
             resumes_by_outcome: std::array::from_fn(|i| c.resumes[i].load(Relaxed)),
         }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::*;
-use crate::domain::{Event, Target};
+use crate::domain::{Event, EventName, Retain, Target};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Everything queued for a connection now (the writer takes the whole queue at once).
@@ -187,7 +187,7 @@ fn on_a_shared_sequence_a_resume_ahead_of_this_router_waits_for_its_events_witho
     let r =
         Router::new(RouterConfig { epoch: Some(7), shared_sequence: true, ..RouterConfig::with_queue_capacity(16) });
     let publish = |seq: u64| {
-        r.publish_sequenced(seq, Target::Broadcast, &ev(&seq.to_string())).unwrap();
+        r.publish_sequenced(seq, Target::Broadcast, &ev(&seq.to_string()), Retain::No).unwrap();
     };
     (1..=4).for_each(publish);
     let c = resume(&r, "a", &[], id(6));
@@ -442,4 +442,161 @@ fn an_event_published_while_the_timer_holds_the_shard_is_applied_when_it_lets_go
         r.publish(Target::Broadcast, &ev("during the sweep")).unwrap();
     });
     assert_eq!(received(&a), ["data: during the sweep"]);
+}
+
+fn set() -> Retain {
+    Retain::Set { expires_at: None }
+}
+
+fn named(name: &str, data: &str) -> Event {
+    Event { name: Some(EventName::parse(name).unwrap()), data: data.into() }
+}
+
+fn frames(reg: &Registration) -> Vec<String> {
+    drain(reg.mailbox()).1.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect()
+}
+
+fn user_target(u: &str) -> Target {
+    Target::users(vec![UserId::parse(u).unwrap()])
+}
+
+#[test]
+fn a_new_connection_gets_the_retained_values_without_ids_then_the_cursor_then_live_events() {
+    let r = router(16);
+    let g = Target::Group(GroupId::parse("g").unwrap());
+    r.publish_with(user_target("a"), &named("unread", "1"), set()).unwrap();
+    r.publish_with(user_target("a"), &named("unread", "2"), set()).unwrap();
+    r.publish_with(user_target("b"), &named("unread", "9"), set()).unwrap();
+    r.publish_with(g.clone(), &named("status", "up"), set()).unwrap();
+    r.publish_with(Target::Topic(Topic::parse("other").unwrap()), &ev("not mine"), set()).unwrap();
+    r.publish_with(Target::Broadcast, &ev("banner"), set()).unwrap();
+    r.publish(user_target("a"), &named("unread", "plain events are not retained")).unwrap();
+    let a = sub(&r, "a", &["g"], &[]);
+    assert_eq!(a.start(), Start::Fresh);
+    r.publish_with(user_target("a"), &named("unread", "3"), set()).unwrap();
+    assert_eq!(
+        frames(&a),
+        [
+            "event: unread\ndata: 2\n\n",
+            "event: status\ndata: up\n\n",
+            "data: banner\n\n",
+            "id: 7-7\n\n",
+            "event: unread\ndata: 3\nid: 7-8\n\n"
+        ]
+    );
+    let s = r.stats();
+    assert_eq!((s.retained_values, s.retained_sent), (5, 3));
+    assert!(s.retained_bytes > 5 * RETAINED_VALUE_OVERHEAD as u64);
+}
+
+#[test]
+fn a_resume_the_log_can_serve_gets_the_replay_and_one_it_cannot_gets_missed_then_the_state() {
+    let r = Router::new(RouterConfig {
+        epoch: Some(7),
+        replay: ReplayConfig { capacity: 2, max_bytes: 1 << 20, max_age: std::time::Duration::from_secs(60) },
+        ..RouterConfig::with_queue_capacity(16)
+    });
+    for i in 1..=4 {
+        r.publish_with(user_target("a"), &named("unread", &i.to_string()), set()).unwrap();
+    }
+    assert_eq!(frames(&resume(&r, "a", &[], id(3))), ["event: unread\ndata: 4\nid: 7-4\n\n", "id: 7-4\n\n"]);
+    let missed = frames(&resume(&r, "a", &[], id(1)));
+    assert!(missed[0].starts_with("event: ssegate.missed\n"), "{missed:?}");
+    assert_eq!(missed[1..], ["event: unread\ndata: 4\n\n", "id: 7-4\n\n"]);
+}
+
+#[test]
+fn clearing_and_expiry_stop_a_value_from_being_sent_and_the_event_still_flows() {
+    let r = router(16);
+    let b = sub(&r, "b", &[], &[]);
+    r.publish_with(Target::Broadcast, &named("banner", "sale"), set()).unwrap();
+    r.publish_with(Target::Broadcast, &named("banner", ""), Retain::Clear).unwrap();
+    let past = Retain::Set { expires_at: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(1)) };
+    r.publish_with(Target::Broadcast, &named("price", "10"), past).unwrap();
+    assert_eq!(received(&b), ["event: banner", "event: banner", "event: price"]);
+    assert_eq!(frames(&sub(&r, "a", &[], &[])), ["id: 7-3\n\n"]);
+    r.expire_replay();
+    assert_eq!((r.stats().retained_values, r.stats().retained_bytes), (0, 0));
+}
+
+#[test]
+fn a_retained_publish_over_the_bounds_is_refused_and_changes_nothing() {
+    let r = Router::new(RouterConfig {
+        epoch: Some(7),
+        retained: RetainedConfig { max_values: 1, max_bytes: 1 << 20 },
+        ..RouterConfig::with_queue_capacity(16)
+    });
+    let a = sub(&r, "a", &[], &[]);
+    r.publish_with(Target::Broadcast, &named("n", "1"), set()).unwrap();
+    let refused = r.publish_with(Target::Broadcast, &named("m", "1"), set());
+    assert_eq!(refused, Err(PublishError::RetainedFull(RetainedFull::Values { limit: 1 })));
+    assert_eq!(r.admits_retained(&Target::Broadcast, &named("m", "1")), refused.map(|_| ()));
+    // Replacing and clearing still work; plain events are not bounded by it.
+    r.publish_with(Target::Broadcast, &named("n", "2"), set()).unwrap();
+    r.publish(Target::Broadcast, &named("m", "plain")).unwrap();
+    assert_eq!(r.last_seq(), 3, "the refused publish took no id");
+    assert_eq!(received(&a), ["event: n", "event: n", "event: m"]);
+}
+
+#[test]
+fn a_value_loaded_from_the_broker_stands_until_a_later_event_changes_it() {
+    let r = router(16);
+    r.load_retained(10, &user_target("a"), &named("unread", "10"), set());
+    // Catching up on the stream from before the stored value: older updates are ignored.
+    r.publish_sequenced(8, user_target("a"), &named("unread", "8"), set());
+    r.publish_sequenced(9, user_target("a"), &named("unread", ""), Retain::Clear);
+    assert_eq!(frames(&sub(&r, "a", &[], &[]))[0], "event: unread\ndata: 10\n\n");
+    r.publish_sequenced(11, user_target("a"), &named("unread", "11"), set());
+    assert_eq!(frames(&sub(&r, "a", &[], &[]))[0], "event: unread\ndata: 11\n\n");
+}
+
+/// The race the retained state exists for: a page loads while its counter keeps changing. Its
+/// snapshot and its live events must join exactly: the value it starts from, then every later
+/// one, each once, with the cursor at the snapshot's event.
+#[test]
+fn a_retained_value_updated_while_connections_open_is_neither_lost_nor_doubled() {
+    const UPDATES: u64 = 20_000;
+    let r = Router::new(RouterConfig { epoch: Some(7), shards: 4, ..RouterConfig::with_queue_capacity(1 << 20) });
+    let publisher = {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            for i in 1..=UPDATES {
+                r.publish_with(user_target("a"), &named("count", &i.to_string()), set()).unwrap();
+            }
+        })
+    };
+    let pages: Vec<_> = (0..4)
+        .map(|_| {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let mut checked = 0;
+                while r.last_seq() < UPDATES {
+                    let page = sub(&r, "a", &[], &[]);
+                    let mut values = Vec::new();
+                    let mut cursor = None;
+                    for _ in 0..50 {
+                        for f in drain(page.mailbox()).1 {
+                            let text = std::str::from_utf8(&f.bytes).unwrap();
+                            if let Some(v) = text.lines().find_map(|l| l.strip_prefix("data: ")) {
+                                values.push(v.parse::<u64>().unwrap());
+                            }
+                            if let Some(c) = text.strip_prefix("id: ") {
+                                cursor = Some(c.trim_end().to_owned());
+                            }
+                        }
+                    }
+                    let cursor: EventId = cursor.expect("a cursor").parse().unwrap();
+                    let first = values.first().copied().unwrap_or(cursor.seq + 1);
+                    assert!(first == cursor.seq || (cursor.seq == 0 && first == 1), "{first} vs cursor {cursor}");
+                    let expected: Vec<u64> = (first..first + values.len() as u64).collect();
+                    assert_eq!(values, expected, "a gap or a duplicate between the snapshot and live events");
+                    checked += 1;
+                }
+                checked
+            })
+        })
+        .collect();
+    publisher.join().unwrap();
+    let checked: u64 = pages.into_iter().map(|p| p.join().unwrap()).sum();
+    assert!(checked > 0);
 }

@@ -17,7 +17,7 @@ use crate::{
     event_stream, grpc,
     http::{self, HttpSettings},
     net::{Budget, Gate, Timeouts},
-    router::{CloseReason, ReplayConfig, Router, RouterConfig},
+    router::{CloseReason, ReplayConfig, RetainedConfig, Router, RouterConfig},
     telemetry::metrics::Metrics,
     tls::{self, ReloadingCert},
 };
@@ -98,6 +98,10 @@ impl Application {
                 capacity: config.replay_capacity as usize,
                 max_bytes: usize::try_from(config.replay_max_bytes).unwrap_or(usize::MAX),
                 max_age: config.replay_max_age,
+            },
+            retained: RetainedConfig {
+                max_values: config.max_retained as usize,
+                max_bytes: usize::try_from(config.max_retained_bytes).unwrap_or(usize::MAX),
             },
             max_connections: config.max_connections as usize,
             max_connections_per_user: config.max_connections_per_user as usize,

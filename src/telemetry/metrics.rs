@@ -269,6 +269,21 @@ impl Collector for ServerCollector {
         )?;
         single(&mut enc, "ssegate_replay_log_events", "Events in the replay log", G, s.replay_log_events as f64)?;
         single(&mut enc, "ssegate_replay_log_bytes", "Bytes in the replay log", G, s.replay_log_bytes as f64)?;
+        single(
+            &mut enc,
+            "ssegate_retained_values",
+            "Retained values (one per target and event name)",
+            G,
+            s.retained_values as f64,
+        )?;
+        single(&mut enc, "ssegate_retained_bytes", "Bytes the retained values take", G, s.retained_bytes as f64)?;
+        single(
+            &mut enc,
+            "ssegate_retained_sent",
+            "Retained events sent to connections as they opened",
+            C,
+            s.retained_sent as f64,
+        )?;
         histogram(
             &mut enc,
             "ssegate_delivery_latency_seconds",

@@ -45,7 +45,12 @@ async fn wait_health(app: &TestApp, want: ServingStatus) {
 }
 
 fn to_user(user: &str, data: &str, key: &str) -> pb::PublishRequest {
-    pb::PublishRequest { user_ids: vec![user.into()], event: Some(ev("", data)), idempotency_key: key.into() }
+    pb::PublishRequest {
+        retain: None,
+        user_ids: vec![user.into()],
+        event: Some(ev("", data)),
+        idempotency_key: key.into(),
+    }
 }
 
 /// Publishes `req` on `app`, retrying while the answer is UNAVAILABLE (nothing was sent: the

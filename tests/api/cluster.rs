@@ -61,6 +61,7 @@ async fn a_retry_with_the_same_idempotency_key_is_delivered_once_with_the_first_
     let a = replica(&nats, &[]).await;
     let mut sub = a.subscribe("user=u").await;
     let req = pb::PublishRequest {
+        retain: None,
         user_ids: vec!["u".into()],
         event: Some(ev("", "once")),
         idempotency_key: "order-42-shipped".into(),

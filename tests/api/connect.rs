@@ -179,7 +179,12 @@ async fn bad_requests_are_connect_errors_with_the_messages_grpc_callers_get() {
     let grpc = app
         .client
         .clone()
-        .publish(pb::PublishRequest { user_ids: vec![], event: Some(ev("", "x")), idempotency_key: String::new() })
+        .publish(pb::PublishRequest {
+            retain: None,
+            user_ids: vec![],
+            event: Some(ev("", "x")),
+            idempotency_key: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(grpc.code(), Code::InvalidArgument);
@@ -189,6 +194,7 @@ async fn bad_requests_are_connect_errors_with_the_messages_grpc_callers_get() {
         .client
         .clone()
         .publish_topic(pb::PublishTopicRequest {
+            retain: None,
             topic: "bad\ntopic".into(),
             event: Some(ev("", "x")),
             idempotency_key: String::new(),
@@ -345,7 +351,7 @@ async fn h2c_json_and_proto_calls_share_the_port_with_grpc_and_are_counted_like_
     assert_eq!((e.data.as_str(), e.last_event_id.as_str()), ("over h2c", v["eventId"].as_str().unwrap()));
 
     // Connect's binary codec: the protobuf message itself, unframed.
-    let req = pb::BroadcastRequest { event: Some(ev("", "binary")), idempotency_key: String::new() };
+    let req = pb::BroadcastRequest { retain: None, event: Some(ev("", "binary")), idempotency_key: String::new() };
     let (status, ct, body) = call("application/proto", "Broadcast", req.encode_to_vec()).await;
     assert_eq!((status, ct.as_deref()), (200, Some("application/proto")));
     let resp = pb::PublishResponse::decode(body).unwrap();

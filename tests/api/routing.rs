@@ -151,6 +151,7 @@ async fn a_retry_with_the_same_idempotency_key_is_delivered_once_in_memory_too()
     let app = spawn_app(&[]).await;
     let mut sub = app.subscribe("user=u").await;
     let req = ssegate::grpc::pb::PublishRequest {
+        retain: None,
         user_ids: vec!["u".into()],
         event: Some(crate::helpers::ev("", "once")),
         idempotency_key: "retry-me".into(),

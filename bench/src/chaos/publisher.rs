@@ -153,11 +153,17 @@ async fn unary_once(shared: &Shared, r: usize, target: &Target, data: &str, key:
     let call = async {
         let resp = match target {
             Target::Users(us) => {
-                c.publish(pb::PublishRequest { user_ids: names("u", us), event: event(data), idempotency_key: key })
-                    .await
+                c.publish(pb::PublishRequest {
+                    retain: None,
+                    user_ids: names("u", us),
+                    event: event(data),
+                    idempotency_key: key,
+                })
+                .await
             }
             Target::Group(g) => {
                 c.publish_group(pb::PublishGroupRequest {
+                    retain: None,
                     group: format!("g{g}"),
                     event: event(data),
                     idempotency_key: key,
@@ -166,13 +172,16 @@ async fn unary_once(shared: &Shared, r: usize, target: &Target, data: &str, key:
             }
             Target::Topic(t) => {
                 c.publish_topic(pb::PublishTopicRequest {
+                    retain: None,
                     topic: format!("t{t}"),
                     event: event(data),
                     idempotency_key: key,
                 })
                 .await
             }
-            Target::Broadcast => c.broadcast(pb::BroadcastRequest { event: event(data), idempotency_key: key }).await,
+            Target::Broadcast => {
+                c.broadcast(pb::BroadcastRequest { retain: None, event: event(data), idempotency_key: key }).await
+            }
         }?;
         let id = resp.into_inner().event_id;
         layout::id_seq(&id).ok_or_else(|| tonic::Status::internal(format!("unreadable event id {id:?}")))
@@ -413,6 +422,7 @@ fn request(item: &Item) -> pb::PublishStreamRequest {
         Target::Broadcast => StreamTarget::Broadcast(pb::BroadcastTarget {}),
     };
     pb::PublishStreamRequest {
+        retain: None,
         target: Some(target),
         event: event(&item.data),
         idempotency_key: layout::idempotency_key(item.n),
@@ -431,6 +441,7 @@ pub async fn stall_load(shared: Arc<Shared>, bytes: usize, rate: u32, until: Ins
         k += 1;
         let mut c = shared.clients[0].clone();
         let req = pb::PublishTopicRequest {
+            retain: None,
             topic: STALL_TOPIC.into(),
             event: event(&data),
             idempotency_key: format!("stall-{k}"),
