@@ -1,30 +1,22 @@
 //! The router's core: what must be one order for everyone. Under one std `Mutex`, held for
 //! microseconds (no fan-out, no syscall, no logging inside): the sequence counter, the replay
 //! log, the closing flag, and the connection counts per user, group and topic (admission
-//! limits, Presence, Stats and `recipients` read them). Publishing, subscribing, Disconnect
-//! and close-all hand their command to the shards' inboxes inside this critical section, so
-//! every shard sees one order: the order of ids.
+//! limits, Presence, Stats and `recipients` read them), the retained events. Publishing
+//! (`publish.rs`), subscribing (`subscribe.rs`), Disconnect and close-all hand their command to
+//! the shards' inboxes inside this critical section, so every shard sees one order: the order
+//! of ids.
 
 use std::{
     collections::HashMap,
     hash::Hash,
-    sync::{Arc, MutexGuard, atomic::Ordering::Relaxed},
+    sync::{Arc, MutexGuard},
     time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
 
-use super::{
-    CloseReason, ConnId, MissReason, Registration, Router, RouterError, Start, Subscription,
-    mailbox::{Frame, Mailbox},
-    replay::{Gap, ReplayLog},
-    retained::Retained,
-    shard::{Cmd, Conn},
-};
-use crate::{
-    domain::{EventId, EventName, GroupId, Target, Topic, UserId},
-    event_stream,
-};
+use super::{CloseReason, ConnId, Router, mailbox::Frame, replay::ReplayLog, retained::Retained, shard::Cmd};
+use crate::domain::{GroupId, Target, Topic, UserId};
 
 pub(super) struct Core {
     /// The sequence number of the last event published; ids are `(epoch, last_seq)`.
@@ -81,11 +73,19 @@ impl Core {
         }
     }
 
-    fn join(&mut self, user: &UserId, groups: &[GroupId], topics: &[Topic]) {
+    /// Counts a new connection in; returns its id.
+    pub fn join(&mut self, user: &UserId, groups: &[GroupId], topics: &[Topic]) -> ConnId {
+        self.next_conn += 1;
         self.connections += 1;
         add(&mut self.users, user);
         groups.iter().for_each(|g| add(&mut self.groups, g));
         topics.iter().for_each(|t| add(&mut self.topics, t));
+        self.next_conn
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> u64 {
+        self.connections
     }
 
     /// Takes a connection its shard removed off the counts.
@@ -168,106 +168,6 @@ impl Router {
         core.retained.expire(SystemTime::now());
     }
 
-    /// Registers a connection. Its mailbox receives every event published to its user, groups,
-    /// topics and to everyone from now on. With `resume`, the events it missed since that id
-    /// are queued first (or an `ssegate.missed` event if the log cannot tell); without, or
-    /// after `ssegate.missed`, the current retained events for it. Either is taken in the same
-    /// critical section that hands the connection to its shard, so the handoff to live events
-    /// has no gap and no duplicate. Then an `id:` line without data sets the client's last
-    /// event id to the newest one, so that a reconnect resumes from here even if no event
-    /// arrives before it (retained events carry no id: they never move it backwards).
-    pub fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<Registration, RouterError> {
-        let Subscription { user, mut groups, mut topics, abort, resume } = sub;
-        groups.sort_unstable();
-        groups.dedup();
-        topics.sort_unstable();
-        topics.dedup();
-        let mailbox = Arc::new(Mailbox::new(self.bounds, abort));
-        let shard = self.shard_of(&user);
-        let mut core = self.lock();
-        if let Err(e) = self.admit(&core, &user) {
-            drop(core);
-            self.counters.rejected.fetch_add(1, Relaxed);
-            return Err(e);
-        }
-        let now = Instant::now();
-        core.log.expire(now);
-        let newest = EventId { epoch: self.epoch, seq: core.last_seq };
-        // A client resuming after an id this router has not received yet (another replica of
-        // a shared sequence issued it): it is served from there on as the events arrive, those
-        // up to its id skipped (`floor`), and its cursor stays at its own id. Telling it
-        // "missed" and sending our older cursor would move its id backwards and repeat events.
-        let ahead = resume.filter(|last| self.shared_sequence && last.epoch == self.epoch && last.seq > newest.seq);
-        let floor = ahead.map_or(0, |last| last.seq);
-        let (start, mut preload) = match resume {
-            None => (Start::Fresh, Vec::new()),
-            Some(last) if last.epoch != self.epoch => (Start::Missed(MissReason::OtherEpoch), Vec::new()),
-            Some(_) if ahead.is_some() => (Start::Resumed { replayed: 0 }, Vec::new()),
-            Some(last) if last.seq > newest.seq => (Start::Missed(MissReason::Unknown), Vec::new()),
-            Some(last) => match core.log.missed(last.seq, &user, &groups, &topics) {
-                Ok(frames) => {
-                    let frames: Vec<Frame> = frames.cloned().collect();
-                    (Start::Resumed { replayed: frames.len() }, frames)
-                }
-                Err(Gap::Expired) => (Start::Missed(MissReason::Expired), Vec::new()),
-            },
-        };
-        if let (Start::Missed(reason), Some(last)) = (start, resume) {
-            preload.push(missed_frame(reason, last, now));
-        }
-        let mut retained = 0;
-        if matches!(start, Start::Fresh | Start::Missed(_)) {
-            let state = core.retained.snapshot(&user, &groups, &topics, SystemTime::now());
-            retained = state.len();
-            preload.extend(state.into_iter().map(|bytes| Frame { bytes, published_at: now, is_event: true }));
-        }
-        let cursor = ahead.unwrap_or(newest);
-        preload.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
-        mailbox.preload(preload);
-        core.next_conn += 1;
-        let id = core.next_conn;
-        core.join(&user, &groups, &topics);
-        let conn = Conn::new(mailbox.clone(), user, groups.into(), topics.into(), floor);
-        self.shards[shard].submit(Cmd::Register(id, conn));
-        drop(core);
-        self.run_shard(shard);
-        self.counters.opened.fetch_add(1, Relaxed);
-        self.counters.retained_sent.fetch_add(retained as u64, Relaxed);
-        let outcome = match start {
-            Start::Fresh => None,
-            Start::Resumed { replayed } => {
-                self.counters.replayed.fetch_add(replayed as u64, Relaxed);
-                Some(0)
-            }
-            Start::Missed(reason) => {
-                self.counters.missed.fetch_add(1, Relaxed);
-                Some(match reason {
-                    MissReason::Expired => 1,
-                    MissReason::Unknown => 2,
-                    MissReason::OtherEpoch => 3,
-                })
-            }
-        };
-        if let Some(i) = outcome {
-            self.counters.resumes[i].fetch_add(1, Relaxed);
-        }
-        Ok(Registration::new(self.clone(), id, shard, mailbox, start))
-    }
-
-    /// Whether one more connection of `user` may open now.
-    fn admit(&self, core: &Core, user: &UserId) -> Result<(), RouterError> {
-        if core.closing {
-            return Err(RouterError::ShuttingDown);
-        }
-        if core.connections >= self.max_connections as u64 {
-            return Err(RouterError::TooManyConnections { limit: self.max_connections });
-        }
-        if core.user_count(user) >= self.max_connections_per_user as u64 {
-            return Err(RouterError::TooManyForUser { limit: self.max_connections_per_user });
-        }
-        Ok(())
-    }
-
     /// Closes every connection of `user`: each receives a final `ssegate.disconnect` event with
     /// `reason` as data, then its stream ends. Returns how many were closed.
     pub fn disconnect(&self, user: &UserId, reason: &str) -> u64 {
@@ -299,19 +199,5 @@ impl Router {
             self.run_shard(i);
         }
         closed as usize
-    }
-}
-
-/// The `ssegate.missed` event: `last` could not be resumed from, so the client may have
-/// missed events and should refetch its state. Its data is a small JSON object.
-fn missed_frame(reason: MissReason, last: EventId, now: Instant) -> Frame {
-    // Both values are from fixed alphabets (a reason name; hex, digits and `-`), so they need
-    // no JSON escaping.
-    let data = format!(r#"{{"reason":"{}","last_event_id":"{last}"}}"#, reason.as_str());
-    let name = EventName::reserved("missed");
-    Frame {
-        bytes: event_stream::encode(Some(name.as_str()), &data).finish_without_id(),
-        published_at: now,
-        is_event: false,
     }
 }

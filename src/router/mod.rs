@@ -22,6 +22,8 @@ mod replay;
 mod retained;
 mod shard;
 mod stats;
+mod subscribe;
+mod tables;
 mod timer;
 
 use std::{
@@ -38,8 +40,9 @@ pub use retained::{RetainedConfig, RetainedFull, VALUE_OVERHEAD as RETAINED_VALU
 pub use stats::{RESUME_OUTCOMES, Stats, TARGET_KINDS};
 
 use self::core::Core;
-use shard::{Effects, Shard};
+use shard::Shard;
 use stats::Counters;
+use tables::Effects;
 
 use crate::domain::{EventId, GroupId, Topic, UserId};
 

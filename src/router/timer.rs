@@ -8,7 +8,7 @@ use std::{
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Router, mailbox::Frame, shard, shard::Effects};
+use super::{Router, mailbox::Frame, tables, tables::Effects};
 use crate::event_stream;
 
 /// Heartbeats of a shard go out in this many slots per interval, spreading wake-ups over time.
@@ -17,7 +17,7 @@ const HEARTBEAT_SLOTS: u64 = 16;
 impl Router {
     /// Runs `f` on shard `i`'s tables (blocking briefly), then applies what was submitted
     /// meanwhile: a submitter that found the lock taken left its command to us.
-    pub(super) fn with_shard_tables<R>(&self, i: usize, f: impl FnOnce(&mut shard::Tables) -> R) -> R {
+    pub(super) fn with_shard_tables<R>(&self, i: usize, f: impl FnOnce(&mut tables::Tables) -> R) -> R {
         let r = self.shards[i].with_tables(f);
         self.run_shard(i);
         r

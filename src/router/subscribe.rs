@@ -1,0 +1,136 @@
+//! Subscribing: a new connection is admitted against the limits, gets what it must see before
+//! live events (the replay after its `Last-Event-ID`, or `ssegate.missed`, or the retained
+//! events) and is handed to its shard, all in one core critical section, so that nothing
+//! published meanwhile falls between its first frames and its live events, or arrives twice.
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Instant, SystemTime},
+};
+
+use super::{
+    MissReason, Registration, Router, RouterError, Start, Subscription,
+    core::Core,
+    mailbox::{Frame, Mailbox},
+    replay::Gap,
+    shard::Cmd,
+    tables::Conn,
+};
+use crate::{
+    domain::{EventId, EventName, UserId},
+    event_stream,
+};
+
+impl Router {
+    /// Registers a connection. Its mailbox receives every event published to its user, groups,
+    /// topics and to everyone from now on. With `resume`, the events it missed since that id
+    /// are queued first (or an `ssegate.missed` event if the log cannot tell); without, or
+    /// after `ssegate.missed`, the current retained events for it. Either is taken in the same
+    /// critical section that hands the connection to its shard, so the handoff to live events
+    /// has no gap and no duplicate. Then an `id:` line without data sets the client's last
+    /// event id to the newest one, so that a reconnect resumes from here even if no event
+    /// arrives before it (retained events carry no id: they never move it backwards).
+    pub fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<Registration, RouterError> {
+        let Subscription { user, mut groups, mut topics, abort, resume } = sub;
+        groups.sort_unstable();
+        groups.dedup();
+        topics.sort_unstable();
+        topics.dedup();
+        let mailbox = Arc::new(Mailbox::new(self.bounds, abort));
+        let shard = self.shard_of(&user);
+        let mut core = self.lock();
+        if let Err(e) = self.admit(&core, &user) {
+            drop(core);
+            self.counters.rejected.fetch_add(1, Relaxed);
+            return Err(e);
+        }
+        let now = Instant::now();
+        core.log.expire(now);
+        let newest = EventId { epoch: self.epoch, seq: core.last_seq };
+        // A client resuming after an id this router has not received yet (another replica of
+        // a shared sequence issued it): it is served from there on as the events arrive, those
+        // up to its id skipped (`floor`), and its cursor stays at its own id. Telling it
+        // "missed" and sending our older cursor would move its id backwards and repeat events.
+        let ahead = resume.filter(|last| self.shared_sequence && last.epoch == self.epoch && last.seq > newest.seq);
+        let floor = ahead.map_or(0, |last| last.seq);
+        let (start, mut preload) = match resume {
+            None => (Start::Fresh, Vec::new()),
+            Some(last) if last.epoch != self.epoch => (Start::Missed(MissReason::OtherEpoch), Vec::new()),
+            Some(_) if ahead.is_some() => (Start::Resumed { replayed: 0 }, Vec::new()),
+            Some(last) if last.seq > newest.seq => (Start::Missed(MissReason::Unknown), Vec::new()),
+            Some(last) => match core.log.missed(last.seq, &user, &groups, &topics) {
+                Ok(frames) => {
+                    let frames: Vec<Frame> = frames.cloned().collect();
+                    (Start::Resumed { replayed: frames.len() }, frames)
+                }
+                Err(Gap::Expired) => (Start::Missed(MissReason::Expired), Vec::new()),
+            },
+        };
+        if let (Start::Missed(reason), Some(last)) = (start, resume) {
+            preload.push(missed_frame(reason, last, now));
+        }
+        let mut retained = 0;
+        if matches!(start, Start::Fresh | Start::Missed(_)) {
+            let state = core.retained.snapshot(&user, &groups, &topics, SystemTime::now());
+            retained = state.len();
+            preload.extend(state.into_iter().map(|bytes| Frame { bytes, published_at: now, is_event: true }));
+        }
+        let cursor = ahead.unwrap_or(newest);
+        preload.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
+        mailbox.preload(preload);
+        let id = core.join(&user, &groups, &topics);
+        let conn = Conn::new(mailbox.clone(), user, groups.into(), topics.into(), floor);
+        self.shards[shard].submit(Cmd::Register(id, conn));
+        drop(core);
+        self.run_shard(shard);
+        self.counters.opened.fetch_add(1, Relaxed);
+        self.counters.retained_sent.fetch_add(retained as u64, Relaxed);
+        let outcome = match start {
+            Start::Fresh => None,
+            Start::Resumed { replayed } => {
+                self.counters.replayed.fetch_add(replayed as u64, Relaxed);
+                Some(0)
+            }
+            Start::Missed(reason) => {
+                self.counters.missed.fetch_add(1, Relaxed);
+                Some(match reason {
+                    MissReason::Expired => 1,
+                    MissReason::Unknown => 2,
+                    MissReason::OtherEpoch => 3,
+                })
+            }
+        };
+        if let Some(i) = outcome {
+            self.counters.resumes[i].fetch_add(1, Relaxed);
+        }
+        Ok(Registration::new(self.clone(), id, shard, mailbox, start))
+    }
+
+    /// Whether one more connection of `user` may open now.
+    fn admit(&self, core: &Core, user: &UserId) -> Result<(), RouterError> {
+        if core.closing {
+            return Err(RouterError::ShuttingDown);
+        }
+        if core.connections() >= self.max_connections as u64 {
+            return Err(RouterError::TooManyConnections { limit: self.max_connections });
+        }
+        if core.user_count(user) >= self.max_connections_per_user as u64 {
+            return Err(RouterError::TooManyForUser { limit: self.max_connections_per_user });
+        }
+        Ok(())
+    }
+}
+
+/// The `ssegate.missed` event: `last` could not be resumed from, so the client may have
+/// missed events and should refetch its state. Its data is a small JSON object.
+fn missed_frame(reason: MissReason, last: EventId, now: Instant) -> Frame {
+    // Both values are from fixed alphabets (a reason name; hex, digits and `-`), so they need
+    // no JSON escaping.
+    let data = format!(r#"{{"reason":"{}","last_event_id":"{last}"}}"#, reason.as_str());
+    let name = EventName::reserved("missed");
+    Frame {
+        bytes: event_stream::encode(Some(name.as_str()), &data).finish_without_id(),
+        published_at: now,
+        is_event: false,
+    }
+}
