@@ -50,8 +50,6 @@ pub struct GrpcSettings {
     pub limits: Limits,
     pub auth: PublisherAuth,
     pub metrics: Arc<EdgeMetrics>,
-    /// Largest request message accepted.
-    pub max_message_bytes: usize,
     /// TLS (and, if it verifies client certificates, mutual TLS) for the port.
     pub tls: Option<TlsAcceptor>,
     /// Where publishes go.
@@ -73,7 +71,8 @@ pub async fn serve(
     tracker: TaskTracker,
 ) -> Result<(), ServeError> {
     let (health, HealthService(health_service)) = health;
-    let GrpcSettings { limits, auth, metrics, max_message_bytes, tls, backplane, gate, timeouts } = settings;
+    let GrpcSettings { limits, auth, metrics, tls, backplane, gate, timeouts } = settings;
+    let max_message_bytes = limits.max_message_bytes;
     let service = PublisherService::new(router, backplane, limits, metrics.clone());
     // Read messages up to twice the limit, so that a `PublishStream` item over it is refused
     // alone (the service checks the limit); beyond that the call ends (`layers::Oversize`).

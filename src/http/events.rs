@@ -174,7 +174,7 @@ pub async fn subscribe(
     let lifetime = state.settings.max_connection_lifetime.map(|d| (jittered(d), CloseReason::Lifetime));
     let expiry = id.expires_in.map(|d| (d, CloseReason::TokenExpired));
     let close_after = [lifetime, expiry].into_iter().flatten().min_by_key(|(d, _)| *d);
-    let start = StreamStart { reg, retry: state.settings.retry_field.clone(), close_after, user };
+    let start = StreamStart { reg, retry: state.retry_field.clone(), close_after, user };
     let mut resp = if fast.is_some() {
         let mut resp = Response::new(Body::empty());
         resp.extensions_mut().insert(Handoff::new(start));

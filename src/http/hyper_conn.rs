@@ -30,7 +30,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Conn { peer, slot: _slot, admission } = conn;
-    let timeouts = Timeouts { first_request: shared.limits.header_read_timeout, idle: shared.limits.idle_timeout };
+    let timeouts = shared.limits.timeouts;
     let io = Guarded::admitted(Rewind::new(read, io), timeouts, admission);
     let activity = io.activity().clone();
     let io = TokioIo::new(io);

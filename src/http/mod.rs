@@ -43,15 +43,10 @@ pub struct HttpSettings {
 pub struct AppState {
     router: Arc<Router>,
     auth: Arc<SubscriberAuth>,
-    settings: Arc<Settings>,
-    metrics: Arc<EdgeMetrics>,
-}
-
-struct Settings {
-    max_subscriptions: usize,
-    /// The `retry:` field, encoded once.
+    settings: Arc<HttpSettings>,
+    /// `settings.retry` as the `retry:` field, encoded once.
     retry_field: Bytes,
-    max_connection_lifetime: Option<Duration>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 /// The invalid CORS origin, if any.
@@ -73,11 +68,8 @@ pub fn app(
         router,
         auth: Arc::new(auth),
         metrics,
-        settings: Arc::new(Settings {
-            max_subscriptions: settings.max_subscriptions,
-            retry_field: event_stream::retry(settings.retry.as_millis() as u64),
-            max_connection_lifetime: settings.max_connection_lifetime,
-        }),
+        retry_field: event_stream::retry(u64::try_from(settings.retry.as_millis()).unwrap_or(u64::MAX)),
+        settings: Arc::new(settings.clone()),
     };
     let app = axum::Router::new()
         // HEAD would open (and at once drop) a subscription: refused, like every other method.

@@ -24,7 +24,7 @@ use super::{
     stream::{self, FastPath, Handoff},
 };
 use crate::{
-    net::{self, Admission, Gate, Refusal},
+    net::{self, Admission, Gate, Refusal, Timeouts},
     telemetry::metrics::{EdgeMetrics, Rejection},
 };
 
@@ -40,14 +40,13 @@ pub struct ConnContext {
 /// Limits that protect the accept loop from hostile clients.
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
-    /// Time a client may take to send its request headers (slowloris).
-    pub header_read_timeout: Duration,
+    /// Time a client may take to send its first request's headers (slowloris), and after which
+    /// a connection with no request in flight is closed.
+    pub timeouts: Timeouts,
     /// Largest request head accepted (431 beyond it on HTTP/1.1).
     pub max_header_bytes: usize,
     /// Most TCP connections from one IP address; 0 means no limit.
     pub max_connections_per_ip: usize,
-    /// A connection with no request in flight is closed after this long.
-    pub idle_timeout: Duration,
     /// Most concurrent streams on one HTTP/2 connection.
     pub max_streams_per_connection: u32,
 }
@@ -87,7 +86,7 @@ pub async fn serve(
 ) {
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(limits.timeouts.first_request)
         .max_buf_size(limits.max_header_bytes.max(8192));
     let mut h2 = http2::Builder::new(StreamExec(tracker.clone()));
     h2.timer(TokioTimer::new())
@@ -144,7 +143,7 @@ async fn serve_tls(stream: tokio::net::TcpStream, conn: Conn, acceptor: TlsAccep
     let peer = conn.peer;
     let evicted = conn.admission.pending.evicted();
     let handshake = tokio::select! {
-        r = tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream)) => r,
+        r = tokio::time::timeout(shared.limits.timeouts.first_request, acceptor.accept(stream)) => r,
         () = evicted => return tracing::debug!(%peer, "pending TLS handshake evicted for a newer connection"),
     };
     match handshake {
@@ -172,7 +171,7 @@ where
     let limits = &shared.limits;
     let evicted = conn.admission.pending.evicted();
     let read = tokio::select! {
-        r = tokio::time::timeout(limits.header_read_timeout, head::read(&mut io, &mut buf, limits.max_header_bytes)) => r,
+        r = tokio::time::timeout(limits.timeouts.first_request, head::read(&mut io, &mut buf, limits.max_header_bytes)) => r,
         () = shared.shutdown.cancelled() => return,
         () = evicted => return tracing::debug!(%peer, received = buf.len(), "pending connection evicted for a newer one"),
     };

@@ -1,6 +1,6 @@
 //! Building and running the server: bind both listeners, start the tasks, drain on shutdown.
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -14,17 +14,18 @@ use crate::{
     auth::{ApiKeyError, PublisherAuth, jwt::KeyError},
     backplane::{Backplane, nats::NatsError},
     config::ServeArgs,
-    event_stream, grpc,
-    http::{self, HttpSettings},
-    net::{Budget, Gate, Timeouts},
-    router::{CloseReason, ReplayConfig, RetainedConfig, Router, RouterConfig},
+    event_stream, grpc, http,
+    net::{Budget, Gate},
+    router::{CloseReason, Router, RouterConfig},
     telemetry::metrics::Metrics,
     tls::{self, ReloadingCert},
 };
 
 mod from_flags;
+pub mod settings;
 
 use from_flags::{connect_backplane, publisher_auth, subscriber_auth};
+pub use settings::{ConfigError, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -43,22 +44,17 @@ pub enum StartupError {
     #[error("{0}")]
     Conflict(&'static str),
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Nats(#[from] NatsError),
 }
 
-/// How often key and certificate files are checked for changes.
-const RELOAD_EVERY: Duration = Duration::from_secs(2);
-
-/// Most concurrent streams on one HTTP/2 connection when `--max-connections-per-ip` is 0: the
-/// RFC 9113 recommended minimum, far more than a browser opens for event streams.
-const DEFAULT_H2_STREAMS: u32 = 100;
-
 /// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
 /// real ports back.
 pub struct Application {
-    config: ServeArgs,
+    settings: Settings,
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
@@ -83,28 +79,17 @@ async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, Start
 }
 
 impl Application {
-    pub async fn build(config: ServeArgs) -> Result<Self, StartupError> {
-        let (backplane, epoch) = connect_backplane(&config).await?;
+    /// Builds from the flags (`Settings::from_args`) and binds the listeners.
+    pub async fn build(args: ServeArgs) -> Result<Self, StartupError> {
+        let settings = Settings::from_args(args)?;
+        let (backplane, epoch) = connect_backplane(&settings.backplane).await?;
         let router = Router::new(RouterConfig {
-            queue_capacity: config.queue_capacity as usize,
-            max_queue_bytes: usize::try_from(config.max_queue_bytes).unwrap_or(usize::MAX),
-            write_coalesce: config.write_coalesce,
             // One shard per runtime worker: fan-out to different shards can run in parallel.
             shards: tokio::runtime::Handle::current().metrics().num_workers(),
             epoch,
             // A broker's stream numbers the events of every replica.
             shared_sequence: epoch.is_some(),
-            replay: ReplayConfig {
-                capacity: config.replay_capacity as usize,
-                max_bytes: usize::try_from(config.replay_max_bytes).unwrap_or(usize::MAX),
-                max_age: config.replay_max_age,
-            },
-            retained: RetainedConfig {
-                max_values: config.max_retained as usize,
-                max_bytes: usize::try_from(config.max_retained_bytes).unwrap_or(usize::MAX),
-            },
-            max_connections: config.max_connections as usize,
-            max_connections_per_user: config.max_connections_per_user as usize,
+            ..settings.router.clone()
         });
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -112,40 +97,28 @@ impl Application {
         let stop_on_drop = stop.clone().drop_guard();
         if let Backplane::Nats(nats) = &*backplane {
             // Fill the replay log and catch up before serving anyone.
-            let capacity = u64::from(config.replay_capacity);
-            nats.start(router.clone(), capacity, Duration::from_secs(60), &stop, &tracker).await?;
+            let capacity = u64::try_from(settings.router.replay.capacity).unwrap_or(u64::MAX);
+            nats.start(router.clone(), capacity, settings.nats_catch_up, &stop, &tracker).await?;
         }
         let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone()));
-        let subscriber_auth = subscriber_auth(&config, &stop, &tracker)?;
-        let cert = match (&config.tls_cert_file, &config.tls_key_file) {
-            (Some(cert), Some(key)) => Some(ReloadingCert::load(cert.clone(), key.clone())?),
-            _ => None,
+        let subscriber_auth = subscriber_auth(&settings.subscriber, settings.reload_every, &stop, &tracker)?;
+        let (cert, tls) = match &settings.tls {
+            None => (None, None),
+            Some(files) => {
+                let cert = ReloadingCert::load(files.cert.clone(), files.key.clone())?;
+                let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
+                let http = tls::acceptor(cert.clone(), None, alpn)?;
+                let grpc = tls::acceptor(cert.clone(), files.grpc_client_ca.as_deref(), alpn)?;
+                (Some(cert), Some((http, grpc)))
+            }
         };
-        let tls = match &cert {
-            None => None,
-            Some(cert) => Some((
-                tls::acceptor(cert.clone(), None, &[b"h2", b"http/1.1"])?,
-                tls::acceptor(cert.clone(), config.grpc_client_ca_file.as_deref(), &[b"h2", b"http/1.1"])?,
-            )),
-        };
-        let publisher_auth = publisher_auth(&config)?;
-        let app = http::app(
-            router.clone(),
-            subscriber_auth,
-            &HttpSettings {
-                retry: config.retry,
-                max_subscriptions: config.max_subscriptions as usize,
-                cors_allowed_origins: config.cors_allowed_origins.clone(),
-                max_connection_lifetime: config.max_connection_lifetime,
-                demo_page: config.insecure_dev_identity,
-            },
-            metrics.edge.clone(),
-        )?;
-        let http = bind(config.http_addr, "http").await?;
-        let grpc = bind(config.grpc_addr, "grpc").await?;
-        let admin = bind(config.admin_addr, "admin").await?;
+        let publisher_auth = publisher_auth(&settings.publisher)?;
+        let app = http::app(router.clone(), subscriber_auth, &settings.http, metrics.edge.clone())?;
+        let http = bind(settings.http_addr, "http").await?;
+        let grpc = bind(settings.grpc_addr, "grpc").await?;
+        let admin = bind(settings.admin_addr, "admin").await?;
         Ok(Self {
-            config,
+            settings,
             http,
             grpc,
             admin,
@@ -179,7 +152,7 @@ impl Application {
     /// whatever is still open after the grace period is dropped.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
         let Self {
-            config,
+            settings,
             http,
             grpc,
             admin,
@@ -196,44 +169,38 @@ impl Application {
         } = self;
         let stop = stop.disarm();
         if let Some(cert) = &cert {
-            cert.watch(RELOAD_EVERY, &stop, &tracker);
+            cert.watch(settings.reload_every, &stop, &tracker);
         }
         let (http_tls, grpc_tls) = tls.unzip();
         if let PublisherAuth::ApiKeys(keys) = &publisher_auth {
-            keys.clone().watch(RELOAD_EVERY, &stop, &tracker);
+            keys.clone().watch(settings.reload_every, &stop, &tracker);
         }
         // The bound addresses, not the configured ones: with port 0 the log tells the real port.
         let (http_addr, grpc_addr, admin_addr) = (http.local_addr()?, grpc.local_addr()?, admin.local_addr()?);
         let (health, health_service) = grpc::Health::new();
-        let timeouts = Timeouts { first_request: config.header_read_timeout, idle: config.idle_timeout };
+        let timeouts = settings.timeouts;
         let budget = Budget::for_process();
-        if budget.http < config.max_connections as usize {
+        if budget.http < settings.router.max_connections {
             tracing::warn!(
-                max_connections = config.max_connections,
+                max_connections = settings.router.max_connections,
                 http_sockets = budget.http,
                 "--max-connections is more than the descriptor limit allows on the HTTP port; raise \
                  the open-files limit (ulimit -n) or lower --max-connections"
             );
         }
         tracing::info!(http = budget.http, grpc = budget.grpc, admin = budget.admin, "sockets each port may hold");
-        let http_gate = Gate::new("http", budget.http, config.max_pending_connections as usize);
+        let http_gate = Gate::new("http", budget.http, settings.max_pending_connections);
         // Publishers and probes are few: their ports' whole budget may be pending.
         let grpc_gate = Gate::new("grpc", budget.grpc, budget.grpc);
         let admin_gate = Gate::new("admin", budget.admin, budget.admin);
 
-        let limits = grpc::Limits {
-            max_event_bytes: config.max_event_bytes as usize,
-            max_ids_per_request: config.max_ids_per_request as usize,
-            max_message_bytes: config.grpc_max_message_bytes as usize,
-        };
         let grpc_task = tokio::spawn(grpc::serve(
             grpc,
             router.clone(),
             grpc::GrpcSettings {
-                limits,
+                limits: settings.grpc.clone(),
                 auth: publisher_auth,
                 metrics: metrics.edge.clone(),
-                max_message_bytes: config.grpc_max_message_bytes as usize,
                 tls: grpc_tls,
                 backplane: backplane.clone(),
                 gate: grpc_gate,
@@ -243,28 +210,17 @@ impl Application {
             stop.clone(),
             tracker.clone(),
         ));
-        let server_limits = http::server::ServerLimits {
-            header_read_timeout: config.header_read_timeout,
-            max_header_bytes: config.max_header_bytes as usize,
-            max_connections_per_ip: config.max_connections_per_ip as usize,
-            idle_timeout: config.idle_timeout,
-            // As many streams on one h2 connection as connections from one address, if limited.
-            max_streams_per_connection: match config.max_connections_per_ip {
-                0 => DEFAULT_H2_STREAMS,
-                n => n,
-            },
-        };
         tracker.spawn(http::server::serve(
             http,
             http_gate,
             app,
-            server_limits,
+            settings.server.clone(),
             http_tls,
             metrics.edge.clone(),
             stop.clone(),
             tracker.clone(),
         ));
-        router.start_timers(config.heartbeat_interval, &stop, &tracker);
+        router.start_timers(settings.heartbeat_interval, &stop, &tracker);
         // The admin port outlives the drain (it stops last), so probes answer throughout.
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(http::admin::serve(
@@ -290,13 +246,14 @@ impl Application {
             let _ = task.await;
         }
         health.set_not_serving().await;
-        if !config.shutdown_delay.is_zero() {
+        let drain = settings.shutdown;
+        if !drain.delay.is_zero() {
             // Keep serving while load balancers notice we are not ready.
-            tracing::info!(delay = ?config.shutdown_delay, "shutting down: not ready, still serving");
-            tokio::time::sleep(config.shutdown_delay).await;
+            tracing::info!(delay = ?drain.delay, "shutting down: not ready, still serving");
+            tokio::time::sleep(drain.delay).await;
         }
-        tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
-        let retry_ms = config.retry.as_millis() as u64;
+        tracing::info!(grace = ?drain.grace, "shutting down: draining connections");
+        let retry_ms = u64::try_from(drain.retry.as_millis()).unwrap_or(u64::MAX);
         let closed = router.close_all(CloseReason::Shutdown, move || {
             // Spread reconnections over [retry, 2*retry + 1s) so thousands of clients do not come
             // back in the same millisecond.
@@ -308,7 +265,7 @@ impl Application {
             tracker.wait().await;
             grpc_task.await
         };
-        match tokio::time::timeout(config.shutdown_grace, drained).await {
+        match tokio::time::timeout(drain.grace, drained).await {
             Ok(Ok(result)) => result?,
             Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed"),
             Err(_) => tracing::warn!(streams = closed, "grace period over: dropping what is still open"),

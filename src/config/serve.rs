@@ -1,28 +1,10 @@
-//! Command-line flags, each also read from an `SSEGATE_…` environment variable, validated once
-//! at start. The README's flag table mirrors this file.
+//! The flags of `ssegate serve`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Args;
 
-#[derive(Parser, Debug)]
-#[command(name = "ssegate", version, about = "Push service: publish over gRPC, receive over Server-Sent Events")]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Run the server.
-    Serve(Box<ServeArgs>),
-    /// Publish one event to a running server over gRPC and print its id.
-    Publish(Box<PublishArgs>),
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
-}
+use super::{BackplaneKind, LogFormat, duration};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -280,116 +262,4 @@ pub struct ServeArgs {
     /// Log output: `pretty` for people, `json` for log collectors. Filter with RUST_LOG.
     #[arg(long, env = "SSEGATE_LOG_FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackplaneKind {
-    Memory,
-    Nats,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Pretty,
-    Json,
-}
-
-#[derive(Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["user", "group", "topic", "broadcast"])))]
-pub struct PublishArgs {
-    /// gRPC endpoint of the server.
-    #[arg(long, env = "SSEGATE_GRPC_URL", default_value = "http://127.0.0.1:50051")]
-    pub grpc_url: String,
-
-    /// Publisher API key, sent as `authorization: Bearer <key>`.
-    #[arg(long, env = "SSEGATE_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-
-    /// With an `https://` URL: the CA (PEM) that signed the server's certificate.
-    #[arg(long, env = "SSEGATE_TLS_CA_FILE")]
-    pub tls_ca_file: Option<PathBuf>,
-
-    /// With an `https://` URL and mutual TLS: this client certificate (PEM)...
-    #[arg(long, env = "SSEGATE_TLS_CLIENT_CERT_FILE", requires = "tls_client_key_file")]
-    pub tls_client_cert_file: Option<PathBuf>,
-
-    /// ...and its private key (PEM).
-    #[arg(long, env = "SSEGATE_TLS_CLIENT_KEY_FILE", requires = "tls_client_cert_file")]
-    pub tls_client_key_file: Option<PathBuf>,
-
-    /// Deliver to this user (repeatable).
-    #[arg(long)]
-    pub user: Vec<String>,
-
-    /// Deliver to the members of this group.
-    #[arg(long)]
-    pub group: Option<String>,
-
-    /// Deliver to the subscribers of this topic.
-    #[arg(long)]
-    pub topic: Option<String>,
-
-    /// Deliver to every connection.
-    #[arg(long)]
-    pub broadcast: bool,
-
-    /// Idempotency key: retries with the same key are delivered once (NATS backplane).
-    #[arg(long)]
-    pub idempotency_key: Option<String>,
-
-    /// SSE event name; empty for the default `message`.
-    #[arg(long, default_value = "")]
-    pub event: String,
-
-    /// Keep the event as the current state of its target and name, sent to every connection
-    /// that opens later ("State on page load" in the README).
-    #[arg(long)]
-    pub retain: bool,
-
-    /// With --retain: stop sending the value to new connections after this long.
-    #[arg(long, requires = "retain", value_parser = duration)]
-    pub retain_ttl: Option<Duration>,
-
-    /// Delete the retained value of the target and event name (the event is still delivered).
-    #[arg(long, conflicts_with_all = ["retain", "retain_ttl"])]
-    pub clear_retained: bool,
-
-    /// Event data; `-` reads it from standard input.
-    #[arg(long)]
-    pub data: String,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_parse() {
-        let Cli { command: Command::Serve(d) } = Cli::try_parse_from(["ssegate", "serve"]).unwrap() else {
-            panic!("not serve")
-        };
-        assert_eq!(d.http_addr.port(), 8080);
-        assert_eq!(d.grpc_addr.port(), 50051);
-        assert_eq!(d.heartbeat_interval, Duration::from_secs(15));
-    }
-
-    #[test]
-    fn nats_stream_replicas_is_one_by_default_and_between_one_and_five() {
-        let serve = |extra: &[&str]| match Cli::try_parse_from([&["ssegate", "serve"], extra].concat()) {
-            Ok(Cli { command: Command::Serve(a) }) => Ok(a.nats_stream_replicas),
-            Ok(_) => panic!("not serve"),
-            Err(e) => Err(e),
-        };
-        assert_eq!(serve(&[]).unwrap(), 1);
-        assert_eq!(serve(&["--nats-stream-replicas", "3"]).unwrap(), 3);
-        assert!(serve(&["--nats-stream-replicas", "0"]).is_err());
-        assert!(serve(&["--nats-stream-replicas", "6"]).is_err());
-    }
-
-    #[test]
-    fn publish_needs_exactly_one_target() {
-        assert!(Cli::try_parse_from(["ssegate", "publish", "--data", "x"]).is_err());
-        assert!(Cli::try_parse_from(["ssegate", "publish", "--data", "x", "--user", "a", "--broadcast"]).is_err());
-        assert!(Cli::try_parse_from(["ssegate", "publish", "--data", "x", "--user", "a", "--user", "b"]).is_ok());
-    }
 }

@@ -1,0 +1,242 @@
+//! The server's settings, made once from the flags: typed (durations, sizes, addresses),
+//! validated, grouped by the module they are for, and passed down. No module below reads a
+//! flag; the few tunables that are not flags live here too, named and documented.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    auth::jwt::JwtSettings,
+    backplane::nats::NatsSettings,
+    config::{BackplaneKind, ServeArgs},
+    grpc,
+    http::{HttpSettings, server::ServerLimits},
+    net::Timeouts,
+    router::{ReplayConfig, RetainedConfig, RouterConfig},
+};
+
+/// How often key and certificate files are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Longest wait at start for a replica to catch up with the broker's stream before it serves.
+const NATS_CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Most concurrent streams on one HTTP/2 connection when `--max-connections-per-ip` is 0: the
+/// RFC 9113 recommended minimum, far more than a browser opens for event streams.
+const DEFAULT_H2_STREAMS: u32 = 100;
+
+/// Flags that cannot be used together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Conflict(&'static str),
+}
+
+/// Where published events go.
+#[derive(Clone, Debug)]
+pub enum BackplaneSettings {
+    Memory,
+    Nats(NatsSettings),
+}
+
+/// Who may subscribe.
+#[derive(Clone, Debug)]
+pub struct SubscriberSettings {
+    pub jwt: JwtSettings,
+    /// The cookie that may carry the token.
+    pub cookie: String,
+    /// Development only: believe `?user=` without a token.
+    pub insecure_dev_identity: bool,
+}
+
+/// Who may publish.
+#[derive(Clone, Debug)]
+pub struct PublisherSettings {
+    pub api_keys_file: Option<PathBuf>,
+    pub api_keys: Option<String>,
+    /// Publishers are whoever presents a client certificate (`--grpc-client-ca-file`).
+    pub client_certificates: bool,
+    /// Development only: anyone may publish.
+    pub insecure_open: bool,
+}
+
+/// The TLS certificate of the HTTP and gRPC ports.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA of the client certificates the gRPC port requires (mutual TLS).
+    pub grpc_client_ca: Option<PathBuf>,
+}
+
+/// What happens on SIGTERM.
+#[derive(Clone, Copy, Debug)]
+pub struct ShutdownSettings {
+    /// Keep serving, not ready, this long first.
+    pub delay: Duration,
+    /// Longest wait for streams and calls to end.
+    pub grace: Duration,
+    /// The reconnection delay clients are sent (jittered) as their streams end.
+    pub retry: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub backplane: BackplaneSettings,
+    /// The router's settings; `shards` and `epoch` are filled in at build (from the runtime and
+    /// the backplane).
+    pub router: RouterConfig,
+    pub http: HttpSettings,
+    pub server: ServerLimits,
+    pub grpc: grpc::Limits,
+    /// First-request and idle deadlines, on every port.
+    pub timeouts: Timeouts,
+    /// Most not-yet-admitted sockets on the HTTP port.
+    pub max_pending_connections: usize,
+    pub heartbeat_interval: Duration,
+    pub subscriber: SubscriberSettings,
+    pub publisher: PublisherSettings,
+    pub tls: Option<TlsFiles>,
+    pub shutdown: ShutdownSettings,
+    pub reload_every: Duration,
+    pub nats_catch_up: Duration,
+}
+
+/// A count flag as a size (flags are `u32`/`u64` for clap's range checks).
+fn size(n: impl TryInto<usize>) -> usize {
+    n.try_into().unwrap_or(usize::MAX)
+}
+
+impl Settings {
+    pub fn from_args(a: ServeArgs) -> Result<Self, ConfigError> {
+        let jwt = JwtSettings {
+            secret_file: a.jwt_secret_file,
+            public_key_file: a.jwt_public_key_file,
+            jwks_file: a.jwt_jwks_file,
+            issuer: a.jwt_issuer,
+            audience: a.jwt_audience,
+            leeway: a.jwt_leeway,
+        };
+        if jwt.is_configured() && a.insecure_dev_identity {
+            return Err(ConfigError::Conflict("--insecure-dev-identity cannot be combined with --jwt-* keys"));
+        }
+        let timeouts = Timeouts { first_request: a.header_read_timeout, idle: a.idle_timeout };
+        let backplane = match a.backplane {
+            BackplaneKind::Memory => BackplaneSettings::Memory,
+            BackplaneKind::Nats => BackplaneSettings::Nats(NatsSettings {
+                urls: a.nats_url,
+                creds_file: a.nats_creds_file,
+                tls_ca_file: a.nats_tls_ca_file,
+                stream: a.nats_stream,
+                subject: a.nats_subject,
+                max_age: a.nats_stream_max_age,
+                max_bytes: a.nats_stream_max_bytes,
+                duplicate_window: a.nats_duplicate_window,
+                publish_timeout: a.nats_publish_timeout,
+                cluster_wait: a.nats_cluster_wait,
+                stream_replicas: usize::from(a.nats_stream_replicas),
+            }),
+        };
+        Ok(Self {
+            http_addr: a.http_addr,
+            grpc_addr: a.grpc_addr,
+            admin_addr: a.admin_addr,
+            backplane,
+            router: RouterConfig {
+                queue_capacity: size(a.queue_capacity),
+                max_queue_bytes: size(a.max_queue_bytes),
+                write_coalesce: a.write_coalesce,
+                shards: 1,
+                epoch: None,
+                shared_sequence: false,
+                replay: ReplayConfig {
+                    capacity: size(a.replay_capacity),
+                    max_bytes: size(a.replay_max_bytes),
+                    max_age: a.replay_max_age,
+                },
+                retained: RetainedConfig { max_values: size(a.max_retained), max_bytes: size(a.max_retained_bytes) },
+                max_connections: size(a.max_connections),
+                max_connections_per_user: size(a.max_connections_per_user),
+            },
+            http: HttpSettings {
+                retry: a.retry,
+                max_subscriptions: size(a.max_subscriptions),
+                cors_allowed_origins: a.cors_allowed_origins,
+                max_connection_lifetime: a.max_connection_lifetime,
+                demo_page: a.insecure_dev_identity,
+            },
+            server: ServerLimits {
+                timeouts,
+                max_header_bytes: size(a.max_header_bytes),
+                max_connections_per_ip: size(a.max_connections_per_ip),
+                // As many streams on one h2 connection as connections from one address, if limited.
+                max_streams_per_connection: match a.max_connections_per_ip {
+                    0 => DEFAULT_H2_STREAMS,
+                    n => n,
+                },
+            },
+            grpc: grpc::Limits {
+                max_event_bytes: size(a.max_event_bytes),
+                max_ids_per_request: size(a.max_ids_per_request),
+                max_message_bytes: size(a.grpc_max_message_bytes),
+            },
+            timeouts,
+            max_pending_connections: size(a.max_pending_connections),
+            heartbeat_interval: a.heartbeat_interval,
+            subscriber: SubscriberSettings {
+                jwt,
+                cookie: a.token_cookie,
+                insecure_dev_identity: a.insecure_dev_identity,
+            },
+            publisher: PublisherSettings {
+                api_keys_file: a.publisher_api_keys_file,
+                api_keys: a.publisher_api_keys,
+                client_certificates: a.grpc_client_ca_file.is_some(),
+                insecure_open: a.insecure_open_publish,
+            },
+            tls: match (a.tls_cert_file, a.tls_key_file) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key, grpc_client_ca: a.grpc_client_ca_file }),
+                _ => None,
+            },
+            shutdown: ShutdownSettings { delay: a.shutdown_delay, grace: a.shutdown_grace, retry: a.retry },
+            reload_every: RELOAD_EVERY,
+            nats_catch_up: NATS_CATCH_UP,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Cli, Command};
+
+    fn settings(extra: &[&str]) -> Result<Settings, ConfigError> {
+        let Cli { command: Command::Serve(args) } =
+            Cli::try_parse_from([&["ssegate", "serve"], extra].concat()).unwrap()
+        else {
+            panic!("not serve")
+        };
+        Settings::from_args(*args)
+    }
+
+    #[test]
+    fn flags_become_typed_settings_once() {
+        let s = settings(&["--max-connections-per-ip", "8", "--max-retained", "5", "--idle-timeout", "90s"]).unwrap();
+        assert_eq!(s.server.max_streams_per_connection, 8);
+        assert_eq!(s.router.retained.max_values, 5);
+        assert_eq!((s.timeouts.idle, s.server.timeouts.idle), (Duration::from_secs(90), Duration::from_secs(90)));
+        assert!(matches!(s.backplane, BackplaneSettings::Memory));
+        assert!(s.tls.is_none());
+        assert_eq!(settings(&[]).unwrap().server.max_streams_per_connection, DEFAULT_H2_STREAMS);
+    }
+
+    #[test]
+    fn conflicting_flags_are_refused() {
+        let both = settings(&["--insecure-dev-identity", "--jwt-secret-file", "/x"]);
+        assert!(matches!(both, Err(ConfigError::Conflict(_))));
+    }
+}
