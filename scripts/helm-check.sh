@@ -198,14 +198,15 @@ done
 check_set example-ssegate-values -f helm/examples/ssegate-values.yaml
 
 # The memory limit derived from the connection limit (values.yaml `memory`): default values,
-# cleartext: (32 MiB + 64 MiB + 50000 × 4 KiB) × 1.5 = 437Mi; with TLS (HTTP/2): 24 KiB each.
+# cleartext: (32 MiB + 64 MiB replay + 64 MiB retained + 50000 × 4 KiB) × 1.5 = 533Mi; with TLS
+# (HTTP/2): 24 KiB each.
 memory_limit() { "$HELM" template ssegate "$CHART" "$@" | sed -n 's/^ *memory: \([0-9]*Mi\)$/\1/p' | head -1; }
 step "the memory limit is derived from max-connections"
-[[ "$(memory_limit)" == "437Mi" ]] || die "default memory limit: $(memory_limit), expected 437Mi"
-[[ "$(memory_limit --set tls.enabled=true --set tls.existingSecret=t)" == "1902Mi" ]] \
-    || die "memory limit with TLS: $(memory_limit --set tls.enabled=true --set tls.existingSecret=t), expected 1902Mi"
-[[ "$(memory_limit --set config.max-connections=1000)" == "150Mi" ]] || die "memory limit at 1000 connections"
-echo "   437Mi by default, 1902Mi with TLS, 150Mi at 1000 connections"
+[[ "$(memory_limit)" == "533Mi" ]] || die "default memory limit: $(memory_limit), expected 533Mi"
+[[ "$(memory_limit --set tls.enabled=true --set tls.existingSecret=t)" == "1998Mi" ]] \
+    || die "memory limit with TLS: $(memory_limit --set tls.enabled=true --set tls.existingSecret=t), expected 1998Mi"
+[[ "$(memory_limit --set config.max-connections=1000)" == "246Mi" ]] || die "memory limit at 1000 connections"
+echo "   533Mi by default, 1998Mi with TLS, 246Mi at 1000 connections"
 
 # --- forbidden combinations -----------------------------------------------------------------
 must_fail() { # <message: extended regex, case-insensitive> [helm args...]

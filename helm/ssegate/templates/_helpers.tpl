@@ -60,7 +60,7 @@ from dedicated values (managed below) or not a flag. Keep in sync with `ssegate 
 (scripts/helm-check.sh compares them when target/debug/ssegate exists).
 */}}
 {{- define "ssegate.configFlags" -}}
-nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins idle-timeout max-pending-connections log-format
+nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-retained max-retained-bytes max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins idle-timeout max-pending-connections log-format
 {{- end }}
 
 {{/* Flags the chart sets itself, with the value to use instead. */}}
@@ -132,7 +132,8 @@ change. Included by the Deployment, so `helm template`/`install`/`upgrade` fail.
 {{- end }}
 
 {{/*
-Memory the server needs, in MiB (float): memory.baseMiB + replay-max-bytes + max-connections ×
+Memory the server needs, in MiB (float): memory.baseMiB + replay-max-bytes + max-retained-bytes +
+max-connections ×
 the memory of one connection (memory.perConnectionKiB, or by protocol when 0: 24 KiB with
 tls.enabled, where browsers speak HTTP/2 to the pod; 4 KiB for cleartext HTTP/1.1).
 */}}
@@ -150,10 +151,14 @@ tls.enabled, where browsers speak HTTP/2 to the pod; 4 KiB for cleartext HTTP/1.
 {{- divf (float64 (default 67108864 (get .Values.config "replay-max-bytes"))) 1048576.0 }}
 {{- end }}
 
+{{- define "ssegate.retainedMaxMiB" -}}
+{{- divf (float64 (default 67108864 (get .Values.config "max-retained-bytes"))) 1048576.0 }}
+{{- end }}
+
 {{- define "ssegate.memoryNeedMiB" -}}
 {{- $conns := int64 (include "ssegate.maxConnections" .) }}
 {{- $kib := int64 (include "ssegate.memoryPerConnectionKiB" .) }}
-{{- addf (float64 .Values.memory.baseMiB) (float64 (include "ssegate.replayMaxMiB" .)) (divf (mul $conns $kib) 1024.0) }}
+{{- addf (float64 .Values.memory.baseMiB) (float64 (include "ssegate.replayMaxMiB" .)) (float64 (include "ssegate.retainedMaxMiB" .)) (divf (mul $conns $kib) 1024.0) }}
 {{- end }}
 
 {{/* A Kubernetes memory quantity (1Gi, 1500Mi, 2G, 1.5Gi, or bytes) in MiB (float). */}}
@@ -184,7 +189,7 @@ need: the pod would be OOM-killed before --max-connections answers 503.
 {{- if get $limits "memory" }}
 {{- $set := float64 (include "ssegate.quantityMiB" (get $limits "memory")) }}
 {{- if lt $set $need }}
-{{- fail (printf "\n\nssegate: resources.limits.memory=%v (%.0f MiB) is below what the server needs at its connection limit: %.0f MiB = %d MiB base + %.0f MiB replay log + %d connections (config.max-connections) × %d KiB.\nRaise resources.limits.memory (or leave it unset: the chart then derives it with %d%% headroom), lower config.max-connections, or set memory.perConnectionKiB to what you measured.\n" (get $limits "memory") $set $need (int64 .Values.memory.baseMiB) (float64 (include "ssegate.replayMaxMiB" .)) (int64 (include "ssegate.maxConnections" .)) (int64 (include "ssegate.memoryPerConnectionKiB" .)) (int64 .Values.memory.headroomPercent)) }}
+{{- fail (printf "\n\nssegate: resources.limits.memory=%v (%.0f MiB) is below what the server needs at its connection limit: %.0f MiB = %d MiB base + %.0f MiB replay log + %.0f MiB retained values + %d connections (config.max-connections) × %d KiB.\nRaise resources.limits.memory (or leave it unset: the chart then derives it with %d%% headroom), lower config.max-connections, or set memory.perConnectionKiB to what you measured.\n" (get $limits "memory") $set $need (int64 .Values.memory.baseMiB) (float64 (include "ssegate.replayMaxMiB" .)) (float64 (include "ssegate.retainedMaxMiB" .)) (int64 (include "ssegate.maxConnections" .)) (int64 (include "ssegate.memoryPerConnectionKiB" .)) (int64 .Values.memory.headroomPercent)) }}
 {{- end }}
 {{- else }}
 {{- $limit := ceil (mulf $need (divf (float64 (add 100 (int64 .Values.memory.headroomPercent))) 100.0)) }}
