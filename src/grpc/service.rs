@@ -11,7 +11,7 @@ use super::{ApiError, convert, pb, unary::Parts};
 use crate::{
     backplane::{
         Accepted, Backplane,
-        cluster::{Answer, Query},
+        cluster::{Answer, OnlinePage, Query},
     },
     domain::{GroupId, Target, Topic, UserId},
     router::{Router, Stats},
@@ -203,7 +203,7 @@ impl pb::publisher_server::Publisher for PublisherService {
                 ApiError::OutOfRange(format!("reason is {} bytes, over the limit of 1024", req.reason.len())).into()
             );
         }
-        let query = Query::Disconnect { user: user.to_string(), reason: req.reason };
+        let query = Query::Disconnect { user, reason: req.reason };
         let g = self.backplane.gather(&self.router, &query).await;
         let closed = g.answers.iter().map(|a| a.closed).sum();
         Ok(Response::new(pb::DisconnectResponse { closed, partial: g.partial, replicas: g.answers.len() as u32 }))
@@ -212,11 +212,12 @@ impl pb::publisher_server::Publisher for PublisherService {
     async fn presence(&self, req: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceResponse>, Status> {
         self.within_limit(req.get_ref())?;
         let req = req.into_inner();
-        // Validated here, once; replicas receive only valid ids.
-        convert::list("user_ids", &req.user_ids, &self.limits, UserId::parse)?;
-        convert::list("groups", &req.groups, &self.limits, GroupId::parse)?;
-        convert::list("topics", &req.topics, &self.limits, Topic::parse)?;
-        let online = match &req.list_online {
+        // Parsed here, once: the query carries domain values to every replica; the answer
+        // echoes the caller's strings (they parsed, so they are the ids).
+        let users = convert::list("user_ids", &req.user_ids, &self.limits, UserId::parse)?;
+        let groups = convert::list("groups", &req.groups, &self.limits, GroupId::parse)?;
+        let topics = convert::list("topics", &req.topics, &self.limits, Topic::parse)?;
+        let online = match req.list_online {
             None => None,
             Some(page) => {
                 let limit = match page.limit {
@@ -227,15 +228,11 @@ impl pb::publisher_server::Publisher for PublisherService {
                         return Err(ApiError::OutOfRange(msg).into());
                     }
                 };
-                Some(((!page.after.is_empty()).then(|| page.after.clone()), limit as usize))
+                Some(OnlinePage { after: (!page.after.is_empty()).then_some(page.after), limit: limit as usize })
             }
         };
-        let query = Query::Presence {
-            users: req.user_ids.clone(),
-            groups: req.groups.clone(),
-            topics: req.topics.clone(),
-            online: online.clone(),
-        };
+        let page_limit = online.as_ref().map(|p| p.limit);
+        let query = Query::Presence { users, groups, topics, online };
         let g = self.backplane.gather(&self.router, &query).await;
         let sum = |n: usize, pick: fn(&Answer) -> &Vec<u64>| -> Vec<u64> {
             (0..n).map(|i| g.answers.iter().map(|a| pick(a).get(i).copied().unwrap_or(0)).sum()).collect()
@@ -244,9 +241,9 @@ impl pb::publisher_server::Publisher for PublisherService {
         let mut resp = pb::PresenceResponse {
             users: req
                 .user_ids
-                .iter()
+                .into_iter()
                 .zip(users)
-                .map(|(u, n)| pb::UserPresence { user_id: u.clone(), online: n > 0, connections: n })
+                .map(|(user_id, n)| pb::UserPresence { user_id, online: n > 0, connections: n })
                 .collect(),
             groups: counts(&req.groups, sum(req.groups.len(), |a| &a.group_connections)),
             topics: counts(&req.topics, sum(req.topics.len(), |a| &a.topic_connections)),
@@ -254,15 +251,15 @@ impl pb::publisher_server::Publisher for PublisherService {
             replicas: g.answers.len() as u32,
             ..Default::default()
         };
-        if let Some((_, limit)) = online {
+        if let Some(limit) = page_limit {
             // Each replica's page is sorted; a user online on several replicas appears once.
-            let mut ids: Vec<String> = g.answers.iter().flat_map(|a| a.online.iter().cloned()).collect();
+            let mut ids: Vec<&UserId> = g.answers.iter().flat_map(|a| &a.online).collect();
             ids.sort_unstable();
             ids.dedup();
             let more = ids.len() > limit || g.answers.iter().any(|a| a.more_online);
             ids.truncate(limit);
-            resp.next_after = if more { ids.last().cloned().unwrap_or_default() } else { String::new() };
-            resp.online_user_ids = ids;
+            resp.next_after = if more { ids.last().map(|u| u.to_string()).unwrap_or_default() } else { String::new() };
+            resp.online_user_ids = ids.iter().map(|u| u.to_string()).collect();
         }
         Ok(Response::new(resp))
     }

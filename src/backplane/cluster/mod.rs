@@ -1,0 +1,241 @@
+//! Cluster-wide Presence, Stats and Disconnect: scatter/gather over core NATS request-reply.
+//!
+//! Every replica answers queries on one control subject with what its own router knows, and
+//! announces itself on a hello subject every second, so that a querying replica knows how
+//! many answers to wait for. It waits until every replica seen in the last few seconds has
+//! answered or a bounded time has passed, and says `partial` if some did not. With the
+//! memory backplane the same queries are answered by this process alone.
+//!
+//! `Query` and `Answer` carry domain values, parsed once at the gRPC edge; `wire.rs` is their
+//! versioned form between replicas (and its compatibility rules), the one place they become
+//! text and are validated again on arrival.
+
+pub mod wire;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_nats::Client;
+use futures_util::StreamExt;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    domain::{GroupId, Topic, UserId},
+    router::{Router, Stats},
+};
+
+/// A question every replica answers about its own connections.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Query {
+    /// Connections per user, group and topic (each list in the order asked), and optionally a
+    /// page of the online users.
+    Presence {
+        users: Vec<UserId>,
+        groups: Vec<GroupId>,
+        topics: Vec<Topic>,
+        online: Option<OnlinePage>,
+    },
+    Stats,
+    /// Closes every connection of `user`, telling it `reason`.
+    Disconnect {
+        user: UserId,
+        reason: String,
+    },
+}
+
+/// A page of online users, sorted by id: those after `after` (exclusive), at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlinePage {
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// One replica's answer. A field the query did not ask about is empty (or 0).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answer {
+    /// Connections of each user of a Presence query, in its order.
+    pub user_connections: Vec<u64>,
+    pub group_connections: Vec<u64>,
+    pub topic_connections: Vec<u64>,
+    /// The page of online users asked for, sorted, and whether more remain after it.
+    pub online: Vec<UserId>,
+    pub more_online: bool,
+    pub stats: Option<Stats>,
+    /// Connections a Disconnect closed.
+    pub closed: u64,
+}
+
+/// Answers `query` from this process's router.
+pub fn answer(router: &Router, query: &Query) -> Answer {
+    match query {
+        Query::Presence { users, groups, topics, online } => {
+            let (online, more_online) = match online {
+                Some(page) => router.online_users(page.after.as_deref(), page.limit),
+                None => (Vec::new(), false),
+            };
+            Answer {
+                user_connections: router.user_presence(users).iter().map(|p| p.connections).collect(),
+                group_connections: router.group_connections(groups),
+                topic_connections: router.topic_connections(topics),
+                online,
+                more_online,
+                ..Default::default()
+            }
+        }
+        Query::Stats => Answer { stats: Some(router.stats()), ..Default::default() },
+        Query::Disconnect { user, reason } => Answer { closed: router.disconnect(user, reason), ..Default::default() },
+    }
+}
+
+/// The answers gathered for one query.
+pub struct Gathered {
+    pub answers: Vec<Answer>,
+    /// Some replica known to be alive did not answer in time.
+    pub partial: bool,
+}
+
+/// How long a replica counts as alive after its last hello.
+const PEER_TTL: Duration = Duration::from_secs(3);
+const HELLO_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Cluster {
+    client: Client,
+    id: String,
+    query_subject: String,
+    hello_subject: String,
+    wait: Duration,
+    peers: Mutex<HashMap<String, Instant>>,
+}
+
+impl Cluster {
+    pub fn new(client: Client, prefix: &str, wait: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            id: format!("{:016x}", fastrand::u64(..)),
+            query_subject: format!("{prefix}.ctl.query"),
+            hello_subject: format!("{prefix}.ctl.hello"),
+            wait,
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts answering queries and announcing this replica: three tasks on `tracker`, ending
+    /// when `stop` is cancelled.
+    pub async fn start(
+        self: &Arc<Self>,
+        router: Arc<Router>,
+        stop: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(), async_nats::Error> {
+        let mut queries = self.client.subscribe(self.query_subject.clone()).await?;
+        let client = self.client.clone();
+        let token = stop.clone();
+        tracker.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    () = token.cancelled() => break,
+                    msg = queries.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                };
+                let Some(reply) = msg.reply else { continue };
+                let query = match wire::decode_query(&msg.payload) {
+                    Ok(q) => q,
+                    Err(e @ wire::DecodeError::Json(_)) => {
+                        // A query kind from a newer replica: no answer (it reports `partial`).
+                        tracing::debug!(error = %e, "cluster query not understood; not answered");
+                        continue;
+                    }
+                    Err(e @ wire::DecodeError::Id(_)) => {
+                        // Validated by the asker under its rules, refused under ours: no answer
+                        // rather than counts for other ids than were asked.
+                        tracing::warn!(error = %e, "cluster query refused; not answered");
+                        continue;
+                    }
+                };
+                let bytes = wire::encode_answer(&answer(&router, &query));
+                if let Err(e) = client.publish(reply, bytes.into()).await {
+                    tracing::debug!(error = %e, "cluster answer not sent");
+                }
+            }
+            let _ = queries.unsubscribe().await;
+        });
+        let mut hellos = self.client.subscribe(self.hello_subject.clone()).await?;
+        let this = self.clone();
+        let token = stop.clone();
+        tracker.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    () = token.cancelled() => break,
+                    msg = hellos.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                };
+                let id = String::from_utf8_lossy(&msg.payload).into_owned();
+                this.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Instant::now());
+            }
+            let _ = hellos.unsubscribe().await;
+        });
+        let this = self.clone();
+        let token = stop.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(HELLO_EVERY);
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let _ = this.client.publish(this.hello_subject.clone(), this.id.clone().into()).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Replicas heard from recently (this one included).
+    fn alive(&self) -> usize {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|_, seen| seen.elapsed() < PEER_TTL);
+        peers.insert(self.id.clone(), Instant::now());
+        peers.len()
+    }
+
+    /// Asks every replica; waits for as many answers as there are live replicas, at most the
+    /// bounded wait.
+    pub async fn gather(&self, query: &Query) -> Result<Gathered, async_nats::Error> {
+        // While disconnected, the client would buffer the request until it reconnects: do not
+        // wait for that.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("not connected to NATS".into());
+        }
+        tokio::time::timeout(self.wait * 2, self.scatter(query)).await.map_err(|_| "cluster query timed out")?
+    }
+
+    async fn scatter(&self, query: &Query) -> Result<Gathered, async_nats::Error> {
+        let expected = self.alive();
+        let inbox = self.client.new_inbox();
+        let mut answers_sub = self.client.subscribe(inbox.clone()).await?;
+        self.client.publish_with_reply(self.query_subject.clone(), inbox, wire::encode_query(query).into()).await?;
+        self.client.flush().await?;
+        let mut answers = Vec::new();
+        let _ = tokio::time::timeout(self.wait, async {
+            while answers.len() < expected {
+                match answers_sub.next().await {
+                    Some(msg) => match wire::decode_answer(&msg.payload) {
+                        Ok(a) => answers.push(a),
+                        // Not counted: the result is `partial` unless another replica answers.
+                        Err(e) => tracing::warn!(error = %e, "cluster answer refused; not counted"),
+                    },
+                    None => break,
+                }
+            }
+        })
+        .await;
+        let partial = answers.len() < expected;
+        Ok(Gathered { answers, partial })
+    }
+}
