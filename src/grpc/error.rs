@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{backplane::BackplaneError, domain::InvalidText, router::PublishError};
+use crate::{backplane::BackplaneError, domain::InvalidText, router::PublishError, telemetry::metrics::PublishFailure};
 
 /// Why a request was refused. The message is shown to the caller as is: one line, naming the
 /// field and the rule, never internal detail.
@@ -16,8 +16,9 @@ pub enum ApiError {
     TooMany { field: &'static str, count: usize, max: usize },
     #[error("event is {len} bytes (name + data), over the limit of {max} bytes (--max-event-bytes)")]
     EventTooLarge { len: usize, max: usize },
-    #[error("{0}")]
-    OutOfRange(String),
+    /// A field over a fixed bound of the API (not a configurable limit).
+    #[error("{field} is {value}, over the limit of {max}")]
+    OverBound { field: &'static str, value: String, max: usize },
     /// Two fields that cannot go together.
     #[error("{0}")]
     Conflict(&'static str),
@@ -47,13 +48,24 @@ impl From<BackplaneError> for ApiError {
 }
 
 impl ApiError {
+    /// The outcome label of a failed publish (`ssegate_events_published_total{outcome}`): the
+    /// same three classes the status code tells the caller (not applied because of the
+    /// request, not applied for now, outcome unknown).
+    pub fn failure(&self) -> PublishFailure {
+        match self.code() {
+            Code::Unavailable | Code::ResourceExhausted => PublishFailure::Unavailable,
+            Code::DeadlineExceeded | Code::Unknown => PublishFailure::Unknown,
+            _ => PublishFailure::Invalid,
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             ApiError::Invalid { .. }
             | ApiError::Missing(_)
             | ApiError::TooMany { .. }
             | ApiError::EventTooLarge { .. }
-            | ApiError::OutOfRange(_)
+            | ApiError::OverBound { .. }
             | ApiError::Conflict(_) => Code::InvalidArgument,
             ApiError::Router(PublishError::ShuttingDown) | ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,

@@ -15,7 +15,7 @@ use crate::{
     },
     domain::{GroupId, Target, Topic, UserId},
     router::{Router, Stats},
-    telemetry::metrics::{EdgeMetrics, PublishFailure},
+    telemetry::metrics::EdgeMetrics,
 };
 
 /// Request-shape limits, from the configuration.
@@ -71,10 +71,11 @@ impl PublisherService {
             let event = convert::event(event, &self.limits)?;
             let retain = convert::retain(retain)?;
             if idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
-                return Err(ApiError::OutOfRange(format!(
-                    "idempotency_key is {} bytes, over the limit of {MAX_IDEMPOTENCY_KEY}",
-                    idempotency_key.len()
-                )));
+                return Err(ApiError::OverBound {
+                    field: "idempotency_key",
+                    value: format!("{} bytes", idempotency_key.len()),
+                    max: MAX_IDEMPOTENCY_KEY,
+                });
             }
             let accepted = self.backplane.publish(&self.router, target, event, retain, &idempotency_key).await?;
             let span = tracing::Span::current();
@@ -87,12 +88,7 @@ impl PublisherService {
         .instrument(span)
         .await;
         if let Err(e) = &result {
-            let failure = match e.code() {
-                Code::Unavailable | Code::ResourceExhausted => PublishFailure::Unavailable,
-                Code::DeadlineExceeded | Code::Unknown => PublishFailure::Unknown,
-                _ => PublishFailure::Invalid,
-            };
-            self.metrics.publish_failed(kind, failure);
+            self.metrics.publish_failed(kind, e.failure());
         }
         result
     }
@@ -199,9 +195,8 @@ impl pb::publisher_server::Publisher for PublisherService {
         let req = req.into_inner();
         let user = convert::user("user_id", &req.user_id)?;
         if req.reason.len() > 1024 {
-            return Err(
-                ApiError::OutOfRange(format!("reason is {} bytes, over the limit of 1024", req.reason.len())).into()
-            );
+            let value = format!("{} bytes", req.reason.len());
+            return Err(ApiError::OverBound { field: "reason", value, max: 1024 }.into());
         }
         let query = Query::Disconnect { user, reason: req.reason };
         let g = self.backplane.gather(&self.router, &query).await;
@@ -224,8 +219,10 @@ impl pb::publisher_server::Publisher for PublisherService {
                     0 => DEFAULT_ONLINE_PAGE,
                     n if n <= MAX_ONLINE_PAGE => n,
                     n => {
-                        let msg = format!("list_online.limit is {n}, over the limit of {MAX_ONLINE_PAGE}");
-                        return Err(ApiError::OutOfRange(msg).into());
+                        let max = MAX_ONLINE_PAGE as usize;
+                        return Err(
+                            ApiError::OverBound { field: "list_online.limit", value: n.to_string(), max }.into()
+                        );
                     }
                 };
                 Some(OnlinePage { after: (!page.after.is_empty()).then_some(page.after), limit: limit as usize })

@@ -162,7 +162,7 @@ async fn presence_stats_and_disconnect_answer_in_proto3_json() {
     }
     assert!(v["uptimeSeconds"].is_string() && v["replayLogBytes"].is_string(), "{v}");
     assert_eq!((v["partial"].clone(), v["replicas"].clone()), (json!(false), json!(1)));
-    assert_eq!(v.as_object().unwrap().len(), 16, "every field of StatsResponse: {v}");
+    assert_eq!(v.as_object().unwrap().len(), 19, "every field of StatsResponse: {v}");
 
     let v = ok(&app, "Disconnect", json!({"userId": "alice", "reason": "bye"})).await;
     assert_eq!(v, json!({"closed": "1", "partial": false, "replicas": 1}));
