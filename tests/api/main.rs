@@ -19,6 +19,7 @@ mod http_edge;
 mod limits;
 mod observability;
 mod resume;
+mod retained;
 mod routing;
 mod security;
 mod services;
