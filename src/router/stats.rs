@@ -104,7 +104,12 @@ impl Router {
     }
 
     pub fn stats(&self) -> Stats {
-        let gauges = self.lock().gauges();
+        let gauges = {
+            let mut core = self.lock();
+            // Gauges say what is held now: values past their time to live are gone.
+            core.retained.expire(std::time::SystemTime::now());
+            core.gauges()
+        };
         let c = &self.counters;
         Stats {
             connections: gauges.connections,

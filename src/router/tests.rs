@@ -600,3 +600,17 @@ fn a_retained_value_updated_while_connections_open_is_neither_lost_nor_doubled()
     let checked: u64 = pages.into_iter().map(|p| p.join().unwrap()).sum();
     assert!(checked > 0);
 }
+
+#[test]
+fn stats_do_not_count_values_past_their_time_to_live() {
+    let r = router(16);
+    let soon = Retain::Set { expires_at: Some(std::time::SystemTime::now() + std::time::Duration::from_millis(50)) };
+    r.publish_with(Target::Broadcast, &ev("x"), soon).unwrap();
+    assert_eq!(r.stats().retained_values, 1);
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while r.stats().retained_values != 0 {
+        assert!(Instant::now() < deadline, "an expired value is still counted");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(r.stats().retained_bytes, 0);
+}
