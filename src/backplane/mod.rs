@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod nats;
+mod retained_kv;
 mod wire;
 
 use std::{
@@ -155,6 +156,15 @@ impl Backplane {
         match self {
             Backplane::Memory(_) => true,
             Backplane::Nats(n) => n.is_up(),
+        }
+    }
+
+    /// Retained values the NATS backplane could not write to its bucket (0 in memory, which
+    /// keeps them in the router only).
+    pub fn retained_persist_failures(&self) -> u64 {
+        match self {
+            Backplane::Memory(_) => 0,
+            Backplane::Nats(n) => n.retained_persist_failures(),
         }
     }
 

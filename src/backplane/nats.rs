@@ -10,6 +10,8 @@
 //! - Replay: served by each replica's local log. At start the consumer begins far enough back
 //!   to fill the log with the last `replay_capacity` events, and the server reports ready only
 //!   once it has caught up, so a client resuming on a fresh replica finds its events.
+//! - Retained values: kept in a key-value bucket beside the stream (`retained_kv`), written by
+//!   the publishing replica before it answers and loaded at start before the consumer runs.
 //! - Epoch: the stream's creation time, so ids are the same on every replica and change only if
 //!   the stream is recreated (clients are then told with `ssegate.missed` / `other_epoch`).
 //! - Health: a probe task asks JetStream for the stream's info every `HEALTH_EVERY`, bounded by
@@ -20,32 +22,27 @@
 //! - Tasks (consumer, probe, cluster responder) run on the application's `TaskTracker` and end
 //!   when its `CancellationToken` is cancelled.
 
-use std::{
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+mod publish;
+mod tasks;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::{
     Client, ConnectOptions,
     connection::State,
     jetstream::{
         self, Context,
-        consumer::{DeliverPolicy, pull},
-        context::PublishErrorKind,
-        message::PublishMessage,
         stream::{Config, DiscardPolicy, StorageType},
     },
 };
-use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{BackplaneError, cluster::Cluster, wire};
-use crate::{
-    domain::{Event, Retain, Target},
-    router::Router,
+use super::{
+    cluster::Cluster,
+    retained_kv::{self, RetainedKv},
 };
+use crate::router::Router;
 
 /// The `--nats-*` flags.
 #[derive(Clone, Debug)]
@@ -89,6 +86,10 @@ pub enum NatsError {
     Conflict { stream: String, found: Vec<String>, expected: String },
     #[error("timed out catching up with the stream (at {at} of {target})")]
     CatchUp { at: u64, target: u64 },
+    #[error("JetStream key-value bucket `{bucket}` (retained values): {reason}")]
+    Retained { bucket: String, reason: String },
+    #[error("timed out loading the retained values from the bucket `{bucket}` (after {after:?})")]
+    RetainedTimeout { bucket: String, after: Duration },
 }
 
 pub struct NatsBackplane {
@@ -103,6 +104,8 @@ pub struct NatsBackplane {
     reconnected: Arc<Notify>,
     /// Cluster-wide Presence, Stats and Disconnect.
     pub cluster: Arc<Cluster>,
+    /// The retained values, kept beyond the life of every replica.
+    retained: RetainedKv,
     /// Whether the broker answered the last probe (see `HEALTH_EVERY`). Starts true: connecting
     /// just succeeded.
     up: watch::Sender<bool>,
@@ -176,16 +179,29 @@ impl NatsBackplane {
         let last_seq_at_start = info.state.last_sequence;
         tracing::info!(stream = %settings.stream, subject = %settings.subject, last_seq = last_seq_at_start,
             "NATS JetStream backplane connected");
+        let retained = RetainedKv::open(
+            &js,
+            &settings.stream,
+            epoch,
+            settings.stream_replicas,
+            settings.publish_timeout,
+            settings.duplicate_window,
+        )
+        .await?;
         let cluster = Cluster::new(client.clone(), &settings.subject, settings.cluster_wait);
         let (up, _) = watch::channel(true);
-        Ok(Self { client, js, settings, last_seq_at_start, epoch, reconnected, cluster, up })
+        Ok(Self { client, js, settings, last_seq_at_start, epoch, reconnected, cluster, retained, up })
     }
 
     /// Asks JetStream to keep `replicas` copies of an existing stream that has another number
     /// (the flag changed, or the stream was made by an older version). A refusal (e.g. more
     /// replicas than the NATS cluster has servers) is logged and the stream used as it is: the
     /// events still flow, with the durability the stream has.
-    async fn change_replicas(js: &Context, info: jetstream::stream::Info, replicas: usize) -> jetstream::stream::Info {
+    pub(super) async fn change_replicas(
+        js: &Context,
+        info: jetstream::stream::Info,
+        replicas: usize,
+    ) -> jetstream::stream::Info {
         let from = info.config.num_replicas;
         let mut config = info.config.clone();
         config.num_replicas = replicas;
@@ -225,58 +241,16 @@ impl NatsBackplane {
         self.up.subscribe()
     }
 
-    /// Stores one event; returns its stream sequence number.
-    ///
-    /// Errors say whether the event may have been stored: `Unavailable` and `Refused` only when
-    /// nothing was handed to the connection or JetStream answered that it did not store it;
-    /// `NoAck` and `Lost` once it was handed over without an acknowledgement (it may still be
-    /// stored, and then delivered: the caller must retry with the same idempotency key).
-    pub async fn publish(
-        &self,
-        target: &Target,
-        event: &Event,
-        retain: Retain,
-        idempotency_key: &str,
-    ) -> Result<u64, BackplaneError> {
-        if !self.is_connected() {
-            return Err(BackplaneError::Unavailable("not connected to NATS".into()));
-        }
-        if !self.is_up() {
-            return Err(BackplaneError::Unavailable("NATS JetStream is not answering".into()));
-        }
-        let mut msg = PublishMessage::build().payload(wire::encode(target, event, retain).into());
-        if !idempotency_key.is_empty() {
-            msg = msg.message_id(idempotency_key);
-        }
-        let timeout = self.settings.publish_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        // Handing the message to the connection: until this completes nothing was sent (a
-        // cancelled channel send sends nothing), so every failure here is a plain refusal.
-        let ack =
-            match tokio::time::timeout_at(deadline, self.js.send_publish(self.settings.subject.clone(), msg)).await {
-                Err(_) => return Err(BackplaneError::Unavailable("the NATS connection is not taking messages".into())),
-                Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                    return Err(BackplaneError::Refused(format!("the broker refused the size: {e}")));
-                }
-                Ok(Err(e)) => return Err(BackplaneError::Unavailable(e.to_string())),
-                Ok(Ok(ack)) => ack,
-            };
-        // From here on the event may be stored even if no acknowledgement arrives.
-        let ack = match tokio::time::timeout_at(deadline, ack).await {
-            Err(_) => return Err(BackplaneError::NoAck { timeout }),
-            Ok(Ok(ack)) => ack,
-            Ok(Err(e)) => return Err(classify_ack_error(&e, timeout)),
-        };
-        if ack.duplicate {
-            tracing::debug!(seq = ack.sequence, "publish was a duplicate of an earlier one (same idempotency key)");
-        }
-        Ok(ack.sequence)
+    /// Values of the retained-values bucket that could not be written.
+    pub fn retained_persist_failures(&self) -> u64 {
+        self.retained.failures()
     }
 
-    /// Starts the tasks on `tracker`, each ending when `stop` is cancelled: the cluster
-    /// responder, the broker probe, and the consumer feeding `router` from the stream,
-    /// beginning early enough to fill the replay log. Waits until the consumer has caught up
-    /// with the stream as it was at connect time.
+    /// Loads the retained values kept in the bucket into `router`, then starts the tasks on
+    /// `tracker`, each ending when `stop` is cancelled: the cluster responder, the broker probe,
+    /// and the consumer feeding `router` from the stream, beginning early enough to fill the
+    /// replay log. Waits (both steps within `catch_up`) until the consumer has caught up with
+    /// the stream as it was at connect time.
     pub async fn start(
         self: &Arc<Self>,
         router: Arc<Router>,
@@ -289,11 +263,20 @@ impl NatsBackplane {
             stream: self.settings.stream.clone(),
             reason: format!("cannot subscribe to the control subjects: {e}"),
         })?;
+        let deadline = tokio::time::Instant::now() + catch_up;
+        // Before the consumer starts: the events it catches up on then only replace older values.
+        let loaded = tokio::time::timeout_at(deadline, self.retained.load(&router)).await.map_err(|_| {
+            NatsError::RetainedTimeout { bucket: retained_kv::bucket_name(&self.settings.stream), after: catch_up }
+        })??;
+        let this = self.clone();
+        let token = stop.clone();
+        tracker.spawn(async move { this.retained.delete_stale(loaded, token).await });
         let this = self.clone();
         tracker.spawn(this.probe(stop.clone()));
         let target = self.last_seq_at_start;
         let first = target.saturating_sub(replay_capacity) + 1;
-        let (progress_tx, mut progress) = watch::channel(0u64);
+        // Everything before `first` counts as caught up (with no replay, that is the whole stream).
+        let (progress_tx, mut progress) = watch::channel(first - 1);
         let this = self.clone();
         let token = stop.clone();
         tracker.spawn(async move {
@@ -302,7 +285,7 @@ impl NatsBackplane {
                 () = token.cancelled() => tracing::debug!("NATS consumer stopped"),
             }
         });
-        let caught_up = tokio::time::timeout(catch_up, async {
+        let caught_up = tokio::time::timeout_at(deadline, async {
             while *progress.borrow_and_update() < target {
                 if progress.changed().await.is_err() {
                     break;
@@ -313,116 +296,5 @@ impl NatsBackplane {
             return Err(NatsError::CatchUp { at: *progress.borrow(), target });
         }
         Ok(())
-    }
-
-    /// Probes the broker until `stop`: see `HEALTH_EVERY`.
-    async fn probe(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(HEALTH_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let started = Instant::now();
-            let result = tokio::select! {
-                () = stop.cancelled() => return,
-                r = async {
-                    tick.tick().await;
-                    self.check().await
-                } => r,
-            };
-            match result {
-                Ok(()) => {
-                    if self.up.send_if_modified(|up| !std::mem::replace(up, true)) {
-                        tracing::info!(after = ?started.elapsed(), "NATS JetStream answers again: publishing resumes");
-                    }
-                }
-                Err(reason) => {
-                    if self.up.send_replace(false) {
-                        tracing::warn!(%reason, "NATS JetStream is not answering: publishes are refused until it does");
-                    }
-                }
-            }
-        }
-    }
-
-    /// One round trip to JetStream (the stream's info), bounded by `HEALTH_TIMEOUT`.
-    async fn check(&self) -> Result<(), String> {
-        if !self.is_connected() {
-            return Err("not connected".to_owned());
-        }
-        match tokio::time::timeout(HEALTH_TIMEOUT, self.js.get_stream(&self.settings.stream)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {HEALTH_TIMEOUT:?}")),
-        }
-    }
-
-    /// Consumes forever: an ordered consumer from `from`, recreated from the router's last
-    /// sequence whenever it fails (broker restart, network).
-    async fn consume(self: Arc<Self>, router: Arc<Router>, mut from: u64, progress: watch::Sender<u64>) {
-        loop {
-            match self.consume_once(&router, from, &progress).await {
-                Ok(()) => tracing::debug!(from = router.last_seq() + 1, "NATS consumer ended; restarting it"),
-                Err(e) => {
-                    tracing::warn!(error = %e, from = router.last_seq() + 1, "NATS consumer failed; restarting it")
-                }
-            }
-            from = router.last_seq() + 1;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    async fn consume_once(
-        &self,
-        router: &Router,
-        from: u64,
-        progress: &watch::Sender<u64>,
-    ) -> Result<(), async_nats::Error> {
-        let stream = self.js.get_stream(&self.settings.stream).await?;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: self.settings.subject.clone(),
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from.max(1) },
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
-        loop {
-            let msg = tokio::select! {
-                msg = messages.next() => match msg {
-                    Some(msg) => msg?,
-                    None => return Ok(()),
-                },
-                () = self.reconnected.notified() => {
-                    tracing::info!(from = router.last_seq() + 1, "NATS reconnected: resuming the consumer");
-                    return Ok(());
-                }
-            };
-            let seq = msg.info()?.stream_sequence;
-            match wire::decode(&msg.payload) {
-                Ok(d) => {
-                    router.publish_sequenced(seq, d.target, &d.event, d.retain);
-                }
-                Err(e) => {
-                    // Still advance: skipping it must not stall every later event.
-                    tracing::error!(seq, error = %e, "undecodable message in the stream skipped");
-                    router.skip_to(seq);
-                }
-            }
-            progress.send_replace(seq);
-        }
-    }
-}
-
-/// What an acknowledgement that failed says about the event.
-fn classify_ack_error(e: &jetstream::context::PublishError, timeout: Duration) -> BackplaneError {
-    match e.kind() {
-        // No stream listens on the subject: nothing stored it.
-        PublishErrorKind::StreamNotFound => BackplaneError::Unavailable(format!("JetStream: {e}")),
-        PublishErrorKind::TimedOut => BackplaneError::NoAck { timeout },
-        // JetStream answered with an error: it did not store the event.
-        _ if std::error::Error::source(e).is_some_and(|s| s.is::<jetstream::Error>()) => {
-            BackplaneError::Refused(format!("JetStream refused the event: {e}"))
-        }
-        // The connection went away, or the answer was unreadable.
-        _ => BackplaneError::Lost(e.to_string()),
     }
 }

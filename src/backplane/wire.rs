@@ -7,7 +7,7 @@
 //! `deny_unknown_fields`). A target kind this version does not know cannot be delivered: the
 //! message is skipped with an error log, and the sequence still advances.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -48,12 +48,7 @@ impl WireRetain {
         match retain {
             Retain::No => None,
             Retain::Clear => Some(WireRetain { clear: true, expires_at_ms: None }),
-            Retain::Set { expires_at } => Some(WireRetain {
-                clear: false,
-                expires_at_ms: expires_at.map(|at| {
-                    at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                }),
-            }),
+            Retain::Set { expires_at } => Some(WireRetain { clear: false, expires_at_ms: expires_at.map(unix_ms) }),
         }
     }
 
@@ -61,8 +56,17 @@ impl WireRetain {
         if self.clear {
             return Retain::Clear;
         }
-        Retain::Set { expires_at: self.expires_at_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)) }
+        Retain::Set { expires_at: self.expires_at_ms.map(from_unix_ms) }
     }
+}
+
+/// A wall-clock time as Unix milliseconds (0 before 1970), the form expiries travel in.
+pub(super) fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(super) fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// One event of the stream, as a replica applies it.

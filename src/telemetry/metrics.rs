@@ -303,6 +303,13 @@ impl Collector for ServerCollector {
             G,
             if self.backplane.is_up() { 1.0 } else { 0.0 },
         )?;
+        single(
+            &mut enc,
+            "ssegate_retained_persist_failures",
+            "Retained values the NATS backplane could not write to its key-value bucket (the events were published)",
+            C,
+            self.backplane.retained_persist_failures() as f64,
+        )?;
         single(&mut enc, "ssegate_uptime_seconds", "Seconds since start", G, self.router.uptime().as_secs_f64())
     }
 }

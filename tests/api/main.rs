@@ -8,6 +8,7 @@ mod broker;
 mod browser;
 mod client_js;
 mod cluster;
+mod cluster_retained;
 mod connect;
 mod control;
 mod docs;
