@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use super::{Router, UserPresence};
 use crate::domain::{GroupId, Target, Topic, UserId};
 
-/// A snapshot of the router's gauges and counters (serializable: replicas exchange it).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A snapshot of the router's gauges and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub connections: u64,
     pub users: u64,

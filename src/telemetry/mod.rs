@@ -5,6 +5,7 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (off otherwise), with W3C trace context propagation.
 //! Metrics: see `metrics`.
 
+mod collector;
 pub mod grpc_layer;
 pub mod histogram;
 pub mod metrics;

@@ -4,7 +4,7 @@
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
-use super::metrics::single;
+use super::collector::single;
 
 #[derive(Debug)]
 pub struct ProcessCollector;
