@@ -26,9 +26,9 @@ pub enum Backplane {
 
 /// In memory, the idempotency keys seen in the last `window`, with the id each got: the same
 /// contract as JetStream's duplicate detection, for one process.
-#[derive(Default)]
 pub struct Dedupe {
     seen: Mutex<Seen>,
+    window: Duration,
 }
 
 #[derive(Default)]
@@ -38,13 +38,13 @@ struct Seen {
     order: VecDeque<String>,
 }
 
-/// How long a key is remembered, and how many keys at most (oldest forgotten first).
-const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+/// How many keys are remembered at most (oldest forgotten first).
 const DEDUPE_MAX_KEYS: usize = 100_000;
 
 impl Backplane {
-    pub fn memory() -> Self {
-        Backplane::Memory(Dedupe::default())
+    /// In this process only; idempotency keys are remembered for `dedupe_window`.
+    pub fn memory(dedupe_window: Duration) -> Self {
+        Backplane::Memory(Dedupe { seen: Mutex::default(), window: dedupe_window })
     }
 }
 
@@ -106,7 +106,7 @@ impl Backplane {
                 let now = Instant::now();
                 // Forget keys past the window, and the oldest beyond the cap.
                 while let Some(oldest) = seen.order.front() {
-                    let expired = seen.ids.get(oldest).is_none_or(|(_, at)| now.duration_since(*at) >= DEDUPE_WINDOW);
+                    let expired = seen.ids.get(oldest).is_none_or(|(_, at)| now.duration_since(*at) >= dedupe.window);
                     if !expired && seen.order.len() < DEDUPE_MAX_KEYS {
                         break;
                     }

@@ -110,16 +110,16 @@ pub async fn serve(
             let handshake = move |io: Guarded<TcpStream>| {
                 let acceptor = acceptor.clone();
                 async move {
-                    let peer = io.get_ref().peer_addr().ok();
+                    let peer = io.get_ref().peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
                     // The guard also fails a silent handshake's reads; this bounds a trickling one.
                     match tokio::time::timeout(timeouts.first_request, acceptor.accept(io)).await {
                         Ok(Ok(tls)) => Some(tls),
                         Ok(Err(e)) => {
-                            tracing::info!(peer = ?peer, error = %e, "gRPC TLS handshake failed");
+                            tracing::info!(%peer, error = %e, "gRPC TLS handshake failed");
                             None
                         }
                         Err(_) => {
-                            tracing::info!(peer = ?peer, "gRPC TLS handshake timed out");
+                            tracing::info!(%peer, "gRPC TLS handshake timed out");
                             None
                         }
                     }

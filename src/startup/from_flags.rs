@@ -20,7 +20,7 @@ pub(super) async fn connect_backplane(
     settings: &BackplaneSettings,
 ) -> Result<(Arc<Backplane>, Option<u64>), StartupError> {
     match settings {
-        BackplaneSettings::Memory => Ok((Arc::new(Backplane::memory()), None)),
+        BackplaneSettings::Memory { dedupe_window } => Ok((Arc::new(Backplane::memory(*dedupe_window)), None)),
         BackplaneSettings::Nats(nats) => {
             let nats = NatsBackplane::connect(nats.clone()).await?;
             let epoch = nats.epoch;

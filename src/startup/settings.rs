@@ -17,6 +17,10 @@ use crate::{
 /// How often key and certificate files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
+/// How long the memory backplane remembers an idempotency key (the proto documents it; the
+/// NATS backplane uses `--nats-duplicate-window`).
+const MEMORY_DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+
 /// Longest wait at start for a replica to catch up with the broker's stream before it serves.
 const NATS_CATCH_UP: Duration = Duration::from_secs(60);
 
@@ -34,7 +38,7 @@ pub enum ConfigError {
 /// Where published events go.
 #[derive(Clone, Debug)]
 pub enum BackplaneSettings {
-    Memory,
+    Memory { dedupe_window: Duration },
     Nats(NatsSettings),
 }
 
@@ -124,7 +128,7 @@ impl Settings {
         }
         let timeouts = Timeouts { first_request: a.header_read_timeout, idle: a.idle_timeout };
         let backplane = match a.backplane {
-            BackplaneKind::Memory => BackplaneSettings::Memory,
+            BackplaneKind::Memory => BackplaneSettings::Memory { dedupe_window: MEMORY_DEDUPE_WINDOW },
             BackplaneKind::Nats => BackplaneSettings::Nats(NatsSettings {
                 urls: a.nats_url,
                 creds_file: a.nats_creds_file,
@@ -229,7 +233,9 @@ mod tests {
         assert_eq!(s.server.max_streams_per_connection, 8);
         assert_eq!(s.router.retained.max_values, 5);
         assert_eq!((s.timeouts.idle, s.server.timeouts.idle), (Duration::from_secs(90), Duration::from_secs(90)));
-        assert!(matches!(s.backplane, BackplaneSettings::Memory));
+        assert!(
+            matches!(s.backplane, BackplaneSettings::Memory { dedupe_window } if dedupe_window == MEMORY_DEDUPE_WINDOW)
+        );
         assert!(s.tls.is_none());
         assert_eq!(settings(&[]).unwrap().server.max_streams_per_connection, DEFAULT_H2_STREAMS);
     }
