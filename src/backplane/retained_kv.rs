@@ -36,11 +36,11 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::codec::Stored;
 pub use self::codec::bucket_name;
-use self::codec::{Scope, Stored};
 use super::nats::NatsError;
 use crate::{
-    domain::{Event, Retain, Target},
+    domain::{Event, Retain, Scope, Target},
     router::Router,
 };
 

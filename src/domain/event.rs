@@ -91,6 +91,48 @@ impl Target {
     }
 }
 
+/// What one retained value is for: one user's connections (a publish to a user list sets one
+/// value per user), a group's, a topic's, or everyone's.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Scope {
+    User(UserId),
+    Group(GroupId),
+    Topic(Topic),
+    Broadcast,
+}
+
+impl Scope {
+    /// The scopes of a target: one per user of a user list.
+    pub fn of(target: &Target) -> Vec<Scope> {
+        match target {
+            Target::Users(users) => users.iter().cloned().map(Scope::User).collect(),
+            Target::Group(g) => vec![Scope::Group(g.clone())],
+            Target::Topic(t) => vec![Scope::Topic(t.clone())],
+            Target::Broadcast => vec![Scope::Broadcast],
+        }
+    }
+
+    /// The target whose retained value this scope's is.
+    pub fn target(&self) -> Target {
+        match self {
+            Scope::User(u) => Target::users(vec![u.clone()]),
+            Scope::Group(g) => Target::Group(g.clone()),
+            Scope::Topic(t) => Target::Topic(t.clone()),
+            Scope::Broadcast => Target::Broadcast,
+        }
+    }
+
+    /// The user, group or topic id; none for broadcast.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Scope::User(u) => Some(u.as_str()),
+            Scope::Group(g) => Some(g.as_str()),
+            Scope::Topic(t) => Some(t.as_str()),
+            Scope::Broadcast => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 mod event;
 mod ids;
 
-pub use event::{Event, EventId, MalformedEventId, Retain, Target};
+pub use event::{Event, EventId, MalformedEventId, Retain, Scope, Target};
 pub use ids::{
     EventName, GroupId, InvalidText, MAX_EVENT_NAME_BYTES, MAX_ID_BYTES, RESERVED_EVENT_PREFIX, Topic, UserId,
 };

@@ -20,7 +20,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use serde::{Deserialize, Serialize};
 
 use super::super::wire::{from_unix_ms, unix_ms};
-use crate::domain::{Event, EventName, GroupId, InvalidText, Retain, Target, Topic, UserId};
+use crate::domain::{Event, EventName, GroupId, InvalidText, Retain, Scope, Topic, UserId};
 
 /// The version of the value format this version writes.
 const VERSION: u32 = 1;
@@ -42,44 +42,15 @@ pub fn bucket_name(stream: &str) -> String {
     format!("{clean}_retained_{hash:08x}")
 }
 
-/// Which connections a value is for: one user's, a group's, a topic's or everyone's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
-    User(UserId),
-    Group(GroupId),
-    Topic(Topic),
-    Broadcast,
-}
-
-impl Scope {
-    /// The scopes of a target: one per user of a user list (each user has its own value).
-    pub fn of(target: &Target) -> Vec<Scope> {
-        match target {
-            Target::Users(users) => users.iter().cloned().map(Scope::User).collect(),
-            Target::Group(g) => vec![Scope::Group(g.clone())],
-            Target::Topic(t) => vec![Scope::Topic(t.clone())],
-            Target::Broadcast => vec![Scope::Broadcast],
-        }
-    }
-
-    /// The target whose retained value this scope's is.
-    pub fn target(&self) -> Target {
-        match self {
-            Scope::User(u) => Target::users(vec![u.clone()]),
-            Scope::Group(g) => Target::Group(g.clone()),
-            Scope::Topic(t) => Target::Topic(t.clone()),
-            Scope::Broadcast => Target::Broadcast,
-        }
-    }
-
-    fn kind_and_id(&self) -> (&'static str, Option<&str>) {
-        match self {
-            Scope::User(u) => ("user", Some(u.as_str())),
-            Scope::Group(g) => ("group", Some(g.as_str())),
-            Scope::Topic(t) => ("topic", Some(t.as_str())),
-            Scope::Broadcast => ("broadcast", None),
-        }
-    }
+/// The kind name and id of a scope, as a value records them.
+fn kind_and_id(scope: &Scope) -> (&'static str, Option<&str>) {
+    let kind = match scope {
+        Scope::User(_) => "user",
+        Scope::Group(_) => "group",
+        Scope::Topic(_) => "topic",
+        Scope::Broadcast => "broadcast",
+    };
+    (kind, scope.id())
 }
 
 /// The key of the value of (`scope`, `name`).
@@ -173,7 +144,7 @@ impl Stored {
             Retain::No => None,
             Retain::Clear => Some(Stored { v: VERSION, epoch, seq, cleared: true, ..Default::default() }),
             Retain::Set { expires_at } => {
-                let (kind, id) = scope.kind_and_id();
+                let (kind, id) = kind_and_id(scope);
                 Some(Stored {
                     v: VERSION,
                     epoch,
