@@ -51,6 +51,11 @@ pub enum AuthError {
     MissingToken { cookie: String },
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error(
+        "the `{cookie}` cookie was sent {count} times (set for more than one domain or path), so which token \
+         is meant is ambiguous: clear the extra ones, or send `Authorization: Bearer <jwt>`"
+    )]
+    AmbiguousCookie { cookie: String, count: usize },
     #[error("the token's claim `{claim}` is invalid: {reason}")]
     BadClaim { claim: &'static str, reason: InvalidText },
     #[error("query parameter `user` is required")]
@@ -79,10 +84,11 @@ impl SubscriberAuth {
                 expires_in: None,
             }),
             SubscriberAuth::Jwt { verifier, cookie } => {
-                let token = bearer(headers)
-                    .or_else(|| cookie_value(headers, cookie))
-                    .or(req.token.as_deref())
-                    .ok_or_else(|| AuthError::MissingToken { cookie: cookie.clone() })?;
+                let token = match bearer(headers) {
+                    Some(token) => Some(token),
+                    None => cookie_value(headers, cookie)?.or(req.token.as_deref()),
+                };
+                let token = token.ok_or_else(|| AuthError::MissingToken { cookie: cookie.clone() })?;
                 let claims = verifier.verify(token)?;
                 authorize(claims, req)
             }
@@ -130,15 +136,25 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
+/// The token cookie's value, if sent; refused if sent more than once. A browser sends every
+/// cookie whose domain and path match, so a sibling subdomain (`evil.example.com` setting
+/// `ssegate_token` for `.example.com`) can add one beside ours; if the first one won, it could
+/// pin the browser to an identity of its choosing. HTTP/2 may split cookies over several
+/// headers: all are read.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, AuthError> {
+    let mut values = headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    let first = values.next();
+    match values.count() {
+        0 => Ok(first),
+        more => Err(AuthError::AmbiguousCookie { cookie: name.to_owned(), count: more + 1 }),
+    }
 }
 
 #[cfg(test)]
@@ -149,12 +165,31 @@ mod tests {
     fn tokens_come_from_the_header_then_the_cookie() {
         let mut h = HeaderMap::new();
         h.insert("cookie", "a=1; ssegate_token=abc; b=2".parse().unwrap());
-        assert_eq!(cookie_value(&h, "ssegate_token"), Some("abc"));
+        assert_eq!(cookie_value(&h, "ssegate_token").unwrap(), Some("abc"));
+        assert_eq!(cookie_value(&h, "other").unwrap(), None);
         assert_eq!(bearer(&h), None);
         h.insert("authorization", "Bearer xyz".parse().unwrap());
         assert_eq!(bearer(&h), Some("xyz"));
         h.insert("authorization", "Basic xyz".parse().unwrap());
         assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn a_token_cookie_sent_twice_is_refused_as_ambiguous() {
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "ssegate_token=mine; a=1; ssegate_token=theirs".parse().unwrap());
+        let err = cookie_value(&h, "ssegate_token").unwrap_err();
+        assert!(matches!(&err, AuthError::AmbiguousCookie { count: 2, .. }), "{err:?}");
+        assert!(!err.to_string().contains('\n'), "one line");
+        // Also when split over two headers (HTTP/2), and even with equal values.
+        let mut h = HeaderMap::new();
+        h.append("cookie", "ssegate_token=same".parse().unwrap());
+        h.append("cookie", "b=2; ssegate_token=same".parse().unwrap());
+        assert!(matches!(cookie_value(&h, "ssegate_token"), Err(AuthError::AmbiguousCookie { count: 2, .. })));
+        // Other cookies may repeat; a name that merely ends like ours is another cookie.
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "a=1; a=2; x_ssegate_token=1; ssegate_token=t".parse().unwrap());
+        assert_eq!(cookie_value(&h, "ssegate_token").unwrap(), Some("t"));
     }
 
     fn claims(groups: &[&str], topics: &[&str]) -> jwt::Claims {

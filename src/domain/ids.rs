@@ -16,6 +16,8 @@ pub const RESERVED_EVENT_PREFIX: &str = "ssegate.";
 pub enum InvalidText {
     #[error("must not be empty")]
     Empty,
+    #[error("must not be blank (only whitespace)")]
+    Blank,
     #[error("is {len} bytes, longer than the limit of {max} bytes")]
     TooLong { len: usize, max: usize },
     #[error("contains the control character U+{0:04X}")]
@@ -91,6 +93,39 @@ id_type!(
     Topic
 );
 
+/// Longest idempotency key accepted, in bytes of UTF-8.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// A publisher's idempotency key: publishes with the same key within the duplicate window are
+/// stored once. 1 to 256 bytes, not only whitespace (a blank key is a client bug, not a key),
+/// no control characters. One rule for every backplane, checked here rather than by each: the
+/// NATS backplane sends the key as the `Nats-Msg-Id` header, where CR or LF would end the
+/// header (the NATS client refuses such a value by panicking), and the memory backplane must
+/// accept exactly the keys NATS does, so that moving to a cluster changes no answer.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct IdempotencyKey(Arc<str>);
+
+impl IdempotencyKey {
+    /// Validates a key given by a publisher (see the type).
+    pub fn parse(s: &str) -> Result<Self, InvalidText> {
+        check(s, MAX_IDEMPOTENCY_KEY_BYTES)?;
+        if s.chars().all(char::is_whitespace) {
+            return Err(InvalidText::Blank);
+        }
+        Ok(Self(Arc::from(s)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for IdempotencyKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// An SSE event name other than the default `message`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct EventName(Arc<str>);
@@ -134,6 +169,22 @@ mod tests {
         assert_eq!(GroupId::parse("a\nb").unwrap_err(), InvalidText::Control(0x0a));
         assert_eq!(GroupId::parse("a\rb").unwrap_err(), InvalidText::Control(0x0d));
         assert_eq!(GroupId::parse("a\u{85}b").unwrap_err(), InvalidText::Control(0x85));
+    }
+
+    #[test]
+    fn idempotency_keys_refuse_blank_control_and_long() {
+        for ok in ["k", "order-42 shipped", " padded ", "ünïcødé", &"k".repeat(256)] {
+            assert_eq!(IdempotencyKey::parse(ok).map(|k| k.as_str().to_owned()), Ok(ok.to_owned()));
+        }
+        assert_eq!(IdempotencyKey::parse("").unwrap_err(), InvalidText::Empty);
+        assert_eq!(IdempotencyKey::parse(" ").unwrap_err(), InvalidText::Blank);
+        assert_eq!(IdempotencyKey::parse("\u{3000} \u{a0}").unwrap_err(), InvalidText::Blank);
+        assert_eq!(IdempotencyKey::parse("a\r\nb").unwrap_err(), InvalidText::Control(0x0d));
+        assert_eq!(IdempotencyKey::parse("a\nb").unwrap_err(), InvalidText::Control(0x0a));
+        assert_eq!(IdempotencyKey::parse("\t").unwrap_err(), InvalidText::Control(0x09));
+        assert_eq!(IdempotencyKey::parse("a\0").unwrap_err(), InvalidText::Control(0));
+        let long = "é".repeat(129);
+        assert_eq!(IdempotencyKey::parse(&long).unwrap_err(), InvalidText::TooLong { len: 258, max: 256 });
     }
 
     #[test]

@@ -5,5 +5,6 @@ mod ids;
 
 pub use event::{Event, EventId, MalformedEventId, Retain, Scope, Target};
 pub use ids::{
-    EventName, GroupId, InvalidText, MAX_EVENT_NAME_BYTES, MAX_ID_BYTES, RESERVED_EVENT_PREFIX, Topic, UserId,
+    EventName, GroupId, IdempotencyKey, InvalidText, MAX_EVENT_NAME_BYTES, MAX_ID_BYTES, MAX_IDEMPOTENCY_KEY_BYTES,
+    RESERVED_EVENT_PREFIX, Topic, UserId,
 };

@@ -4,7 +4,7 @@
 use super::{ApiError, pb, service::Limits};
 use std::time::{Duration, SystemTime};
 
-use crate::domain::{Event, EventName, GroupId, InvalidText, Retain, Target, Topic, UserId};
+use crate::domain::{Event, EventName, GroupId, IdempotencyKey, InvalidText, Retain, Target, Topic, UserId};
 
 fn field<T>(name: impl Into<String>, r: Result<T, InvalidText>) -> Result<T, ApiError> {
     r.map_err(|reason| ApiError::Invalid { field: name.into(), reason })
@@ -55,6 +55,16 @@ pub fn event(ev: Option<pb::Event>, limits: &Limits) -> Result<Event, ApiError> 
     Ok(Event { name, data: ev.data })
 }
 
+/// `idempotency_key`: empty is no key (proto3's default); anything else must be a valid key
+/// (`IdempotencyKey`), so a blank one or one with CR or LF is refused here, the same for every
+/// backplane, before anything is published.
+pub fn idempotency_key(s: &str) -> Result<Option<IdempotencyKey>, ApiError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    field("idempotency_key", IdempotencyKey::parse(s)).map(Some)
+}
+
 /// `retain`: absent is a plain event; `clear` deletes; otherwise a value with an optional time
 /// to live, turned into a wall-clock expiry here (replicas agree on it).
 pub fn retain(r: Option<pb::Retain>) -> Result<Retain, ApiError> {
@@ -80,5 +90,24 @@ pub fn stream_target(t: Option<pb::publish_stream_request::Target>, limits: &Lim
         T::Group(g) => Ok(Target::Group(group(&g)?)),
         T::Topic(t) => Ok(Target::Topic(topic(&t)?)),
         T::Broadcast(_) => Ok(Target::Broadcast),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_are_optional_and_refusals_name_the_field() {
+        assert_eq!(idempotency_key("").unwrap(), None);
+        assert_eq!(idempotency_key("order-42").unwrap().unwrap().as_str(), "order-42");
+        let refused = |s: &str| idempotency_key(s).unwrap_err();
+        assert_eq!(refused("a\r\nb").to_string(), "idempotency_key contains the control character U+000D");
+        assert_eq!(refused("  ").to_string(), "idempotency_key must not be blank (only whitespace)");
+        assert_eq!(
+            refused(&"k".repeat(257)).to_string(),
+            "idempotency_key is 257 bytes, longer than the limit of 256 bytes"
+        );
+        assert_eq!(refused("\n").code(), tonic::Code::InvalidArgument);
     }
 }

@@ -7,7 +7,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use tracing::{Instrument, field::Empty};
 
-use super::{ApiError, convert, pb, unary::Parts};
+use super::{ApiError, convert, panic, pb, unary::Parts};
 use crate::{
     backplane::{
         Accepted, Backplane,
@@ -33,9 +33,6 @@ pub struct Limits {
 /// Largest page of `Presence.list_online`, and the page size when none is given.
 const MAX_ONLINE_PAGE: u32 = 10_000;
 const DEFAULT_ONLINE_PAGE: u32 = 1_000;
-
-/// Longest idempotency key accepted.
-const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 #[derive(Clone)]
 pub struct PublisherService {
@@ -66,18 +63,12 @@ impl PublisherService {
     ) -> Result<Accepted, ApiError> {
         let Parts { event, retain, idempotency_key } = parts;
         let span = tracing::info_span!("publish", target = kind, event_id = Empty, recipients = Empty);
-        let result = async {
+        let result: Result<Accepted, ApiError> = async {
             let target = target?;
             let event = convert::event(event, &self.limits)?;
             let retain = convert::retain(retain)?;
-            if idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
-                return Err(ApiError::OverBound {
-                    field: "idempotency_key",
-                    value: format!("{} bytes", idempotency_key.len()),
-                    max: MAX_IDEMPOTENCY_KEY,
-                });
-            }
-            let accepted = self.backplane.publish(&self.router, target, event, retain, &idempotency_key).await?;
+            let key = convert::idempotency_key(&idempotency_key)?;
+            let accepted = self.backplane.publish(&self.router, target, event, retain, key.as_ref()).await?;
             let span = tracing::Span::current();
             span.record("event_id", tracing::field::display(accepted.id));
             if let Some(n) = accepted.recipients {
@@ -96,13 +87,7 @@ impl PublisherService {
     async fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
         use pb::publish_stream_request::Target as T;
         if let Err(e) = self.within_limit(&req) {
-            return pb::PublishStreamResponse {
-                index,
-                code: e.code() as i32,
-                message: e.to_string(),
-                event_id: String::new(),
-                recipients: None,
-            };
+            return item_refused(index, e.code(), e.to_string());
         }
         let kind = match &req.target {
             Some(T::Users(_)) | None => "user",
@@ -120,15 +105,14 @@ impl PublisherService {
                 event_id: p.id.to_string(),
                 recipients: p.recipients,
             },
-            Err(e) => pb::PublishStreamResponse {
-                index,
-                code: e.code() as i32,
-                message: e.to_string(),
-                event_id: String::new(),
-                recipients: None,
-            },
+            Err(e) => item_refused(index, e.code(), e.to_string()),
         }
     }
+}
+
+/// The answer to a stream item that was not published.
+fn item_refused(index: u64, code: Code, message: String) -> pb::PublishStreamResponse {
+    pb::PublishStreamResponse { index, code: code as i32, message, event_id: String::new(), recipients: None }
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse, Status>> + Send>>;
@@ -174,7 +158,13 @@ impl pb::publisher_server::Publisher for PublisherService {
                 // A message too large even to be read and skipped (over twice the limit) is
                 // the caller's excess, not a range error (tonic says OUT_OF_RANGE).
                 match item {
-                    Ok(r) => Ok(this.stream_item(i as u64, r).await),
+                    // A panic while handling an item fails that item alone (`INTERNAL`, logged):
+                    // the answers before it were sent, and the items after it are served.
+                    Ok(r) => {
+                        let what = "/ssegate.v1.Publisher/PublishStream item";
+                        let answer = panic::catching(what, this.stream_item(i as u64, r)).await;
+                        Ok(answer.unwrap_or_else(|s| item_refused(i as u64, s.code(), s.message().to_owned())))
+                    }
                     Err(e) if e.code() == Code::OutOfRange => Err(Status::resource_exhausted(format!(
                         "item {i}: {} (--grpc-max-message-bytes is {})",
                         e.message(),

@@ -39,6 +39,7 @@ fn app(metrics: Arc<Metrics>, ready: Readiness) -> axum::Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(AdminState { metrics, ready })
+        .layer(axum::middleware::map_response(super::error::nosniff_on_errors))
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {

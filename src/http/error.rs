@@ -6,6 +6,20 @@ use http::{HeaderValue, StatusCode, header};
 
 use crate::{auth::AuthError, domain::InvalidText, router::RouterError};
 
+/// `X-Content-Type-Options: nosniff`, on every error answer of the HTTP and admin ports.
+fn nosniff() -> HeaderValue {
+    HeaderValue::from_static("nosniff")
+}
+
+/// Adds `X-Content-Type-Options: nosniff` to an error answer made elsewhere than `HttpError`
+/// (axum's own 404 and 405, the admin port's 503): a middleware for an axum router.
+pub(super) async fn nosniff_on_errors(mut resp: Response) -> Response {
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        resp.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, nosniff());
+    }
+    resp
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("query parameter `{param}` {reason}")]
@@ -46,9 +60,12 @@ impl HttpError {
             }
             HttpError::Router(RouterError::TooManyForUser { .. }) => StatusCode::TOO_MANY_REQUESTS,
             HttpError::Auth(AuthError::MissingUser) => StatusCode::BAD_REQUEST,
-            HttpError::Auth(AuthError::MissingToken { .. } | AuthError::Token(_) | AuthError::BadClaim { .. }) => {
-                StatusCode::UNAUTHORIZED
-            }
+            HttpError::Auth(
+                AuthError::MissingToken { .. }
+                | AuthError::AmbiguousCookie { .. }
+                | AuthError::Token(_)
+                | AuthError::BadClaim { .. },
+            ) => StatusCode::UNAUTHORIZED,
             HttpError::Auth(AuthError::WrongUser | AuthError::GroupNotAllowed(_) | AuthError::TopicNotAllowed(_)) => {
                 StatusCode::FORBIDDEN
             }
@@ -64,6 +81,9 @@ impl IntoResponse for HttpError {
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // The reason may quote the request (a query parameter, a group name): never let a
+        // browser sniff it into HTML.
+        headers.insert(header::X_CONTENT_TYPE_OPTIONS, nosniff());
         if status == StatusCode::METHOD_NOT_ALLOWED {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
         }

@@ -41,7 +41,7 @@ impl Drop for IpSlot {
 }
 
 const TOO_MANY_FROM_IP: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n\
-retry-after: 5\r\nconnection: close\r\ncontent-length: 52\r\n\r\n\
+x-content-type-options: nosniff\r\nretry-after: 5\r\nconnection: close\r\ncontent-length: 52\r\n\r\n\
 too many connections from this address; retry later\n";
 
 /// Answers 429 to a connection over the per-address limit. In a task: a client that does not

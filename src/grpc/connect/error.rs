@@ -134,6 +134,7 @@ pub(super) fn error_response(e: &ConnectError) -> Response<Full<Bytes>> {
     *resp.status_mut() = e.http_status();
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     match e {
         ConnectError::NotPost(_) => {
             headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -146,6 +147,23 @@ pub(super) fn error_response(e: &ConnectError) -> Response<Full<Bytes>> {
         }
         _ => {}
     }
+    resp
+}
+
+/// The answer to a request on the gRPC port that is neither gRPC nor Connect.
+pub(super) const NOT_FOUND: &str = "not found: publish with gRPC (service ssegate.v1.Publisher) \
+     or POST /ssegate.v1.Publisher/<Method> with Content-Type: application/json \
+     (Connect/JSON, see docs/http-json.md); browsers subscribe on the HTTP port at GET /v1/events\n";
+
+/// A plain `404` with `NOT_FOUND`: such a caller is not speaking Connect, so a Connect error
+/// body would mean nothing to it; the line says where to go instead.
+pub(super) fn not_found() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(NOT_FOUND.as_bytes())));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

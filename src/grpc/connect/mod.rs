@@ -4,7 +4,8 @@
 //! (curl, Feign, RestTemplate) and Connect clients both work.
 //!
 //! A tower layer in front of the gRPC stack dispatches on the content type: `application/grpc*`
-//! passes through untouched; anything else on the publisher's paths is answered here. Such a
+//! passes through untouched; anything else on the publisher's paths is answered here, and
+//! anything else elsewhere gets a plain-text 404 naming the right paths (`Route`). A publisher
 //! call is **transcoded**, never served by a second implementation: the body is parsed with the
 //! proto3 JSON mapping generated from the proto (pbjson), re-encoded as a gRPC request with the
 //! caller's headers (so `authorization` reaches the same API-key interceptor) and sent through
@@ -28,6 +29,7 @@ use http::{Request, Response, header};
 use http_body_util::{Either, Full};
 use tonic::body::Body;
 use tower::{Layer, Service};
+use transcode::{Codec, PROCEDURES, STREAMING};
 
 /// The path prefix of the publisher's methods, on both protocols.
 const PREFIX: &str = "/ssegate.v1.Publisher/";
@@ -80,24 +82,93 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if !is_connect(&req) {
-            let fut = self.inner.call(req);
-            return Box::pin(async move { Ok(fut.await?.map(Either::Left)) });
+        match route(&req) {
+            Route::Grpc => {
+                let fut = self.inner.call(req);
+                Box::pin(async move { Ok(fut.await?.map(Either::Left)) })
+            }
+            Route::Connect => {
+                // The clone that was made ready is the one called (tower's usual swap).
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                let max = self.max_message_bytes;
+                Box::pin(async move { Ok(call::unary(inner, req, max).await.map(Either::Right)) })
+            }
+            Route::NotFound => {
+                tracing::debug!(method = %req.method(), path = req.uri().path(), "neither gRPC nor Connect: 404");
+                Box::pin(async { Ok(error::not_found().map(Either::Right)) })
+            }
         }
-        // The clone that was made ready is the one called (tower's usual swap).
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let max = self.max_message_bytes;
-        Box::pin(async move { Ok(call::unary(inner, req, max).await.map(Either::Right)) })
     }
 }
 
-/// A publisher path without a gRPC content type. Content types are case-insensitive.
-fn is_connect<B>(req: &Request<B>) -> bool {
-    req.uri().path().starts_with(PREFIX)
-        && !req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.get(..16).is_some_and(|p| p.eq_ignore_ascii_case("application/grpc")))
+/// Who answers a request on the gRPC port.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// A gRPC content type (`application/grpc`, `+proto`, `-web`, …): the gRPC stack, whatever
+    /// the path (tonic answers an unknown method `UNIMPLEMENTED`, as gRPC requires).
+    Grpc,
+    /// A publisher method (or, with a Connect content type, an unknown one, which Connect
+    /// answers `unimplemented`): this layer.
+    Connect,
+    /// Anything else (a browser, a REST client on the wrong port or path: `GET /sse/push`,
+    /// `POST /v1/publish`): a plain 404 saying where to go. Passed on, tonic would answer
+    /// `200 OK` with `grpc-status: 12` and an empty body, which such clients take for success.
+    NotFound,
+}
+
+fn route<B>(req: &Request<B>) -> Route {
+    // Content types are case-insensitive.
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.get(..16).is_some_and(|p| p.eq_ignore_ascii_case("application/grpc")));
+    if grpc {
+        return Route::Grpc;
+    }
+    match req.uri().path().strip_prefix(PREFIX) {
+        Some(name) if name == STREAMING || PROCEDURES.iter().any(|p| p.name == name) => Route::Connect,
+        Some(_) if Codec::from_headers(req.headers()).is_ok() => Route::Connect,
+        _ => Route::NotFound,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, content_type: Option<&str>) -> Request<()> {
+        let b = Request::builder().method(method).uri(path);
+        let b = match content_type {
+            Some(ct) => b.header(header::CONTENT_TYPE, ct),
+            None => b,
+        };
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn requests_are_routed_by_content_type_then_path() {
+        let cases = [
+            ("POST", "/ssegate.v1.Publisher/Publish", Some("application/grpc"), Route::Grpc),
+            ("POST", "/ssegate.v1.Publisher/Nope", Some("Application/GRPC+proto"), Route::Grpc),
+            ("POST", "/grpc.health.v1.Health/Check", Some("application/grpc"), Route::Grpc),
+            ("POST", "/anything", Some("application/grpc-web"), Route::Grpc),
+            ("POST", "/ssegate.v1.Publisher/Publish", Some("application/json"), Route::Connect),
+            // A known method is Connect's to refuse (405, 415), whatever the method and type.
+            ("GET", "/ssegate.v1.Publisher/Stats", None, Route::Connect),
+            ("POST", "/ssegate.v1.Publisher/Broadcast", Some("text/plain"), Route::Connect),
+            ("POST", "/ssegate.v1.Publisher/PublishStream", Some("application/json"), Route::Connect),
+            ("POST", "/ssegate.v1.Publisher/Nope", Some("application/json"), Route::Connect),
+            ("POST", "/ssegate.v1.Publisher/Nope", Some("application/proto"), Route::Connect),
+            ("POST", "/ssegate.v1.Publisher/Nope", None, Route::NotFound),
+            ("GET", "/sse/push?id=alice&content=hi", None, Route::NotFound),
+            ("POST", "/v1/publish", Some("application/json"), Route::NotFound),
+            ("POST", "/grpc.health.v1.Health/Check", Some("application/json"), Route::NotFound),
+            ("GET", "/", None, Route::NotFound),
+        ];
+        for (method, path, ct, want) in cases {
+            assert_eq!(route(&req(method, path, ct)), want, "{method} {path} {ct:?}");
+        }
+    }
 }
