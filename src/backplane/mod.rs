@@ -10,12 +10,15 @@ mod wire;
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
 use crate::{
-    domain::{Event, EventId, Retain, Target},
+    domain::{Event, EventId, IdempotencyKey, Retain, Target},
     router::{PublishError, Router},
 };
 
@@ -25,26 +28,86 @@ pub enum Backplane {
 }
 
 /// In memory, the idempotency keys seen in the last `window`, with the id each got: the same
-/// contract as JetStream's duplicate detection, for one process.
+/// contract as JetStream's duplicate detection, for one process, up to `DEDUPE_MAX_KEYS` keys.
 pub struct Dedupe {
     seen: Mutex<Seen>,
     window: Duration,
+    /// `DEDUPE_MAX_KEYS` (smaller in tests).
+    max_keys: usize,
+    /// Keys forgotten before their window ended, because the cap was reached: a retry with one
+    /// of them would be published again. Counted (`ssegate_idempotency_evicted_total`) and
+    /// logged the first time, since nothing else would tell.
+    evicted: AtomicU64,
+    warned: AtomicBool,
 }
 
 #[derive(Default)]
 struct Seen {
-    ids: HashMap<String, (EventId, Instant)>,
+    ids: HashMap<IdempotencyKey, (EventId, Instant)>,
     /// Keys in the order they were first seen, to forget the oldest first.
-    order: VecDeque<String>,
+    order: VecDeque<IdempotencyKey>,
 }
 
-/// How many keys are remembered at most (oldest forgotten first).
-const DEDUPE_MAX_KEYS: usize = 100_000;
+/// How many keys are remembered at most (oldest forgotten first, even inside the window): the
+/// memory a publisher inventing keys can pin is bounded (256-byte keys: about 35 MB).
+pub const DEDUPE_MAX_KEYS: usize = 100_000;
 
 impl Backplane {
     /// In this process only; idempotency keys are remembered for `dedupe_window`.
     pub fn memory(dedupe_window: Duration) -> Self {
-        Backplane::Memory(Dedupe { seen: Mutex::default(), window: dedupe_window })
+        Backplane::Memory(Dedupe::new(dedupe_window, DEDUPE_MAX_KEYS))
+    }
+}
+
+impl Dedupe {
+    fn new(window: Duration, max_keys: usize) -> Self {
+        Self { seen: Mutex::default(), window, max_keys, evicted: AtomicU64::new(0), warned: AtomicBool::new(false) }
+    }
+
+    /// Publishes through `router` unless `key` was seen within the window, in which case the
+    /// first publish's id is returned and nothing is published.
+    fn publish(
+        &self,
+        router: &Router,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        key: &IdempotencyKey,
+    ) -> Result<Accepted, BackplaneError> {
+        // Held across the publish, so two concurrent retries cannot both get through.
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // Forget keys past the window, and the oldest beyond the cap.
+        let mut early = 0u64;
+        while let Some(oldest) = seen.order.front() {
+            let expired = seen.ids.get(oldest).is_none_or(|(_, at)| now.duration_since(*at) >= self.window);
+            if !expired && seen.order.len() < self.max_keys {
+                break;
+            }
+            early += u64::from(!expired);
+            if let Some(k) = seen.order.pop_front() {
+                seen.ids.remove(&k);
+            }
+        }
+        if early > 0 {
+            self.evicted.fetch_add(early, Relaxed);
+            if !self.warned.swap(true, Relaxed) {
+                tracing::warn!(
+                    max_keys = self.max_keys,
+                    window_secs = self.window.as_secs(),
+                    "idempotency keys forgotten inside their window: the in-memory cap was reached, so a retry \
+                     with such a key would be published again (counted in ssegate_idempotency_evicted_total; \
+                     logged once)"
+                );
+            }
+        }
+        if let Some((id, _)) = seen.ids.get(key) {
+            return Ok(Accepted { id: *id, recipients: None });
+        }
+        let p = router.publish_with(target, event, retain)?;
+        seen.ids.insert(key.clone(), (p.id, now));
+        seen.order.push_back(key.clone());
+        Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
     }
 }
 
@@ -93,35 +156,16 @@ impl Backplane {
         target: Target,
         event: Event,
         retain: Retain,
-        idempotency_key: &str,
+        idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<Accepted, BackplaneError> {
         match self {
-            Backplane::Memory(_) if idempotency_key.is_empty() => {
-                let p = router.publish_with(target, &event, retain)?;
-                Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
-            }
-            Backplane::Memory(dedupe) => {
-                // Held across the publish, so two concurrent retries cannot both get through.
-                let mut seen = dedupe.seen.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                // Forget keys past the window, and the oldest beyond the cap.
-                while let Some(oldest) = seen.order.front() {
-                    let expired = seen.ids.get(oldest).is_none_or(|(_, at)| now.duration_since(*at) >= dedupe.window);
-                    if !expired && seen.order.len() < DEDUPE_MAX_KEYS {
-                        break;
-                    }
-                    if let Some(k) = seen.order.pop_front() {
-                        seen.ids.remove(&k);
-                    }
+            Backplane::Memory(dedupe) => match idempotency_key {
+                None => {
+                    let p = router.publish_with(target, &event, retain)?;
+                    Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
                 }
-                if let Some((id, _)) = seen.ids.get(idempotency_key) {
-                    return Ok(Accepted { id: *id, recipients: None });
-                }
-                let p = router.publish_with(target, &event, retain)?;
-                seen.ids.insert(idempotency_key.to_owned(), (p.id, now));
-                seen.order.push_back(idempotency_key.to_owned());
-                Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
-            }
+                Some(key) => dedupe.publish(router, target, &event, retain, key),
+            },
             Backplane::Nats(nats) => {
                 if router.is_closing() {
                     return Err(PublishError::ShuttingDown.into());
@@ -129,8 +173,10 @@ impl Backplane {
                 if matches!(retain, Retain::Set { .. }) {
                     router.admits_retained(&target, &event)?;
                 }
-                let seq = nats.publish(&target, &event, retain, idempotency_key).await?;
-                Ok(Accepted { id: EventId { epoch: router.epoch(), seq }, recipients: None })
+                // The id names the stream that stored it (its epoch may be newer than the router's
+                // for a moment, while this replica catches up with a recreated stream).
+                let id = nats.publish(&target, &event, retain, idempotency_key).await?;
+                Ok(Accepted { id, recipients: None })
             }
         }
     }
@@ -151,11 +197,21 @@ impl Backplane {
     }
 
     /// Whether the backplane can take publishes now: always in memory; with NATS, while the
-    /// broker answers its probe (`nats::HEALTH_EVERY`).
+    /// broker answers its probe (`nats::HEALTH_EVERY`) and the replica is not catching up with a
+    /// recreated stream.
     pub fn is_up(&self) -> bool {
         match self {
             Backplane::Memory(_) => true,
             Backplane::Nats(n) => n.is_up(),
+        }
+    }
+
+    /// Times the NATS stream's identity changed (it was recreated) while this process ran (0 in
+    /// memory, whose epoch is fixed).
+    pub fn epoch_changes(&self) -> u64 {
+        match self {
+            Backplane::Memory(_) => 0,
+            Backplane::Nats(n) => n.epoch_changes(),
         }
     }
 
@@ -165,6 +221,15 @@ impl Backplane {
         match self {
             Backplane::Memory(_) => 0,
             Backplane::Nats(n) => n.retained_persist_failures(),
+        }
+    }
+
+    /// Idempotency keys the memory backplane forgot inside their window because it held
+    /// `DEDUPE_MAX_KEYS` (0 with NATS, whose stream keeps them for its whole window).
+    pub fn idempotency_evicted(&self) -> u64 {
+        match self {
+            Backplane::Memory(d) => d.evicted.load(Relaxed),
+            Backplane::Nats(_) => 0,
         }
     }
 
@@ -182,5 +247,43 @@ impl Backplane {
         if let Backplane::Nats(n) = self {
             n.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::RouterConfig;
+
+    fn key(s: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(s).unwrap()
+    }
+
+    #[test]
+    fn keys_forgotten_inside_the_window_are_counted_and_a_retry_of_one_is_published_again() {
+        let router = Router::new(RouterConfig { epoch: Some(7), ..RouterConfig::with_queue_capacity(16) });
+        let dedupe = Dedupe::new(Duration::from_secs(3600), 2);
+        let event = Event { name: None, data: "x".into() };
+        let publish = |k: &str| dedupe.publish(&router, Target::Broadcast, &event, Retain::No, &key(k)).unwrap();
+        let a = publish("a");
+        assert_eq!(publish("a").id, a.id, "a retry inside the window gets the first id");
+        publish("b");
+        assert_eq!(dedupe.evicted.load(Relaxed), 0, "at the cap, nothing forgotten yet");
+        publish("c");
+        assert_eq!(dedupe.evicted.load(Relaxed), 1, "`a` was forgotten inside its window");
+        assert_ne!(publish("a").id, a.id, "so its retry is published again");
+        assert_eq!(dedupe.evicted.load(Relaxed), 2);
+        assert_eq!(Backplane::Memory(dedupe).idempotency_evicted(), 2);
+    }
+
+    #[test]
+    fn keys_past_their_window_are_forgotten_without_counting() {
+        let router = Router::new(RouterConfig { epoch: Some(7), ..RouterConfig::with_queue_capacity(16) });
+        let dedupe = Dedupe::new(Duration::ZERO, 2);
+        let event = Event { name: None, data: "x".into() };
+        for k in ["a", "b", "c", "d"] {
+            dedupe.publish(&router, Target::Broadcast, &event, Retain::No, &key(k)).unwrap();
+        }
+        assert_eq!(dedupe.evicted.load(Relaxed), 0);
     }
 }

@@ -12,28 +12,40 @@
 //!   once it has caught up, so a client resuming on a fresh replica finds its events.
 //! - Retained values: kept in a key-value bucket beside the stream (`retained_kv`), written by
 //!   the publishing replica before it answers and loaded at start before the consumer runs.
-//! - Epoch: the stream's creation time, so ids are the same on every replica and change only if
-//!   the stream is recreated (clients are then told with `ssegate.missed` / `other_epoch`).
+//! - Epoch: the stream's creation time (`identity.rs`), so ids are the same on every replica and
+//!   change only if the stream is recreated. The identity is read on every probe and every
+//!   (re)start of the consumer; a missing stream is recreated by whoever notices (create-or-get,
+//!   so racing replicas end up on one stream). On a change the replica refuses publishes, tells
+//!   its clients (`Router::rebase`: `ssegate.missed` / `stream_recreated`), reloads the retained
+//!   values, consumes the new stream from its first event, and takes publishes again once it
+//!   has caught up.
 //! - Health: a probe task asks JetStream for the stream's info every `HEALTH_EVERY`, bounded by
 //!   `HEALTH_TIMEOUT`; a failure or a lost connection marks the broker down (publishes are then
 //!   refused at once with nothing sent, the gRPC health of `ssegate.v1.Publisher` turns
-//!   NOT_SERVING, `ssegate_backplane_up` is 0). A paused broker keeps its TCP connection open,
-//!   so the connection state alone would not notice it; the round trip does.
+//!   NOT_SERVING, `ssegate_backplane_up` is 0), and so does a resynchronisation after a change of
+//!   identity. A paused broker keeps its TCP connection open, so the connection state alone
+//!   would not notice it; the round trip does. The same answer settles the clients that resumed
+//!   after an id this replica had not received (`Router::settle_ahead`).
 //! - Tasks (consumer, probe, cluster responder) run on the application's `TaskTracker` and end
 //!   when its `CancellationToken` is cancelled.
 
+mod identity;
 mod publish;
 mod tasks;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use async_nats::{
     Client, ConnectOptions,
     connection::State,
-    jetstream::{
-        self, Context,
-        stream::{Config, DiscardPolicy, StorageType},
-    },
+    jetstream::{self, Context},
 };
 use tokio::sync::{Notify, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -96,9 +108,13 @@ pub struct NatsBackplane {
     client: Client,
     js: Context,
     settings: NatsSettings,
+    /// The stream as every replica creates it.
+    stream_config: jetstream::stream::Config,
     /// Stream sequence at start, and the epoch derived from the stream.
     pub last_seq_at_start: u64,
     pub epoch: u64,
+    /// The stream's identity now, and whether the router has caught up with it.
+    identity: identity::Tracked,
     /// Signalled on every (re)connection: the consumer is then recreated from the last
     /// sequence seen instead of waiting for its heartbeats to time out.
     reconnected: Arc<Notify>,
@@ -108,7 +124,11 @@ pub struct NatsBackplane {
     retained: RetainedKv,
     /// Whether the broker answered the last probe (see `HEALTH_EVERY`). Starts true: connecting
     /// just succeeded.
+    probe_ok: AtomicBool,
+    /// `probe_ok` and not resynchronising with a recreated stream: publishes are taken.
     up: watch::Sender<bool>,
+    /// Runs the probe now (a publish found no stream to store its event).
+    kick: Notify,
 }
 
 impl NatsBackplane {
@@ -148,20 +168,8 @@ impl NatsBackplane {
         // whole call by --nats-publish-timeout itself, so this only must not be shorter.
         js.set_timeout(settings.publish_timeout.max(Duration::from_secs(5)));
         let stream_err = |reason: String| NatsError::Stream { stream: settings.stream.clone(), reason };
-        let mut stream = js
-            .get_or_create_stream(Config {
-                name: settings.stream.clone(),
-                subjects: vec![settings.subject.clone()],
-                max_age: settings.max_age,
-                max_bytes: settings.max_bytes,
-                duplicate_window: settings.duplicate_window,
-                storage: StorageType::File,
-                discard: DiscardPolicy::Old,
-                num_replicas: settings.stream_replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_err(e.to_string()))?;
+        let stream_config = identity::stream_config(&settings);
+        let mut stream = identity::ensure(&js, &stream_config).await.map_err(stream_err)?;
         let mut info = stream.info().await.map_err(|e| stream_err(e.to_string()))?.clone();
         if info.config.num_replicas != settings.stream_replicas {
             info = Self::change_replicas(&js, info, settings.stream_replicas).await;
@@ -173,9 +181,7 @@ impl NatsBackplane {
                 expected: settings.subject.clone(),
             });
         }
-        let created = info.created.unix_timestamp_nanos();
-        // Never 0, so that an id can never look like "no epoch".
-        let epoch = (created as u64).max(1);
+        let epoch = identity::epoch_of(&info);
         let last_seq_at_start = info.state.last_sequence;
         tracing::info!(stream = %settings.stream, subject = %settings.subject, last_seq = last_seq_at_start,
             "NATS JetStream backplane connected");
@@ -190,7 +196,22 @@ impl NatsBackplane {
         .await?;
         let cluster = Cluster::new(client.clone(), &settings.subject, settings.cluster_wait);
         let (up, _) = watch::channel(true);
-        Ok(Self { client, js, settings, last_seq_at_start, epoch, reconnected, cluster, retained, up })
+        let identity = identity::Tracked::new(settings.stream.clone(), epoch, last_seq_at_start);
+        Ok(Self {
+            client,
+            js,
+            settings,
+            stream_config,
+            last_seq_at_start,
+            epoch,
+            identity,
+            reconnected,
+            cluster,
+            retained,
+            probe_ok: AtomicBool::new(true),
+            up,
+            kick: Notify::new(),
+        })
     }
 
     /// Asks JetStream to keep `replicas` copies of an existing stream that has another number
@@ -230,7 +251,8 @@ impl NatsBackplane {
         self.client.connection_state() == State::Connected
     }
 
-    /// Whether the broker is reachable and answering (the last probe succeeded).
+    /// Whether publishes are taken: the broker is reachable and answering (the last probe
+    /// succeeded), and this replica is not resynchronising with a recreated stream.
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
     }
@@ -244,6 +266,22 @@ impl NatsBackplane {
     /// Values of the retained-values bucket that could not be written.
     pub fn retained_persist_failures(&self) -> u64 {
         self.retained.failures()
+    }
+
+    /// Times the stream's identity changed (it was recreated) while this replica ran.
+    pub fn epoch_changes(&self) -> u64 {
+        self.identity.changes()
+    }
+
+    /// Sets `up` from the probe's last answer and the resynchronisation state. While down it
+    /// is sent again on every call (a follower re-asserts it); a recovery is sent once.
+    fn refresh_up(&self) {
+        self.up.send_if_modified(|up| {
+            let now = self.probe_ok.load(Relaxed) && !self.identity.is_syncing();
+            let recovered = now && !*up;
+            *up = now;
+            !now || recovered
+        });
     }
 
     /// Loads the retained values kept in the bucket into `router`, then starts the tasks on
@@ -265,14 +303,17 @@ impl NatsBackplane {
         })?;
         let deadline = tokio::time::Instant::now() + catch_up;
         // Before the consumer starts: the events it catches up on then only replace older values.
-        let loaded = tokio::time::timeout_at(deadline, self.retained.load(&router)).await.map_err(|_| {
+        let mut loaded = tokio::time::timeout_at(deadline, self.retained.load()).await.map_err(|_| {
             NatsError::RetainedTimeout { bucket: retained_kv::bucket_name(&self.settings.stream), after: catch_up }
         })??;
+        for v in std::mem::take(&mut loaded.values) {
+            router.load_retained(v.seq, &v.target, &v.event, v.retain);
+        }
         let this = self.clone();
         let token = stop.clone();
         tracker.spawn(async move { this.retained.delete_stale(loaded, token).await });
         let this = self.clone();
-        tracker.spawn(this.probe(stop.clone()));
+        tracker.spawn(this.probe(router.clone(), stop.clone()));
         let target = self.last_seq_at_start;
         let first = target.saturating_sub(replay_capacity) + 1;
         // Everything before `first` counts as caught up (with no replay, that is the whole stream).

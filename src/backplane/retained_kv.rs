@@ -14,6 +14,10 @@
 //!   (`Router::load_retained`); the catch-up from the stream then only applies events newer than
 //!   a loaded value, so both converge. Expired values and tombstones older than
 //!   `tombstone_keep` are deleted afterwards (revision-checked, best effort).
+//! - A recreated stream (`nats/identity.rs`): the bucket is opened again (created if it went
+//!   with the stream, e.g. a broker that lost its store), its values are read under the new
+//!   epoch (those of the old stream then count as older than every new event) and handed to
+//!   `Router::rebase` with the switch.
 
 mod codec;
 
@@ -41,7 +45,7 @@ pub use self::codec::bucket_name;
 use super::nats::NatsError;
 use crate::{
     domain::{Event, Retain, Scope, Target},
-    router::Router,
+    router::KeptValue,
 };
 
 /// Compare-and-set attempts per value before a write counts as failed (each lost race means
@@ -68,7 +72,8 @@ enum WriteError {
 /// What loading found.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    values: u64,
+    /// The live values, for the router.
+    pub values: Vec<KeptValue>,
     /// Expired values and old tombstones (key, revision), to delete.
     stale: Vec<(String, u64)>,
 }
@@ -76,8 +81,11 @@ pub struct Loaded {
 pub struct RetainedKv {
     store: kv::Store,
     bucket: String,
-    /// The event stream's epoch: values of another epoch are older than every event of this one.
-    epoch: u64,
+    /// The stream the bucket is (to create it again if it is gone).
+    config: stream::Config,
+    /// The event stream's epoch now: values of another epoch are older than every event of
+    /// this one (it changes when the stream is recreated: `reopen`).
+    epoch: AtomicU64,
     /// Bound of one publish's writes.
     write_timeout: Duration,
     tombstone_keep: Duration,
@@ -112,7 +120,7 @@ impl RetainedKv {
             discard: DiscardPolicy::New,
             ..Default::default()
         };
-        js.get_or_create_stream(config).await.map_err(|e| err(e.to_string()))?;
+        js.get_or_create_stream(config.clone()).await.map_err(|e| err(e.to_string()))?;
         let store = js.get_key_value(&bucket).await.map_err(|e| err(e.to_string()))?;
         let info = store.stream.cached_info().clone();
         if info.config.num_replicas != replicas {
@@ -120,7 +128,26 @@ impl RetainedKv {
         }
         tracing::info!(%bucket, "retained values bucket opened");
         let tombstone_keep = TOMBSTONE_KEEP.max(duplicate_window);
-        Ok(Self { store, bucket, epoch, write_timeout, tombstone_keep, failures: AtomicU64::new(0) })
+        Ok(Self {
+            store,
+            bucket,
+            config,
+            epoch: AtomicU64::new(epoch),
+            write_timeout,
+            tombstone_keep,
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// The event stream was recreated as `epoch`: creates the bucket again if it is gone too
+    /// (create-or-get, as several replicas do it at once; the handle addresses it by name, so
+    /// it stays valid), and reads and writes under the new epoch from now on.
+    pub async fn reopen(&self, js: &Context, epoch: u64) -> Result<(), NatsError> {
+        js.get_or_create_stream(self.config.clone())
+            .await
+            .map_err(|e| NatsError::Retained { bucket: self.bucket.clone(), reason: e.to_string() })?;
+        self.epoch.store(epoch, Relaxed);
+        Ok(())
     }
 
     /// Values that could not be written (`ssegate_retained_persist_failures_total`).
@@ -128,15 +155,15 @@ impl RetainedKv {
         self.failures.load(Relaxed)
     }
 
-    /// Writes what event `seq` (stored in the stream) does to the retained values of its
-    /// target; never fails the publish (see the module docs).
-    pub async fn persist(&self, seq: u64, target: &Target, event: &Event, retain: Retain) {
+    /// Writes what event (`epoch`, `seq`) (stored in the stream) does to the retained values of
+    /// its target; never fails the publish (see the module docs).
+    pub async fn persist(&self, epoch: u64, seq: u64, target: &Target, event: &Event, retain: Retain) {
         let deadline = Instant::now() + self.write_timeout;
         let writes = Scope::of(target).into_iter().filter_map(|scope| {
-            let value = Bytes::from(Stored::new(self.epoch, seq, &scope, event, retain)?.encode());
+            let value = Bytes::from(Stored::new(epoch, seq, &scope, event, retain)?.encode());
             let key = codec::key(&scope, event.name.as_ref());
             Some(async move {
-                let result = match tokio::time::timeout_at(deadline, self.write(&key, seq, value)).await {
+                let result = match tokio::time::timeout_at(deadline, self.write(&key, (epoch, seq), value)).await {
                     Ok(r) => r,
                     Err(_) => Err(WriteError::TimedOut(self.write_timeout)),
                 };
@@ -154,12 +181,14 @@ impl RetainedKv {
         }
     }
 
-    /// One compare-and-set write: true if written, false if the bucket holds a newer value.
-    async fn write(&self, key: &str, seq: u64, value: Bytes) -> Result<bool, WriteError> {
+    /// One compare-and-set write of the value of event `id` (epoch, sequence): true if
+    /// written, false if the bucket holds a newer value.
+    async fn write(&self, key: &str, id: (u64, u64), value: Bytes) -> Result<bool, WriteError> {
+        let seq = id.1;
         for attempt in 1..=CAS_ATTEMPTS {
             let revision = match self.store.entry(key).await? {
                 None => 0,
-                Some(e) if e.operation == Operation::Put && Stored::id_of(&e.value) >= (self.epoch, seq) => {
+                Some(e) if e.operation == Operation::Put && Stored::id_of(&e.value) >= id => {
                     return Ok(false);
                 }
                 Some(e) => e.revision,
@@ -176,9 +205,9 @@ impl RetainedKv {
         Err(WriteError::Contended)
     }
 
-    /// Loads every live value into `router` (call before the stream is consumed). An error
-    /// means the bucket could not be read.
-    pub async fn load(&self, router: &Router) -> Result<Loaded, NatsError> {
+    /// Reads every live value, for the router (to load before the stream is consumed). An
+    /// error means the bucket could not be read.
+    pub async fn load(&self) -> Result<Loaded, NatsError> {
         let err = |e: &dyn std::fmt::Display| NatsError::Retained {
             bucket: self.bucket.clone(),
             reason: format!("cannot read it: {e}"),
@@ -208,8 +237,8 @@ impl RetainedKv {
             let (revision, pending) = (info.stream_sequence, info.pending);
             let age = age(info.published.unix_timestamp_nanos(), now);
             let key = msg.subject.as_str().strip_prefix(self.store.prefix.as_str()).unwrap_or_default();
-            match self.entry(router, key, msg.headers.as_ref(), &msg.payload, age, now) {
-                Entry::Loaded => loaded.values += 1,
+            match self.entry(key, msg.headers.as_ref(), &msg.payload, age, now) {
+                Entry::Loaded(value) => loaded.values.push(value),
                 Entry::Stale => loaded.stale.push((key.to_owned(), revision)),
                 Entry::Skipped => {}
             }
@@ -219,21 +248,13 @@ impl RetainedKv {
                 break;
             }
         }
-        tracing::info!(bucket = %self.bucket, values = loaded.values, stale = loaded.stale.len(),
+        tracing::info!(bucket = %self.bucket, values = loaded.values.len(), stale = loaded.stale.len(),
             "retained values loaded");
         Ok(loaded)
     }
 
-    /// Applies one entry of the bucket to `router`.
-    fn entry(
-        &self,
-        router: &Router,
-        key: &str,
-        headers: Option<&HeaderMap>,
-        payload: &[u8],
-        age: Duration,
-        now: SystemTime,
-    ) -> Entry {
+    /// What one entry of the bucket holds.
+    fn entry(&self, key: &str, headers: Option<&HeaderMap>, payload: &[u8], age: Duration, now: SystemTime) -> Entry {
         // Deleted keys (the markers of deleted tombstones and expired values) hold nothing.
         if headers.and_then(|h| h.get("KV-Operation")).is_some_and(|op| op.as_str() != "PUT") {
             return Entry::Skipped;
@@ -256,15 +277,14 @@ impl RetainedKv {
             return if age >= self.tombstone_keep { Entry::Stale } else { Entry::Skipped };
         }
         // A value of an older stream (recreated since) gives way to any event of this one.
-        let seq = if stored.epoch == self.epoch { stored.seq } else { 0 };
+        let seq = if stored.epoch == self.epoch.load(Relaxed) { stored.seq } else { 0 };
         let (event, retain) = stored.loaded(name);
         if let Retain::Set { expires_at: Some(at) } = retain
             && at <= now
         {
             return Entry::Stale;
         }
-        router.load_retained(seq, &scope.target(), &event, retain);
-        Entry::Loaded
+        Entry::Loaded(KeptValue { seq, target: scope.target(), event, retain })
     }
 
     /// Deletes what `load` found stale, each only if it is still the key's revision (a newer
@@ -285,7 +305,7 @@ impl RetainedKv {
 }
 
 enum Entry {
-    Loaded,
+    Loaded(KeptValue),
     Stale,
     Skipped,
 }

@@ -16,9 +16,12 @@ use std::{
 use bytes::Bytes;
 
 use super::{CloseReason, ConnId, Router, mailbox::Frame, replay::ReplayLog, retained::Retained, shard::Cmd};
-use crate::domain::{GroupId, Target, Topic, UserId};
+use crate::domain::{EventId, GroupId, Target, Topic, UserId};
 
 pub(super) struct Core {
+    /// The epoch of the ids assigned now: fixed for the memory backplane; the stream's identity
+    /// with a broker, changed by `Router::rebase` when the stream is recreated.
+    pub(super) epoch: u64,
     /// The sequence number of the last event published; ids are `(epoch, last_seq)`.
     pub(super) last_seq: u64,
     pub(super) log: ReplayLog,
@@ -26,11 +29,27 @@ pub(super) struct Core {
     pub(super) retained: Retained,
     /// Set by `close_all`: new connections and publishes are refused from then on.
     pub(super) closing: bool,
+    /// Connections registered with a resume id ahead of `last_seq` (a shared sequence) that the
+    /// broker has not yet confirmed exist (`Router::settle_ahead`).
+    pub(super) ahead: Vec<Ahead>,
     next_conn: ConnId,
     connections: u64,
     users: HashMap<UserId, u64>,
     groups: HashMap<GroupId, u64>,
     topics: HashMap<Topic, u64>,
+}
+
+/// A connection that resumed after an id this router has not received yet: either an event of
+/// the shared stream still on its way to this replica, or an id the stream never issued. Kept
+/// (with what its `ssegate.missed` would need) until a stream position read after it
+/// registered tells which (`Router::settle_ahead`).
+pub(super) struct Ahead {
+    pub conn: ConnId,
+    pub shard: usize,
+    pub resume: EventId,
+    pub user: UserId,
+    pub groups: Box<[GroupId]>,
+    pub topics: Box<[Topic]>,
 }
 
 /// Gauges read for `Stats`.
@@ -59,12 +78,14 @@ fn sub<K: Hash + Eq>(map: &mut HashMap<K, u64>, key: &K) {
 }
 
 impl Core {
-    pub fn new(log: ReplayLog, retained: Retained) -> Self {
+    pub fn new(epoch: u64, log: ReplayLog, retained: Retained) -> Self {
         Self {
+            epoch,
             last_seq: 0,
             log,
             retained,
             closing: false,
+            ahead: Vec::new(),
             next_conn: 0,
             connections: 0,
             users: HashMap::new(),
@@ -80,6 +101,11 @@ impl Core {
         add(&mut self.users, user);
         groups.iter().for_each(|g| add(&mut self.groups, g));
         topics.iter().for_each(|t| add(&mut self.topics, t));
+        self.next_conn
+    }
+
+    /// The id of the connection registered last (ids increase).
+    pub fn last_conn(&self) -> ConnId {
         self.next_conn
     }
 
@@ -146,6 +172,11 @@ impl Router {
     /// The sequence number of the last event published.
     pub fn last_seq(&self) -> u64 {
         self.lock().last_seq
+    }
+
+    /// The epoch of the ids this router assigns now (it changes only by `rebase`).
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
     }
 
     /// Whether `close_all` has begun (publishes are refused).

@@ -17,6 +17,7 @@
 mod core;
 mod mailbox;
 mod publish;
+mod rebase;
 mod registration;
 mod replay;
 mod retained;
@@ -34,6 +35,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Push};
+pub use rebase::{KeptValue, STREAM_RECREATED};
 pub use registration::Registration;
 pub use replay::ReplayConfig;
 pub use retained::{RetainedConfig, RetainedFull, VALUE_OVERHEAD as RETAINED_VALUE_OVERHEAD};
@@ -217,8 +219,10 @@ pub struct UserPresence {
 pub struct Router {
     core: Mutex<Core>,
     shards: Box<[Shard]>,
-    epoch: u64,
     shared_sequence: bool,
+    /// Signalled when a connection registers with a resume id ahead of this router (a shared
+    /// sequence): the backplane then reads the stream's position at once (`settle_ahead`).
+    unsettled: tokio::sync::Notify,
     bounds: Bounds,
     write_coalesce: Duration,
     max_connections: usize,
@@ -231,12 +235,13 @@ impl Router {
     pub fn new(config: RouterConfig) -> Arc<Self> {
         Arc::new(Self {
             core: Mutex::new(Core::new(
+                config.epoch.unwrap_or_else(|| fastrand::u64(1..)),
                 replay::ReplayLog::new(config.replay),
                 retained::Retained::new(config.retained),
             )),
             shards: (0..config.shards.clamp(1, 64)).map(|_| Shard::new()).collect(),
-            epoch: config.epoch.unwrap_or_else(|| fastrand::u64(1..)),
             shared_sequence: config.shared_sequence,
+            unsettled: tokio::sync::Notify::new(),
             bounds: Bounds { frames: config.queue_capacity, bytes: config.max_queue_bytes },
             write_coalesce: config.write_coalesce,
             max_connections: config.max_connections,
@@ -249,11 +254,6 @@ impl Router {
     /// Time since the router was created.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
-    }
-
-    /// The epoch of the ids this router assigns.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
     }
 
     fn shard_of(&self, user: &UserId) -> usize {

@@ -18,13 +18,13 @@ use crate::{
 
 /// An event encoded outside the lock: for the live stream (its id appended under the lock),
 /// and, when it sets a retained value, once more without an id.
-struct Encoded {
+pub(super) struct Encoded {
     partial: event_stream::PartialEvent,
-    retained: Option<Bytes>,
+    pub retained: Option<Bytes>,
 }
 
 impl Encoded {
-    fn new(event: &Event, retain: Retain) -> Self {
+    pub fn new(event: &Event, retain: Retain) -> Self {
         let name = event.name.as_ref().map(EventName::as_str);
         let retained =
             matches!(retain, Retain::Set { .. }).then(|| event_stream::encode(name, &event.data).finish_without_id());
@@ -104,7 +104,7 @@ impl Router {
             core.retained.apply(seq, &target, name, retain, encoded.retained.as_ref());
         }
         let partial = encoded.partial;
-        let id = EventId { epoch: self.epoch, seq };
+        let id = EventId { epoch: core.epoch, seq };
         let recipients = core.recipients(&target);
         let shards = self.shards_for(&target);
         let logged =

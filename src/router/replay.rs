@@ -69,6 +69,11 @@ impl ReplayLog {
         }
     }
 
+    /// Forgets every event and every eviction: the ids start again (a new epoch).
+    pub fn clear(&mut self) {
+        *self = Self::new(self.config.clone());
+    }
+
     /// Evicts events older than the maximum age.
     pub fn expire(&mut self, now: Instant) {
         while self

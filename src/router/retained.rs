@@ -34,6 +34,7 @@ pub struct RetainedConfig {
 
 type Key = (Scope, Option<EventName>);
 
+#[derive(Clone)]
 struct Value {
     /// The sequence number of the event that set it: a value is only replaced by a later one.
     seq: u64,
@@ -140,6 +141,17 @@ impl Retained {
         }
     }
 
+    /// Drops every value (the stream they came from was recreated: `Router::rebase`).
+    pub fn clear(&mut self) {
+        *self = Self::new(self.config);
+    }
+
+    /// A copy of the values now, for the shards to take each connection's snapshot from
+    /// outside the core lock (rare: `Router::rebase`). The frames are shared, not copied.
+    pub fn freeze(&self) -> Frozen {
+        Frozen(self.values.clone())
+    }
+
     /// Drops values whose time to live is over.
     pub fn expire(&mut self, now: SystemTime) {
         while let Some(Reverse((at, seq, _))) = self.expiring.peek() {
@@ -159,26 +171,45 @@ impl Retained {
     /// The current values for a connection of `user` in `groups` and `topics`, in the order
     /// they were published.
     pub fn snapshot(&self, user: &UserId, groups: &[GroupId], topics: &[Topic], now: SystemTime) -> Vec<Bytes> {
-        // Most deployments retain nothing: a connection then costs no scope lookups here.
-        if self.values.is_empty() {
-            return Vec::new();
-        }
-        let mut found: Vec<(u64, Bytes)> = Vec::new();
-        let scopes = std::iter::once(Scope::User(user.clone()))
-            .chain(groups.iter().cloned().map(Scope::Group))
-            .chain(topics.iter().cloned().map(Scope::Topic))
-            .chain(std::iter::once(Scope::Broadcast));
-        for scope in scopes {
-            let live = self
-                .values
-                .range((scope.clone(), None)..)
-                .take_while(|((s, _), _)| *s == scope)
-                .filter(|(_, v)| v.expires_at.is_none_or(|at| at > now));
-            found.extend(live.map(|(_, v)| (v.seq, v.frame.clone())));
-        }
-        found.sort_unstable_by_key(|(seq, _)| *seq);
-        found.into_iter().map(|(_, frame)| frame).collect()
+        snapshot(&self.values, user, groups, topics, now)
     }
+}
+
+/// The values of a `Retained` at one moment (`Retained::freeze`).
+pub(super) struct Frozen(BTreeMap<Key, Value>);
+
+impl Frozen {
+    /// As `Retained::snapshot`, of the frozen values.
+    pub fn snapshot(&self, user: &UserId, groups: &[GroupId], topics: &[Topic], now: SystemTime) -> Vec<Bytes> {
+        snapshot(&self.0, user, groups, topics, now)
+    }
+}
+
+fn snapshot(
+    values: &BTreeMap<Key, Value>,
+    user: &UserId,
+    groups: &[GroupId],
+    topics: &[Topic],
+    now: SystemTime,
+) -> Vec<Bytes> {
+    // Most deployments retain nothing: a connection then costs no scope lookups here.
+    if values.is_empty() {
+        return Vec::new();
+    }
+    let mut found: Vec<(u64, Bytes)> = Vec::new();
+    let scopes = std::iter::once(Scope::User(user.clone()))
+        .chain(groups.iter().cloned().map(Scope::Group))
+        .chain(topics.iter().cloned().map(Scope::Topic))
+        .chain(std::iter::once(Scope::Broadcast));
+    for scope in scopes {
+        let live = values
+            .range((scope.clone(), None)..)
+            .take_while(|((s, _), _)| *s == scope)
+            .filter(|(_, v)| v.expires_at.is_none_or(|at| at > now));
+        found.extend(live.map(|(_, v)| (v.seq, v.frame.clone())));
+    }
+    found.sort_unstable_by_key(|(seq, _)| *seq);
+    found.into_iter().map(|(_, frame)| frame).collect()
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use super::{
     CloseReason, ConnId,
     mailbox::Frame,
+    rebase::Rebased,
     replay::Logged,
     tables::{Conn, Effects, Tables},
 };
@@ -40,6 +41,11 @@ pub(super) enum Cmd {
     /// Close every connection of the user, each after the given frame.
     Disconnect(UserId, Frame),
     CloseAll(CloseReason, LastFrame),
+    /// Queue these control frames for one connection (its `ssegate.missed`, retained values and
+    /// cursor) and deliver it every event from now on (its floor is lifted).
+    Tell(ConnId, Vec<Frame>),
+    /// The ids start a new epoch: tell every connection (see `Router::rebase`).
+    Rebase(Arc<Rebased>),
 }
 
 pub(super) struct Shard {

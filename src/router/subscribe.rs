@@ -9,15 +9,15 @@ use std::{
 };
 
 use super::{
-    MissReason, Registration, Router, RouterError, Start, Subscription,
-    core::Core,
+    ConnId, MissReason, Registration, Router, RouterError, Start, Subscription,
+    core::{Ahead, Core},
     mailbox::{Frame, Mailbox},
     replay::Gap,
     shard::Cmd,
     tables::Conn,
 };
 use crate::{
-    domain::{EventId, EventName, UserId},
+    domain::{EventId, EventName, GroupId, Topic, UserId},
     event_stream,
 };
 
@@ -46,16 +46,18 @@ impl Router {
         }
         let now = Instant::now();
         core.log.expire(now);
-        let newest = EventId { epoch: self.epoch, seq: core.last_seq };
+        let epoch = core.epoch;
+        let newest = EventId { epoch, seq: core.last_seq };
         // A client resuming after an id this router has not received yet (another replica of
         // a shared sequence issued it): it is served from there on as the events arrive, those
         // up to its id skipped (`floor`), and its cursor stays at its own id. Telling it
         // "missed" and sending our older cursor would move its id backwards and repeat events.
-        let ahead = resume.filter(|last| self.shared_sequence && last.epoch == self.epoch && last.seq > newest.seq);
+        // Whether the stream really issued that id is settled by the broker (`settle_ahead`).
+        let ahead = resume.filter(|last| self.shared_sequence && last.epoch == epoch && last.seq > newest.seq);
         let floor = ahead.map_or(0, |last| last.seq);
         let (start, mut preload) = match resume {
             None => (Start::Fresh, Vec::new()),
-            Some(last) if last.epoch != self.epoch => (Start::Missed(MissReason::OtherEpoch), Vec::new()),
+            Some(last) if last.epoch != epoch => (Start::Missed(MissReason::OtherEpoch), Vec::new()),
             Some(_) if ahead.is_some() => (Start::Resumed { replayed: 0 }, Vec::new()),
             Some(last) if last.seq > newest.seq => (Start::Missed(MissReason::Unknown), Vec::new()),
             Some(last) => match core.log.missed(last.seq, &user, &groups, &topics) {
@@ -67,7 +69,7 @@ impl Router {
             },
         };
         if let (Start::Missed(reason), Some(last)) = (start, resume) {
-            preload.push(missed_frame(reason, last, now));
+            preload.push(missed_frame(reason.as_str(), last, now));
         }
         let mut retained = 0;
         if matches!(start, Start::Fresh | Start::Missed(_)) {
@@ -79,31 +81,104 @@ impl Router {
         preload.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
         mailbox.preload(preload);
         let id = core.join(&user, &groups, &topics);
-        let conn = Conn::new(mailbox.clone(), user, groups.into(), topics.into(), floor);
+        let (groups, topics): (Box<[GroupId]>, Box<[Topic]>) = (groups.into(), topics.into());
+        if let Some(resume) = ahead {
+            core.ahead.push(Ahead {
+                conn: id,
+                shard,
+                resume,
+                user: user.clone(),
+                groups: groups.clone(),
+                topics: topics.clone(),
+            });
+        }
+        let conn = Conn::new(mailbox.clone(), user, groups, topics, floor);
         self.shards[shard].submit(Cmd::Register(id, conn));
         drop(core);
         self.run_shard(shard);
+        if ahead.is_some() {
+            self.unsettled.notify_one();
+        }
         self.counters.opened.fetch_add(1, Relaxed);
         self.counters.retained_sent.fetch_add(retained as u64, Relaxed);
+        // A resume ahead of this router is counted once the broker settles it.
         let outcome = match start {
             Start::Fresh => None,
+            Start::Resumed { .. } if ahead.is_some() => None,
             Start::Resumed { replayed } => {
                 self.counters.replayed.fetch_add(replayed as u64, Relaxed);
                 Some(0)
             }
             Start::Missed(reason) => {
                 self.counters.missed.fetch_add(1, Relaxed);
-                Some(match reason {
-                    MissReason::Expired => 1,
-                    MissReason::Unknown => 2,
-                    MissReason::OtherEpoch => 3,
-                })
+                Some(outcome_index(reason))
             }
         };
         if let Some(i) = outcome {
             self.counters.resumes[i].fetch_add(1, Relaxed);
         }
         Ok(Registration::new(self.clone(), id, shard, mailbox, start))
+    }
+
+    /// The id of the connection registered last: a stream position read after this call is at
+    /// least every id a connection up to it resumed from, if the stream issued that id.
+    pub fn ahead_mark(&self) -> ConnId {
+        self.lock().last_conn()
+    }
+
+    /// Waits until a connection registers with a resume id ahead of this router (see
+    /// `settle_ahead`); returns at once if one did since the last call.
+    pub async fn unsettled(&self) {
+        self.unsettled.notified().await;
+    }
+
+    /// Settles the connections that resumed after an id this router had not received yet, now
+    /// that the shared stream of `epoch` is known to have reached `stream_last` at a moment
+    /// after connection `mark` registered (see `ahead_mark`). Those up to `mark` whose id is
+    /// beyond it were given an id the stream never issued: each gets `ssegate.missed`
+    /// (`unknown`, as with one process), its retained values and the cursor of the newest
+    /// event, and from then on every event (no floor); the others keep waiting for their
+    /// events, which are on their way. Later connections are settled by a later call. Returns
+    /// how many were told.
+    pub fn settle_ahead(&self, epoch: u64, stream_last: u64, mark: ConnId) -> usize {
+        let mut core = self.lock();
+        if core.epoch != epoch || core.ahead.is_empty() {
+            return 0;
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let cursor = EventId { epoch, seq: core.last_seq };
+        let mut shards = 0u64;
+        let (mut told, mut waited, mut retained) = (0, 0, 0);
+        let mut keep = Vec::new();
+        for a in std::mem::take(&mut core.ahead) {
+            if a.conn > mark {
+                keep.push(a);
+                continue;
+            }
+            if a.resume.seq <= stream_last {
+                waited += 1;
+                continue;
+            }
+            let mut frames = vec![missed_frame(MissReason::Unknown.as_str(), a.resume, now)];
+            let state = core.retained.snapshot(&a.user, &a.groups, &a.topics, wall);
+            retained += state.len();
+            frames.extend(state.into_iter().map(|bytes| Frame { bytes, published_at: now, is_event: true }));
+            frames.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
+            self.shards[a.shard].submit(Cmd::Tell(a.conn, frames));
+            shards |= 1 << (a.shard % 64);
+            told += 1;
+        }
+        core.ahead = keep;
+        drop(core);
+        for i in (0..self.shards.len()).filter(|i| shards & (1 << i) != 0) {
+            self.run_shard(i);
+        }
+        self.counters.resumes[0].fetch_add(waited, Relaxed);
+        self.counters.resumes[outcome_index(MissReason::Unknown)].fetch_add(told as u64, Relaxed);
+        self.counters.missed.fetch_add(told as u64, Relaxed);
+        self.counters.retained_sent.fetch_add(retained as u64, Relaxed);
+        told
     }
 
     /// Whether one more connection of `user` may open now.
@@ -121,12 +196,21 @@ impl Router {
     }
 }
 
+/// Where a miss is counted in `RESUME_OUTCOMES`.
+fn outcome_index(reason: MissReason) -> usize {
+    match reason {
+        MissReason::Expired => 1,
+        MissReason::Unknown => 2,
+        MissReason::OtherEpoch => 3,
+    }
+}
+
 /// The `ssegate.missed` event: `last` could not be resumed from, so the client may have
 /// missed events and should refetch its state. Its data is a small JSON object.
-fn missed_frame(reason: MissReason, last: EventId, now: Instant) -> Frame {
+pub(super) fn missed_frame(reason: &str, last: EventId, now: Instant) -> Frame {
     // Both values are from fixed alphabets (a reason name; hex, digits and `-`), so they need
     // no JSON escaping.
-    let data = format!(r#"{{"reason":"{}","last_event_id":"{last}"}}"#, reason.as_str());
+    let data = format!(r#"{{"reason":"{reason}","last_event_id":"{last}"}}"#);
     let name = EventName::reserved("missed");
     Frame {
         bytes: event_stream::encode(Some(name.as_str()), &data).finish_without_id(),

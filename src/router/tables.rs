@@ -156,6 +156,24 @@ impl Tables {
                 let frame = |bytes| Frame { bytes, published_at: now, is_event: false };
                 fx.closed.extend(all.conns.into_values().map(|c| (c, reason, last().map(frame))));
             }
+            Cmd::Tell(id, frames) => {
+                if let Some(conn) = self.conns.get_mut(&id)
+                    && !tell(conn, frames, now, fx)
+                {
+                    fx.cut.extend(self.remove(id).map(|c| (c, false)));
+                }
+            }
+            Cmd::Rebase(rebased) => {
+                let mut slow = Vec::new();
+                for (id, conn) in &mut self.conns {
+                    if !tell(conn, rebased.frames_for(&conn.user, &conn.groups, &conn.topics), now, fx) {
+                        slow.push(*id);
+                    }
+                }
+                for id in slow {
+                    fx.cut.extend(self.remove(id).map(|c| (c, false)));
+                }
+            }
         }
     }
 
@@ -232,6 +250,23 @@ impl Tables {
             self.deferred.shrink_to_fit();
         }
     }
+}
+
+/// Queues control frames for `conn` and wakes its writer at once (they are rare: no
+/// coalescing), and lifts its floor: what comes next is every event. False if they did not fit
+/// (a slow consumer: it is cut off, and resumes from its last id).
+fn tell(conn: &mut Conn, frames: Vec<Frame>, now: Instant, fx: &mut Effects) -> bool {
+    conn.floor = 0;
+    for frame in frames {
+        match conn.mailbox.push(frame) {
+            Push::Full => return false,
+            Push::Closed => return true,
+            Push::Queued { .. } => {}
+        }
+    }
+    conn.next_wake = now;
+    fx.wakers.extend(conn.mailbox.take_waker());
+    true
 }
 
 fn visit(conns: &mut ById<Conn>, ids: &[ConnId], mut f: impl FnMut(ConnId, &mut Conn)) {

@@ -614,3 +614,89 @@ fn stats_do_not_count_values_past_their_time_to_live() {
     }
     assert_eq!(r.stats().retained_bytes, 0);
 }
+
+fn shared(epoch: u64) -> Arc<Router> {
+    Router::new(RouterConfig { epoch: Some(epoch), shared_sequence: true, ..RouterConfig::with_queue_capacity(16) })
+}
+
+#[test]
+fn a_rebase_tells_every_open_connection_then_numbers_the_new_epoch_from_one() {
+    let r = shared(7);
+    r.publish_sequenced(1, user_target("a"), &named("unread", "old"), set());
+    r.publish_sequenced(2, Target::Broadcast, &ev("two"), Retain::No);
+    let a = sub(&r, "a", &[], &[]);
+    let b = sub(&r, "b", &["g"], &[]);
+    // Waiting for an id of the old stream that never comes: it must not skip the new ones.
+    let ahead = resume(&r, "c", &[], id(40));
+    r.publish_sequenced(3, Target::Broadcast, &ev("three"), Retain::No);
+    assert_eq!(received(&a), ["event: unread", "data: three"]);
+    let _ = drain(b.mailbox());
+    let _ = drain(ahead.mailbox());
+
+    // The stream was recreated; the broker kept one value for group g (set by its event 1).
+    let kept = KeptValue {
+        seq: 1,
+        target: Target::Group(GroupId::parse("g").unwrap()),
+        event: named("status", "kept"),
+        retain: set(),
+    };
+    assert_eq!(r.rebase(9, vec![kept]), Some(3));
+    assert_eq!(r.rebase(9, Vec::new()), None, "once per epoch");
+    let missed = "event: ssegate.missed\ndata: {\"reason\":\"stream_recreated\",\"last_event_id\":\"7-3\"}\n\n";
+    assert_eq!(frames(&a), [missed, "id: 9-0\n\n"], "the old value of a went with the old stream");
+    assert_eq!(frames(&b), [missed, "event: status\ndata: kept\n\n", "id: 9-0\n\n"]);
+    assert_eq!(frames(&ahead), [missed, "id: 9-0\n\n"]);
+    assert_eq!((r.epoch(), r.last_seq()), (9, 0));
+
+    r.publish_sequenced(1, Target::Broadcast, &ev("new one"), Retain::No);
+    for c in [&a, &b, &ahead] {
+        assert_eq!(frames(c), ["data: new one\nid: 9-1\n\n"]);
+    }
+    // The old epoch's events are gone: a resume from one is told, then gets the new state.
+    let late = resume(&r, "x", &[], id(3));
+    assert_eq!(late.start(), Start::Missed(MissReason::OtherEpoch));
+    assert_eq!(
+        frames(&resume(&r, "x", &[], EventId { epoch: 9, seq: 0 })),
+        ["data: new one\nid: 9-1\n\n", "id: 9-1\n\n"]
+    );
+    assert_eq!(frames(&sub(&r, "y", &["g"], &[])), ["event: status\ndata: kept\n\n", "id: 9-1\n\n"]);
+}
+
+#[test]
+fn a_resume_ahead_of_the_shared_stream_is_told_unknown_once_the_stream_position_shows_it() {
+    let r = shared(7);
+    (1..=4).for_each(|seq| {
+        r.publish_sequenced(seq, Target::Broadcast, &ev(&seq.to_string()), Retain::No);
+    });
+    r.publish_sequenced(5, Target::Broadcast, &named("banner", "up"), set());
+    let behind = resume(&r, "a", &[], id(6)); // another replica has delivered 6
+    let bogus = resume(&r, "b", &[], id(u64::MAX));
+    for c in [&behind, &bogus] {
+        assert_eq!(c.start(), Start::Resumed { replayed: 0 });
+    }
+    assert_eq!(frames(&bogus), [format!("id: 7-{}\n\n", u64::MAX)], "nothing is decided before the broker answers");
+    assert_eq!(frames(&behind), ["id: 7-6\n\n"]);
+    let mark = r.ahead_mark();
+    let later = resume(&r, "c", &[], id(1000)); // registered after the question was asked
+    let _ = drain(later.mailbox());
+
+    // The stream was at 6 when asked: 6 exists, the others do not.
+    assert_eq!(r.settle_ahead(8, 6, mark), 0, "another epoch's position settles nothing");
+    assert_eq!(r.settle_ahead(7, 6, mark), 1);
+    let missed =
+        format!("event: ssegate.missed\ndata: {{\"reason\":\"unknown\",\"last_event_id\":\"7-{}\"}}\n\n", u64::MAX);
+    assert_eq!(frames(&bogus), [missed, "event: banner\ndata: up\n\n".into(), "id: 7-5\n\n".into()]);
+    assert!(frames(&behind).is_empty() && frames(&later).is_empty());
+    let s = r.stats();
+    assert_eq!((s.resumes_missed, s.resumes_by_outcome[0], s.resumes_by_outcome[2]), (1, 1, 1));
+
+    (6..=7).for_each(|seq| {
+        r.publish_sequenced(seq, Target::Broadcast, &ev(&seq.to_string()), Retain::No);
+    });
+    assert_eq!(received(&behind), ["data: 7"], "it had 6 already");
+    assert_eq!(received(&bogus), ["data: 6", "data: 7"], "no floor any more");
+    assert!(received(&later).is_empty());
+    assert_eq!(r.settle_ahead(7, 7, r.ahead_mark()), 1, "the later one is settled by a later answer");
+    assert!(frames(&later)[0].contains("\"reason\":\"unknown\""));
+    assert_eq!(r.settle_ahead(7, 7, r.ahead_mark()), 0, "each once");
+}

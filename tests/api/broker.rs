@@ -83,6 +83,14 @@ impl Broker {
         }
     }
 
+    /// Kills the server and starts it again on the same ports with an empty store directory,
+    /// as a server whose volume was lost: every stream and bucket is gone.
+    pub async fn restart_empty(&mut self) {
+        self.kill().await;
+        std::fs::remove_dir_all(&self.dir).expect("the store directory is removed");
+        self.restart().await;
+    }
+
     fn signal(&mut self, sig: &str) {
         let status = std::process::Command::new("kill").args([sig, &self.pid()]).status().expect("kill runs");
         assert!(status.success(), "kill {sig}");

@@ -4,14 +4,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 
-use super::NatsBackplane;
+use super::{NatsBackplane, identity::Source};
 use crate::{
     backplane::{BackplaneError, wire},
-    domain::{Event, Retain, Target},
+    domain::{Event, EventId, IdempotencyKey, Retain, Target},
 };
 
 impl NatsBackplane {
-    /// Stores one event; returns its stream sequence number.
+    /// Stores one event; returns its id: the stream's identity and its sequence number.
     ///
     /// Errors say whether the event may have been stored: `Unavailable` and `Refused` only when
     /// nothing was handed to the connection or JetStream answered that it did not store it;
@@ -22,20 +22,28 @@ impl NatsBackplane {
         target: &Target,
         event: &Event,
         retain: Retain,
-        idempotency_key: &str,
-    ) -> Result<u64, BackplaneError> {
+        idempotency_key: Option<&IdempotencyKey>,
+    ) -> Result<EventId, BackplaneError> {
         if !self.is_connected() {
             return Err(BackplaneError::Unavailable("not connected to NATS".into()));
+        }
+        if self.identity.is_syncing() {
+            return Err(BackplaneError::Unavailable(format!(
+                "the JetStream stream `{}` was recreated and this replica is catching up with it",
+                self.settings.stream
+            )));
         }
         if !self.is_up() {
             return Err(BackplaneError::Unavailable("NATS JetStream is not answering".into()));
         }
         let mut msg = PublishMessage::build().payload(wire::encode(target, event, retain).into());
-        if !idempotency_key.is_empty() {
-            msg = msg.message_id(idempotency_key);
+        if let Some(key) = idempotency_key {
+            msg = msg.message_id(key.as_str());
         }
         let timeout = self.settings.publish_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
+        // The stream the id will name, unless the acknowledgement shows it is another one.
+        let (epoch, seen) = self.identity.position();
         // Handing the message to the connection: until this completes nothing was sent (a
         // cancelled channel send sends nothing), so every failure here is a plain refusal.
         let ack =
@@ -51,16 +59,35 @@ impl NatsBackplane {
         let ack = match tokio::time::timeout_at(deadline, ack).await {
             Err(_) => return Err(BackplaneError::NoAck { timeout }),
             Ok(Ok(ack)) => ack,
-            Ok(Err(e)) => return Err(classify_ack_error(&e, timeout)),
+            Ok(Err(e)) => {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    // The stream is gone: the probe recreates it now rather than within a second.
+                    self.kick.notify_one();
+                }
+                return Err(classify_ack_error(&e, timeout));
+            }
         };
         if ack.duplicate {
             tracing::debug!(seq = ack.sequence, "publish was a duplicate of an earlier one (same idempotency key)");
         }
+        let epoch = if !ack.duplicate && ack.sequence <= seen {
+            // A new event never gets a sequence its stream has used: this is another stream, one
+            // recreated since the identity was last read. Its identity names the event.
+            self.stream_identity(Source::Publish).await.map_err(|reason| {
+                BackplaneError::Lost(format!(
+                    "stored as sequence {} of a recreated stream whose identity could not be read: {reason}",
+                    ack.sequence
+                ))
+            })?
+        } else {
+            self.identity.saw(epoch, ack.sequence);
+            epoch
+        };
         // Also after a duplicate: a retry heals a write that failed the first time.
         if retain != Retain::No {
-            self.retained.persist(ack.sequence, target, event, retain).await;
+            self.retained.persist(epoch, ack.sequence, target, event, retain).await;
         }
-        Ok(ack.sequence)
+        Ok(EventId { epoch, seq: ack.sequence })
     }
 }
 
