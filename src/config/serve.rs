@@ -239,6 +239,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub idle_timeout: Duration,
 
+    /// The longest a response (any port) may go without sending progress: a socket write that
+    /// stays blocked, or an HTTP/2 response the client gives no flow-control window, this long
+    /// closes its connection. Admitted event streams are exempt (their bound is the queue's).
+    #[arg(long, env = "SSEGATE_SEND_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub send_timeout: Duration,
+
     /// Most connections on the HTTP port that have not sent a complete request yet (TLS
     /// handshakes included); at the limit, a new one evicts the one that has waited longest.
     #[arg(long, env = "SSEGATE_MAX_PENDING_CONNECTIONS", default_value_t = 1024,
@@ -262,4 +268,12 @@ pub struct ServeArgs {
     /// Log output: `pretty` for people, `json` for log collectors. Filter with RUST_LOG.
     #[arg(long, env = "SSEGATE_LOG_FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
+}
+
+/// A duration above zero: a send timeout of zero would cut every write that waits at all.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be more than 0 (examples: 500ms, 10s)".to_owned()),
+        d => Ok(d),
+    }
 }

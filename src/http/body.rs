@@ -12,6 +12,7 @@ use std::{
 
 use tokio::time::Sleep;
 
+use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 
@@ -24,6 +25,13 @@ use crate::{
 
 /// Most bytes coalesced into one write; a backlog beyond it goes out in several.
 const MAX_WRITE: usize = 64 * 1024;
+
+/// In a response's extensions: its body is an admitted event stream, which its connection
+/// does not hold to the send-progress deadline (`net::Tracked::stream`): a stream the client
+/// grants no HTTP/2 window is cut off by its queue's bound, that stream alone, as on HTTP/1.1.
+/// Set only by [`SseBody::response`], so no other response can claim the exemption.
+#[derive(Clone, Copy, Debug)]
+pub struct EventStream;
 
 pub struct SseBody {
     reg: Registration,
@@ -54,6 +62,13 @@ impl SseBody {
             opened: Instant::now(),
             user,
         }
+    }
+
+    /// The response carrying this stream, marked [`EventStream`].
+    pub fn response(self) -> Response {
+        let mut resp = Response::new(axum::body::Body::new(self));
+        resp.extensions_mut().insert(EventStream);
+        resp
     }
 
     /// Takes frames from the backlog up to `MAX_WRITE` bytes (at least one) and joins them:

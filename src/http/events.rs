@@ -131,9 +131,10 @@ pub async fn subscribe(
     let peer = conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
     let id = state.auth.identify(&headers, q.requested).map_err(|e| {
         state.metrics.rejected(match e {
-            AuthError::MissingToken { .. } | AuthError::Token(_) | AuthError::BadClaim { .. } => {
-                Rejection::Unauthenticated
-            }
+            AuthError::MissingToken { .. }
+            | AuthError::AmbiguousCookie { .. }
+            | AuthError::Token(_)
+            | AuthError::BadClaim { .. } => Rejection::Unauthenticated,
             AuthError::WrongUser | AuthError::GroupNotAllowed(_) | AuthError::TopicNotAllowed(_) => {
                 Rejection::Forbidden
             }
@@ -180,7 +181,7 @@ pub async fn subscribe(
         resp.extensions_mut().insert(Handoff::new(start));
         resp
     } else {
-        Response::new(Body::new(SseBody::new(start, state.metrics.clone())))
+        SseBody::new(start, state.metrics.clone()).response()
     };
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

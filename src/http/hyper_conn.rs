@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use super::{
+    body::EventStream,
     head::Rewind,
     server::{Conn, ConnContext, Shared},
 };
@@ -63,14 +64,18 @@ where
     }
 }
 
-/// Calls the app; the request counts as in flight until its response body is done.
+/// Calls the app; the request counts as in flight until its response body is done, and the
+/// response, unless it is an admitted event stream, is held to the send-progress deadline
+/// (`net::Tracked`: a client that stops taking it, e.g. with an HTTP/2 window of zero, loses
+/// its connection after `--send-timeout`).
 async fn call(
     app: axum::Router,
     req: http::Request<Incoming>,
     guard: ActiveGuard,
 ) -> Result<http::Response<Tracked<axum::body::Body>>, std::convert::Infallible> {
     let Ok(resp) = app.oneshot(req).await;
-    Ok(resp.map(|body| Tracked::new(body, Some(guard))))
+    let stream = resp.extensions().get::<EventStream>().is_some();
+    Ok(resp.map(|body| if stream { Tracked::stream(body, Some(guard)) } else { Tracked::new(body, Some(guard)) }))
 }
 
 /// Runs a hyper connection until it ends, is aborted, or shutdown completes it.

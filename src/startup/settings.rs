@@ -126,7 +126,7 @@ impl Settings {
         if jwt.is_configured() && a.insecure_dev_identity {
             return Err(ConfigError::Conflict("--insecure-dev-identity cannot be combined with --jwt-* keys"));
         }
-        let timeouts = Timeouts { first_request: a.header_read_timeout, idle: a.idle_timeout };
+        let timeouts = Timeouts { first_request: a.header_read_timeout, idle: a.idle_timeout, send: a.send_timeout };
         let backplane = match a.backplane {
             BackplaneKind::Memory => BackplaneSettings::Memory { dedupe_window: MEMORY_DEDUPE_WINDOW },
             BackplaneKind::Nats => BackplaneSettings::Nats(NatsSettings {
@@ -238,6 +238,14 @@ mod tests {
         );
         assert!(s.tls.is_none());
         assert_eq!(settings(&[]).unwrap().server.max_streams_per_connection, DEFAULT_H2_STREAMS);
+    }
+
+    #[test]
+    fn the_send_timeout_reaches_every_port_and_cannot_be_zero() {
+        assert_eq!(settings(&[]).unwrap().timeouts.send, Duration::from_secs(10));
+        let s = settings(&["--send-timeout", "3s"]).unwrap();
+        assert_eq!((s.timeouts.send, s.server.timeouts.send), (Duration::from_secs(3), Duration::from_secs(3)));
+        assert!(Cli::try_parse_from(["ssegate", "serve", "--send-timeout", "0s"]).is_err());
     }
 
     #[test]
