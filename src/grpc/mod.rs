@@ -9,6 +9,7 @@ mod convert;
 mod error;
 mod health;
 mod layers;
+mod panic;
 mod service;
 mod unary;
 
@@ -78,8 +79,10 @@ pub async fn serve(
     // alone (the service checks the limit); beyond that the call ends (`layers::Oversize`).
     let publisher = pb::publisher_server::PublisherServer::new(service)
         .max_decoding_message_size(max_message_bytes.saturating_mul(2));
+    let registry = Arc::new(Registry::default());
     // Only the publisher needs credentials: health and reflection stay open for probes and tools.
-    let publisher = InterceptedService::new(publisher, move |req| authorize(&auth, req));
+    let authenticated = registry.clone();
+    let publisher = InterceptedService::new(publisher, move |req| authorize(&auth, &authenticated, req));
     health.set_publisher_serving().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -89,7 +92,6 @@ pub async fn serve(
     // Both reflection versions: v1alpha is what older tools (grpcurl 1.8) ask for.
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let registry = Arc::new(Registry::default());
     // HTTP/1.1 too, for HTTP/JSON callers; `connect` answers those (outside the telemetry layer,
     // so the gRPC call it makes of them is counted like any other).
     let server = Server::builder()
@@ -98,6 +100,7 @@ pub async fn serve(
         .layer(layers::OversizeLayer::new(max_message_bytes))
         .layer(connect::ConnectLayer::new(max_message_bytes))
         .layer(GrpcTelemetryLayer::new(metrics))
+        .layer(panic::CatchPanicLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -133,10 +136,20 @@ pub async fn serve(
 
 /// The interceptor run before every `Publisher` call: auth decides, this maps a refusal.
 #[allow(clippy::result_large_err)] // the signature tonic's interceptors have
-fn authorize(auth: &PublisherAuth, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+fn authorize(
+    auth: &PublisherAuth,
+    connections: &Registry,
+    req: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
     let header = req.metadata().get("authorization").map(|v| v.as_bytes());
     match auth.authorize(header) {
-        Ok(()) => Ok(req),
+        Ok(()) => {
+            // A publisher's connection: no longer among the strangers the gate may evict.
+            if let Some(peer) = req.remote_addr() {
+                connections.authenticated(peer);
+            }
+            Ok(req)
+        }
         Err(denied) => Err(tonic::Status::unauthenticated(denied.to_string())),
     }
 }
@@ -171,7 +184,7 @@ impl Accept {
             |_, _| {},
             move |stream, peer, admission| {
                 let _ = stream.set_nodelay(true);
-                let io = Guarded::admitted(stream, timeouts, admission).register(&registry, peer);
+                let io = Guarded::admitted_on_auth(stream, timeouts, admission).register(&registry, peer);
                 let (tx, upgraded) = (tx.clone(), upgrade(io));
                 tasks.spawn(async move {
                     if let Some(io) = upgraded.await {

@@ -54,6 +54,7 @@ pub struct ServerLimits {
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 const HEAD_TOO_LARGE: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n\
+x-content-type-options: nosniff\r\n\
 content-length: 44\r\nconnection: close\r\n\r\nrequest head larger than --max-header-bytes\n";
 
 /// Largest answer body (an error message) the fast path serializes.
@@ -100,8 +101,8 @@ pub async fn serve(
     let refused_metrics = shared.metrics.clone();
     let refused = move |why: Refusal, _peer: SocketAddr| {
         refused_metrics.rejected(match why {
-            Refusal::DescriptorBudget => Rejection::DescriptorBudget,
-            Refusal::PendingConnections | Refusal::EvictedOldestPending => Rejection::PendingConnections,
+            Refusal::DescriptorBudget | Refusal::EvictedOldestOpen => Rejection::DescriptorBudget,
+            Refusal::EvictedOldestPending => Rejection::PendingConnections,
         });
     };
     let accept_shared = shared.clone();
@@ -141,6 +142,7 @@ pub(super) struct Conn {
 
 async fn serve_tls(stream: tokio::net::TcpStream, conn: Conn, acceptor: TlsAcceptor, shared: &Shared) {
     let peer = conn.peer;
+    conn.admission.pending.watch();
     let evicted = conn.admission.pending.evicted();
     let handshake = tokio::select! {
         r = tokio::time::timeout(shared.limits.timeouts.first_request, acceptor.accept(stream)) => r,
@@ -169,6 +171,7 @@ where
     }
     let mut buf = Vec::new();
     let limits = &shared.limits;
+    conn.admission.pending.watch();
     let evicted = conn.admission.pending.evicted();
     let read = tokio::select! {
         r = tokio::time::timeout(limits.timeouts.first_request, head::read(&mut io, &mut buf, limits.max_header_bytes)) => r,

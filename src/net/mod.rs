@@ -6,4 +6,4 @@ pub mod idle;
 pub mod listen;
 
 pub use idle::{ActiveGuard, Activity, Guarded, Registry, Timeouts, Tracked};
-pub use listen::{Admission, Budget, Gate, Refusal, accept_loop, bind};
+pub use listen::{Admission, Budget, EVICT_AFTER, Gate, Policy, Refusal, accept_loop, bind};

@@ -15,7 +15,7 @@ use crate::{
     backplane::{Backplane, nats::NatsError},
     config::ServeArgs,
     event_stream, grpc, http,
-    net::{Budget, Gate},
+    net::{self, Budget, Gate, Policy},
     router::{CloseReason, Router, RouterConfig},
     telemetry::metrics::Metrics,
     tls::{self, ReloadingCert},
@@ -189,10 +189,17 @@ impl Application {
             );
         }
         tracing::info!(http = budget.http, grpc = budget.grpc, admin = budget.admin, "sockets each port may hold");
-        let http_gate = Gate::new("http", budget.http, settings.max_pending_connections);
-        // Publishers and probes are few: their ports' whole budget may be pending.
-        let grpc_gate = Gate::new("grpc", budget.grpc, budget.grpc);
-        let admin_gate = Gate::new("admin", budget.admin, budget.admin);
+        // A pending socket may be evicted for a newcomer once silent this long (never later
+        // than its first-request deadline would close it anyway).
+        let evict_after = net::EVICT_AFTER.min(timeouts.first_request);
+        let policy =
+            |max_open, max_pending, evict_oldest_open| Policy { max_open, max_pending, evict_after, evict_oldest_open };
+        let http_gate = Gate::new("http", policy(budget.http, settings.max_pending_connections, false));
+        // Strangers (connections with no authenticated call yet: health watchers, silent or
+        // unauthenticated sockets) may hold half the gRPC port; the rest is kept for publishers.
+        let grpc_gate = Gate::new("grpc", policy(budget.grpc, (budget.grpc / 2).max(1), false));
+        // Probes must always get in: a full admin port evicts the connection open longest.
+        let admin_gate = Gate::new("admin", policy(budget.admin, budget.admin, true));
 
         let grpc_task = tokio::spawn(grpc::serve(
             grpc,

@@ -154,32 +154,112 @@ async fn a_stalled_h2_stream_is_reset_alone_while_its_neighbours_get_every_event
 }
 
 #[tokio::test]
-async fn when_too_many_connections_are_pending_a_new_one_evicts_the_one_silent_longest() {
+async fn when_too_many_connections_are_pending_a_new_one_waits_until_the_one_silent_longest_can_be_evicted() {
     let app = spawn_app(&["--max-pending-connections", "4", "--header-read-timeout", "30s"]).await;
     // Four silent sockets fill the pending places (accepted in the order they connected).
     let mut silent = Vec::new();
     for _ in 0..4 {
-        silent.push(connect(app.http, b"").await);
+        silent.push((connect(app.http, b"").await, Instant::now()));
     }
-    // A client that sends its request at once still gets in: the oldest silent socket goes.
+    // A client that sends its request at once still gets in: it waits in the kernel's backlog
+    // until the oldest silent socket has been silent long enough (2 s), which is then closed.
     let mut served = Vec::new();
-    for k in 0..4 {
+    for k in 0..2 {
         let c = crate::helpers::SseClient::connect(app.http, &format!("/v1/events?user=u{k}"), &[]).await;
         assert_eq!(c.status, 200, "client {k} was refused");
+        let admitted = Instant::now();
         served.push(c);
-        let oldest = silent.remove(0);
+        let (oldest, since) = silent.remove(0);
         closed_by_server(oldest, "the oldest silent socket").await;
+        assert!(admitted - since >= Duration::from_millis(1500), "a socket silent for less than 2 s is not evicted");
         let mut b = [0u8; 1];
-        let early = timeout_at(Instant::now() + Duration::from_millis(100), silent[0].read(&mut b)).await;
+        let early = timeout_at(Instant::now() + Duration::from_millis(100), silent[0].0.read(&mut b)).await;
         assert!(early.is_err(), "only the oldest is evicted");
         // The flood goes on: the pending places are full again.
-        silent.push(connect(app.http, b"").await);
+        silent.push((connect(app.http, b"").await, Instant::now()));
     }
     let metrics = http_request(app.admin, "GET", "/metrics", &[]).await.2;
     assert!(
-        metrics.lines().any(|l| l.contains("reason=\"pending_connections\"") && l.ends_with(" 4.0")),
+        metrics.lines().any(|l| l.contains("reason=\"pending_connections\"") && l.ends_with(" 2.0")),
         "each eviction is counted: {metrics}"
     );
+}
+
+#[tokio::test]
+async fn health_watchers_and_silent_sockets_cannot_lock_publishers_out_of_the_grpc_port() {
+    use ssegate::grpc::pb::{PublishRequest, publisher_client::PublisherClient};
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    // 512 descriptors: the gRPC port may hold 64 sockets, 32 of them strangers'.
+    let (_child, [_, grpc, _]) = spawn_with_nofile(512, &["--header-read-timeout", "60s"]).await;
+    let url = format!("http://{grpc}");
+    let publish = |mut client: PublisherClient<tonic::transport::Channel>| async move {
+        let req = PublishRequest {
+            user_ids: vec!["a".into()],
+            event: Some(crate::helpers::ev("m", "x")),
+            ..Default::default()
+        };
+        timeout_at(deadline(), client.publish(req)).await.expect("publish in time").expect("publish succeeds");
+        client
+    };
+    // A publisher connected before the flood: authenticated, so never evicted.
+    let before = publish(PublisherClient::connect(url.clone()).await.expect("connects")).await;
+    // 36 health watches (no credential needed), each on its own connection, and 40 silent sockets.
+    let mut watches = Vec::new();
+    for _ in 0..36 {
+        let Ok(Ok(channel)) = timeout_at(
+            Instant::now() + Duration::from_secs(1),
+            tonic::transport::Endpoint::from(url.parse::<http::Uri>().unwrap()).connect(),
+        )
+        .await
+        else {
+            continue; // the port is busy with strangers: this one waits in the backlog
+        };
+        let mut health = HealthClient::new(channel);
+        if let Ok(Ok(stream)) = timeout_at(
+            Instant::now() + Duration::from_secs(1),
+            health.watch(HealthCheckRequest { service: String::new() }),
+        )
+        .await
+        {
+            watches.push((health, stream.into_inner()));
+        }
+    }
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(TcpStream::connect(grpc).await.unwrap());
+    }
+    assert!(watches.len() >= 32, "the strangers' share was filled: {} watches", watches.len());
+    // Both the old publisher and a new one publish.
+    publish(before).await;
+    let fresh = timeout_at(deadline(), PublisherClient::connect(url.clone()))
+        .await
+        .expect("in time")
+        .expect("a new publisher connects");
+    publish(fresh).await;
+    drop((watches, silent));
+}
+
+#[tokio::test]
+async fn sockets_that_never_read_their_answers_cannot_take_the_probes_down() {
+    // 512 descriptors: the admin port may hold 16 sockets.
+    let (_child, [_, _, admin]) = spawn_with_nofile(512, &[]).await;
+    let mut stuck = Vec::new();
+    for _ in 0..40 {
+        // Pipelined scrapes, never read: each socket keeps a response in flight.
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        let mut reqs = Vec::new();
+        for _ in 0..64 {
+            reqs.extend_from_slice(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+        }
+        let _ = timeout_at(Instant::now() + Duration::from_millis(200), s.write_all(&reqs)).await;
+        stuck.push(s);
+    }
+    for path in ["/healthz", "/readyz"] {
+        let (status, _, body) =
+            timeout_at(deadline(), http_request(admin, "GET", path, &[])).await.expect("a probe is answered in time");
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    drop(stuck);
 }
 
 /// The real binary with at most `nofile` descriptors, and its HTTP, gRPC and admin ports.
