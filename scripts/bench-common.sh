@@ -13,6 +13,13 @@
 #                     the baseline binary with --bare, a tokio task per socket, idle only)
 #   BACKPLANE         ssegate's backplane: memory (default) or nats (a fresh `nats-server -js`
 #                     on 127.0.0.1:14222, pinned to the server CPU too, is started with it)
+#   CONNECT_CONCURRENCY  the load generator's connection attempts in flight per worker
+#                     (`--connect-concurrency`, default 256); 0 opens every connection at once,
+#                     a reconnect storm: e.g. `CONNECT_CONCURRENCY=0 ./scripts/bench-idle.sh`
+#
+# A run that could not open every connection (`ssegate-bench run` exits non-zero: its report
+# says how many were refused or closed without a response) does not stop the scenario; the
+# script says which runs failed and exits non-zero at the end (`finish`).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,6 +44,8 @@ NATS_URL=nats://127.0.0.1:14222
 SCRATCH=$(mktemp -d)
 # Source addresses rotate between runs so TIME_WAIT sockets of a previous run never matter.
 RUN_NO=0
+CONNECT_CONCURRENCY=${CONNECT_CONCURRENCY:-}
+FAILED_RUNS=()
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf '%s: error: %s\n' "$0" "$*" >&2; exit 1; }
@@ -169,8 +178,23 @@ bench() {
   # The bench client speaks to the bare floor as to the baseline (same paths).
   if [ "$target" = bare ]; then label="$label-bare"; target=baseline; fi
   RUN_NO=$((RUN_NO + 1))
-  log "$label ($target)"
-  taskset -c "$CLIENT_CPU" "$BIN/ssegate-bench" run --target "$target" --label "$label" \
+  local concurrency=()
+  [ -n "$CONNECT_CONCURRENCY" ] && concurrency=(--connect-concurrency "$CONNECT_CONCURRENCY")
+  log "$label ($target)${CONNECT_CONCURRENCY:+, connect concurrency $CONNECT_CONCURRENCY}"
+  if ! taskset -c "$CLIENT_CPU" "$BIN/ssegate-bench" run --target "$target" --label "$label" \
     --http-addr "$http" --grpc-addr "$SSEGATE_GRPC" --server-pid "$SERVER_PID" \
-    --source-base "127.0.$((RUN_NO % 250 + 1)).10" "$@" | tee -a "$RESULTS"
+    --source-base "127.0.$((RUN_NO % 250 + 1)).10" "${concurrency[@]}" "$@" | tee -a "$RESULTS"; then
+    FAILED_RUNS+=("$label ($target)")
+    log "FAILED: $label ($target) (see its report above); going on with the next run"
+  fi
+}
+
+# finish: the end of a scenario: its results file, and a non-zero exit if any run failed.
+finish() {
+  stop_server
+  log "results: $RESULTS"
+  if [ "${#FAILED_RUNS[@]}" -gt 0 ]; then
+    log "runs that failed (e.g. connections not admitted): ${FAILED_RUNS[*]}"
+    exit 1
+  fi
 }

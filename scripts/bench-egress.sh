@@ -18,5 +18,4 @@ for n in $SIZES; do
 done
 start_server ssegate
 bench ssegate "fanout-1000-n10000" --connections 10000 --topics 1 --to topic --rate 1000 --duration "$DURATION"
-stop_server
-log "results: $RESULTS"
+finish

@@ -3,6 +3,11 @@
 # against ssegate, nginx+Nchan and the baseline; reports server RSS per connection.
 #
 #   ./scripts/bench-idle.sh            # SIZES="5000 10000 19000" HOLD=60s REPEATS=2
+#   CONNECT_CONCURRENCY=0 SIZES=10000 TARGETS=ssegate ./scripts/bench-idle.sh   # all at once
+#
+# Each run reports how many connections were answered 200 and how the others failed (refused,
+# closed without a response, non-200); a run that did not get all of them fails (see
+# bench-common.sh).
 #
 # Every server runs fresh for each measurement (its RSS "before" is a clean start).
 source "$(dirname "$0")/bench-common.sh"
@@ -18,5 +23,4 @@ for n in $SIZES; do
     done
   done
 done
-stop_server
-log "results: $RESULTS"
+finish

@@ -17,5 +17,4 @@ for rep in $(seq 1 "$REPEATS"); do
   bench ssegate ingest-stream --connections "$CONNS" --to user --rate max --api stream --concurrency 4 \
     --window 1024 --duration "$DURATION"
 done
-stop_server
-log "results: $RESULTS"
+finish

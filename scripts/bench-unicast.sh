@@ -14,5 +14,4 @@ for rep in $(seq 1 "$REPEATS"); do
   bench ssegate "unicast-$RATE" --connections "$CONNS" --to user --rate "$RATE" --api stream \
     --concurrency 2 --duration "$DURATION"
 done
-stop_server
-log "results: $RESULTS"
+finish

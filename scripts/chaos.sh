@@ -3,11 +3,14 @@
 # nats` replicas on loopback, browser-like SSE clients that reconnect with Last-Event-ID to
 # any replica, a mixed publish load with idempotency keys and retries, and faults: SIGKILL of
 # a replica, SIGSTOP/SIGCONT and restart of the broker, a rolling SIGTERM, a flood of silent
-# sockets and stalled HTTP/2 streams. Fails if any acknowledged event was lost or delivered
-# twice to a client, or if the run could not complete.
+# sockets and stalled HTTP/2 streams, a reconnect storm (a replica SIGKILLed and all its
+# clients back at once, at default admission flags) and the broker losing its volume (store
+# deleted, started empty). Fails if any acknowledged event was lost or delivered twice to a
+# client, if the storm's clients were not all admitted and back within its bound, if a publish
+# after the volume loss was not delivered on every replica, or if the run could not complete.
 #
 #   ./scripts/chaos.sh            # full: ~15,000 connections, ~4 minutes of publishing
-#   ./scripts/chaos.sh --short    # CI: 600 connections, about a minute
+#   ./scripts/chaos.sh --short    # CI: 600 connections, about 80 s
 #   ./scripts/chaos.sh --short --connections 1000 ...   # any `ssegate-bench chaos` flag
 #
 # Binaries: $SSEGATE_BIN and $SSEGATE_BENCH_BIN if set; otherwise the release build for the

@@ -100,8 +100,12 @@ pub struct SubscribeArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=200))]
     pub source_ips: u8,
 
-    /// Connection attempts in flight at once per worker.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    /// Connection attempts in flight at once per worker (connect, request, response head);
+    /// 0: no cap, all at once: every connection's connect and request go out without waiting
+    /// for any other, as browsers reconnect after a backend died (a reconnect storm). The
+    /// report says how many were answered 200 and how the others failed; `run` exits non-zero
+    /// unless all were.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub connect_concurrency: u32,
 }
 
@@ -326,6 +330,13 @@ mod tests {
         assert!(run("--source-base 10.1.1.1").is_err());
         assert!(run("--source-base 127.255.255.250 --source-ips 10").is_err());
         assert!(run("--http-addr [::1]:8080").is_ok());
+    }
+
+    #[test]
+    fn connect_concurrency_zero_is_all_at_once() {
+        assert_eq!(run("").unwrap().sub.connect_concurrency, 256);
+        assert_eq!(run("--connect-concurrency 0").unwrap().sub.connect_concurrency, 0);
+        assert!(run("--connect-concurrency 4097").is_err());
     }
 
     #[test]

@@ -26,6 +26,12 @@ pub struct Report {
     pub requested: u64,
     pub established: u64,
     pub failed: u64,
+    /// Of `failed`: refused at connect, closed (or reset) without a response, answered with
+    /// another status than 200, no response head in time.
+    pub refused: u64,
+    pub closed_no_response: u64,
+    pub non_200: u64,
+    pub timed_out: u64,
     pub connect_error: String,
     pub connect_seconds: f64,
     pub closed_early: u64,
@@ -49,6 +55,11 @@ pub struct Report {
 }
 
 impl Report {
+    /// Whether every requested connection was answered 200.
+    pub fn all_admitted(&self) -> bool {
+        self.established == self.requested
+    }
+
     pub fn deliveries_per_s(&self) -> f64 {
         if self.delivery_window_s > 0.0 { self.counts.delivered as f64 / self.delivery_window_s } else { 0.0 }
     }
@@ -83,7 +94,7 @@ impl Report {
         let _ = writeln!(s, "── ssegate-bench {} (target {}) ──", self.label, self.target);
         let _ = writeln!(
             s,
-            "connections   {} of {} open in {:.1} s ({} failed{}), {} closed early",
+            "connections   {} of {} open (answered 200) in {:.1} s ({} failed{}), {} closed early",
             self.established,
             self.requested,
             self.connect_seconds,
@@ -91,6 +102,19 @@ impl Report {
             if self.connect_error.is_empty() { String::new() } else { format!(": {}", self.connect_error) },
             self.closed_early
         );
+        if !self.all_admitted() {
+            let _ = writeln!(
+                s,
+                "NOT ADMITTED  {} of {}: {} refused at connect, {} closed without a response, {} answered non-200, {} without a response in time, {} other",
+                self.requested - self.established,
+                self.requested,
+                self.refused,
+                self.closed_no_response,
+                self.non_200,
+                self.timed_out,
+                self.failed.saturating_sub(self.refused + self.closed_no_response + self.non_200 + self.timed_out)
+            );
+        }
         if self.published > 0 || self.publish_errors > 0 {
             let _ = writeln!(
                 s,
@@ -167,6 +191,11 @@ impl Report {
         j.num("connections_requested", self.requested as f64, 0);
         j.num("connections", self.established as f64, 0);
         j.num("connections_failed", self.failed as f64, 0);
+        j.num("connections_refused", self.refused as f64, 0);
+        j.num("connections_closed_without_response", self.closed_no_response as f64, 0);
+        j.num("connections_non_200", self.non_200 as f64, 0);
+        j.num("connections_timed_out", self.timed_out as f64, 0);
+        j.raw("all_admitted", if self.all_admitted() { "true" } else { "false" });
         j.num("connect_s", self.connect_seconds, 2);
         j.num("closed_early", self.closed_early as f64, 0);
         j.str("rate", &self.rate);
@@ -318,6 +347,25 @@ mod tests {
         assert_eq!(v["server_events_dropped"], serde_json::Value::Null);
         let none: serde_json::Value = serde_json::from_str(&Report::default().json()).unwrap();
         assert_eq!(none["server"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn connections_not_admitted_are_counted_by_kind_and_stand_out() {
+        let r = Report { established: 900, failed: 100, refused: 10, closed_no_response: 85, non_200: 5, ..sample() };
+        assert!(!r.all_admitted() && sample().all_admitted());
+        let t = r.human();
+        assert!(
+            t.contains(
+                "NOT ADMITTED  100 of 1000: 10 refused at connect, 85 closed without a response, 5 answered non-200"
+            ),
+            "{t}"
+        );
+        assert!(!sample().human().contains("NOT ADMITTED"));
+        let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(
+            (v["connections_closed_without_response"].as_f64(), v["all_admitted"].as_bool()),
+            (Some(85.0), Some(false))
+        );
     }
 
     #[test]

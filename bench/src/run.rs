@@ -178,6 +178,10 @@ pub fn main(args: RunArgs) -> Result<(), String> {
         requested: args.connections,
         established: ready.iter().map(|r| r.established).sum(),
         failed: ready.iter().map(|r| r.failed).sum(),
+        refused: ready.iter().map(|r| r.refused).sum(),
+        closed_no_response: ready.iter().map(|r| r.closed).sum(),
+        non_200: ready.iter().map(|r| r.non_200).sum(),
+        timed_out: ready.iter().map(|r| r.timed_out).sum(),
         connect_error: ready.iter().map(|r| r.first_error.clone()).find(|e| !e.is_empty()).unwrap_or_default(),
         connect_seconds,
         closed_early: results.iter().map(|r| r.closed_early).sum(),
@@ -217,6 +221,18 @@ pub fn main(args: RunArgs) -> Result<(), String> {
         eprint!("{}", report.human());
     }
     println!("{}", report.json());
+    if !report.all_admitted() {
+        // Every figure above is over fewer connections than asked for: not a valid run.
+        return Err(format!(
+            "only {} of {} connections were admitted (answered 200): {} refused at connect, {} closed without a response, {} answered non-200, {} without a response in time",
+            report.established,
+            report.requested,
+            report.refused,
+            report.closed_no_response,
+            report.non_200,
+            report.timed_out
+        ));
+    }
     Ok(())
 }
 

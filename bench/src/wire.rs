@@ -7,10 +7,18 @@ use std::collections::HashMap;
 use crate::{histogram::Histogram, seqcheck::Counts};
 
 /// Worker → run: its connections are open (or failed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ready {
+    /// Answered 200: admitted.
     pub established: u64,
+    /// Not admitted, in all; of those, by how: the connection refused, accepted and then
+    /// closed (or reset) before any response head, answered with another status, no response
+    /// head within the open timeout (the rest failed otherwise, e.g. no local port).
     pub failed: u64,
+    pub refused: u64,
+    pub closed: u64,
+    pub non_200: u64,
+    pub timed_out: u64,
     /// The first failure, for the report (spaces replaced, so it stays one field).
     pub first_error: String,
 }
@@ -50,13 +58,24 @@ impl Ready {
     pub fn encode(&self) -> String {
         let err =
             if self.first_error.is_empty() { "-".to_string() } else { self.first_error.replace([' ', '\n'], "_") };
-        format!("ready established={} failed={} first_error={err}", self.established, self.failed)
+        format!(
+            "ready established={} failed={} refused={} closed={} non_200={} timed_out={} first_error={err}",
+            self.established, self.failed, self.refused, self.closed, self.non_200, self.timed_out
+        )
     }
 
     pub fn decode(line: &str) -> Result<Self, String> {
         let f = fields(line, "ready")?;
         let first_error = f.get("first_error").filter(|e| *e != "-").cloned().unwrap_or_default();
-        Ok(Ready { established: num(&f, "established")?, failed: num(&f, "failed")?, first_error })
+        Ok(Ready {
+            established: num(&f, "established")?,
+            failed: num(&f, "failed")?,
+            refused: num(&f, "refused")?,
+            closed: num(&f, "closed")?,
+            non_200: num(&f, "non_200")?,
+            timed_out: num(&f, "timed_out")?,
+            first_error,
+        })
     }
 }
 
@@ -120,9 +139,17 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let r = Ready { established: 9, failed: 1, first_error: "connect: refused by peer".into() };
+        let r = Ready {
+            established: 9,
+            failed: 10,
+            refused: 1,
+            closed: 5,
+            non_200: 2,
+            timed_out: 1,
+            first_error: "connect: refused by peer".into(),
+        };
         let back = Ready::decode(&r.encode()).unwrap();
-        assert_eq!((back.established, back.failed, back.first_error.as_str()), (9, 1, "connect:_refused_by_peer"));
+        assert_eq!(back, Ready { first_error: "connect:_refused_by_peer".into(), ..r });
         let e = End { drain_ms: 5000, published: vec![3, 0, 7] };
         assert_eq!(End::decode(&(e.encode() + "\n")).unwrap(), e);
         let mut latency = Histogram::default();

@@ -1,5 +1,7 @@
-//! A client process: opens its share of the SSE connections, checks every event it receives
-//! (sequence, latency), and reports to `run` over stdout.
+//! A client process: opens its share of the SSE connections (at most `--connect-concurrency`
+//! attempts in flight, or all at once with 0), checks every event it receives (sequence,
+//! latency), and reports to `run` over stdout, with how each connection that was not admitted
+//! failed.
 //!
 //! Single-threaded on purpose (a current-thread runtime and `Rc` state): the bench pins all
 //! clients to one core, and one thread per process avoids any locking on the hot path.
@@ -42,6 +44,11 @@ struct Shared {
     heartbeats: Cell<u64>,
     established: Cell<u64>,
     failed: Cell<u64>,
+    /// Of `failed`, by kind (`Refusal`).
+    refused: Cell<u64>,
+    closed: Cell<u64>,
+    non_200: Cell<u64>,
+    timed_out: Cell<u64>,
     closed_early: Cell<u64>,
     first_error: RefCell<String>,
     first_ns: Cell<u64>,
@@ -75,13 +82,20 @@ async fn run(args: WorkerArgs) -> Result<(), String> {
         heartbeats: Cell::new(0),
         established: Cell::new(0),
         failed: Cell::new(0),
+        refused: Cell::new(0),
+        closed: Cell::new(0),
+        non_200: Cell::new(0),
+        timed_out: Cell::new(0),
         closed_early: Cell::new(0),
         first_error: RefCell::new(String::new()),
         first_ns: Cell::new(0),
         last_ns: Cell::new(0),
         stopping: Cell::new(false),
     });
-    let permits = Rc::new(Semaphore::new(args.sub.connect_concurrency as usize));
+    // 0: no cap, every connection's connect and request go out without waiting for another
+    // (a reconnect storm).
+    let permits =
+        (args.sub.connect_concurrency > 0).then(|| Rc::new(Semaphore::new(args.sub.connect_concurrency as usize)));
     for i in 0..args.count {
         let conn = args.first + i;
         let ctx = ConnCtx {
@@ -100,6 +114,10 @@ async fn run(args: WorkerArgs) -> Result<(), String> {
     let ready = Ready {
         established: shared.established.get(),
         failed: shared.failed.get(),
+        refused: shared.refused.get(),
+        closed: shared.closed.get(),
+        non_200: shared.non_200.get(),
+        timed_out: shared.timed_out.get(),
         first_error: shared.first_error.borrow().clone(),
     };
     say(&ready.encode());
@@ -151,7 +169,8 @@ async fn read_end() -> Result<End, String> {
 
 struct ConnCtx {
     shared: Rc<Shared>,
-    permits: Rc<Semaphore>,
+    /// `None`: no cap on connection attempts in flight.
+    permits: Option<Rc<Semaphore>>,
     /// Index among this worker's connections.
     local: usize,
     addr: SocketAddr,
@@ -159,29 +178,45 @@ struct ConnCtx {
     path: String,
 }
 
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The connection itself was refused (or failed to connect).
+    Refused,
+    /// Accepted, then closed or reset before any response head.
+    Closed,
+    /// Answered with another status than 200.
+    Status,
+    /// No response head within `OPEN_TIMEOUT`.
+    Timeout,
+    /// Anything else (no local port, a malformed head).
+    Other,
+}
+
 /// Connects from `source`, sends the subscription request, reads the response head. Returns
 /// the stream, its body decoder and body bytes that came with the head.
-async fn open(ctx: &ConnCtx) -> Result<(TcpStream, BodyDecoder, Vec<u8>), String> {
+async fn open(ctx: &ConnCtx) -> Result<(TcpStream, BodyDecoder, Vec<u8>), (Refusal, String)> {
+    let other = |e: String| (Refusal::Other, e);
     let socket =
-        if ctx.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
+        if ctx.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| other(e.to_string()))?;
     if let Some(ip) = ctx.source {
-        socket.bind(SocketAddr::new(ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
+        socket.bind(SocketAddr::new(ip, 0)).map_err(|e| other(format!("bind {ip}: {e}")))?;
     }
-    let mut stream = socket.connect(ctx.addr).await.map_err(|e| format!("connect: {e}"))?;
+    let mut stream = socket.connect(ctx.addr).await.map_err(|e| (Refusal::Refused, format!("connect: {e}")))?;
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
         ctx.path, ctx.addr
     );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    stream.write_all(request.as_bytes()).await.map_err(|e| (Refusal::Closed, format!("write: {e}")))?;
     let mut buf = Vec::with_capacity(1024);
     loop {
-        if stream.read_buf(&mut buf).await.map_err(|e| format!("read: {e}"))? == 0 {
-            return Err("closed before the response head".into());
+        if stream.read_buf(&mut buf).await.map_err(|e| (Refusal::Closed, format!("read: {e}")))? == 0 {
+            return Err((Refusal::Closed, "closed before the response head".into()));
         }
-        if let Some(head) = sse::parse_head(&buf)? {
+        if let Some(head) = sse::parse_head(&buf).map_err(other)? {
             if head.status != 200 {
                 let text = String::from_utf8_lossy(&buf[head.len..]);
-                return Err(format!("HTTP {} {}", head.status, text.trim()));
+                return Err((Refusal::Status, format!("HTTP {} {}", head.status, text.trim())));
             }
             return Ok((stream, BodyDecoder::new(head.framing), buf.split_off(head.len)));
         }
@@ -190,14 +225,32 @@ async fn open(ctx: &ConnCtx) -> Result<(TcpStream, BodyDecoder, Vec<u8>), String
 
 async fn connection(ctx: ConnCtx) {
     let opened = {
-        let Ok(_permit) = ctx.permits.acquire().await else { return };
-        tokio::time::timeout(OPEN_TIMEOUT, open(&ctx)).await.unwrap_or_else(|_| Err("open timed out".into()))
+        let _permit = match &ctx.permits {
+            Some(p) => match p.acquire().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            },
+            None => None,
+        };
+        tokio::time::timeout(OPEN_TIMEOUT, open(&ctx))
+            .await
+            .unwrap_or_else(|_| Err((Refusal::Timeout, "no response head within the open timeout".into())))
     };
     let shared = &ctx.shared;
     let (mut stream, mut body, rest) = match opened {
         Ok(o) => o,
-        Err(e) => {
+        Err((kind, e)) => {
             shared.failed.set(shared.failed.get() + 1);
+            let count = match kind {
+                Refusal::Refused => Some(&shared.refused),
+                Refusal::Closed => Some(&shared.closed),
+                Refusal::Status => Some(&shared.non_200),
+                Refusal::Timeout => Some(&shared.timed_out),
+                Refusal::Other => None,
+            };
+            if let Some(c) = count {
+                c.set(c.get() + 1);
+            }
             let mut first = shared.first_error.borrow_mut();
             if first.is_empty() {
                 *first = e;

@@ -6,7 +6,13 @@
 //! tried on the next replica at once (a load balancer's retry of another backend). It also leaves on its own
 //! after a random lifetime (a page reload), so resumes happen all the time, not only at faults.
 //!
-//! Everything received is logged per client (sequence, publish number) for the final check
+//! A **storm** (the coordinator's `storm` line, sent just before it kills a replica): for a
+//! short window, a client whose stream on that replica ends reconnects at once (no `retry:`
+//! delay, no jitter, no cap on connections in flight) to one of the other replicas, as every
+//! tab of a crashed backend does behind a load balancer; the worker reports how long they
+//! took to be back and how their attempts failed, if any.
+//!
+//! Everything received is logged per client (id, publish number) for the final check
 //! against the coordinator's ledger (`check`). Single-threaded (`Rc`, `Cell`), like the bench's
 //! own worker.
 
@@ -29,8 +35,8 @@ use tokio::{
 
 use super::{
     ChaosWorkerArgs,
-    check::{self, ClientLog, Counts, Ledger, Miss, Rec, Segment},
-    layout::{self, Layout, Record, Rng},
+    check::{self, ClientLog, Counts, Ledger, Miss, Segment},
+    layout::{self, Layout, Pos, Record, Rng},
     sse::{Item, Scanner},
 };
 use crate::{histogram::Histogram, plan::now_ns, sse as http};
@@ -60,18 +66,95 @@ pub struct ReadyLine {
 pub struct StatLine {
     pub ns: u64,
     pub connected: u64,
-    /// The lowest last-event-id sequence over all clients (connected or not).
-    pub min_seq: u64,
+    /// The lowest last event id over all clients (connected or not).
+    pub min_id: Pos,
     pub opened: u64,
     pub events: u64,
 }
 
-/// Coordinator → worker: publishing is over; `seq` is the end barrier.
+/// Coordinator → worker: publishing is over; `end` is the end barrier's id.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EndLine {
-    pub seq: u64,
+    pub end: Pos,
     pub ledger: String,
     pub drain_ms: u64,
+}
+
+/// Coordinator → worker, just before it kills `replica`: for `window_ms` from now, a client
+/// whose stream on it ends reconnects at once to another replica. Answered with `armed`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct StormLine {
+    pub replica: usize,
+    pub window_ms: u64,
+}
+
+/// A line from the coordinator.
+enum Command {
+    Storm(StormLine),
+    End(EndLine),
+}
+
+/// What a worker saw of a storm: its clients that lost the replica, and how they came back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StormOutcome {
+    pub replica: usize,
+    /// Clients whose stream on the replica ended in the window (each reconnected at once).
+    pub clients: u64,
+    /// Of those, the ones back: a new stream answered 200 with its cursor.
+    pub back: u64,
+    /// When the first of those streams ended, and when the last client got its cursor back
+    /// (ns since the Unix epoch; 0 if none).
+    pub first_end_ns: u64,
+    pub last_back_ns: u64,
+    /// Their attempts on the surviving replicas until back, and the failed ones by how they
+    /// failed (`refused`: nothing listening there).
+    pub attempts: u64,
+    /// Accepted, then closed (or reset) before any response head: not admitted.
+    pub closed_without_response: u64,
+    pub refused: u64,
+    pub non_200: u64,
+    pub timed_out: u64,
+    pub other_failures: u64,
+    pub first_error: String,
+}
+
+impl StormOutcome {
+    pub fn failed(&self) -> u64 {
+        self.closed_without_response + self.refused + self.non_200 + self.timed_out + self.other_failures
+    }
+
+    pub fn add(&mut self, o: &StormOutcome) {
+        self.replica = o.replica;
+        self.clients += o.clients;
+        self.back += o.back;
+        // 0 is "none": the earliest of the others.
+        if self.first_end_ns == 0 || (o.first_end_ns != 0 && o.first_end_ns < self.first_end_ns) {
+            self.first_end_ns = o.first_end_ns;
+        }
+        self.last_back_ns = self.last_back_ns.max(o.last_back_ns);
+        self.attempts += o.attempts;
+        self.closed_without_response += o.closed_without_response;
+        self.refused += o.refused;
+        self.non_200 += o.non_200;
+        self.timed_out += o.timed_out;
+        self.other_failures += o.other_failures;
+        if self.first_error.is_empty() {
+            self.first_error.clone_from(&o.first_error);
+        }
+    }
+
+    fn failure(&mut self, e: &OpenError) {
+        match e {
+            OpenError::Closed(_) => self.closed_without_response += 1,
+            OpenError::Connect(_) => self.refused += 1,
+            OpenError::Status(..) => self.non_200 += 1,
+            OpenError::Timeout => self.timed_out += 1,
+            OpenError::Other(_) => self.other_failures += 1,
+        }
+        if self.first_error.is_empty() {
+            self.first_error = e.to_string();
+        }
+    }
 }
 
 /// Worker → coordinator: the check of its clients.
@@ -89,6 +172,8 @@ pub struct ResultLine {
     pub drained: u64,
     pub heartbeats: u64,
     pub end_reasons: Vec<(String, u64)>,
+    #[serde(default)]
+    pub storm: Option<StormOutcome>,
 }
 
 struct Ctx {
@@ -97,7 +182,14 @@ struct Ctx {
     replicas: Vec<SocketAddr>,
     permits: Semaphore,
     logs: RefCell<Vec<ClientLog>>,
-    last_seq: Vec<Cell<u64>>,
+    /// Per client: its last event id (default: none yet).
+    last: Vec<Cell<Pos>>,
+    /// The storm in progress: its replica and until when a stream ending on it joins it.
+    storm: Cell<Option<(usize, Instant)>>,
+    storm_outcome: RefCell<Option<StormOutcome>>,
+    /// Per client: when its stream on the storm's replica ended, until it is back (0: not in
+    /// the storm).
+    storm_since: Vec<Cell<u64>>,
     /// Per client: its first stream got its cursor, or its first attempt failed.
     reported: Vec<Cell<bool>>,
     had_stream: Cell<u64>,
@@ -136,7 +228,10 @@ async fn run(args: ChaosWorkerArgs) -> Result<(), String> {
     let ctx = Rc::new(Ctx {
         permits: Semaphore::new(256),
         logs: RefCell::new(vec![ClientLog::default(); count]),
-        last_seq: (0..count).map(|_| Cell::new(0)).collect(),
+        last: (0..count).map(|_| Cell::new(Pos::default())).collect(),
+        storm: Cell::new(None),
+        storm_outcome: RefCell::new(None),
+        storm_since: (0..count).map(|_| Cell::new(0)).collect(),
         reported: (0..count).map(|_| Cell::new(false)).collect(),
         had_stream: Cell::new(0),
         connected: Cell::new(0),
@@ -160,18 +255,25 @@ async fn run(args: ChaosWorkerArgs) -> Result<(), String> {
     }
     say("ready", &ReadyLine { connected: ctx.connected.get(), clients: count as u64 });
 
-    let mut end = Box::pin(read_end());
+    let mut commands = read_commands();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let end = loop {
         tokio::select! {
-            e = &mut end => break e?,
+            c = commands.recv() => match c.ok_or("stdin reader vanished")?? {
+                Command::End(e) => break e,
+                Command::Storm(s) => {
+                    ctx.storm.set(Some((s.replica, Instant::now() + Duration::from_millis(s.window_ms))));
+                    *ctx.storm_outcome.borrow_mut() = Some(StormOutcome { replica: s.replica, ..Default::default() });
+                    say("armed", &s);
+                }
+            },
             _ = tick.tick() => say("stat", &stat(&ctx)),
         }
     };
 
     // Drain: until every client's last id reached the barrier, or the deadline.
     let drain_by = Instant::now() + Duration::from_millis(end.drain_ms);
-    while ctx.last_seq.iter().any(|s| s.get() < end.seq) && Instant::now() < drain_by {
+    while ctx.last.iter().any(|s| s.get() < end.end) && Instant::now() < drain_by {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
             _ = tick.tick() => say("stat", &stat(&ctx)),
@@ -179,7 +281,7 @@ async fn run(args: ChaosWorkerArgs) -> Result<(), String> {
     }
     say("stat", &stat(&ctx));
     ctx.stopping.set(true);
-    let drained = ctx.last_seq.iter().filter(|s| s.get() >= end.seq).count() as u64;
+    let drained = ctx.last.iter().filter(|s| s.get() >= end.end).count() as u64;
     let result = finish(&ctx, &end, drained)?;
     say("result", &result);
     // The client tasks are still parked in reads; the process ends here.
@@ -197,28 +299,40 @@ fn stat(ctx: &Ctx) -> StatLine {
     StatLine {
         ns: now_ns(),
         connected: ctx.connected.get(),
-        min_seq: ctx.last_seq.iter().map(Cell::get).min().unwrap_or(0),
+        min_id: ctx.last.iter().map(Cell::get).min().unwrap_or_default(),
         opened: ctx.opened.get(),
         events: ctx.events.get(),
     }
 }
 
-/// Waits for the `end` line on stdin (a plain thread: EOF means the coordinator is gone).
-async fn read_end() -> Result<EndLine, String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+/// The coordinator's lines on stdin, read on a plain thread until `end`; EOF (the coordinator
+/// is gone) or an unreadable line ends the worker.
+fn read_commands() -> tokio::sync::mpsc::UnboundedReceiver<Result<Command, String>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let r = std::io::stdin().lock().read_line(&mut line);
-        let _ = tx.send(match r {
-            Ok(0) | Err(_) => Err("stdin closed before `end`".to_string()),
-            Ok(_) => line
-                .trim_end()
-                .strip_prefix("end ")
-                .ok_or_else(|| format!("expected `end`: {line:?}"))
-                .and_then(|j| serde_json::from_str(j).map_err(|e| e.to_string())),
-        });
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut line = String::new();
+            let command = match stdin.read_line(&mut line) {
+                Ok(0) | Err(_) => Err("stdin closed before `end`".to_string()),
+                Ok(_) => parse_command(line.trim_end()),
+            };
+            let last = !matches!(command, Ok(Command::Storm(_)));
+            if tx.send(command).is_err() || last {
+                break;
+            }
+        }
     });
-    rx.await.map_err(|_| "stdin reader vanished".to_string())?
+    rx
+}
+
+fn parse_command(line: &str) -> Result<Command, String> {
+    let json = |e: serde_json::Error| format!("{e}: {line:?}");
+    match line.split_once(' ') {
+        Some(("end", j)) => serde_json::from_str(j).map(Command::End).map_err(json),
+        Some(("storm", j)) => serde_json::from_str(j).map(Command::Storm).map_err(json),
+        _ => Err(format!("expected `end` or `storm`: {line:?}")),
+    }
 }
 
 fn finish(ctx: &Ctx, end: &EndLine, drained: u64) -> Result<ResultLine, String> {
@@ -239,13 +353,17 @@ fn finish(ctx: &Ctx, end: &EndLine, drained: u64) -> Result<ResultLine, String> 
         }
         let global = ctx.args.first + local as u64;
         let id = ctx.layout.identity(global);
-        let (c, notes) = check::check(log, &id, &ledger, end.seq, NOTES_PER_CLIENT);
+        let (c, notes) = check::check(log, &id, &ledger, end.end, NOTES_PER_CLIENT);
         counts.add(&c);
         for s in &log.segs {
             *reasons.entry(s.end).or_default() += 1;
         }
         let bad = c.lost + c.duplicated + c.out_of_order + c.misrouted + c.phantom + c.id_mismatch + c.never_connected;
-        if (bad > 0 || c.missed() > 0) && failed_clients < MAX_FAILED_CLIENTS {
+        // Also the clients told `expired`, `unknown` or an unknown reason: with a replay log
+        // longer than any absence here, each is suspicious (not so `other_epoch` and
+        // `stream_recreated`, which every client gets after the broker lost its store).
+        let suspicious = c.missed_expired + c.missed_unknown + c.missed_other;
+        if (bad > 0 || suspicious > 0) && failed_clients < MAX_FAILED_CLIENTS {
             failed_clients += 1;
             use std::fmt::Write as _;
             let _ = writeln!(
@@ -272,6 +390,7 @@ fn finish(ctx: &Ctx, end: &EndLine, drained: u64) -> Result<ResultLine, String> 
         drained,
         heartbeats: ctx.heartbeats.get(),
         end_reasons: reasons.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        storm: ctx.storm_outcome.borrow().clone(),
     })
 }
 
@@ -280,29 +399,63 @@ fn source_ip(args: &ChaosWorkerArgs, global: u64) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(base + (global % u64::from(args.source_ips.max(1))) as u32))
 }
 
-async fn open(
+/// How opening a stream failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// The connection was refused (nothing listening): a load balancer tries the next backend.
+    Connect(String),
+    /// Connected, then closed or reset before any response head: the server did not admit it.
+    Closed(String),
+    /// Answered with another status than 200.
+    Status(u16, String),
+    Timeout,
+    Other(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Connect(e) | OpenError::Closed(e) | OpenError::Other(e) => f.write_str(e),
+            OpenError::Status(status, text) => write!(f, "HTTP {status} {text}"),
+            OpenError::Timeout => f.write_str("no response head within the open timeout"),
+        }
+    }
+}
+
+/// Opens an SSE stream from `source` (resuming from `last_id`), within `OPEN_TIMEOUT`.
+pub async fn open(
     addr: SocketAddr,
     source: IpAddr,
     path: &str,
     last_id: Option<&str>,
-) -> Result<(TcpStream, http::BodyDecoder, Vec<u8>), String> {
-    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    socket.bind(SocketAddr::new(source, 0)).map_err(|e| format!("bind {source}: {e}"))?;
-    let mut stream = socket.connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+) -> Result<(TcpStream, http::BodyDecoder, Vec<u8>), OpenError> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_once(addr, source, path, last_id)).await.unwrap_or(Err(OpenError::Timeout))
+}
+
+async fn open_once(
+    addr: SocketAddr,
+    source: IpAddr,
+    path: &str,
+    last_id: Option<&str>,
+) -> Result<(TcpStream, http::BodyDecoder, Vec<u8>), OpenError> {
+    let socket = TcpSocket::new_v4().map_err(|e| OpenError::Other(e.to_string()))?;
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| OpenError::Other(format!("bind {source}: {e}")))?;
+    let mut stream = socket.connect(addr).await.map_err(|e| OpenError::Connect(format!("connect {addr}: {e}")))?;
     let resume = last_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{resume}\r\n"
     );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    let closed = |what: &str, e: std::io::Error| OpenError::Closed(format!("{addr} {what}: {e}"));
+    stream.write_all(request.as_bytes()).await.map_err(|e| closed("write", e))?;
     let mut buf = Vec::with_capacity(1024);
     loop {
-        if stream.read_buf(&mut buf).await.map_err(|e| format!("read: {e}"))? == 0 {
-            return Err(format!("{addr} closed before the response head"));
+        if stream.read_buf(&mut buf).await.map_err(|e| closed("read", e))? == 0 {
+            return Err(OpenError::Closed(format!("{addr} closed before the response head")));
         }
-        if let Some(head) = http::parse_head(&buf)? {
+        if let Some(head) = http::parse_head(&buf).map_err(OpenError::Other)? {
             if head.status != 200 {
                 let text = String::from_utf8_lossy(&buf[head.len..]);
-                return Err(format!("{addr} HTTP {} {}", head.status, text.trim()));
+                return Err(OpenError::Status(head.status, format!("from {addr}: {}", text.trim())));
             }
             return Ok((stream, http::BodyDecoder::new(head.framing), buf.split_off(head.len)));
         }
@@ -326,14 +479,22 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
         let opened = {
             // Only the first wave is throttled; reconnections go at once, as browsers do.
             let _permit = if first { ctx.permits.acquire().await.ok() } else { None };
-            tokio::time::timeout(OPEN_TIMEOUT, open(ctx.replicas[replica], source, &path, last_id.as_deref()))
-                .await
-                .unwrap_or_else(|_| Err("open timed out".into()))
+            open(ctx.replicas[replica], source, &path, last_id.as_deref()).await
         };
+        // A storm client's attempts on the surviving replicas (a retry that picked the killed
+        // one and was refused says nothing about admission).
+        let in_storm = ctx.storm_since[local].get() != 0 && ctx.storm.get().is_some_and(|(r, _)| r != replica);
+        if in_storm && let Some(s) = ctx.storm_outcome.borrow_mut().as_mut() {
+            s.attempts += 1;
+            if let Err(e) = &opened {
+                s.failure(e);
+            }
+        }
+        let mut storm = false;
         let delay = match opened {
             // A refused connection goes to the next replica at once, as a load balancer
             // retries another backend when one refuses; once all refused, wait as below.
-            Err(e) if e.starts_with("connect ") && refused + 1 < ctx.replicas.len() => {
+            Err(OpenError::Connect(_)) if refused + 1 < ctx.replicas.len() => {
                 ctx.failed_attempts.set(ctx.failed_attempts.get() + 1);
                 refused += 1;
                 replica = (replica + 1) % ctx.replicas.len();
@@ -344,7 +505,7 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
                 ctx.failed_attempts.set(ctx.failed_attempts.get() + 1);
                 let mut first_error = ctx.first_error.borrow_mut();
                 if first_error.is_empty() {
-                    *first_error = e;
+                    *first_error = e.to_string();
                 }
                 Duration::from_millis(retry_ms) + rng.between_ms(0, 250)
             }
@@ -353,7 +514,11 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
                 let end =
                     stream_once(&ctx, local, replica, stream, body, rest, lifetime, &mut last_id, &mut retry_ms).await;
                 mark_ready(&ctx, local);
-                if end == "churn" {
+                storm = end != "churn" && end != "stopped" && join_storm(&ctx, local, replica);
+                if storm {
+                    // The storm: every client of the lost replica at once, no delay.
+                    Duration::ZERO
+                } else if end == "churn" {
                     rng.between_ms(0, 250)
                 } else {
                     Duration::from_millis(retry_ms) + rng.between_ms(0, 250)
@@ -362,8 +527,44 @@ async fn client(ctx: Rc<Ctx>, local: usize) {
         };
         first = false;
         refused = 0;
-        tokio::time::sleep(delay).await;
-        replica = rng.below(n) as usize;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        replica = if storm {
+            // Any other replica (the lost one refuses, or is not back yet).
+            (replica + 1 + rng.below(n - 1) as usize) % n as usize
+        } else {
+            rng.below(n) as usize
+        };
+    }
+}
+
+/// Whether the stream that just ended on `replica` is one the storm takes (it is armed for
+/// that replica and within its window); if so, the client is counted in it until it is back.
+fn join_storm(ctx: &Ctx, local: usize, replica: usize) -> bool {
+    let armed = ctx.storm.get().is_some_and(|(r, until)| r == replica && Instant::now() < until);
+    if !armed || ctx.replicas.len() < 2 {
+        return false;
+    }
+    let now = now_ns();
+    if ctx.storm_since[local].replace(now) == 0
+        && let Some(s) = ctx.storm_outcome.borrow_mut().as_mut()
+    {
+        s.clients += 1;
+        if s.first_end_ns == 0 {
+            s.first_end_ns = now;
+        }
+    }
+    true
+}
+
+/// A client of the storm got its cursor back.
+fn storm_back(ctx: &Ctx, local: usize, now: u64) {
+    if ctx.storm_since[local].replace(0) != 0
+        && let Some(s) = ctx.storm_outcome.borrow_mut().as_mut()
+    {
+        s.back += 1;
+        s.last_back_ns = s.last_back_ns.max(now);
     }
 }
 
@@ -380,7 +581,7 @@ async fn stream_once(
     last_id: &mut Option<String>,
     retry_ms: &mut u64,
 ) -> &'static str {
-    let resume = last_id.as_deref().and_then(layout::id_seq);
+    let resume = last_id.as_deref().and_then(Pos::parse);
     ctx.opened.set(ctx.opened.get() + 1);
     {
         let mut logs = ctx.logs.borrow_mut();
@@ -392,7 +593,6 @@ async fn stream_once(
             closed_ns: 0,
             resume,
             cursor: None,
-            missed: None,
             first_rec,
             end: "open",
         });
@@ -456,31 +656,32 @@ fn receive(
     let mut logs = ctx.logs.borrow_mut();
     let log = &mut logs[local];
     let mut counted = st.counted;
-    let last_seq = &ctx.last_seq[local];
+    let last = &ctx.last[local];
     let mut on_item = |item: Item<'_>| match item {
         Item::Comment => ctx.heartbeats.set(ctx.heartbeats.get() + 1),
         Item::Retry(ms) => *retry_ms = ms.clamp(100, 30_000),
         Item::IdOnly { id } => {
-            let seq = std::str::from_utf8(id).ok().and_then(layout::id_seq);
-            if let (Some(seq), Some(seg)) = (seq, log.segs.last_mut())
+            let Some(pos) = std::str::from_utf8(id).ok().and_then(Pos::parse) else { return };
+            if let Some(seg) = log.segs.last_mut()
                 && seg.cursor.is_none()
             {
-                seg.cursor = Some(seq);
+                seg.cursor = Some(pos);
                 if !counted {
                     counted = true;
                     ctx.connected.set(ctx.connected.get() + 1);
                     mark_ready(ctx, local);
+                    storm_back(ctx, local, now);
                 }
             }
-            if let Some(seq) = seq {
-                last_seq.set(seq);
-            }
+            log.saw_id(pos, false);
+            last.set(pos);
         }
         Item::Event { name, data, id } => {
             if name == b"ssegate.missed" {
-                if let Some(seg) = log.segs.last_mut() {
-                    seg.missed = Some(Miss::from_data(data));
-                }
+                // The gap starts at the client's last id: at a stream's start, the
+                // Last-Event-ID it sent; mid-stream, the last event it got.
+                let from = Some(last.get()).filter(|p| *p != Pos::default());
+                log.missed(Miss::from_data(data), from, now);
                 return;
             }
             let parsed = if name == b"message" { layout::parse_payload(data) } else { None };
@@ -488,17 +689,17 @@ fn receive(
                 log.foreign += 1;
                 return;
             };
-            let Some(seq) = std::str::from_utf8(id).ok().and_then(layout::id_seq) else {
+            let Some(pos) = std::str::from_utf8(id).ok().and_then(Pos::parse) else {
                 log.no_id += 1;
                 return;
             };
-            let (Ok(seq32), Ok(n32)) = (u32::try_from(seq), u32::try_from(n)) else {
+            let latency = now.saturating_sub(sent);
+            if !log.push(pos, n, u32::try_from(latency / 1000).unwrap_or(u32::MAX)) {
                 log.foreign += 1;
                 return;
-            };
-            let latency = now.saturating_sub(sent);
-            log.recs.push(Rec { seq: seq32, n: n32, latency_us: u32::try_from(latency / 1000).unwrap_or(u32::MAX) });
-            last_seq.set(seq);
+            }
+            log.saw_id(pos, true);
+            last.set(pos);
             ctx.events.set(ctx.events.get() + 1);
             ctx.latency.borrow_mut().record(latency);
         }

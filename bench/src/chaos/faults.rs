@@ -7,6 +7,12 @@
 //!    schedule's gap), then the next.
 //! 5. A flood of silent sockets on replica 2 and of stalled HTTP/2 streams (fed big events) on
 //!    replica 0, at the same time.
+//! 6. A reconnect storm: the workers are told (and acknowledge) that every client of replica 0
+//!    reconnects at once when its stream ends; then `SIGKILL` replica 0, start it again after
+//!    a pause. The workers report how long their clients took to be back (`client`).
+//! 7. The broker loses its volume: `SIGTERM` it, delete its store directory, start it on the
+//!    same port with an empty store; then a probe (`probe`) checks that a publish is
+//!    acknowledged again and delivered on every replica.
 //!
 //! Each fault starts at its offset from the start of publishing, or `gap` after the previous
 //! one ended, whichever is later. Every wait has a deadline; a fault that cannot be carried out
@@ -20,14 +26,31 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    floods, procs,
+    Link,
+    client::StormLine,
+    floods, probe, procs,
     procs::{Ports, Proc},
     publisher::{self, Shared},
 };
 use crate::{plan::now_ns, procstat};
 
+/// The faults, by name (`--faults`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultKind {
+    Kill,
+    StopBroker,
+    RestartBroker,
+    Rolling,
+    Flood,
+    Storm,
+    VolumeLoss,
+}
+
 #[derive(Clone, Debug)]
 pub struct Schedule {
+    /// Only these faults, one after the other (each `gap` after the previous, offsets
+    /// ignored); empty: all of them, at their offsets.
+    pub only: Vec<FaultKind>,
     pub kill_at: Duration,
     pub kill_down: Duration,
     pub stop_at: Duration,
@@ -36,12 +59,18 @@ pub struct Schedule {
     pub rolling_at: Duration,
     pub flood_at: Duration,
     pub flood_hold: Duration,
+    pub storm_at: Duration,
+    /// How long the storm's replica stays down.
+    pub storm_down: Duration,
+    pub volume_loss_at: Duration,
     pub gap: Duration,
 }
 
 pub struct Cluster {
     pub nats: Proc,
     pub nats_port: u16,
+    /// The broker's store directory (`-sd`), which the volume-loss fault deletes.
+    pub store: std::path::PathBuf,
     pub replicas: Vec<Proc>,
     pub ports: Vec<Ports>,
 }
@@ -66,21 +95,29 @@ pub struct FaultReport {
 
 const READY_WITHIN: Duration = Duration::from_secs(120);
 const EXIT_WITHIN: Duration = Duration::from_secs(20);
+/// Longest wait for every worker to acknowledge a storm before the kill.
+const ARM_WITHIN: Duration = Duration::from_secs(10);
+/// After the broker came back with an empty store: longest wait for a publish to be
+/// acknowledged, then for every replica to deliver it, then for every replica to be ready.
+const PROBE_PUBLISH_WITHIN: Duration = Duration::from_secs(30);
+const PROBE_DELIVER_WITHIN: Duration = Duration::from_secs(15);
+const READY_AFTER_LOSS_WITHIN: Duration = Duration::from_secs(30);
 
 fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
 }
 
+/// What the faults act on besides the cluster.
+pub struct Env {
+    pub rt: tokio::runtime::Handle,
+    pub shared: Arc<Shared>,
+    pub link: Arc<Link>,
+    pub silent: u64,
+    pub stalled: u64,
+}
+
 /// Runs every fault in order. Never panics on a failed step: it is noted and the run goes on.
-pub fn run(
-    c: &mut Cluster,
-    s: &Schedule,
-    t0: Instant,
-    rt: &tokio::runtime::Handle,
-    shared: &Arc<Shared>,
-    silent: u64,
-    stalled: u64,
-) -> FaultReport {
+pub fn run(c: &mut Cluster, s: &Schedule, t0: Instant, env: &Env) -> FaultReport {
     let mut r = FaultReport { faults: Vec::new(), silent: None, stalled: None, problems: Vec::new() };
     let mut prev_end = t0;
     let wait_for = |at: Duration, prev_end: Instant| {
@@ -90,19 +127,41 @@ pub fn run(
         }
     };
     type Step<'a> = Box<dyn FnOnce(&mut Cluster, &mut FaultReport) -> Result<Vec<Fault>, String> + 'a>;
-    let steps: Vec<(Duration, &str, Step)> = vec![
-        (s.kill_at, "SIGKILL replica-1, restart", Box::new(|c, _| kill_replica(c, 1, s.kill_down).map(|f| vec![f]))),
-        (s.stop_at, "SIGSTOP/SIGCONT broker", Box::new(|c, _| stop_broker(c, s.stop_for).map(|f| vec![f]))),
-        (s.broker_restart_at, "restart broker", Box::new(|c, r| restart_broker(c, r).map(|f| vec![f]))),
-        (s.rolling_at, "rolling SIGTERM of all replicas", Box::new(|c, _| rolling(c, s.gap))),
+    use FaultKind as K;
+    let steps: Vec<(K, Duration, &str, Step)> = vec![
         (
+            K::Kill,
+            s.kill_at,
+            "SIGKILL replica-1, restart",
+            Box::new(|c, _| kill_replica(c, 1, s.kill_down).map(|f| vec![f])),
+        ),
+        (
+            K::StopBroker,
+            s.stop_at,
+            "SIGSTOP/SIGCONT broker",
+            Box::new(|c, _| stop_broker(c, s.stop_for).map(|f| vec![f])),
+        ),
+        (
+            K::RestartBroker,
+            s.broker_restart_at,
+            "restart broker",
+            Box::new(|c, r| restart_broker(c, r).map(|f| vec![f])),
+        ),
+        (K::Rolling, s.rolling_at, "rolling SIGTERM of all replicas", Box::new(|c, _| rolling(c, s.gap))),
+        (
+            K::Flood,
             s.flood_at,
             "flood: silent sockets + stalled h2 streams",
-            Box::new(move |c, r| flood(c, r, rt, shared, silent, stalled, s.flood_hold).map(|f| vec![f])),
+            Box::new(move |c, r| flood(c, r, env, s.flood_hold).map(|f| vec![f])),
         ),
+        (K::Storm, s.storm_at, STORM, Box::new(|c, _| storm(c, 0, s.storm_down, &env.link).map(|f| vec![f]))),
+        (K::VolumeLoss, s.volume_loss_at, VOLUME_LOSS, Box::new(|c, r| lose_volume(c, r, env).map(|f| vec![f]))),
     ];
-    for (at, name, step) in steps {
-        wait_for(at, prev_end);
+    for (kind, at, name, step) in steps {
+        if !s.only.is_empty() && !s.only.contains(&kind) {
+            continue;
+        }
+        wait_for(if s.only.is_empty() { at } else { Duration::ZERO }, prev_end);
         crashed(c, &mut r.problems, name);
         match step(c, &mut r) {
             Ok(f) => r.faults.extend(f),
@@ -221,15 +280,8 @@ fn rolling(c: &mut Cluster, pause: Duration) -> Result<Vec<Fault>, String> {
     Ok(faults)
 }
 
-fn flood(
-    c: &mut Cluster,
-    r: &mut FaultReport,
-    rt: &tokio::runtime::Handle,
-    shared: &Arc<Shared>,
-    silent: u64,
-    stalled: u64,
-    hold: Duration,
-) -> Result<Fault, String> {
+fn flood(c: &mut Cluster, r: &mut FaultReport, env: &Env, hold: Duration) -> Result<Fault, String> {
+    let (rt, shared, silent, stalled) = (&env.rt, &env.shared, env.silent, env.stalled);
     let start_ns = now_ns();
     let silent_addr = c.ports[2].http;
     let silent_thread = std::thread::spawn(move || floods::silent_sockets(silent_addr, silent, hold));
@@ -279,4 +331,103 @@ fn flood(
     r.silent = Some(silent);
     r.stalled = Some(stall);
     Ok(Fault { name: "flood: silent sockets + stalled h2 streams".into(), start_ns, lift_ns, end_ns: now_ns(), notes })
+}
+
+/// The names the report finds these faults by.
+pub const STORM: &str = "reconnect storm: SIGKILL replica-0, every client at once";
+pub const VOLUME_LOSS: &str = "broker loses its volume";
+
+/// Arms the storm in every worker (each acknowledges), `SIGKILL`s replica `i`, and starts it
+/// again after `down`. The clients' side is measured by the workers.
+fn storm(c: &mut Cluster, i: usize, down: Duration, link: &Link) -> Result<Fault, String> {
+    let armed = link.armed();
+    // The window covers the kill and the reconnections; streams on the replica end at the kill.
+    let line = StormLine { replica: i, window_ms: (down + Duration::from_secs(2)).as_millis() as u64 };
+    link.send(&format!("storm {}", serde_json::to_string(&line).map_err(|e| e.to_string())?))?;
+    let by = Instant::now() + ARM_WITHIN;
+    while link.armed() < armed + link.workers() {
+        if Instant::now() >= by {
+            return Err(format!("the workers did not arm the storm within {ARM_WITHIN:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start_ns = now_ns();
+    let mut notes = Vec::new();
+    c.replicas[i].signal("KILL")?;
+    let status = c.replicas[i].wait_exit(EXIT_WITHIN).ok_or("did not die of SIGKILL")?;
+    notes.push(format!("replica-{i} killed: {status}; its clients reconnect at once to the other replicas"));
+    let lift_ns = now_ns();
+    std::thread::sleep(down);
+    start_replica(c, i, &mut notes)?;
+    Ok(Fault { name: STORM.into(), start_ns, lift_ns, end_ns: now_ns(), notes })
+}
+
+/// Stops the broker, deletes its store, starts it again empty on the same port; then checks
+/// with a probe that a publish is acknowledged and reaches every replica's clients.
+fn lose_volume(c: &mut Cluster, r: &mut FaultReport, env: &Env) -> Result<Fault, String> {
+    let before = env.shared.records().iter().filter_map(|r| r.id).max();
+    let start_ns = now_ns();
+    let t = Instant::now();
+    let (status, killed) = c.nats.stop(EXIT_WITHIN);
+    let mut notes = vec![match (status, killed) {
+        (_, true) => format!("nats-server did not exit within {EXIT_WITHIN:?} of SIGTERM: killed"),
+        (s, false) => format!("nats-server exited after {}: {s:?}", secs(t.elapsed())),
+    }];
+    match std::fs::remove_dir_all(&c.store) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot delete the broker's store {}: {e}", c.store.display())),
+    }
+    c.nats.start()?;
+    procs::wait_port(std::net::SocketAddr::from(([127, 0, 0, 1], c.nats_port)), Duration::from_secs(30))?;
+    let lift_ns = now_ns();
+    notes.push(format!(
+        "store {} deleted; nats-server listening again, empty, {} after SIGTERM; last id acknowledged before: {}",
+        c.store.display(),
+        secs(t.elapsed()),
+        before.map_or("none".into(), |p| p.to_string())
+    ));
+    let back = Instant::now();
+    let http = c.ports.iter().map(|p| p.http).collect();
+    let publish_by = tokio::time::Instant::now() + PROBE_PUBLISH_WITHIN;
+    let probe = env.rt.block_on(probe::run(env.shared.clone(), http, publish_by, PROBE_DELIVER_WITHIN));
+    match probe.acked {
+        Some((id, after)) => {
+            notes.push(format!(
+                "probe publish acknowledged as {id} {} after the broker listened ({} attempts)",
+                secs(after),
+                probe.attempts
+            ));
+            if before.is_some_and(|b| b.epoch == id.epoch) {
+                r.problems.push(format!(
+                    "after the broker lost its store, a publish was acknowledged as {id}: the lost stream's epoch, so \
+                     ids of the new stream repeat ids browsers already hold"
+                ));
+            }
+            for (i, d) in probe.delivered.iter().enumerate() {
+                match d {
+                    Some(d) => {
+                        notes.push(format!("probe delivered on replica-{i} {} after its acknowledgement", secs(*d)))
+                    }
+                    None => r.problems.push(format!(
+                        "replica-{i} did not deliver a publish acknowledged after the broker lost its store within \
+                         {PROBE_DELIVER_WITHIN:?}: {}",
+                        probe.stream_errors[i]
+                    )),
+                }
+            }
+        }
+        None => r.problems.push(format!(
+            "no publish was acknowledged within {PROBE_PUBLISH_WITHIN:?} of the broker's return with an empty store \
+             ({} attempts; last error: {})",
+            probe.attempts, probe.last_error
+        )),
+    }
+    for (i, p) in c.ports.iter().enumerate() {
+        if let Err(e) = procs::wait_ready(p.admin, READY_AFTER_LOSS_WITHIN.saturating_sub(back.elapsed())) {
+            notes.push(format!("replica-{i}: {e}"));
+        }
+    }
+    notes.push(format!("replicas checked {} after the broker listened", secs(back.elapsed())));
+    Ok(Fault { name: VOLUME_LOSS.into(), start_ns, lift_ns, end_ns: now_ns(), notes })
 }

@@ -8,6 +8,8 @@
 
 use std::fmt::Write as _;
 
+use serde::{Deserialize, Serialize};
+
 /// SplitMix64: the deterministic hash behind identities, the publish mix and jitter.
 pub fn mix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -177,11 +179,27 @@ pub fn parse_payload(data: &[u8]) -> Option<(u64, u64)> {
     it.next().is_none().then_some((n, sent))
 }
 
-/// The sequence number of an event id `<epoch hex>-<seq>`.
-pub fn id_seq(id: &str) -> Option<u64> {
-    let (epoch, seq) = id.split_once('-')?;
-    u64::from_str_radix(epoch, 16).ok()?;
-    seq.parse().ok()
+/// Where an event id `<epoch hex>-<seq>` stands in the run: the broker stream's epoch (its
+/// creation time, so the ids of a stream recreated after the broker lost its store sort after
+/// every id of the lost one) and the stream sequence. Ordered by epoch, then sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Pos {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl Pos {
+    pub fn parse(id: &str) -> Option<Pos> {
+        let (epoch, seq) = id.split_once('-')?;
+        Some(Pos { epoch: u64::from_str_radix(epoch, 16).ok()?, seq: seq.parse().ok()? })
+    }
+}
+
+/// As the server writes it (and a browser sends it back in `Last-Event-ID`).
+impl std::fmt::Display for Pos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}-{}", self.epoch, self.seq)
+    }
 }
 
 /// One publish as the coordinator saw it.
@@ -189,8 +207,8 @@ pub fn id_seq(id: &str) -> Option<u64> {
 pub struct Record {
     pub n: u64,
     pub target: Target,
-    /// The stream sequence of the first OK answer; `None` if no attempt succeeded.
-    pub seq: Option<u64>,
+    /// The event id of the first OK answer; `None` if no attempt succeeded.
+    pub id: Option<Pos>,
     pub attempts: u32,
     pub sent_ns: u64,
     /// When the OK answer arrived.
@@ -199,16 +217,16 @@ pub struct Record {
 
 impl Record {
     pub fn encode(&self) -> String {
-        let seq = self.seq.map_or("-".to_string(), |s| s.to_string());
-        format!("{} {seq} {} {} {} {}", self.n, self.attempts, self.sent_ns, self.acked_ns, self.target.encode())
+        let id = self.id.map_or("-".to_string(), |p| p.to_string());
+        format!("{} {id} {} {} {} {}", self.n, self.attempts, self.sent_ns, self.acked_ns, self.target.encode())
     }
 
     pub fn decode(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split(' ').collect();
-        let [n, seq, attempts, sent_ns, acked_ns, target] = f.as_slice() else { return None };
+        let [n, id, attempts, sent_ns, acked_ns, target] = f.as_slice() else { return None };
         Some(Record {
             n: n.parse().ok()?,
-            seq: if *seq == "-" { None } else { Some(seq.parse().ok()?) },
+            id: if *id == "-" { None } else { Some(Pos::parse(id)?) },
             attempts: attempts.parse().ok()?,
             sent_ns: sent_ns.parse().ok()?,
             acked_ns: acked_ns.parse().ok()?,
@@ -265,13 +283,16 @@ mod tests {
         for bad in ["", "chaos 1", "chaos x 1", "chaos 1 2 3", "stall 1 2"] {
             assert_eq!(parse_payload(bad.as_bytes()), None, "{bad:?}");
         }
-        assert_eq!(id_seq("18f3a-42"), Some(42));
-        assert_eq!(id_seq("zz-1"), None);
-        assert_eq!(id_seq("42"), None);
+        assert_eq!(Pos::parse("18f3a-42"), Some(Pos { epoch: 0x18f3a, seq: 42 }));
+        assert_eq!(Pos::parse("18f3a-42").map(|p| p.to_string()).as_deref(), Some("18f3a-42"));
+        assert_eq!(Pos::parse("zz-1"), None);
+        assert_eq!(Pos::parse("42"), None);
+        assert!(Pos { epoch: 2, seq: 1 } > Pos { epoch: 1, seq: 900 }, "a recreated stream's ids sort after");
         for target in [Target::Users(vec![1, 22]), Target::Group(3), Target::Topic(0), Target::Broadcast] {
-            let r = Record { n: 5, target, seq: Some(9), attempts: 2, sent_ns: 100, acked_ns: 200 };
+            let id = Some(Pos { epoch: 0x18f3a, seq: 9 });
+            let r = Record { n: 5, target, id, attempts: 2, sent_ns: 100, acked_ns: 200 };
             assert_eq!(Record::decode(&r.encode()), Some(r.clone()));
-            let unacked = Record { seq: None, ..r };
+            let unacked = Record { id: None, ..r };
             assert_eq!(Record::decode(&unacked.encode()), Some(unacked));
         }
         assert_eq!(Record::decode("1 2 3"), None);

@@ -10,6 +10,8 @@
 //! - `client`: the worker processes' browser-like clients.
 //! - `check`: the per-client verdict; `layout`: identities, targets, payloads.
 //! - `sse`: an event-stream scanner that keeps ids and names; `floods`: hostile sockets.
+//! - `probe`: after the broker lost its store, a publish acknowledged and delivered on every
+//!   replica.
 //! - `report`: recovery times, the summary and the JSON line.
 
 mod check;
@@ -17,6 +19,7 @@ mod client;
 mod faults;
 mod floods;
 mod layout;
+mod probe;
 mod procs;
 mod publisher;
 mod report;
@@ -26,10 +29,10 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{ChildStdin, Command, Stdio},
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     time::{Duration, Instant},
@@ -38,9 +41,9 @@ use std::{
 use clap::Args;
 
 use self::{
-    client::{EndLine, ReadyLine, ResultLine, StatLine},
+    client::{EndLine, ReadyLine, ResultLine, StatLine, StormLine},
     faults::{Cluster, Schedule},
-    layout::{Layout, Record, Target},
+    layout::{Layout, Pos, Record, Target},
     procs::{Ports, Proc},
 };
 use crate::plan::now_ns;
@@ -82,6 +85,11 @@ pub struct ChaosArgs {
     /// Stalled HTTP/2 streams (default 100; 10 with --short).
     #[arg(long)]
     pub stalled_h2: Option<u64>,
+    /// Only these faults, one after the other, each a gap after the previous (offsets ignored),
+    /// comma-separated; for a targeted run, e.g. a bigger storm: `--short --connections 6600
+    /// --faults storm --duration 20s`. Default: all, on the profile's schedule.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub faults: Vec<faults::FaultKind>,
     /// Per mille of publishes sent over `PublishStream` (the rest are unary calls).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub stream_per_mille: u64,
@@ -131,6 +139,9 @@ pub struct Profile {
     pub silent: u64,
     pub stalled: u64,
     pub drain: Duration,
+    /// Every client of the storm's replica must be reconnected (a new stream with its cursor)
+    /// within this long of the kill.
+    pub storm_bound: Duration,
 }
 
 impl Profile {
@@ -144,6 +155,7 @@ impl Profile {
                 rate: 50,
                 churn_ms: (10_000, 30_000),
                 schedule: Schedule {
+                    only: Vec::new(),
                     kill_at: s(6),
                     kill_down: s(2),
                     stop_at: s(13),
@@ -152,11 +164,15 @@ impl Profile {
                     rolling_at: s(32),
                     flood_at: s(46),
                     flood_hold: s(8),
+                    storm_at: s(57),
+                    storm_down: s(2),
+                    volume_loss_at: s(63),
                     gap: s(3),
                 },
                 silent: 200,
                 stalled: 10,
                 drain: s(30),
+                storm_bound: s(5),
             }
         } else {
             Profile {
@@ -166,6 +182,7 @@ impl Profile {
                 rate: 200,
                 churn_ms: (30_000, 120_000),
                 schedule: Schedule {
+                    only: Vec::new(),
                     kill_at: s(25),
                     kill_down: s(5),
                     stop_at: s(60),
@@ -174,11 +191,15 @@ impl Profile {
                     rolling_at: s(130),
                     flood_at: s(180),
                     flood_hold: s(25),
+                    storm_at: s(212),
+                    storm_down: s(5),
+                    volume_loss_at: s(225),
                     gap: s(5),
                 },
                 silent: 3000,
                 stalled: 100,
                 drain: s(60),
+                storm_bound: s(5),
             }
         };
         p.connections = a.connections.unwrap_or(p.connections);
@@ -186,6 +207,7 @@ impl Profile {
         p.rate = a.rate.unwrap_or(p.rate);
         p.silent = a.silent_sockets.unwrap_or(p.silent);
         p.stalled = a.stalled_h2.unwrap_or(p.stalled);
+        p.schedule.only.clone_from(&a.faults);
         p
     }
 }
@@ -195,6 +217,8 @@ enum Line {
     Ready(ReadyLine),
     Stat(StatLine),
     Result(Box<ResultLine>),
+    /// A worker armed a storm.
+    Armed,
     Other(String),
 }
 
@@ -204,25 +228,59 @@ fn parse_line(line: &str) -> Line {
         "ready" => serde_json::from_str(rest).ok().map(Line::Ready),
         "stat" => serde_json::from_str(rest).ok().map(Line::Stat),
         "result" => serde_json::from_str(rest).ok().map(|r| Line::Result(Box::new(r))),
+        "armed" => serde_json::from_str::<StormLine>(rest).ok().map(|_| Line::Armed),
         _ => None,
     };
     parsed.unwrap_or_else(|| Line::Other(line.to_string()))
 }
 
-pub struct WorkerProc {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
+/// The coordinator's lines to the workers (their stdin), shared by the main thread (`end`)
+/// and the fault thread (`storm`), and the count of `armed` answers.
+#[derive(Default)]
+pub struct Link {
+    stdins: Mutex<Vec<ChildStdin>>,
+    armed: AtomicU64,
+}
+
+impl Link {
+    /// Sends one line to every worker.
+    pub fn send(&self, line: &str) -> Result<(), String> {
+        let mut stdins = self.stdins.lock().unwrap_or_else(|e| e.into_inner());
+        for stdin in stdins.iter_mut() {
+            writeln!(stdin, "{line}")
+                .and_then(|()| stdin.flush())
+                .map_err(|e| format!("cannot reach a worker: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn workers(&self) -> u64 {
+        self.stdins.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+    }
+
+    /// `armed` answers so far (one per worker per storm).
+    pub fn armed(&self) -> u64 {
+        self.armed.load(Ordering::Acquire)
+    }
+
+    /// Closes every worker's stdin (a worker that did not get `end` then exits).
+    fn close(&self) {
+        self.stdins.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// Kills the workers on every exit path.
-struct Workers(Vec<WorkerProc>);
+struct Workers {
+    children: Vec<std::process::Child>,
+    link: Arc<Link>,
+}
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for w in &mut self.0 {
-            drop(w.stdin.take());
-            let _ = w.child.kill();
-            let _ = w.child.wait();
+        self.link.close();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -274,7 +332,7 @@ pub struct Outcome {
     pub workers: usize,
     pub results: Vec<ResultLine>,
     pub ledger: Vec<Record>,
-    pub end_seq: u64,
+    pub end: Pos,
     pub publish: publisher::Stats,
     pub faults: Vec<faults::Fault>,
     pub silent: Option<floods::SilentOutcome>,
@@ -307,7 +365,7 @@ fn run(
         );
         ports.push(p);
     }
-    let mut cluster = Cluster { nats, nats_port, replicas, ports: ports.clone() };
+    let mut cluster = Cluster { nats, nats_port, store, replicas, ports: ports.clone() };
     cluster.nats.start()?;
     procs::wait_port(SocketAddr::from(([127, 0, 0, 1], nats_port)), Duration::from_secs(30))?;
     for i in 0..3 {
@@ -322,7 +380,8 @@ fn run(
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
     let http: Vec<String> = ports.iter().map(|p| p.http.to_string()).collect();
     let (tx, lines) = mpsc::channel::<(usize, String)>();
-    let mut workers = Workers(Vec::new());
+    let link = Arc::new(Link::default());
+    let mut workers = Workers { children: Vec::new(), link: link.clone() };
     let n_workers = profile.connections.div_ceil(args.conns_per_worker);
     for w in 0..n_workers {
         let first = w * profile.connections / n_workers;
@@ -365,14 +424,15 @@ fn run(
                 }
             }
         });
-        let stdin = child.stdin.take();
-        workers.0.push(WorkerProc { child, stdin });
+        let stdin = child.stdin.take().ok_or("worker without stdin")?;
+        link.stdins.lock().unwrap_or_else(|e| e.into_inner()).push(stdin);
+        workers.children.push(child);
     }
     drop(tx);
-    outcome.workers = workers.0.len();
+    outcome.workers = workers.children.len();
     let mut ready = 0;
     let ready_by = Instant::now() + Duration::from_secs(180);
-    while ready < workers.0.len() {
+    while ready < workers.children.len() {
         let left = ready_by.checked_duration_since(Instant::now()).ok_or("workers not ready within 180 s")?;
         let (w, line) = lines.recv_timeout(left).map_err(|_| "workers not ready within 180 s (or one died)")?;
         match parse_line(&line) {
@@ -414,11 +474,15 @@ fn run(
     let publishing = rt.spawn(publisher::run(shared.clone(), plan, stop.clone()));
     let fault_thread = {
         let schedule = profile.schedule.clone();
-        let handle = rt.handle().clone();
-        let shared = shared.clone();
-        let (silent, stalled) = (profile.silent, profile.stalled);
+        let env = faults::Env {
+            rt: rt.handle().clone(),
+            shared: shared.clone(),
+            link: link.clone(),
+            silent: profile.silent,
+            stalled: profile.stalled,
+        };
         std::thread::spawn(move || {
-            let report = faults::run(&mut cluster, &schedule, t0, &handle, &shared, silent, stalled);
+            let report = faults::run(&mut cluster, &schedule, t0, &env);
             (cluster, report)
         })
     };
@@ -445,7 +509,7 @@ fn run(
         if publish_until.is_some_and(|u| Instant::now() >= u) && !stop.swap(true, Ordering::Relaxed) {
             outcome.publish_s = t0.elapsed().as_secs_f64();
         }
-        drain_lines(&lines, outcome, Duration::from_millis(100));
+        drain_lines(&lines, outcome, &link, Duration::from_millis(100));
     }
     let mut cluster = cluster.ok_or("publishing ended before the faults did")?;
 
@@ -455,7 +519,7 @@ fn run(
     shared.records().push(Record {
         n: barrier_n,
         target: Target::Broadcast,
-        seq: None,
+        id: None,
         attempts: 0,
         sent_ns,
         acked_ns: 0,
@@ -472,30 +536,25 @@ fn run(
     }
     outcome.ledger = shared.records().clone();
     outcome.publish = std::mem::take(&mut *shared.stats.lock().unwrap_or_else(|e| e.into_inner()));
-    outcome.end_seq = outcome.ledger.iter().filter_map(|r| r.seq).max().unwrap_or(0);
+    outcome.end = outcome.ledger.iter().filter_map(|r| r.id).max().unwrap_or_default();
     let ledger_path = out.join("ledger.txt");
     let text: String = outcome.ledger.iter().map(|r| r.encode() + "\n").collect();
     std::fs::write(&ledger_path, text).map_err(|e| format!("{}: {e}", ledger_path.display()))?;
 
     let end = EndLine {
-        seq: outcome.end_seq,
+        end: outcome.end,
         ledger: ledger_path.display().to_string(),
         drain_ms: profile.drain.as_millis() as u64,
     };
-    let end = format!("end {}", serde_json::to_string(&end).map_err(|e| e.to_string())?);
-    for w in &mut workers.0 {
-        if let Some(stdin) = &mut w.stdin {
-            writeln!(stdin, "{end}").and_then(|()| stdin.flush()).map_err(|e| format!("cannot reach a worker: {e}"))?;
-        }
-    }
+    link.send(&format!("end {}", serde_json::to_string(&end).map_err(|e| e.to_string())?))?;
     let results_by = Instant::now() + profile.drain + Duration::from_secs(120);
-    while outcome.results.len() < workers.0.len() {
+    while outcome.results.len() < workers.children.len() {
         let Some(left) = results_by.checked_duration_since(Instant::now()) else {
             outcome.problems.push("some workers sent no result".into());
             break;
         };
         match lines.recv_timeout(left.min(Duration::from_secs(1))) {
-            Ok((w, line)) => handle_line(w, &line, outcome),
+            Ok((w, line)) => handle_line(w, &line, outcome, &link),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 outcome.problems.push("workers ended without a result".into());
@@ -522,21 +581,22 @@ fn run(
     Ok(())
 }
 
-fn handle_line(w: usize, line: &str, outcome: &mut Outcome) {
+fn handle_line(w: usize, line: &str, outcome: &mut Outcome, link: &Link) {
     match parse_line(line) {
         Line::Stat(s) => outcome.timeline.push((w, s)),
         Line::Result(r) => outcome.results.push(*r),
+        Line::Armed => _ = link.armed.fetch_add(1, Ordering::AcqRel),
         Line::Ready(_) => {}
         Line::Other(l) => eprintln!("worker {w}: {l}"),
     }
 }
 
-fn drain_lines(lines: &mpsc::Receiver<(usize, String)>, outcome: &mut Outcome, wait: Duration) {
+fn drain_lines(lines: &mpsc::Receiver<(usize, String)>, outcome: &mut Outcome, link: &Link, wait: Duration) {
     match lines.recv_timeout(wait) {
         Ok((w, line)) => {
-            handle_line(w, &line, outcome);
+            handle_line(w, &line, outcome, link);
             while let Ok((w, line)) = lines.try_recv() {
-                handle_line(w, &line, outcome);
+                handle_line(w, &line, outcome, link);
             }
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -548,4 +608,37 @@ fn drain_lines(lines: &mpsc::Receiver<(usize, String)>, outcome: &mut Outcome, w
 /// `ssegate-bench chaos-worker`.
 pub fn worker_main(args: ChaosWorkerArgs) -> Result<(), String> {
     client::main(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Profile, faults::FaultKind};
+    use crate::args::{Cli, Command};
+
+    fn profile(args: &str) -> Result<Profile, String> {
+        let argv = ["ssegate-bench", "chaos"].into_iter().chain(args.split_whitespace());
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Chaos(a) => Ok(Profile::from_args(&a)),
+            _ => Err("not chaos".into()),
+        }
+    }
+
+    #[test]
+    fn every_fault_runs_by_default_the_two_new_ones_last() {
+        for p in [profile("--short").unwrap(), profile("").unwrap()] {
+            let s = &p.schedule;
+            assert!(s.only.is_empty());
+            assert!(s.storm_at >= s.flood_at + s.flood_hold + s.gap, "{s:?}");
+            assert!(s.volume_loss_at >= s.storm_at + s.storm_down + s.gap, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_run_can_select_faults() {
+        let p = profile("--short --faults storm,volume-loss --connections 6600").unwrap();
+        assert_eq!((p.schedule.only.as_slice(), p.connections), (&[FaultKind::Storm, FaultKind::VolumeLoss][..], 6600));
+        assert!(profile("--faults nope").is_err());
+    }
 }

@@ -200,7 +200,10 @@ impl Ports {
     }
 }
 
-/// The command line of one replica.
+/// The command line of one replica. Every admission limit (connections, per user, per
+/// address, pending connections, descriptor budget) stays at its default: the storm fault
+/// checks that a crashed replica's clients are admitted elsewhere at the defaults operators
+/// run with, so no flag here may raise a limit to make room for them.
 pub fn replica_args(ports: &Ports, nats_port: u16) -> Vec<String> {
     [
         "serve",
@@ -226,8 +229,6 @@ pub fn replica_args(ports: &Ports, nats_port: u16) -> Vec<String> {
         "5s",
         "--shutdown-grace",
         "5s",
-        "--max-connections-per-user",
-        "64",
     ]
     .map(String::from)
     .to_vec()
@@ -243,4 +244,20 @@ pub fn find_nats() -> Option<PathBuf> {
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_run_with_every_admission_limit_at_its_default() {
+        let ports = Ports::pick().unwrap();
+        let args = replica_args(&ports, 4222);
+        for flag in
+            ["--max-pending-connections", "--max-connections", "--max-connections-per-user", "--max-connections-per-ip"]
+        {
+            assert!(!args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))), "{flag} in {args:?}");
+        }
+    }
 }

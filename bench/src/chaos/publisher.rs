@@ -7,8 +7,8 @@
 //!   instead, so a stalled stream never slows the ticker), the rest to one task per publish.
 //! - An attempt that fails with a retryable code, or whose stream broke before it was
 //!   answered, is retried on the next replica after a capped exponential backoff.
-//! - The ledger records, per `n`, the sequence of the first OK answer (from the event id) or
-//!   none: only those count as acknowledged.
+//! - The ledger records, per `n`, the event id of the first OK answer or none: only those
+//!   count as acknowledged.
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +27,7 @@ use tokio::{
 };
 use tonic::{Code, transport::Channel};
 
-use super::layout::{self, Layout, Record, Target};
+use super::layout::{self, Layout, Pos, Record, Target};
 use crate::plan::now_ns;
 
 /// Attempts per publish (the first one included).
@@ -103,7 +103,7 @@ impl Shared {
     }
 
     /// Records the outcome of publish `n` (its ledger slot is `n - 1`).
-    fn settle(&self, n: u64, outcome: Result<u64, ()>, attempts: u32) {
+    fn settle(&self, n: u64, outcome: Result<Pos, ()>, attempts: u32) {
         {
             let mut s = self.stats();
             s.attempts += u64::from(attempts);
@@ -116,8 +116,8 @@ impl Shared {
         let mut ledger = self.records();
         if let Some(r) = ledger.get_mut((n - 1) as usize) {
             r.attempts = attempts;
-            if let Ok(seq) = outcome {
-                r.seq = Some(seq);
+            if let Ok(id) = outcome {
+                r.id = Some(id);
                 r.acked_ns = now_ns();
             }
         }
@@ -146,8 +146,8 @@ fn event(data: &str) -> Option<pb::Event> {
     Some(pb::Event { data: data.to_string(), ..Default::default() })
 }
 
-/// One unary attempt on replica `r`; the event id's sequence on success.
-async fn unary_once(shared: &Shared, r: usize, target: &Target, data: &str, key: &str) -> Result<u64, tonic::Status> {
+/// One unary attempt on replica `r`; the event id on success.
+async fn unary_once(shared: &Shared, r: usize, target: &Target, data: &str, key: &str) -> Result<Pos, tonic::Status> {
     let mut c = shared.clients[r % shared.clients.len()].clone();
     let key = key.to_string();
     let call = async {
@@ -184,24 +184,24 @@ async fn unary_once(shared: &Shared, r: usize, target: &Target, data: &str, key:
             }
         }?;
         let id = resp.into_inner().event_id;
-        layout::id_seq(&id).ok_or_else(|| tonic::Status::internal(format!("unreadable event id {id:?}")))
+        Pos::parse(&id).ok_or_else(|| tonic::Status::internal(format!("unreadable event id {id:?}")))
     };
     tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), call)
         .await
         .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("client-side timeout")))
 }
 
-/// Publishes with retries; records the outcome in the ledger. Returns the sequence if acked.
-pub async fn publish_unary(shared: &Shared, n: u64, target: &Target, data: &str, first_attempt: u32) -> Option<u64> {
+/// Publishes with retries; records the outcome in the ledger. Returns the event id if acked.
+pub async fn publish_unary(shared: &Shared, n: u64, target: &Target, data: &str, first_attempt: u32) -> Option<Pos> {
     let key = layout::idempotency_key(n);
     let mut attempts = first_attempt;
     while attempts < MAX_ATTEMPTS {
         let r = (n as usize + attempts as usize) % shared.clients.len();
         attempts += 1;
         match unary_once(shared, r, target, data, &key).await {
-            Ok(seq) => {
-                shared.settle(n, Ok(seq), attempts);
-                return Some(seq);
+            Ok(id) => {
+                shared.settle(n, Ok(id), attempts);
+                return Some(id);
             }
             Err(st) if retryable(st.code()) => {
                 shared.failed_attempt(format!("{:?}", st.code()));
@@ -253,7 +253,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, stop: Arc<AtomicBool>) {
         let target = plan.layout.target(n, plan.broadcast_every, plan.seed);
         let sent_ns = now_ns();
         let data = layout::payload(n, sent_ns);
-        shared.records().push(Record { n, target: target.clone(), seq: None, attempts: 0, sent_ns, acked_ns: 0 });
+        shared.records().push(Record { n, target: target.clone(), id: None, attempts: 0, sent_ns, acked_ns: 0 });
         let via_stream = !stream_txs.is_empty() && layout::mix64(n ^ 0x5157) % 1000 < plan.stream_per_mille;
         if via_stream {
             let tx = &stream_txs[(n as usize) % stream_txs.len()];
@@ -362,9 +362,9 @@ async fn stream_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Item>, task: us
             match tokio::time::timeout_at(deadline, answers.message()).await {
                 Ok(Ok(Some(a))) => {
                     answered += 1;
-                    let seq = (a.code == 0).then(|| layout::id_seq(&a.event_id)).flatten();
-                    match seq {
-                        Some(seq) => shared.settle(item.n, Ok(seq), item.attempts),
+                    let id = (a.code == 0).then(|| Pos::parse(&a.event_id)).flatten();
+                    match id {
+                        Some(id) => shared.settle(item.n, Ok(id), item.attempts),
                         None if a.code == 0 || retryable(Code::from(a.code)) => {
                             // UNAVAILABLE (draining, broker away): retry on another replica.
                             shared.failed_attempt(format!("stream item {:?}", Code::from(a.code)));

@@ -11,6 +11,11 @@
 //! broker's stop, it includes the time it lasted: the first broadcast after the injection is
 //! acknowledged only once the broker is back). "Fewest connected": the fewest clients holding
 //! a stream from the injection to the recovery.
+//!
+//! **The storm**: the workers' counts of the clients that lost the killed replica, summed;
+//! `reconnect_s` is from the kill to the last of them getting its cursor back on another
+//! replica. It fails the run if any of them is not back, or later than the profile's bound, or
+//! if any of their attempts was not admitted (closed without a response, refused, non-200).
 
 use std::{fmt::Write, path::Path};
 
@@ -19,8 +24,9 @@ use serde_json::json;
 use super::{
     Outcome, Profile,
     check::Counts,
-    client::StatLine,
-    layout::{Record, Target},
+    client::{StatLine, StormOutcome},
+    faults,
+    layout::{Pos, Record, Target},
 };
 use crate::histogram::Histogram;
 
@@ -30,12 +36,12 @@ pub fn caught_up(timeline: &[(usize, StatLine)], workers: usize, ledger: &[Recor
     let probe = ledger
         .iter()
         .filter(|r| r.target == Target::Broadcast && r.sent_ns >= t_ns)
-        .filter_map(|r| Some((r.sent_ns, r.seq?)))
+        .filter_map(|r| Some((r.sent_ns, r.id?)))
         .min()?;
-    let mut latest: Vec<Option<u64>> = vec![None; workers];
+    let mut latest: Vec<Option<Pos>> = vec![None; workers];
     for (w, s) in timeline {
         if let Some(slot) = latest.get_mut(*w) {
-            *slot = Some(s.min_seq);
+            *slot = Some(s.min_id);
         }
         if s.ns >= probe.0 && latest.iter().all(|m| m.is_some_and(|m| m >= probe.1)) {
             return Some(s.ns);
@@ -68,6 +74,14 @@ pub struct FaultFigures {
     pub notes: Vec<String>,
 }
 
+/// The storm's figures (see the module's documentation).
+pub struct StormFigures {
+    pub outcome: StormOutcome,
+    /// From the kill to the last client back.
+    pub reconnect_s: Option<f64>,
+    pub bound_s: f64,
+}
+
 pub struct Report {
     pub profile: &'static str,
     pub connections: u64,
@@ -86,7 +100,7 @@ pub struct Report {
     pub retried: u64,
     pub rejected: u64,
     pub via_stream: u64,
-    pub end_seq: u64,
+    pub end: Pos,
     pub latency: Histogram,
     pub latency_first_us: Histogram,
     pub faults: Vec<FaultFigures>,
@@ -96,6 +110,7 @@ pub struct Report {
     pub publish_s: f64,
     pub wall_s: f64,
     pub end_reasons: Vec<(String, u64)>,
+    pub storm: Option<StormFigures>,
 }
 
 impl Report {
@@ -155,7 +170,7 @@ impl Report {
                 }
             })
             .collect();
-        let acknowledged = o.ledger.iter().filter(|r| r.seq.is_some()).count() as u64;
+        let acknowledged = o.ledger.iter().filter(|r| r.id.is_some()).count() as u64;
         let failures: Vec<String> = o.publish.failures.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         let mut problems = o.problems.clone();
         if o.results.len() < o.workers {
@@ -163,6 +178,10 @@ impl Report {
         }
         if counts.never_connected > 0 {
             problems.push(format!("{} clients never got a stream", counts.never_connected));
+        }
+        let storm = storm_figures(p, o);
+        if let Some(s) = &storm {
+            problems.extend(storm_problems(s));
         }
         let drained: u64 = o.results.iter().map(|r| r.drained).sum();
         if drained < p.connections {
@@ -190,7 +209,7 @@ impl Report {
             retried: o.publish.retried,
             rejected: o.publish.rejected,
             via_stream: o.publish.via_stream,
-            end_seq: o.end_seq,
+            end: o.end,
             latency,
             latency_first_us,
             faults,
@@ -201,6 +220,7 @@ impl Report {
             wall_s: o.wall_s,
             end_reasons: reasons.into_iter().collect(),
             counts,
+            storm,
         }
     }
 
@@ -237,7 +257,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "publishes: {} acknowledged, {} never acknowledged, {} attempts ({} publishes retried, {} via PublishStream, {} rejected) over {:.0} s; end barrier seq {}",
+            "publishes: {} acknowledged, {} never acknowledged, {} attempts ({} publishes retried, {} via PublishStream, {} rejected) over {:.0} s; end barrier id {}",
             self.acknowledged,
             self.unacknowledged,
             self.publish_attempts,
@@ -245,7 +265,7 @@ impl Report {
             self.via_stream,
             self.rejected,
             self.publish_s,
-            self.end_seq
+            self.end
         );
         if !self.publish.is_empty() {
             let _ = writeln!(s, "failed attempts by code: {}", self.publish);
@@ -265,15 +285,43 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "ssegate.missed signals: {} (expired {}, unknown {}, other_epoch {}, other {}), excusing {} events; unacknowledged but delivered: {}",
+            "ssegate.missed signals: {} (expired {}, unknown {}, other_epoch {}, stream_recreated {}, other {}), excusing {} events; unacknowledged but delivered: {}",
             c.missed(),
             c.missed_expired,
             c.missed_unknown,
             c.missed_other_epoch,
+            c.missed_stream_recreated,
             c.missed_other,
             c.excused,
             c.unacked_delivered
         );
+        if c.duplicated_across_epochs + c.lost_stream_copies > 0 {
+            let _ = writeln!(
+                s,
+                "retried publishes stored in the lost stream and again in the new one: {} second copies, {} copies under the lost stream's id (not failures: the broker lost its duplicate window with its store)",
+                c.duplicated_across_epochs, c.lost_stream_copies
+            );
+        }
+        if let Some(st) = &self.storm {
+            let o = &st.outcome;
+            let _ = writeln!(
+                s,
+                "storm (replica-{}): {} clients lost it and reconnected at once, {} back, the last {} after the kill (bound {:.0} s); {} attempts, {} failed (closed without a response {}, refused {}, non-200 {}, timed out {}, other {}){}",
+                o.replica,
+                o.clients,
+                o.back,
+                st.reconnect_s.map_or("never".into(), |v| format!("{v:.2} s")),
+                st.bound_s,
+                o.attempts,
+                o.failed(),
+                o.closed_without_response,
+                o.refused,
+                o.non_200,
+                o.timed_out,
+                o.other_failures,
+                if o.first_error.is_empty() { String::new() } else { format!("; first: {}", o.first_error) }
+            );
+        }
         let _ = writeln!(
             s,
             "latency (first publish attempt -> received, replays included): p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
@@ -331,7 +379,23 @@ impl Report {
                 })
             })
             .collect();
-        json!({
+        let storm = self.storm.as_ref().map(|st| {
+            json!({
+                "replica": st.outcome.replica,
+                "clients": st.outcome.clients,
+                "back": st.outcome.back,
+                "reconnect_s": st.reconnect_s,
+                "bound_s": st.bound_s,
+                "attempts": st.outcome.attempts,
+                "failed": st.outcome.failed(),
+                "closed_without_response": st.outcome.closed_without_response,
+                "refused": st.outcome.refused,
+                "non_200": st.outcome.non_200,
+                "timed_out": st.outcome.timed_out,
+                "first_error": st.outcome.first_error,
+            })
+        });
+        let mut v = json!({
             "run": "chaos",
             "profile": self.profile,
             "passed": self.passed(),
@@ -370,9 +434,61 @@ impl Report {
             "problems": self.problems,
             "publish_s": self.publish_s,
             "wall_s": self.wall_s,
-        })
-        .to_string()
+        });
+        // Added apart: one `json!` with every field goes past the macro's recursion limit.
+        v["missed_stream_recreated"] = json!(c.missed_stream_recreated);
+        v["duplicated_across_epochs"] = json!(c.duplicated_across_epochs);
+        v["lost_stream_copies"] = json!(c.lost_stream_copies);
+        v["storm"] = storm.unwrap_or_default();
+        v.to_string()
     }
+}
+
+/// The storm's outcome summed over the workers, timed from the storm fault's kill; `None` if
+/// the run had no storm.
+fn storm_figures(p: &Profile, o: &Outcome) -> Option<StormFigures> {
+    let fault = o.faults.iter().find(|f| f.name == faults::STORM && f.start_ns > 0)?;
+    let mut outcome = StormOutcome::default();
+    for r in o.results.iter().filter_map(|r| r.storm.as_ref()) {
+        outcome.add(r);
+    }
+    let reconnect_s = (outcome.back == outcome.clients && outcome.clients > 0)
+        .then(|| outcome.last_back_ns.saturating_sub(fault.start_ns) as f64 / 1e9);
+    Some(StormFigures { outcome, reconnect_s, bound_s: p.storm_bound.as_secs_f64() })
+}
+
+fn storm_problems(st: &StormFigures) -> Vec<String> {
+    let o = &st.outcome;
+    let mut problems = Vec::new();
+    if o.clients == 0 {
+        problems.push(format!("storm: no client had a stream on replica-{} when it was killed", o.replica));
+    } else if o.back < o.clients {
+        problems.push(format!(
+            "storm: {} of {} clients of the killed replica never got a stream back",
+            o.clients - o.back,
+            o.clients
+        ));
+    }
+    if let Some(r) = st.reconnect_s.filter(|r| *r > st.bound_s) {
+        problems.push(format!(
+            "storm: the last client was back {r:.2} s after the kill, over the bound of {:.0} s",
+            st.bound_s
+        ));
+    }
+    if o.failed() > 0 {
+        problems.push(format!(
+            "storm: {} of {} reconnection attempts were not admitted (closed without a response {}, refused {}, non-200 {}, timed out {}, other {}); first: {}",
+            o.failed(),
+            o.attempts,
+            o.closed_without_response,
+            o.refused,
+            o.non_200,
+            o.timed_out,
+            o.other_failures,
+            o.first_error
+        ));
+    }
+    problems
 }
 
 #[cfg(test)]
@@ -380,11 +496,18 @@ mod tests {
     use super::*;
 
     fn stat(ns: u64, connected: u64, min_seq: u64) -> StatLine {
-        StatLine { ns, connected, min_seq, opened: 0, events: 0 }
+        StatLine { ns, connected, min_id: Pos { epoch: 1, seq: min_seq }, opened: 0, events: 0 }
     }
 
     fn bcast(n: u64, sent_ns: u64, seq: Option<u64>) -> Record {
-        Record { n, target: Target::Broadcast, seq, attempts: 1, sent_ns, acked_ns: 0 }
+        Record {
+            n,
+            target: Target::Broadcast,
+            id: seq.map(|seq| Pos { epoch: 1, seq }),
+            attempts: 1,
+            sent_ns,
+            acked_ns: 0,
+        }
     }
 
     #[test]
@@ -402,5 +525,66 @@ mod tests {
         assert_eq!(caught_up(&timeline, 2, &ledger, 301), None, "no probe after");
         assert_eq!(caught_up(&timeline, 3, &ledger, 150), None, "a worker never reported");
         assert_eq!(fewest_connected(&timeline, 2, 0, 1000), Some(1));
+    }
+
+    #[test]
+    fn recovery_across_a_recreated_stream_compares_epochs_first() {
+        let probe = Record { id: Some(Pos { epoch: 2, seq: 3 }), ..bcast(1, 100, None) };
+        let at = |ns, epoch, seq| (0, StatLine { min_id: Pos { epoch, seq }, ..stat(ns, 1, 0) });
+        let timeline = [at(200, 1, 900), at(300, 2, 2), at(400, 2, 3)];
+        assert_eq!(caught_up(&timeline, 1, &[probe], 50), Some(400), "seq 900 of the lost stream is before it");
+    }
+
+    #[test]
+    fn a_storm_fails_if_an_attempt_is_not_admitted_a_client_is_not_back_or_the_bound_is_passed() {
+        let figures = |f: &dyn Fn(&mut StormOutcome), reconnect_s: Option<f64>| {
+            let mut outcome = StormOutcome { clients: 200, back: 200, attempts: 200, ..StormOutcome::default() };
+            f(&mut outcome);
+            storm_problems(&StormFigures { outcome, reconnect_s, bound_s: 5.0 })
+        };
+        assert!(figures(&|_| {}, Some(0.4)).is_empty());
+        let closed = figures(
+            &|o| {
+                o.attempts = 230;
+                o.closed_without_response = 30;
+                o.first_error = "closed before the response head".into();
+            },
+            Some(1.6),
+        );
+        assert!(closed.len() == 1 && closed[0].contains("30 of 230") && closed[0].contains("closed"), "{closed:?}");
+        let late = figures(&|_| {}, Some(6.1));
+        assert!(late.len() == 1 && late[0].contains("over the bound"), "{late:?}");
+        let missing = figures(&|o| o.back = 150, None);
+        assert!(missing.len() == 1 && missing[0].contains("50 of 200"), "{missing:?}");
+        let none = figures(
+            &|o| {
+                o.clients = 0;
+                o.back = 0;
+            },
+            None,
+        );
+        assert!(none.len() == 1 && none[0].contains("no client"), "{none:?}");
+    }
+
+    #[test]
+    fn storm_outcomes_add_up_over_workers() {
+        let mut sum = StormOutcome::default();
+        let w = |first_end_ns, last_back_ns, closed| StormOutcome {
+            replica: 0,
+            clients: 10,
+            back: 10,
+            first_end_ns,
+            last_back_ns,
+            attempts: 10 + closed,
+            closed_without_response: closed,
+            ..StormOutcome::default()
+        };
+        sum.add(&w(500, 900, 0));
+        sum.add(&w(400, 800, 2));
+        sum.add(&w(0, 0, 0));
+        assert_eq!(
+            (sum.clients, sum.first_end_ns, sum.last_back_ns, sum.failed(), sum.attempts),
+            (30, 400, 900, 2, 32)
+        );
     }
 }
