@@ -173,6 +173,20 @@ impl Collector for ServerCollector {
             C,
             self.backplane.retained_persist_failures() as f64,
         )?;
+        single(
+            &mut enc,
+            "ssegate_backplane_epoch_changes",
+            "Times the NATS stream was found recreated (a new identity, so a new epoch of ids): clients were told with ssegate.missed (stream_recreated)",
+            C,
+            self.backplane.epoch_changes() as f64,
+        )?;
+        single(
+            &mut enc,
+            "ssegate_idempotency_evicted",
+            "Idempotency keys the memory backplane forgot inside their window because it held its 100,000 (a retry with one is published again)",
+            C,
+            self.backplane.idempotency_evicted() as f64,
+        )?;
         single(&mut enc, "ssegate_uptime_seconds", "Seconds since start", G, self.router.uptime().as_secs_f64())
     }
 }
