@@ -24,5 +24,6 @@ pub mod net;
 pub mod reload;
 pub mod router;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
