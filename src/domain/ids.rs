@@ -18,6 +18,8 @@ pub enum InvalidText {
     Empty,
     #[error("must not be blank (only whitespace)")]
     Blank,
+    #[error("must not start or end with whitespace")]
+    Padded,
     #[error("is {len} bytes, longer than the limit of {max} bytes")]
     TooLong { len: usize, max: usize },
     #[error("contains the control character U+{0:04X}")]
@@ -112,6 +114,11 @@ impl IdempotencyKey {
         if s.chars().all(char::is_whitespace) {
             return Err(InvalidText::Blank);
         }
+        // NATS header values lose surrounding whitespace: `" a"` and `"a"` would be one key there
+        // and two in memory. Refused, so that a key means the same on every backplane.
+        if s.trim() != s {
+            return Err(InvalidText::Padded);
+        }
         Ok(Self(Arc::from(s)))
     }
 
@@ -173,12 +180,14 @@ mod tests {
 
     #[test]
     fn idempotency_keys_refuse_blank_control_and_long() {
-        for ok in ["k", "order-42 shipped", " padded ", "ünïcødé", &"k".repeat(256)] {
+        for ok in ["k", "order-42 shipped", "ünïcødé", &"k".repeat(256)] {
             assert_eq!(IdempotencyKey::parse(ok).map(|k| k.as_str().to_owned()), Ok(ok.to_owned()));
         }
         assert_eq!(IdempotencyKey::parse("").unwrap_err(), InvalidText::Empty);
         assert_eq!(IdempotencyKey::parse(" ").unwrap_err(), InvalidText::Blank);
         assert_eq!(IdempotencyKey::parse("\u{3000} \u{a0}").unwrap_err(), InvalidText::Blank);
+        assert_eq!(IdempotencyKey::parse(" a").unwrap_err(), InvalidText::Padded);
+        assert_eq!(IdempotencyKey::parse("a\u{a0}").unwrap_err(), InvalidText::Padded);
         assert_eq!(IdempotencyKey::parse("a\r\nb").unwrap_err(), InvalidText::Control(0x0d));
         assert_eq!(IdempotencyKey::parse("a\nb").unwrap_err(), InvalidText::Control(0x0a));
         assert_eq!(IdempotencyKey::parse("\t").unwrap_err(), InvalidText::Control(0x09));

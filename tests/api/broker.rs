@@ -40,11 +40,19 @@ impl Broker {
     }
 
     pub async fn start_with(cluster: Vec<String>, name: &str) -> Broker {
-        let (port, monitor) = (free_port(), free_port());
-        let dir = std::env::temp_dir().join(format!("ssegate-faults-{}-{port}{name}", std::process::id()));
-        let mut b = Broker { child: None, port, monitor, dir, cluster, paused: false };
-        b.restart().await;
-        b
+        // A free port can be taken by another test's broker between our look and its bind (the
+        // tests run in parallel): then this server fails to start and our clients would talk to
+        // the other one. So the server proves it is ours (`owned`), or we try other ports.
+        for _ in 0..5 {
+            let (port, monitor) = (free_port(), free_port());
+            let dir = std::env::temp_dir().join(format!("ssegate-faults-{}-{port}{name}", std::process::id()));
+            let mut b = Broker { child: None, port, monitor, dir, cluster: cluster.clone(), paused: false };
+            if b.start_here().await {
+                return b;
+            }
+            b.kill().await;
+        }
+        panic!("nats-server could not start on free ports five times");
     }
 
     pub fn url(&self) -> String {
@@ -55,10 +63,22 @@ impl Broker {
         self.child.as_ref().and_then(Child::id).expect("nats-server runs").to_string()
     }
 
+    /// Starts the server again on the same ports (and store).
     pub async fn restart(&mut self) {
+        assert!(self.start_here().await, "nats-server could not start again on port {}", self.port);
+    }
+
+    /// Starts the server on this broker's ports; whether the server listening there is ours.
+    async fn start_here(&mut self) -> bool {
         let (port, monitor) = (self.port.to_string(), self.monitor.to_string());
+        // A cluster member is named by its `--name` argument; otherwise a name of our own.
+        let named = self.cluster.iter().position(|a| a == "--name").and_then(|i| self.cluster.get(i + 1));
+        let server_name =
+            named.cloned().unwrap_or_else(|| format!("ssegate-test-{}-{}", std::process::id(), self.port));
+        let name_args = if named.is_some() { Vec::new() } else { vec!["-n".to_owned(), server_name.clone()] };
         let child = Command::new(nats_binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-sd", self.dir.to_str().unwrap()])
+            .args(&name_args)
             .args(&self.cluster)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -71,10 +91,30 @@ impl Broker {
         let end = deadline();
         for port in [self.monitor, self.port] {
             while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                if self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some())) {
+                    return false; // it exited: a port was taken
+                }
                 assert!(Instant::now() < end, "nats-server did not listen on {port}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        self.owned(&server_name).await
+    }
+
+    /// Whether the server on the client port is the one named `server_name` (its INFO line,
+    /// sent on connect, names it).
+    async fn owned(&self, server_name: &str) -> bool {
+        use tokio::io::AsyncReadExt;
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
+        let mut info = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !info.windows(2).any(|w| w == b"\r\n") {
+            match tokio::time::timeout_at(deadline(), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => info.extend_from_slice(&buf[..n]),
+                _ => return false,
+            }
+        }
+        String::from_utf8_lossy(&info).contains(&format!("\"server_name\":\"{server_name}\""))
     }
 
     pub async fn kill(&mut self) {

@@ -81,6 +81,7 @@ async fn bad_keys_are_invalid_argument_and_publish_nothing(app: &TestApp) {
         (CR_LF_KEY, CR_LF_REFUSED),
         ("just\nLF", "idempotency_key contains the control character U+000A"),
         (" ", "idempotency_key must not be blank (only whitespace)"),
+        (" order-7", "idempotency_key must not start or end with whitespace"),
     ] {
         let err = app.client.clone().publish(publish(key)).await.expect_err(key);
         assert_eq!((err.code(), err.message()), (Code::InvalidArgument, message), "{key:?}");
@@ -125,7 +126,7 @@ async fn a_cr_lf_or_blank_idempotency_key_is_invalid_argument_on_nats() {
     bad_keys_are_invalid_argument_and_publish_nothing(&app).await;
     // And a good key still deduplicates there.
     let req =
-        pb::BroadcastRequest { event: Some(ev("", "once")), idempotency_key: " padded key ".into(), retain: None };
+        pb::BroadcastRequest { event: Some(ev("", "once")), idempotency_key: "order-7 retry".into(), retain: None };
     let first = app.client.clone().broadcast(req.clone()).await.unwrap().into_inner();
     let again = app.client.clone().broadcast(req).await.unwrap().into_inner();
     assert_eq!(first.event_id, again.event_id);
