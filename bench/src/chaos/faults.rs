@@ -206,15 +206,20 @@ fn start_replica(c: &mut Cluster, i: usize, notes: &mut Vec<String>) -> Result<(
 }
 
 fn kill_replica(c: &mut Cluster, i: usize, down: Duration) -> Result<Fault, String> {
+    sigkill_and_restart(c, i, down, format!("SIGKILL replica-{i}, restart"), "")
+}
+
+/// SIGKILLs replica `i`, leaves it down for `down`, starts it again; `note` follows the kill's note.
+fn sigkill_and_restart(c: &mut Cluster, i: usize, down: Duration, name: String, note: &str) -> Result<Fault, String> {
     let start_ns = now_ns();
     let mut notes = Vec::new();
     c.replicas[i].signal("KILL")?;
     let status = c.replicas[i].wait_exit(EXIT_WITHIN).ok_or("did not die of SIGKILL")?;
-    notes.push(format!("replica-{i} killed: {status}"));
+    notes.push(format!("replica-{i} killed: {status}{note}"));
     let lift_ns = now_ns();
     std::thread::sleep(down);
     start_replica(c, i, &mut notes)?;
-    Ok(Fault { name: format!("SIGKILL replica-{i}, restart"), start_ns, lift_ns, end_ns: now_ns(), notes })
+    Ok(Fault { name, start_ns, lift_ns, end_ns: now_ns(), notes })
 }
 
 fn stop_broker(c: &mut Cluster, stop_for: Duration) -> Result<Fault, String> {
@@ -351,15 +356,7 @@ fn storm(c: &mut Cluster, i: usize, down: Duration, link: &Link) -> Result<Fault
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let start_ns = now_ns();
-    let mut notes = Vec::new();
-    c.replicas[i].signal("KILL")?;
-    let status = c.replicas[i].wait_exit(EXIT_WITHIN).ok_or("did not die of SIGKILL")?;
-    notes.push(format!("replica-{i} killed: {status}; its clients reconnect at once to the other replicas"));
-    let lift_ns = now_ns();
-    std::thread::sleep(down);
-    start_replica(c, i, &mut notes)?;
-    Ok(Fault { name: STORM.into(), start_ns, lift_ns, end_ns: now_ns(), notes })
+    sigkill_and_restart(c, i, down, STORM.into(), "; its clients reconnect at once to the other replicas")
 }
 
 /// Stops the broker, deletes its store, starts it again empty on the same port; then checks
