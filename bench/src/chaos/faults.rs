@@ -237,14 +237,19 @@ fn stop_broker(c: &mut Cluster, stop_for: Duration) -> Result<Fault, String> {
     })
 }
 
+/// SIGTERMs the broker (SIGKILL if it lingers) and says how it went.
+fn terminate_broker(c: &mut Cluster) -> String {
+    let t = Instant::now();
+    match c.nats.stop(EXIT_WITHIN) {
+        (_, true) => format!("nats-server did not exit within {EXIT_WITHIN:?} of SIGTERM: killed"),
+        (s, false) => format!("nats-server exited after {}: {s:?}", secs(t.elapsed())),
+    }
+}
+
 fn restart_broker(c: &mut Cluster, _: &mut FaultReport) -> Result<Fault, String> {
     let start_ns = now_ns();
     let t = Instant::now();
-    let (status, killed) = c.nats.stop(EXIT_WITHIN);
-    let mut notes = vec![match (status, killed) {
-        (_, true) => format!("nats-server did not exit within {EXIT_WITHIN:?} of SIGTERM: killed"),
-        (s, false) => format!("nats-server exited after {}: {s:?}", secs(t.elapsed())),
-    }];
+    let mut notes = vec![terminate_broker(c)];
     c.nats.start()?;
     procs::wait_port(std::net::SocketAddr::from(([127, 0, 0, 1], c.nats_port)), Duration::from_secs(30))?;
     let lift_ns = now_ns();
@@ -365,11 +370,7 @@ fn lose_volume(c: &mut Cluster, r: &mut FaultReport, env: &Env) -> Result<Fault,
     let before = env.shared.records().iter().filter_map(|r| r.id).max();
     let start_ns = now_ns();
     let t = Instant::now();
-    let (status, killed) = c.nats.stop(EXIT_WITHIN);
-    let mut notes = vec![match (status, killed) {
-        (_, true) => format!("nats-server did not exit within {EXIT_WITHIN:?} of SIGTERM: killed"),
-        (s, false) => format!("nats-server exited after {}: {s:?}", secs(t.elapsed())),
-    }];
+    let mut notes = vec![terminate_broker(c)];
     match std::fs::remove_dir_all(&c.store) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
