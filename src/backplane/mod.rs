@@ -4,6 +4,7 @@
 //! number, so an event has the same id everywhere and a browser can resume on any replica.
 
 pub mod cluster;
+mod durable;
 pub mod nats;
 mod retained_kv;
 mod wire;
@@ -14,17 +15,24 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
     domain::{Event, EventId, IdempotencyKey, Retain, Target},
-    router::{PublishError, Router},
+    router::{PublishError, Published, Router},
+    store::{Health, Recovered, Store, StoreError, Ticket},
 };
 
 pub enum Backplane {
-    Memory(Dedupe),
+    Memory(Memory),
     Nats(Arc<nats::NatsBackplane>),
+}
+
+/// The single-process backplane: idempotency keys, and the data dir if `--data-dir` is set.
+pub struct Memory {
+    dedupe: Dedupe,
+    store: Option<Arc<Store>>,
 }
 
 /// In memory, the idempotency keys seen in the last `window`, with the id each got: the same
@@ -55,7 +63,51 @@ pub const DEDUPE_MAX_KEYS: usize = 100_000;
 impl Backplane {
     /// In this process only; idempotency keys are remembered for `dedupe_window`.
     pub fn memory(dedupe_window: Duration) -> Self {
-        Backplane::Memory(Dedupe::new(dedupe_window, DEDUPE_MAX_KEYS))
+        Backplane::Memory(Memory { dedupe: Dedupe::new(dedupe_window, DEDUPE_MAX_KEYS), store: None })
+    }
+
+    /// In this process, every event also appended to `store` (`--data-dir`) and acknowledged
+    /// once stored; call `restore` with what the store recovered before serving.
+    pub fn durable(dedupe_window: Duration, store: Arc<Store>) -> Self {
+        Backplane::Memory(Memory { dedupe: Dedupe::new(dedupe_window, DEDUPE_MAX_KEYS), store: Some(store) })
+    }
+}
+
+impl Memory {
+    /// Publishes through `router`, appending the event to the store (if any) inside the core
+    /// critical section that numbers it; returns its ticket (`None` without a store).
+    fn publish(
+        &self,
+        router: &Router,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<(Published, Option<Ticket>), PublishError> {
+        let Some(store) = &self.store else {
+            return Ok((router.publish_with(target, event, retain)?, None));
+        };
+        // Encoded outside the core lock; only the copy into the store's batch happens under it.
+        let record = durable::encode(key, SystemTime::now(), &target, event, retain);
+        let (p, ticket) =
+            router.publish_journaled(target, event, retain, |seq| store.append(seq, durable::KIND_EVENT, &record))?;
+        Ok((p, Some(ticket)))
+    }
+}
+
+/// Waits for a publish's record to be stored. A failed ticket answers UNAVAILABLE although the
+/// event was already handed to the open streams (it got its id under the core lock, before the
+/// write): it is not stored, so it is not replayed after a restart, and a retry publishes it
+/// again (the idempotency key is forgotten) with a new id.
+async fn stored(ticket: Option<Ticket>) -> Result<(), BackplaneError> {
+    match ticket {
+        None => Ok(()),
+        Some(t) => t.await.map_err(|e| {
+            tracing::warn!(error = %e, "a publish was not stored in the data dir; answered UNAVAILABLE");
+            BackplaneError::Router(PublishError::NotStored(format!(
+                "{e} (it may already have reached open streams, but will not be replayed)"
+            )))
+        }),
     }
 }
 
@@ -64,16 +116,40 @@ impl Dedupe {
         Self { seen: Mutex::default(), window, max_keys, evicted: AtomicU64::new(0), warned: AtomicBool::new(false) }
     }
 
-    /// Publishes through `router` unless `key` was seen within the window, in which case the
-    /// first publish's id is returned and nothing is published.
-    fn publish(
+    /// Publishes through `memory` unless `key` was seen within the window, in which case the
+    /// first publish's id is returned and nothing is published. With a store, the key is kept
+    /// only if the event was stored.
+    async fn publish(
         &self,
+        memory: &Memory,
         router: &Router,
         target: Target,
         event: &Event,
         retain: Retain,
         key: &IdempotencyKey,
     ) -> Result<Accepted, BackplaneError> {
+        let (accepted, ticket) = self.publish_once(memory, router, target, event, retain, key)?;
+        if let Err(e) = stored(ticket).await {
+            // Forget the key, so a retry is published (and stored) again.
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.ids.get(key).is_some_and(|(id, _)| *id == accepted.id) {
+                seen.ids.remove(key);
+            }
+            return Err(e);
+        }
+        Ok(accepted)
+    }
+
+    /// Under the dedupe lock: the first id of `key`, or a new publish and its ticket.
+    fn publish_once(
+        &self,
+        memory: &Memory,
+        router: &Router,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        key: &IdempotencyKey,
+    ) -> Result<(Accepted, Option<Ticket>), BackplaneError> {
         // Held across the publish, so two concurrent retries cannot both get through.
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -102,12 +178,32 @@ impl Dedupe {
             }
         }
         if let Some((id, _)) = seen.ids.get(key) {
-            return Ok(Accepted { id: *id, recipients: None });
+            // Known gap: a retry arriving while the first publish's record is still being
+            // written is answered with its id before that write's outcome is known.
+            return Ok((Accepted { id: *id, recipients: None }, None));
         }
-        let p = router.publish_with(target, event, retain)?;
+        let (p, ticket) = memory.publish(router, target, event, retain, Some(key))?;
         seen.ids.insert(key.clone(), (p.id, now));
         seen.order.push_back(key.clone());
-        Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
+        Ok((Accepted { id: p.id, recipients: Some(p.recipients) }, ticket))
+    }
+
+    /// Remembers a key recovered from the data dir, published at `at` (wall clock), if it is
+    /// still inside the window.
+    fn remember(&self, key: IdempotencyKey, id: EventId, at: SystemTime) {
+        let age = SystemTime::now().duration_since(at).unwrap_or(Duration::ZERO);
+        if age >= self.window {
+            return;
+        }
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // A later record with the same key cannot exist (a retry inside the window got the
+        // first id), but keep the first one if it does.
+        if seen.ids.contains_key(&key) {
+            return;
+        }
+        seen.ids.insert(key.clone(), (id, now.checked_sub(age).unwrap_or(now)));
+        seen.order.push_back(key);
     }
 }
 
@@ -159,12 +255,13 @@ impl Backplane {
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<Accepted, BackplaneError> {
         match self {
-            Backplane::Memory(dedupe) => match idempotency_key {
+            Backplane::Memory(memory) => match idempotency_key {
                 None => {
-                    let p = router.publish_with(target, &event, retain)?;
+                    let (p, ticket) = memory.publish(router, target, &event, retain, None)?;
+                    stored(ticket).await?;
                     Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
                 }
-                Some(key) => dedupe.publish(router, target, &event, retain, key),
+                Some(key) => memory.dedupe.publish(memory, router, target, &event, retain, key).await,
             },
             Backplane::Nats(nats) => {
                 if router.is_closing() {
@@ -196,11 +293,13 @@ impl Backplane {
         }
     }
 
-    /// Whether the backplane can take publishes now: always in memory; with NATS, while the
-    /// broker answers its probe (`nats::HEALTH_EVERY`) and the replica is not catching up with a
-    /// recreated stream.
+    /// Whether the backplane can take publishes now: in memory, unless its data dir failed
+    /// (`Health::Failed`: every append refused until a restart; a degraded one still takes
+    /// them); with NATS, while the broker answers its probe (`nats::HEALTH_EVERY`) and the
+    /// replica is not catching up with a recreated stream.
     pub fn is_up(&self) -> bool {
         match self {
+            Backplane::Memory(Memory { store: Some(store), .. }) => !matches!(store.health(), Health::Failed(_)),
             Backplane::Memory(_) => true,
             Backplane::Nats(n) => n.is_up(),
         }
@@ -228,7 +327,7 @@ impl Backplane {
     /// `DEDUPE_MAX_KEYS` (0 with NATS, whose stream keeps them for its whole window).
     pub fn idempotency_evicted(&self) -> u64 {
         match self {
-            Backplane::Memory(d) => d.evicted.load(Relaxed),
+            Backplane::Memory(m) => m.dedupe.evicted.load(Relaxed),
             Backplane::Nats(_) => 0,
         }
     }
@@ -241,11 +340,42 @@ impl Backplane {
         }
     }
 
+    /// Rebuilds `router` (made with the store's epoch, before any connection) from what the
+    /// data dir recovered: see `durable::restore`. Nothing to do without a data dir.
+    pub async fn restore(&self, router: &Router, recovered: Recovered) -> Result<(), StoreError> {
+        match self {
+            Backplane::Memory(m @ Memory { store: Some(store), .. }) => {
+                durable::restore(store, &m.dedupe, router, recovered).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether events are kept in a data dir (`--data-dir`).
+    pub fn has_data_dir(&self) -> bool {
+        matches!(self, Backplane::Memory(Memory { store: Some(_), .. }))
+    }
+
+    /// Why the data dir does not take writes as it should (`None` when it does, or without one).
+    pub fn store_trouble(&self) -> Option<String> {
+        match self {
+            Backplane::Memory(Memory { store: Some(store), .. }) => match store.health() {
+                Health::Ok => None,
+                Health::Degraded(e) => Some(format!("data dir degraded: the last write failed: {e}")),
+                Health::Failed(e) => Some(format!("data dir failed: {e}")),
+            },
+            _ => None,
+        }
+    }
+
     /// Closes the connection to the broker (after every task using it has stopped): pending
-    /// messages are flushed and the server sees the client leave at once.
-    pub async fn close(&self) {
-        if let Backplane::Nats(n) = self {
-            n.close().await;
+    /// messages are flushed and the server sees the client leave at once. With a data dir,
+    /// marks the stop clean (`router` closed: its last sequence number is final).
+    pub async fn close(&self, router: &Router) {
+        match self {
+            Backplane::Nats(n) => n.close().await,
+            Backplane::Memory(Memory { store: Some(store), .. }) => durable::mark_clean(store, router.last_seq()).await,
+            Backplane::Memory(_) => {}
         }
     }
 }
@@ -262,9 +392,11 @@ mod tests {
     #[test]
     fn keys_forgotten_inside_the_window_are_counted_and_a_retry_of_one_is_published_again() {
         let router = Router::new(RouterConfig { epoch: Some(7), ..RouterConfig::with_queue_capacity(16) });
-        let dedupe = Dedupe::new(Duration::from_secs(3600), 2);
+        let memory = Memory { dedupe: Dedupe::new(Duration::from_secs(3600), 2), store: None };
+        let dedupe = &memory.dedupe;
         let event = Event { name: None, data: "x".into() };
-        let publish = |k: &str| dedupe.publish(&router, Target::Broadcast, &event, Retain::No, &key(k)).unwrap();
+        let publish =
+            |k: &str| dedupe.publish_once(&memory, &router, Target::Broadcast, &event, Retain::No, &key(k)).unwrap().0;
         let a = publish("a");
         assert_eq!(publish("a").id, a.id, "a retry inside the window gets the first id");
         publish("b");
@@ -273,17 +405,17 @@ mod tests {
         assert_eq!(dedupe.evicted.load(Relaxed), 1, "`a` was forgotten inside its window");
         assert_ne!(publish("a").id, a.id, "so its retry is published again");
         assert_eq!(dedupe.evicted.load(Relaxed), 2);
-        assert_eq!(Backplane::Memory(dedupe).idempotency_evicted(), 2);
+        assert_eq!(Backplane::Memory(memory).idempotency_evicted(), 2);
     }
 
     #[test]
     fn keys_past_their_window_are_forgotten_without_counting() {
         let router = Router::new(RouterConfig { epoch: Some(7), ..RouterConfig::with_queue_capacity(16) });
-        let dedupe = Dedupe::new(Duration::ZERO, 2);
+        let memory = Memory { dedupe: Dedupe::new(Duration::ZERO, 2), store: None };
         let event = Event { name: None, data: "x".into() };
         for k in ["a", "b", "c", "d"] {
-            dedupe.publish(&router, Target::Broadcast, &event, Retain::No, &key(k)).unwrap();
+            memory.dedupe.publish_once(&memory, &router, Target::Broadcast, &event, Retain::No, &key(k)).unwrap();
         }
-        assert_eq!(dedupe.evicted.load(Relaxed), 0);
+        assert_eq!(memory.dedupe.evicted.load(Relaxed), 0);
     }
 }

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 
 use super::{BackplaneKind, LogFormat, duration};
+use crate::store::SyncPolicy;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -24,6 +25,18 @@ pub struct ServeArgs {
     /// shared by every replica). Several replicas need `nats`.
     #[arg(long, env = "SSEGATE_BACKPLANE", default_value = "memory")]
     pub backplane: BackplaneKind,
+
+    /// Keep events, retained values, idempotency keys and the epoch in this directory (the
+    /// memory backplane only): a restart, clean or not, loses nothing acknowledged and clients
+    /// resume across it. Created if missing; one process per directory (a lock).
+    #[arg(long, env = "SSEGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// When a publish to --data-dir counts as stored: `always` (acknowledged after fdatasync;
+    /// concurrent publishes share one) or a duration like `10ms` (acknowledged once written;
+    /// synced at most that long later: a power loss may lose that last stretch).
+    #[arg(long, env = "SSEGATE_DATA_SYNC", default_value = "always", value_parser = sync_policy)]
+    pub data_sync: SyncPolicy,
 
     /// NATS server URLs, comma-separated (several for a cluster).
     #[arg(long, env = "SSEGATE_NATS_URL", value_delimiter = ',', default_value = "nats://127.0.0.1:4222")]
@@ -275,5 +288,16 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     match duration(s)? {
         d if d.is_zero() => Err("must be more than 0 (examples: 500ms, 10s)".to_owned()),
         d => Ok(d),
+    }
+}
+
+/// `always`, or a positive duration: the group-commit interval.
+fn sync_policy(s: &str) -> Result<SyncPolicy, String> {
+    if s == "always" {
+        return Ok(SyncPolicy::Always);
+    }
+    match duration(s) {
+        Ok(d) if !d.is_zero() => Ok(SyncPolicy::Every(d)),
+        _ => Err("expected `always` or a duration above 0 (examples: 5ms, 10ms)".to_owned()),
     }
 }

@@ -67,7 +67,9 @@ impl ApiError {
             | ApiError::EventTooLarge { .. }
             | ApiError::OverBound { .. }
             | ApiError::Conflict(_) => Code::InvalidArgument,
-            ApiError::Router(PublishError::ShuttingDown) | ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Router(PublishError::ShuttingDown | PublishError::NotStored(_)) | ApiError::Unavailable(_) => {
+                Code::Unavailable
+            }
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::OutcomeUnknown(_) => Code::Unknown,
             ApiError::Router(PublishError::RetainedFull(_)) | ApiError::MessageTooLarge { .. } => {

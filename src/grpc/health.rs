@@ -1,6 +1,6 @@
 //! The standard gRPC health service of the port: the server ("") and `ssegate.v1.Publisher`.
-//! The publisher follows the broker (NOT_SERVING while it is down) and both turn NOT_SERVING
-//! when draining.
+//! The publisher follows the broker (NOT_SERVING while it is down), or with `--data-dir` the
+//! store (NOT_SERVING while it does not take writes), and both turn NOT_SERVING when draining.
 
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;

@@ -199,6 +199,9 @@ pub enum PublishError {
     ShuttingDown,
     #[error(transparent)]
     RetainedFull(#[from] RetainedFull),
+    /// The durable store did not take (or did not write) the event: its reason.
+    #[error("not stored: {0}")]
+    NotStored(String),
 }
 
 /// A publish that was accepted.

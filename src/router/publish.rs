@@ -2,6 +2,8 @@
 //! inboxes in one short core critical section; the shards then fan it out.
 
 use std::{
+    convert::Infallible,
+    fmt::Display,
     sync::{Arc, MutexGuard, atomic::Ordering::Relaxed},
     time::Instant,
 };
@@ -43,6 +45,22 @@ impl Router {
     /// subscriber; connections whose queue is full are cut off. A retained value that does not
     /// fit the store's bounds refuses the publish, with nothing changed.
     pub fn publish_with(&self, target: Target, event: &Event, retain: Retain) -> Result<Published, PublishError> {
+        self.publish_journaled(target, event, retain, |_| Ok::<(), Infallible>(())).map(|(p, ())| p)
+    }
+
+    /// `publish_with`, calling `journal` under the core lock with the sequence number the event
+    /// is about to get, after every check that could refuse it and before anything changes: a
+    /// durable backplane appends the event to its log there, so records reach the log in
+    /// sequence order and no other event can take the number meanwhile. `journal` must be
+    /// short (no I/O, no waiting: the lock orders every publish and subscription). An `Err`
+    /// refuses the publish with nothing changed (`PublishError::NotStored`, its reason).
+    pub fn publish_journaled<T, E: Display>(
+        &self,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        journal: impl FnOnce(u64) -> Result<T, E>,
+    ) -> Result<(Published, T), PublishError> {
         // Encode outside the lock; only the id is appended under it.
         let encoded = Encoded::new(event, retain);
         let mut core = self.lock();
@@ -53,7 +71,8 @@ impl Router {
             core.retained.admits(&target, event.name.as_ref(), frame.len())?;
         }
         let seq = core.last_seq + 1;
-        Ok(self.sequence(core, seq, target, event.name.as_ref(), retain, encoded))
+        let journaled = journal(seq).map_err(|e| PublishError::NotStored(e.to_string()))?;
+        Ok((self.sequence(core, seq, target, event.name.as_ref(), retain, encoded), journaled))
     }
 
     /// Whether a retained value of `event` for `target` would fit the store now: a broker
@@ -149,5 +168,56 @@ impl ShardSet {
             ShardSet::All(n) => (u64::MAX, n),
         };
         (0..n).filter(move |i| bits & (1 << i) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::VecDeque,
+        task::{Context, Waker},
+    };
+
+    use super::*;
+    use crate::{
+        domain::UserId,
+        router::{RouterConfig, Subscription},
+    };
+
+    #[test]
+    fn a_journal_that_refuses_publishes_nothing_and_one_that_accepts_sees_the_events_sequence() {
+        let router = Router::new(RouterConfig { epoch: Some(7), ..RouterConfig::with_queue_capacity(16) });
+        let reg = router
+            .subscribe(Subscription {
+                user: UserId::parse("u").unwrap(),
+                groups: vec![],
+                topics: vec![],
+                abort: None,
+                resume: None,
+            })
+            .unwrap();
+        let event = |data: &str| Event { name: None, data: data.into() };
+        let set = Retain::Set { expires_at: None };
+        let refused =
+            router.publish_journaled(Target::Broadcast, &event("refused"), set, |_| Err::<(), _>("disk full"));
+        assert_eq!(refused, Err(PublishError::NotStored("disk full".into())));
+        assert_eq!(router.last_seq(), 0, "no sequence number was used");
+        let (p, seen) = router.publish_journaled(Target::Broadcast, &event("kept"), Retain::No, Ok::<_, &str>).unwrap();
+        assert_eq!((p.id, seen), (EventId { epoch: 7, seq: 1 }, 1));
+        let mut out = VecDeque::new();
+        let _ = reg.mailbox().poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);
+        let text: String = out.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect();
+        assert!(text.contains("data: kept") && !text.contains("refused"), "{text}");
+        let late = router.subscribe(Subscription {
+            user: UserId::parse("v").unwrap(),
+            groups: vec![],
+            topics: vec![],
+            abort: None,
+            resume: None,
+        });
+        let mut out = VecDeque::new();
+        let _ = late.unwrap().mailbox().poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);
+        let text: String = out.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect();
+        assert!(!text.contains("refused"), "the refused retained value was not set: {text}");
     }
 }

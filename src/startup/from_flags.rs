@@ -8,6 +8,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     auth::{ApiKeys, PublisherAuth, SubscriberAuth, jwt::ReloadingVerifier},
     backplane::{Backplane, nats::NatsBackplane},
+    store::{Options, Recovered, Store, StoreError},
 };
 
 use super::{
@@ -15,16 +16,50 @@ use super::{
     settings::{BackplaneSettings, PublisherSettings, SubscriberSettings},
 };
 
-/// The backplane from the flags, and the epoch its ids must use (`None`: the router draws one).
-pub(super) async fn connect_backplane(
-    settings: &BackplaneSettings,
-) -> Result<(Arc<Backplane>, Option<u64>), StartupError> {
+/// The backplane from the flags, as `build` needs it.
+pub(super) struct Connected {
+    pub backplane: Arc<Backplane>,
+    /// The epoch its ids must use (`None`: the router draws one).
+    pub epoch: Option<u64>,
+    /// Whether a broker's stream numbers the events (of every replica).
+    pub shared_sequence: bool,
+    /// What the data dir held (`--data-dir`), to rebuild the router from before serving.
+    pub recovered: Option<Recovered>,
+}
+
+/// The backplane from the flags: a broker connection, or memory, with its data dir opened (and
+/// locked) if there is one.
+pub(super) async fn connect_backplane(settings: &BackplaneSettings) -> Result<Connected, StartupError> {
     match settings {
-        BackplaneSettings::Memory { dedupe_window } => Ok((Arc::new(Backplane::memory(*dedupe_window)), None)),
+        BackplaneSettings::Memory { dedupe_window, data: None } => Ok(Connected {
+            backplane: Arc::new(Backplane::memory(*dedupe_window)),
+            epoch: None,
+            shared_sequence: false,
+            recovered: None,
+        }),
+        BackplaneSettings::Memory { dedupe_window, data: Some(data) } => {
+            let (dir, options) = (data.dir.clone(), Options { sync: data.sync, ..Options::default() });
+            // Recovery reads every segment: blocking I/O.
+            let (store, recovered) =
+                tokio::task::spawn_blocking(move || Store::open(dir, options)).await.map_err(|e| {
+                    StartupError::Store(StoreError::Failed { dir: data.dir.clone(), cause: e.to_string() })
+                })??;
+            Ok(Connected {
+                backplane: Arc::new(Backplane::durable(*dedupe_window, Arc::new(store))),
+                epoch: Some(recovered.epoch),
+                shared_sequence: false,
+                recovered: Some(recovered),
+            })
+        }
         BackplaneSettings::Nats(nats) => {
             let nats = NatsBackplane::connect(nats.clone()).await?;
             let epoch = nats.epoch;
-            Ok((Arc::new(Backplane::Nats(Arc::new(nats))), Some(epoch)))
+            Ok(Connected {
+                backplane: Arc::new(Backplane::Nats(Arc::new(nats))),
+                epoch: Some(epoch),
+                shared_sequence: true,
+                recovered: None,
+            })
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::{
     event_stream, grpc, http,
     net::{self, Budget, Gate, Policy},
     router::{CloseReason, Router, RouterConfig},
+    store::StoreError,
     telemetry::metrics::Metrics,
     tls::{self, ReloadingCert},
 };
@@ -24,7 +25,7 @@ use crate::{
 mod from_flags;
 pub mod settings;
 
-use from_flags::{connect_backplane, publisher_auth, subscriber_auth};
+use from_flags::{Connected, connect_backplane, publisher_auth, subscriber_auth};
 pub use settings::{ConfigError, Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,8 @@ pub enum StartupError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Nats(#[from] NatsError),
+    #[error("--data-dir: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// A server with its listeners bound, ready to run. Tests build it with port 0 and read the
@@ -74,6 +77,44 @@ pub struct Application {
     tracker: TaskTracker,
 }
 
+/// How often the data dir's health is read for the publisher's gRPC health.
+const STORE_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// With a data dir: whether it takes writes, read every `STORE_HEALTH_EVERY` until `stop`, for
+/// the publisher's gRPC health (`None` without one).
+fn store_up(
+    backplane: &Arc<Backplane>,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Option<tokio::sync::watch::Receiver<bool>> {
+    if !backplane.has_data_dir() {
+        return None;
+    }
+    let (tx, rx) = tokio::sync::watch::channel(true);
+    let (backplane, stop) = (backplane.clone(), stop.clone());
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(STORE_HEALTH_EVERY);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let trouble = backplane.store_trouble();
+            if let Some(reason) = &trouble
+                && *tx.borrow()
+            {
+                tracing::warn!(reason, "publisher NOT_SERVING: the data dir does not take writes");
+            }
+            // While down, re-asserted on every tick (as the broker probe does), so a SERVING set
+            // by the gRPC server's start in between does not stick.
+            if trouble.is_some() || !*tx.borrow() {
+                tx.send_replace(trouble.is_none());
+            }
+        }
+    });
+    Some(rx)
+}
+
 async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, StartupError> {
     crate::net::bind(addr).map_err(|source| StartupError::Bind { addr, port, source })
 }
@@ -82,15 +123,18 @@ impl Application {
     /// Builds from the flags (`Settings::from_args`) and binds the listeners.
     pub async fn build(args: ServeArgs) -> Result<Self, StartupError> {
         let settings = Settings::from_args(args)?;
-        let (backplane, epoch) = connect_backplane(&settings.backplane).await?;
+        let Connected { backplane, epoch, shared_sequence, recovered } = connect_backplane(&settings.backplane).await?;
         let router = Router::new(RouterConfig {
             // One shard per runtime worker: fan-out to different shards can run in parallel.
             shards: tokio::runtime::Handle::current().metrics().num_workers(),
             epoch,
-            // A broker's stream numbers the events of every replica.
-            shared_sequence: epoch.is_some(),
+            shared_sequence,
             ..settings.router.clone()
         });
+        if let Some(recovered) = recovered {
+            // Before any connection exists: the replay log, retained values and keys come back.
+            backplane.restore(&router, recovered).await?;
+        }
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         // If building fails from here on, the tasks already started stop.
@@ -128,7 +172,10 @@ impl Application {
             publisher_auth,
             cert,
             tls,
-            ready: Readiness::new(),
+            ready: {
+                let backplane = backplane.clone();
+                Readiness::new().also_requiring(move || backplane.store_trouble())
+            },
             backplane,
             stop: stop_on_drop,
             tracker,
@@ -241,8 +288,8 @@ impl Application {
         ));
         // The publisher's gRPC health follows the broker; stopped before the drain marks it.
         let broker_health_stop = stop.child_token();
-        let broker_health =
-            backplane.watch_up().map(|up| tracker.spawn(health.clone().follow_broker(up, broker_health_stop.clone())));
+        let up = backplane.watch_up().or_else(|| store_up(&backplane, &broker_health_stop, &tracker));
+        let broker_health = up.map(|up| tracker.spawn(health.clone().follow_broker(up, broker_health_stop.clone())));
         ready.set(true);
         tracing::info!(http = %http_addr, grpc = %grpc_addr, admin = %admin_addr, "ssegate serving");
 
@@ -277,7 +324,7 @@ impl Application {
             Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed"),
             Err(_) => tracing::warn!(streams = closed, "grace period over: dropping what is still open"),
         }
-        backplane.close().await;
+        backplane.close(&router).await;
         admin_stop.cancel();
         if let Err(e) = admin_task.await {
             tracing::warn!(error = %e, "admin server task failed");

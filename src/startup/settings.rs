@@ -12,6 +12,7 @@ use crate::{
     http::{HttpSettings, server::ServerLimits},
     net::Timeouts,
     router::{ReplayConfig, RetainedConfig, RouterConfig},
+    store::SyncPolicy,
 };
 
 /// How often key and certificate files are checked for changes.
@@ -38,8 +39,19 @@ pub enum ConfigError {
 /// Where published events go.
 #[derive(Clone, Debug)]
 pub enum BackplaneSettings {
-    Memory { dedupe_window: Duration },
+    /// `data`: the durable store (`--data-dir`), if any.
+    Memory {
+        dedupe_window: Duration,
+        data: Option<DataSettings>,
+    },
     Nats(NatsSettings),
+}
+
+/// The memory backplane's data directory (`--data-dir`, `--data-sync`).
+#[derive(Clone, Debug)]
+pub struct DataSettings {
+    pub dir: PathBuf,
+    pub sync: SyncPolicy,
 }
 
 /// Who may subscribe.
@@ -128,7 +140,16 @@ impl Settings {
         }
         let timeouts = Timeouts { first_request: a.header_read_timeout, idle: a.idle_timeout, send: a.send_timeout };
         let backplane = match a.backplane {
-            BackplaneKind::Memory => BackplaneSettings::Memory { dedupe_window: MEMORY_DEDUPE_WINDOW },
+            BackplaneKind::Memory => BackplaneSettings::Memory {
+                dedupe_window: MEMORY_DEDUPE_WINDOW,
+                data: a.data_dir.map(|dir| DataSettings { dir, sync: a.data_sync }),
+            },
+            BackplaneKind::Nats if a.data_dir.is_some() => {
+                return Err(ConfigError::Conflict(
+                    "--data-dir is for the memory backplane; with --backplane nats the JetStream stream keeps \
+                     the events: remove --data-dir",
+                ));
+            }
             BackplaneKind::Nats => BackplaneSettings::Nats(NatsSettings {
                 urls: a.nats_url,
                 creds_file: a.nats_creds_file,
@@ -234,7 +255,7 @@ mod tests {
         assert_eq!(s.router.retained.max_values, 5);
         assert_eq!((s.timeouts.idle, s.server.timeouts.idle), (Duration::from_secs(90), Duration::from_secs(90)));
         assert!(
-            matches!(s.backplane, BackplaneSettings::Memory { dedupe_window } if dedupe_window == MEMORY_DEDUPE_WINDOW)
+            matches!(s.backplane, BackplaneSettings::Memory { dedupe_window, data: None } if dedupe_window == MEMORY_DEDUPE_WINDOW)
         );
         assert!(s.tls.is_none());
         assert_eq!(settings(&[]).unwrap().server.max_streams_per_connection, DEFAULT_H2_STREAMS);
@@ -252,5 +273,22 @@ mod tests {
     fn conflicting_flags_are_refused() {
         let both = settings(&["--insecure-dev-identity", "--jwt-secret-file", "/x"]);
         assert!(matches!(both, Err(ConfigError::Conflict(_))));
+        let nats = settings(&["--backplane", "nats", "--data-dir", "/x"]);
+        assert!(matches!(nats, Err(ConfigError::Conflict(m)) if m.contains("--data-dir")));
+    }
+
+    #[test]
+    fn the_data_dir_takes_a_sync_policy_always_by_default() {
+        let data = |extra: &[&str]| match settings(extra).unwrap().backplane {
+            BackplaneSettings::Memory { data, .. } => data,
+            BackplaneSettings::Nats(_) => panic!("not memory"),
+        };
+        let d = data(&["--data-dir", "/d"]).unwrap();
+        assert_eq!((d.dir, d.sync), (PathBuf::from("/d"), SyncPolicy::Always));
+        let d = data(&["--data-dir", "/d", "--data-sync", "10ms"]).unwrap();
+        assert_eq!(d.sync, SyncPolicy::Every(Duration::from_millis(10)));
+        for bad in ["0ms", "sometimes"] {
+            assert!(Cli::try_parse_from(["ssegate", "serve", "--data-sync", bad]).is_err(), "{bad}");
+        }
     }
 }

@@ -13,6 +13,7 @@ mod connect;
 mod control;
 mod docs;
 mod drain;
+mod durable;
 mod edge_hygiene;
 mod encoding;
 mod helpers;
