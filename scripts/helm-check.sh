@@ -11,7 +11,10 @@
 #      `kubernetes-validate --strict` against Kubernetes $K8S_VERSION. CRD kinds it has no
 #      schema for (ServiceMonitor, HTTPRoute) are split out and only checked for
 #      apiVersion/kind/metadata.name: see validate_rendered below;
-#   4. checks that forbidden value combinations fail with their message.
+#   4. checks the workload each backplane gets: the memory backplane's data dir on a
+#      PersistentVolumeClaim in a StatefulSet of one pod (by default), a Deployment without
+#      volume or --data-dir for NATS (several replicas) or without persistence;
+#   5. checks that forbidden value combinations fail with their message.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -176,21 +179,24 @@ PY
         || die "$name: kubernetes-validate --strict against $K8S_VERSION"
 }
 
-check_set() { # <name> [helm args...]
+check_set() { # <name> [helm args...]; kinds expected (absent) from the value files' `# helm-check:
+    # kinds=` (`no-kinds=`) lines, and from $KINDS ($NO_KINDS)
     local name="$1"; shift
     local want absent
-    want="$(for a in "$@"; do [[ -f "$a" ]] && sed -n 's/^# helm-check: kinds=//p' "$a"; done; true)"
-    absent="$(for a in "$@"; do [[ -f "$a" ]] && sed -n 's/^# helm-check: no-kinds=//p' "$a"; done; true)"
+    want="${KINDS:-} $(for a in "$@"; do [[ -f "$a" ]] && sed -n 's/^# helm-check: kinds=//p' "$a"; done; true)"
+    absent="${NO_KINDS:-} $(for a in "$@"; do [[ -f "$a" ]] && sed -n 's/^# helm-check: no-kinds=//p' "$a"; done; true)"
     step "$name: helm lint --strict, helm template, kubernetes-validate --strict -k $K8S_VERSION"
     "$HELM" lint --strict --quiet "$CHART" "$@" >"$OUT/$name.lint" 2>&1 \
         || { cat "$OUT/$name.lint" >&2; die "$name: helm lint --strict"; }
     "$HELM" template ssegate "$CHART" --namespace realtime "$@" >"$OUT/$name.yaml" 2>"$OUT/$name.err" \
         || { cat "$OUT/$name.err" >&2; die "$name: helm template"; }
     validate_rendered "$name" "$OUT/$name.yaml" \
-        "ConfigMap Deployment Service ${want}" "$absent"
+        "ConfigMap Service ${want}" "$absent"
 }
 
-check_set default
+# The defaults: one pod on the memory backplane, its data dir on a claim the chart creates.
+KINDS="StatefulSet PersistentVolumeClaim NetworkPolicy PodDisruptionBudget ServiceAccount" \
+    NO_KINDS="Deployment HorizontalPodAutoscaler Ingress HTTPRoute ServiceMonitor" check_set default
 for f in helm/ci/*.yaml; do
     check_set "$(basename "$f" .yaml)" -f "$f"
 done
@@ -208,6 +214,98 @@ step "the memory limit is derived from max-connections"
 [[ "$(memory_limit --set config.max-connections=1000)" == "246Mi" ]] || die "memory limit at 1000 connections"
 echo "   533Mi by default, 1998Mi with TLS, 246Mi at 1000 connections"
 
+# --- workload and persistence ---------------------------------------------------------------
+# The memory backplane with persistence (the default): a StatefulSet of exactly one pod (it never
+# runs a replacement beside the old pod, so the data dir's LOCK is never contended), the claim
+# mounted writable for the pod's group (fsGroup), SSEGATE_DATA_DIR (`--data-dir`) inside it and
+# SSEGATE_DATA_SYNC (`--data-sync`) in the ConfigMap. NATS (several replicas) or no persistence:
+# a Deployment, no claim, no volume, no data dir.
+check_workload() { # <label> <expected: "persistent <claim> <size|-> <storageClassName|-> <sync>" or "stateless"> [helm args...]
+    local label="$1" expect="$2"; shift 2
+    "$HELM" template ssegate "$CHART" --namespace realtime "$@" >"$OUT/workload.yaml" 2>"$OUT/workload.err" \
+        || { cat "$OUT/workload.err" >&2; die "$label: helm template $*"; }
+    "$PY" - "$OUT/workload.yaml" "$expect" "$label" <<'PY' || die "$label ($*): workload and persistence"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+expect, label = sys.argv[2].split(), sys.argv[3]
+def kind(k): return [d for d in docs if d["kind"] == k]
+sts, deps, pvcs = kind("StatefulSet"), kind("Deployment"), kind("PersistentVolumeClaim")
+env = kind("ConfigMap")[0]["data"]
+def fail(msg): sys.exit(f"   {msg}")
+if expect[0] == "stateless":
+    if sts or pvcs or len(deps) != 1:
+        fail(f"expected one Deployment and no StatefulSet/PersistentVolumeClaim, got "
+             f"{len(deps)} Deployment, {len(sts)} StatefulSet, {len(pvcs)} PersistentVolumeClaim")
+    dep = deps[0]["spec"]
+    if dep["strategy"]["type"] != "RollingUpdate":
+        fail(f"Deployment strategy {dep['strategy']}")
+    pod = dep["template"]["spec"]
+    claims = [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+    data_env = sorted(k for k in env if k.startswith("SSEGATE_DATA_"))
+    if claims or data_env:
+        fail(f"a stateless pod has claim volumes {claims} or {data_env} in its ConfigMap")
+    print(f"   {label}: Deployment (" + (f"replicas {dep['replicas']}" if "replicas" in dep else "HPA")
+          + ", RollingUpdate), no claim, no SSEGATE_DATA_DIR")
+    sys.exit(0)
+_, claim, size, sc, sync = expect
+sc = "" if sc == '""' else sc
+if deps or len(sts) != 1:
+    fail(f"expected one StatefulSet and no Deployment, got {len(sts)} StatefulSet, {len(deps)} Deployment")
+st = sts[0]["spec"]
+if st.get("replicas") != 1:
+    fail(f"StatefulSet replicas: {st.get('replicas')}, expected 1")
+if st.get("podManagementPolicy") != "Parallel" or st.get("updateStrategy", {}).get("type") != "RollingUpdate":
+    fail(f"StatefulSet podManagementPolicy {st.get('podManagementPolicy')}, updateStrategy {st.get('updateStrategy')}")
+headless = [s for s in kind("Service") if s["metadata"]["name"] == st.get("serviceName")]
+if not headless or headless[0]["spec"].get("clusterIP") != "None":
+    fail(f"serviceName {st.get('serviceName')!r} is not a headless Service of the release")
+pod = st["template"]["spec"]
+vols = [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+if len(vols) != 1 or vols[0]["persistentVolumeClaim"]["claimName"] != claim:
+    fail(f"pod claim volumes {vols}, expected one of claim {claim}")
+mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] == vols[0]["name"]]
+if len(mounts) != 1 or mounts[0].get("readOnly"):
+    fail(f"the claim's mounts: {mounts}, expected one, writable")
+data_dir = env.get("SSEGATE_DATA_DIR", "")
+if not data_dir.startswith(mounts[0]["mountPath"].rstrip("/") + "/"):
+    fail(f"SSEGATE_DATA_DIR={data_dir!r} is not inside the claim's mount {mounts[0]['mountPath']}")
+if env.get("SSEGATE_DATA_SYNC") != sync:
+    fail(f"SSEGATE_DATA_SYNC={env.get('SSEGATE_DATA_SYNC')!r}, expected {sync!r}")
+if "fsGroup" not in (pod.get("securityContext") or {}):
+    fail("no fsGroup in the pod's securityContext: the claim would not be writable by uid 10001")
+if size == "-":
+    if pvcs:
+        fail(f"an existing claim is used, but the chart renders {[p['metadata']['name'] for p in pvcs]}")
+else:
+    if len(pvcs) != 1 or pvcs[0]["metadata"]["name"] != claim:
+        fail(f"PersistentVolumeClaims {[p['metadata']['name'] for p in pvcs]}, expected {claim}")
+    p = pvcs[0]
+    if p["metadata"].get("annotations", {}).get("helm.sh/resource-policy") != "keep":
+        fail("the claim is not kept by helm uninstall (helm.sh/resource-policy: keep)")
+    got = p["spec"]["resources"]["requests"]["storage"]
+    if got != size:
+        fail(f"claim size {got}, expected {size}")
+    got = p["spec"].get("storageClassName", "-")
+    if got != sc:
+        fail(f"claim storageClassName {got!r}, expected {sc!r}")
+print(f"   {label}: StatefulSet of 1 (Parallel, RollingUpdate), claim {claim}"
+      + (" (existing)" if size == "-" else f" ({size}, {p['spec']['accessModes']}, storageClassName "
+         + ("unset" if sc == "-" else repr(sc)) + ", kept on uninstall)")
+      + f" at {mounts[0]['mountPath']}, SSEGATE_DATA_DIR={data_dir}, SSEGATE_DATA_SYNC={sync}")
+PY
+}
+step "workload per backplane: a StatefulSet with a claim and --data-dir, or a Deployment without"
+check_workload "default" "persistent ssegate-data 1Gi - always"
+check_workload "sized" "persistent ssegate-data 20Gi fast-ssd 10ms" \
+    --set persistence.size=20Gi --set persistence.storageClass=fast-ssd --set persistence.sync=10ms
+check_workload "no dynamic provisioning" 'persistent ssegate-data 1Gi "" always' --set persistence.storageClass=-
+check_workload "existing claim" "persistent ssegate-events - - 10ms" -f helm/ci/memory-existing-claim.yaml
+check_workload "memory without persistence" "stateless" --set persistence.enabled=false
+check_workload "NATS, 3 replicas" "stateless" -f helm/ci/prod-nats-tls.yaml
+check_workload "NATS, 3 replicas, persistence values set" "stateless" \
+    --set replicaCount=3 --set backplane.type=nats --set 'backplane.nats.urls={nats://nats:4222}' \
+    --set persistence.enabled=true --set persistence.existingClaim=ssegate-events
+
 # --- forbidden combinations -----------------------------------------------------------------
 must_fail() { # <message: extended regex, case-insensitive> [helm args...]
     local msg="$1"; shift
@@ -220,6 +318,16 @@ must_fail() { # <message: extended regex, case-insensitive> [helm args...]
 step "forbidden combinations fail with their message"
 must_fail "replicaCount=3 needs the NATS backplane" --set replicaCount=3
 must_fail "with autoscaling.enabled needs the NATS backplane" --set autoscaling.enabled=true
+# With persistence (the default) the message also says why one data dir means one pod.
+must_fail "data directory \\(--data-dir\\) is also for one process" --set replicaCount=3
+must_fail "data directory \\(--data-dir\\) is also for one process" --set autoscaling.enabled=true
+must_fail "replicaCount=2 needs the NATS backplane" --set replicaCount=2 --set persistence.enabled=false
+must_fail "config.data-dir is set by the chart; use persistence.enabled" --set config.data-dir=/data
+must_fail "config.data-sync is set by the chart; use persistence.sync" --set config.data-sync=10ms
+must_fail "persistence.sync.*(does not match|Does not match pattern)" --set persistence.sync=0ms
+must_fail "persistence.sync.*(does not match|Does not match pattern)" --set persistence.sync=sometimes
+must_fail "persistence.accessModes.*(must be one of|ReadWriteOnce)" --set 'persistence.accessModes={ReadOnlyMany}'
+must_fail "persistence.size.*(does not match|Does not match pattern)" --set persistence.size=lots
 must_fail "backplane.type=nats needs backplane.nats.urls" --set backplane.type=nats
 # Schema errors are worded differently by Helm 3 and Helm 4: the patterns accept both.
 must_fail "backplane.type.*must be one of.*memory.*nats" --set backplane.type=redis

@@ -41,6 +41,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled }}true{{ end }}
 {{- end }}
 
+{{/*
+The memory backplane keeps its state in a data dir on a PersistentVolumeClaim: the pod is then
+a StatefulSet of one. Persistence is ignored with NATS (the JetStream stream keeps the events;
+the server refuses --data-dir there).
+*/}}
+{{- define "ssegate.persistent" -}}
+{{- if and (eq .Values.backplane.type "memory") .Values.persistence.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Where the claim is mounted, and the data dir inside it (lost+found stays out). */}}
+{{- define "ssegate.dataMountPath" -}}/var/lib/ssegate{{- end }}
+{{- define "ssegate.dataDir" -}}/var/lib/ssegate/data{{- end }}
+
+{{- define "ssegate.dataClaimName" -}}
+{{- .Values.persistence.existingClaim | default (printf "%s-data" (include "ssegate.fullname" .)) }}
+{{- end }}
+
 {{/* terminationGracePeriodSeconds = shutdown delay + shutdown grace + margin. */}}
 {{- define "ssegate.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.drain.shutdownDelaySeconds) (int .Values.drain.shutdownGraceSeconds) (int .Values.drain.terminationMarginSeconds) }}
@@ -60,7 +77,7 @@ from dedicated values (managed below) or not a flag. Keep in sync with `ssegate 
 (scripts/helm-check.sh compares them when target/debug/ssegate exists).
 */}}
 {{- define "ssegate.configFlags" -}}
-nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-retained max-retained-bytes max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins idle-timeout send-timeout max-pending-connections log-format data-dir data-sync
+nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-retained max-retained-bytes max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins idle-timeout send-timeout max-pending-connections log-format
 {{- end }}
 
 {{/* Flags the chart sets itself, with the value to use instead. */}}
@@ -88,16 +105,19 @@ insecure-dev-identity: dev.insecureDevIdentity
 insecure-open-publish: dev.insecureOpenPublish
 shutdown-delay: drain.shutdownDelaySeconds
 shutdown-grace: drain.shutdownGraceSeconds
+data-dir: persistence.enabled (a PersistentVolumeClaim, memory backplane)
+data-sync: persistence.sync
 {{- end }}
 
 {{/*
 Refuses value combinations that would deploy something broken, with a message saying what to
-change. Included by the Deployment, so `helm template`/`install`/`upgrade` fail.
+change. Included by the ConfigMap and the workload (Deployment or StatefulSet), so
+`helm template`/`install`/`upgrade` fail.
 */}}
 {{- define "ssegate.validate" -}}
 {{- $v := .Values }}
 {{- if and (include "ssegate.multiReplica" .) (ne $v.backplane.type "nats") }}
-{{- fail (printf "\n\nssegate: replicaCount=%v%s needs the NATS backplane: with backplane.type=%s each pod only delivers what was published to itself.\nSet backplane.type=nats and backplane.nats.urls (an external NATS with JetStream), or use replicaCount=1 without autoscaling.\n" $v.replicaCount (ternary " with autoscaling.enabled" "" (eq (toString $v.autoscaling.enabled) "true")) $v.backplane.type) }}
+{{- fail (printf "\n\nssegate: replicaCount=%v%s needs the NATS backplane: with backplane.type=%s each pod only delivers what was published to itself.%s\nSet backplane.type=nats and backplane.nats.urls (an external NATS with JetStream), or use replicaCount=1 without autoscaling.\n" $v.replicaCount (ternary " with autoscaling.enabled" "" (eq (toString $v.autoscaling.enabled) "true")) $v.backplane.type (ternary "\nWith persistence.enabled the pod's data directory (--data-dir) is also for one process only: it is locked, and a second pod on the volume would crash-loop." "" (eq (include "ssegate.persistent" .) "true"))) }}
 {{- end }}
 {{- if and (eq $v.backplane.type "nats") (empty $v.backplane.nats.urls) }}
 {{- fail "\n\nssegate: backplane.type=nats needs backplane.nats.urls (e.g. [nats://nats.nats:4222]).\n" }}
