@@ -258,6 +258,8 @@ fn commit(shared: &Shared, writer: &mut Writer, buf: &[u8], sync: bool, batch: C
                     }
                     *health = Health::Degraded(error.clone());
                     drop(health);
+                    shared.lock_state().resting =
+                        Some((std::time::Instant::now() + super::REST_AFTER_FAILURE, error.to_string()));
                     batch.complete(Err(error));
                 }
                 Err(rollback) => {

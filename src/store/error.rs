@@ -40,6 +40,9 @@ pub enum StoreError {
     /// disk is unknown, so the store takes no more writes until a restart recovers it.
     #[error("store in {} failed and takes no more writes (a restart recovers it): {cause}", .dir.display())]
     Failed { dir: PathBuf, cause: String },
+    /// A write failed less than `REST_AFTER_FAILURE` ago: refused without trying.
+    #[error("the last write to the data dir failed ({cause}); writes are retried every 500 ms")]
+    Resting { cause: String },
     /// A checkpoint name outside `[a-z0-9_-]{1,64}`.
     #[error("invalid checkpoint name {0:?} (expected 1-64 of a-z, 0-9, '_', '-')")]
     BadName(String),

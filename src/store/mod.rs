@@ -199,7 +199,14 @@ struct State {
     closing: bool,
     /// Set once the store failed: every append returns it.
     failed: Option<StoreError>,
+    /// After a failed write (a full disk fails every write until there is room), appends are
+    /// refused at once until this instant, so a publisher retrying in a loop costs one failed
+    /// write per [`REST_AFTER_FAILURE`], not one per attempt; cleared by a successful write.
+    resting: Option<(std::time::Instant, String)>,
 }
+
+/// How long appends are refused after a failed write before one is tried again.
+pub const REST_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Counters {
@@ -232,6 +239,7 @@ impl Store {
                 last_seq: scan.last_seq,
                 closing: false,
                 failed: None,
+                resting: None,
             }),
             wake: Condvar::new(),
             idle: AtomicBool::new(false),
@@ -265,6 +273,12 @@ impl Store {
         let mut state = self.shared.lock_state();
         if let Some(failed) = &state.failed {
             return Err(failed.clone());
+        }
+        if let Some((until, cause)) = &state.resting {
+            if std::time::Instant::now() < *until {
+                return Err(StoreError::Resting { cause: cause.clone() });
+            }
+            state.resting = None;
         }
         if seq <= state.last_seq {
             return Err(StoreError::OutOfOrder { seq, last: state.last_seq });
@@ -325,6 +339,12 @@ impl Store {
 
     pub fn health(&self) -> Health {
         self.shared.lock_health().clone()
+    }
+
+    /// The first sequence number of each segment, oldest first (the last is the active one):
+    /// `remove_before(seq)` removes those whose successor starts at or below `seq`.
+    pub fn segment_starts(&self) -> Vec<u64> {
+        self.shared.lock_segments().iter().copied().collect()
     }
 
     pub fn stats(&self) -> Stats {

@@ -103,6 +103,12 @@ impl Ticket {
         }
     }
 
+    /// Another ticket on the same write, for a second waiter (a retry of a publish whose write
+    /// is under way).
+    pub fn follow(&self) -> Ticket {
+        Ticket::new(self.batch.clone())
+    }
+
     /// Blocks the thread until the outcome is known (for code without a runtime).
     pub fn wait(mut self) -> Result<(), StoreError> {
         self.kick_once();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::{TempDir, open, payload};
 use crate::store::format::segment_name;
-use crate::store::{Health, Options, Store, StoreError, Ticket};
+use crate::store::{Health, Options, REST_AFTER_FAILURE, Store, StoreError, Ticket};
 
 /// The data directory a child helper works in.
 const CHILD_DIR: &str = "SSEGATE_STORE_CHILD_DIR";
@@ -80,13 +80,14 @@ fn write_failure_child() {
     let mut seq = recovered.last_seq;
     // Batches of 8 (appended together, so written together) until one fails.
     let mut batch = |store: &Store| -> Vec<(u64, Result<(), StoreError>)> {
-        let tickets: Vec<(u64, Ticket)> = (0..8)
+        // An append refused at once (the store rests after a failed write) fails like its write.
+        let tickets: Vec<(u64, Result<Ticket, StoreError>)> = (0..8)
             .map(|_| {
                 seq += 1;
-                (seq, store.append(seq, 1, &record).expect("append"))
+                (seq, store.append(seq, 1, &record))
             })
             .collect();
-        let outcomes: Vec<_> = tickets.into_iter().map(|(s, t)| (s, t.wait())).collect();
+        let outcomes: Vec<_> = tickets.into_iter().map(|(s, t)| (s, t.and_then(Ticket::wait))).collect();
         for (s, outcome) in &outcomes {
             say(&format!("{} {s}", if outcome.is_ok() { "durable" } else { "failed" }));
         }
@@ -105,8 +106,16 @@ fn write_failure_child() {
     assert_eq!(failure.raw_os_error(), Some(EFBIG), "{failure}");
     assert!(failure.to_string().contains(&*dir.to_string_lossy()), "names the file: {failure}");
     assert!(matches!(store.health(), Health::Degraded(_)), "{:?}", store.health());
-    // The file is still at its limit: the same batch fails again, and is cut back again.
-    assert!(batch(&store).iter().all(|(_, o)| o.is_err()), "still over the limit");
+    // Right after a failure, appends are refused without a write.
+    let refused = batch(&store);
+    assert!(refused.iter().all(|(_, o)| matches!(o, Err(StoreError::Resting { .. }))), "{refused:?}");
+    let failures = store.stats().write_failures;
+    // The file is still at its limit: once the rest is over the next batch is written, fails
+    // again and is cut back again.
+    std::thread::sleep(REST_AFTER_FAILURE);
+    let again = batch(&store);
+    assert!(again.iter().all(|(_, o)| matches!(o, Err(StoreError::Io { .. }))), "still over the limit: {again:?}");
+    assert_eq!(store.stats().write_failures, failures + 1, "one write tried");
     // Nothing unacknowledged is left on disk (the write was partial: up to the limit).
     let segment = std::fs::metadata(Path::new(&dir).join(segment_name(1))).expect("segment").len();
     assert_eq!(segment, 32 + durable * (8 + 9 + 1000), "cut back to the last acknowledged record");
@@ -115,6 +124,7 @@ fn write_failure_child() {
     let raised = Command::new("prlimit").args(["--pid", &pid, "--fsize=unlimited:"]).status().expect("run prlimit");
     assert!(raised.success(), "prlimit: {raised}");
     say("limit raised");
+    std::thread::sleep(REST_AFTER_FAILURE);
     for _ in 0..4 {
         assert!(batch(&store).iter().all(|(_, o)| o.is_ok()), "appends work once there is room");
     }
