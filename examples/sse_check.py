@@ -5,8 +5,9 @@ Standard library only. Two commands:
 
   sse_check.py read URL
       Opens GET URL (an ssegate /v1/events stream) and prints one JSON object per line:
-        {"open": "<id>"}                          the stream's opening block was read
-        {"id": ..., "event": ..., "data": ...}    one per dispatched event
+        {"open": "<id>"}                          the stream's position (`ssegate.position`,
+                                                  the event that opens it) was read
+        {"id": ..., "event": ..., "data": ...}    one per other dispatched event
         {"closed": "<reason>"}                    the stream ended (then exit 1)
       Parsed by the WHATWG rules, as a browser's EventSource would.
 
@@ -66,10 +67,12 @@ def read(url):
         for raw in lines:
             line = raw.decode("utf-8")
             if line == "":
-                if not opened:
-                    opened = True
-                    emit({"open": last_id})
-                if data:
+                if event == "ssegate.position" and data:
+                    # The server's own event, not a published one: it only tells the position.
+                    if not opened:
+                        opened = True
+                        emit({"open": last_id})
+                elif data:
                     emit({"id": last_id, "event": event or "message", "data": "\n".join(data)})
                 event, data = "", []
                 continue

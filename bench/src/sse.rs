@@ -2,9 +2,10 @@
 //! or until close) and a lean `text/event-stream` scanner that yields each event's data.
 //!
 //! Hand-written for speed (one client core reads up to millions of events a second), not for
-//! completeness: it ignores `event:`, `id:` and `retry:` (the bench only needs the data), but
-//! follows the spec's line rules (LF, CR, CR LF; one space after the colon; blank line
-//! dispatches; no data, no event). `ssegate::event_stream::parse` is the complete parser.
+//! completeness: it ignores `id:` and `retry:`, and `event:` but for skipping the server's
+//! `ssegate.position` (the bench only needs the data of the events published), but follows the
+//! spec's line rules (LF, CR, CR LF; one space after the colon; blank line dispatches; no data,
+//! no event). `ssegate::event_stream::parse` is the complete parser.
 
 /// What a response head said.
 #[derive(Debug, PartialEq, Eq)]
@@ -182,21 +183,28 @@ pub fn field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// The name of the event that opens every stream with its position (`ssegate.position`): not
+/// a published event, so the scanner skips it.
+const POSITION: &[u8] = b"ssegate.position";
+
 #[derive(Debug, Default)]
 pub struct Scanner {
     lines: Lines,
     data: Vec<u8>,
     has_data: bool,
+    /// The event being read is named `ssegate.position`.
+    position: bool,
 }
 
 impl Scanner {
     pub fn feed(&mut self, input: &[u8], on: &mut impl FnMut(Sse<'_>)) {
-        let Self { lines, data, has_data } = self;
+        let Self { lines, data, has_data, position } = self;
         lines.feed(input, &mut |line| {
             if line.is_empty() {
-                if std::mem::take(has_data) {
+                if std::mem::take(has_data) && !*position {
                     on(Sse::Event(data));
                 }
+                *position = false;
                 data.clear();
                 return;
             }
@@ -209,6 +217,8 @@ impl Scanner {
                     data.push(b'\n');
                 }
                 data.extend_from_slice(value);
+            } else if name == b"event" {
+                *position = value == POSITION;
             }
         });
     }
@@ -274,8 +284,9 @@ mod tests {
     #[test]
     fn scanner_follows_the_line_rules() {
         let wire: &[u8] =
-            b"retry: 3000\nid: a-0\n\n:\nevent: x\ndata: 1 2 3\nid: a-1\n\ndata:two\r\ndata\r\n\r:hb\rdata: z\n\n";
-        let want = ["#", "1 2 3", "two\n", "#", "z"];
+            b"retry: 3000\nevent: ssegate.position\nid: a-0\ndata: a-0\n\n:\nevent: x\ndata: 1 2 3\nid: a-1\n\n\
+            data:two\r\ndata\r\n\r:hb\rdata: z\n\nevent: ssegate.positions\ndata: y\n\n";
+        let want = ["#", "1 2 3", "two\n", "#", "z", "y"];
         assert_eq!(scan(&[wire]), want);
         for split in 0..=wire.len() {
             assert_eq!(scan(&[&wire[..split], &wire[split..]]), want, "split at {split}");

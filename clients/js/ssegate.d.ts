@@ -60,7 +60,8 @@ export interface ClientOptions {
    * Also called when the browser is about to resume a stream: a different token replaces
    * that connection with one carrying it. */
   getToken?: () => string | Promise<string>;
-  /** Resume after this id on the first connection. */
+  /** Resume after this id on the first connection (for example a `client.lastEventId` the
+   * app stored earlier). */
   lastEventId?: string;
   /** Send cookies cross-origin (EventSource `withCredentials`). */
   withCredentials?: boolean;
@@ -82,12 +83,19 @@ export interface ClientOptions {
 export interface SsegateEvents {
   'ssegate.missed': MissedPayload;
   'ssegate.disconnect': DisconnectPayload;
+  /** The stream's position, sent as a stream opens (after any replayed or retained events):
+   * its `id` and its `data` are the id to resume from (not JSON). Always recorded as
+   * `lastEventId`; handlers get it only if added for this name. */
+  'ssegate.position': never;
 }
 
 export declare class SsegateClient {
   constructor(url: string | URL, options?: ClientOptions);
   readonly url: string;
-  /** The id of the last event received; sent as `?last_event_id=` on reconnect. */
+  /** Where to resume from: the id of the last event received or of the last
+   * `ssegate.position` (the position a stream opens at), whichever came last; sent as
+   * `?last_event_id=` on the client's own reconnects. Store it to resume a later page from
+   * here (`lastEventId` option). */
   lastEventId: string;
   readonly state: ClientState;
   /** Adds a handler for events named `name`; returns a function removing it. */

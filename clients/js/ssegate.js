@@ -9,13 +9,18 @@
 // - ask `getToken()` for a fresh token for each connection it opens (`?token=`), and replace a
 //   connection the browser would otherwise resume with an old token;
 // - keep the last event id across its own reconnects (`?last_event_id=`, as a new EventSource
-//   cannot be given the `Last-Event-ID` header);
+//   cannot be given the `Last-Event-ID` header), including the stream's position, which the
+//   server sends as the event `ssegate.position` when a stream opens (after any replayed or
+//   retained events): a page that got only retained events still resumes from there;
 // - report `ssegate.missed` and `ssegate.disconnect`, and its state.
 // Ordinary reconnects (the stream ended, the network dropped) are left to the browser, which
 // honours the server's `retry:` and sends `Last-Event-ID` itself, unless the token changed.
 
 const MISSED = 'ssegate.missed';
 const DISCONNECT = 'ssegate.disconnect';
+// The stream's position: its id (and data) is where a reconnect resumes from. Recorded as
+// `lastEventId`; handed to `on()` handlers only if the page listens for it by name.
+const POSITION = 'ssegate.position';
 
 /** Connection states, in the order a connection usually goes through them. */
 export const State = Object.freeze({
@@ -73,7 +78,10 @@ export class SsegateClient {
     if (typeof this.options.EventSource !== 'function') {
       throw new TypeError('ssegate: no EventSource in this environment; pass options.EventSource');
     }
-    /** The id of the last event received (sent back on reconnect). */
+    /**
+     * Where to resume from (sent back on reconnect): the id of the last event received, or of
+     * the last `ssegate.position` (the position a stream opens at), whichever came last.
+     */
     this.lastEventId = this.options.lastEventId || '';
     this._streamUrl(undefined); // a bad URL throws here, not in a later reconnect
     /** @type {'connecting'|'open'|'waiting'|'closed'} */
@@ -158,7 +166,7 @@ export class SsegateClient {
     const es = new ES(this._streamUrl(token), { withCredentials: this.options.withCredentials });
     this._es = es;
     this._listened.clear();
-    for (const name of new Set(['message', MISSED, DISCONNECT, ...this._handlers.keys()])) {
+    for (const name of new Set(['message', MISSED, DISCONNECT, POSITION, ...this._handlers.keys()])) {
       this._listen(es, name);
     }
     es.addEventListener('open', () => {
@@ -186,7 +194,10 @@ export class SsegateClient {
     this._listened.add(name);
     es.addEventListener(name, (e) => {
       if (es !== this._es) return;
-      if (e.lastEventId) this.lastEventId = e.lastEventId;
+      // The position's data is its id too, for an EventSource implementation that does not
+      // fill `lastEventId`.
+      const id = e.lastEventId || (name === POSITION ? e.data : '');
+      if (id) this.lastEventId = id;
       if (name === MISSED) {
         let payload;
         try {

@@ -69,10 +69,23 @@ pub fn retry(millis: u64) -> Bytes {
     Bytes::from(format!("retry: {millis}\n"))
 }
 
-/// An `id:` line and a blank line without data: the client's last event id becomes `id`, and
-/// no event is dispatched (WHATWG: a dispatch with an empty data buffer only sets the id).
-pub fn cursor(id: EventId) -> Bytes {
-    Bytes::from(format!("id: {id}\n\n"))
+/// The name of the position event (the reserved `ssegate.` prefix).
+pub const POSITION: &str = "ssegate.position";
+
+/// The position event that opens a stream (after any replayed, missed or retained events):
+/// `event: ssegate.position`, `id: <id>`, `data: <id>`. It sets the client's last event id to
+/// `id`, so that a reconnect resumes from here even if no other event carries an id first.
+///
+/// A named event with data rather than a bare `id:` block, so that every kind of client sees
+/// it: a browser's `EventSource` sets its last event id from it as from any event and, with no
+/// listener for the name, dispatches nothing to the page (its behaviour is that of the bare
+/// `id:` line); a library that ignores a block without data (many do) records the id like any
+/// other event's; one that hands every block to its caller hands over an event it can tell
+/// apart by its name (never an empty `message`), and a client that wants the position (to
+/// store it, to reconnect from it) can listen for it; the data repeats the id for those that
+/// do not expose ids.
+pub fn position(id: EventId) -> Bytes {
+    Bytes::from(format!("event: {POSITION}\nid: {id}\ndata: {id}\n\n"))
 }
 
 /// Splits at every LF, CR and CR LF, as the parser does. Always yields at least one line (the
@@ -128,6 +141,13 @@ mod tests {
         assert_eq!(enc(None, ""), "data: \nid: ab-7\n\n");
         assert_eq!(enc(None, "a\n"), "data: a\ndata: \nid: ab-7\n\n");
         assert_eq!(enc(None, "\r\n"), "data: \ndata: \nid: ab-7\n\n");
+    }
+
+    #[test]
+    fn the_position_is_a_named_event_whose_data_is_its_id() {
+        let b = position(EventId { epoch: 0xab, seq: 7 });
+        assert_eq!(&b[..], b"event: ssegate.position\nid: ab-7\ndata: ab-7\n\n");
+        assert!(POSITION.starts_with(crate::domain::RESERVED_EVENT_PREFIX));
     }
 
     #[test]

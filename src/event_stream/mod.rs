@@ -4,7 +4,7 @@
 mod encode;
 pub mod parse;
 
-pub use encode::{HEARTBEAT, PartialEvent, cursor, encode, retry};
+pub use encode::{HEARTBEAT, POSITION, PartialEvent, encode, position, retry};
 
 #[cfg(test)]
 mod roundtrip {
@@ -40,6 +40,21 @@ mod roundtrip {
             prop_assert_eq!(&ev.event_type, name.as_deref().unwrap_or("message"));
             prop_assert_eq!(ev.data.clone(), data.replace("\r\n", "\n").replace('\r', "\n"));
             prop_assert_eq!(ev.last_event_id.clone(), id.to_string());
+        }
+
+        #[test]
+        fn the_position_parses_as_one_named_event_carrying_its_id(epoch: u64, seq: u64) {
+            let id = EventId { epoch, seq };
+            let mut p = Parser::new();
+            let mut out = Vec::new();
+            p.feed(&super::position(id), &mut out);
+            let want = super::parse::ParsedEvent {
+                event_type: super::POSITION.to_owned(),
+                data: id.to_string(),
+                last_event_id: id.to_string(),
+            };
+            prop_assert_eq!(out, vec![Item::Event(want)]);
+            prop_assert_eq!(p.last_event_id(), id.to_string());
         }
     }
 }

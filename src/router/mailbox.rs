@@ -160,7 +160,7 @@ impl Mailbox {
     }
 
     /// Queues `frames` beyond the bounds (a resumed connection's replay, which the replay
-    /// log bounds, and its opening `id:` line). Live events still get the full bounds on top
+    /// log bounds, and its opening `ssegate.position` event). Live events still get the full bounds on top
     /// of them until the consumer first drains.
     pub fn preload(&self, frames: Vec<Frame>) {
         let mut inner = self.lock();

@@ -42,7 +42,8 @@ pub(super) struct Rebased {
 
 impl Rebased {
     /// The frames for a connection of `user` in `groups` and `topics`: `ssegate.missed`, its
-    /// retained values, and the cursor of the new epoch (as a resume that missed gets).
+    /// retained values, and the cursor of the new epoch, `ssegate.position` with id `<epoch>-0`
+    /// (as a resume that missed gets).
     pub fn frames_for(&self, user: &UserId, groups: &[GroupId], topics: &[Topic]) -> Vec<Frame> {
         let state = self.retained.snapshot(user, groups, topics, self.now);
         let at = self.missed.published_at;
@@ -83,7 +84,7 @@ impl Router {
         let rebased = Arc::new(Rebased {
             missed: missed_frame(STREAM_RECREATED, old, now),
             cursor: Frame {
-                bytes: event_stream::cursor(EventId { epoch, seq: 0 }),
+                bytes: event_stream::position(EventId { epoch, seq: 0 }),
                 published_at: now,
                 is_event: false,
             },

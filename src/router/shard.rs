@@ -42,7 +42,7 @@ pub(super) enum Cmd {
     Disconnect(UserId, Frame),
     CloseAll(CloseReason, LastFrame),
     /// Queue these control frames for one connection (its `ssegate.missed`, retained values and
-    /// cursor) and deliver it every event from now on (its floor is lifted).
+    /// cursor, `ssegate.position`) and deliver it every event from now on (its floor is lifted).
     Tell(ConnId, Vec<Frame>),
     /// The ids start a new epoch: tell every connection (see `Router::rebase`).
     Rebase(Arc<Rebased>),

@@ -27,9 +27,10 @@ impl Router {
     /// are queued first (or an `ssegate.missed` event if the log cannot tell); without, or
     /// after `ssegate.missed`, the current retained events for it. Either is taken in the same
     /// critical section that hands the connection to its shard, so the handoff to live events
-    /// has no gap and no duplicate. Then an `id:` line without data sets the client's last
-    /// event id to the newest one, so that a reconnect resumes from here even if no event
-    /// arrives before it (retained events carry no id: they never move it backwards).
+    /// has no gap and no duplicate. Then the cursor, an `ssegate.position` event whose id (and
+    /// data) is the newest id, sets the client's last event id to it, so that a reconnect
+    /// resumes from here even if no event arrives before it (retained events carry no id: they
+    /// never move it backwards).
     pub fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<Registration, RouterError> {
         let Subscription { user, mut groups, mut topics, abort, resume } = sub;
         groups.sort_unstable();
@@ -78,7 +79,7 @@ impl Router {
             preload.extend(state.into_iter().map(|bytes| Frame { bytes, published_at: now, is_event: true }));
         }
         let cursor = ahead.unwrap_or(newest);
-        preload.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
+        preload.push(Frame { bytes: event_stream::position(cursor), published_at: now, is_event: false });
         mailbox.preload(preload);
         let id = core.join(&user, &groups, &topics);
         let (groups, topics): (Box<[GroupId]>, Box<[Topic]>) = (groups.into(), topics.into());
@@ -136,10 +137,10 @@ impl Router {
     /// that the shared stream of `epoch` is known to have reached `stream_last` at a moment
     /// after connection `mark` registered (see `ahead_mark`). Those up to `mark` whose id is
     /// beyond it were given an id the stream never issued: each gets `ssegate.missed`
-    /// (`unknown`, as with one process), its retained values and the cursor of the newest
-    /// event, and from then on every event (no floor); the others keep waiting for their
-    /// events, which are on their way. Later connections are settled by a later call. Returns
-    /// how many were told.
+    /// (`unknown`, as with one process), its retained values and the cursor
+    /// (`ssegate.position`) of the newest event, and from then on every event (no floor); the
+    /// others keep waiting for their events, which are on their way. Later connections are
+    /// settled by a later call. Returns how many were told.
     pub fn settle_ahead(&self, epoch: u64, stream_last: u64, mark: ConnId) -> usize {
         let mut core = self.lock();
         if core.epoch != epoch || core.ahead.is_empty() {
@@ -164,7 +165,7 @@ impl Router {
             let state = core.retained.snapshot(&a.user, &a.groups, &a.topics, wall);
             retained += state.len();
             frames.extend(state.into_iter().map(|bytes| Frame { bytes, published_at: now, is_event: true }));
-            frames.push(Frame { bytes: event_stream::cursor(cursor), published_at: now, is_event: false });
+            frames.push(Frame { bytes: event_stream::position(cursor), published_at: now, is_event: false });
             self.shards[a.shard].submit(Cmd::Tell(a.conn, frames));
             shards |= 1 << (a.shard % 64);
             told += 1;

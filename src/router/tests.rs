@@ -35,11 +35,21 @@ fn ev(data: &str) -> Event {
     Event { name: None, data: data.into() }
 }
 
-/// The first line of everything queued for `reg`, but the opening `id:` cursor.
+/// The cursor as it is queued: the `ssegate.position` event, whose id and data are `id`.
+fn pos(id: &str) -> String {
+    format!("event: ssegate.position\nid: {id}\ndata: {id}\n\n")
+}
+
+/// Whether a frame is the cursor (`ssegate.position`).
+fn is_position(f: &Frame) -> bool {
+    f.bytes.starts_with(format!("event: {}\n", crate::event_stream::POSITION).as_bytes())
+}
+
+/// The first line of everything queued for `reg`, but the opening cursor.
 fn received(reg: &Registration) -> Vec<String> {
     let (_, out) = drain(reg.mailbox());
     out.iter()
-        .filter(|f| !f.bytes.starts_with(b"id: "))
+        .filter(|f| !is_position(f))
         .map(|f| String::from_utf8_lossy(&f.bytes).lines().next().unwrap_or("").to_owned())
         .collect()
 }
@@ -175,7 +185,7 @@ fn a_resume_the_log_cannot_serve_gets_ssegate_missed() {
             "event: ssegate.missed\ndata: {{\"reason\":\"{}\",\"last_event_id\":\"{last}\"}}\n\n",
             reason.as_str()
         );
-        assert_eq!(text, [expected, "id: 7-4\n\n".to_string()], "then the cursor: resume from the newest id");
+        assert_eq!(text, [expected, pos("7-4")], "then the cursor: resume from the newest id");
     }
     assert_eq!(resume(&r, "a", &[], id(2)).start(), Start::Resumed { replayed: 2 });
     assert_eq!(r.stats().resumes_missed, 3);
@@ -194,7 +204,7 @@ fn on_a_shared_sequence_a_resume_ahead_of_this_router_waits_for_its_events_witho
     assert_eq!(c.start(), Start::Resumed { replayed: 0 });
     let (_, out) = drain(c.mailbox());
     let text: Vec<_> = out.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect();
-    assert_eq!(text, ["id: 7-6\n\n"], "no ssegate.missed, and the cursor does not move the client's id back");
+    assert_eq!(text, [pos("7-6")], "no ssegate.missed, and the cursor does not move the client's id back");
     // The router catches up: 5 and 6 the client has, 7 and 8 it gets.
     (5..=8).for_each(publish);
     assert_eq!(received(&c), ["data: 7", "data: 8"]);
@@ -260,7 +270,7 @@ fn resuming_while_events_are_published_loses_and_repeats_nothing() {
         for f in &out {
             let text = std::str::from_utf8(&f.bytes).unwrap();
             for line in text.lines() {
-                if let Some(d) = line.strip_prefix("data: ") {
+                if let Some(d) = line.strip_prefix("data: ").filter(|_| !is_position(f)) {
                     seen.push(d.parse::<u64>().unwrap());
                 } else if let Some(i) = line.strip_prefix("id: ") {
                     last = i.parse().unwrap();
@@ -477,11 +487,11 @@ fn a_new_connection_gets_the_retained_values_without_ids_then_the_cursor_then_li
     assert_eq!(
         frames(&a),
         [
-            "event: unread\ndata: 2\n\n",
-            "event: status\ndata: up\n\n",
-            "data: banner\n\n",
-            "id: 7-7\n\n",
-            "event: unread\ndata: 3\nid: 7-8\n\n"
+            "event: unread\ndata: 2\n\n".to_owned(),
+            "event: status\ndata: up\n\n".into(),
+            "data: banner\n\n".into(),
+            pos("7-7"),
+            "event: unread\ndata: 3\nid: 7-8\n\n".into()
         ]
     );
     let s = r.stats();
@@ -499,10 +509,10 @@ fn a_resume_the_log_can_serve_gets_the_replay_and_one_it_cannot_gets_missed_then
     for i in 1..=4 {
         r.publish_with(user_target("a"), &named("unread", &i.to_string()), set()).unwrap();
     }
-    assert_eq!(frames(&resume(&r, "a", &[], id(3))), ["event: unread\ndata: 4\nid: 7-4\n\n", "id: 7-4\n\n"]);
+    assert_eq!(frames(&resume(&r, "a", &[], id(3))), ["event: unread\ndata: 4\nid: 7-4\n\n".into(), pos("7-4")]);
     let missed = frames(&resume(&r, "a", &[], id(1)));
     assert!(missed[0].starts_with("event: ssegate.missed\n"), "{missed:?}");
-    assert_eq!(missed[1..], ["event: unread\ndata: 4\n\n", "id: 7-4\n\n"]);
+    assert_eq!(missed[1..], ["event: unread\ndata: 4\n\n".into(), pos("7-4")]);
 }
 
 #[test]
@@ -514,7 +524,7 @@ fn clearing_and_expiry_stop_a_value_from_being_sent_and_the_event_still_flows() 
     let past = Retain::Set { expires_at: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(1)) };
     r.publish_with(Target::Broadcast, &named("price", "10"), past).unwrap();
     assert_eq!(received(&b), ["event: banner", "event: banner", "event: price"]);
-    assert_eq!(frames(&sub(&r, "a", &[], &[])), ["id: 7-3\n\n"]);
+    assert_eq!(frames(&sub(&r, "a", &[], &[])), [pos("7-3")]);
     r.expire_replay();
     assert_eq!((r.stats().retained_values, r.stats().retained_bytes), (0, 0));
 }
@@ -577,11 +587,10 @@ fn a_retained_value_updated_while_connections_open_is_neither_lost_nor_doubled()
                     for _ in 0..50 {
                         for f in drain(page.mailbox()).1 {
                             let text = std::str::from_utf8(&f.bytes).unwrap();
-                            if let Some(v) = text.lines().find_map(|l| l.strip_prefix("data: ")) {
+                            if is_position(&f) {
+                                cursor = text.lines().find_map(|l| l.strip_prefix("id: ")).map(str::to_owned);
+                            } else if let Some(v) = text.lines().find_map(|l| l.strip_prefix("data: ")) {
                                 values.push(v.parse::<u64>().unwrap());
-                            }
-                            if let Some(c) = text.strip_prefix("id: ") {
-                                cursor = Some(c.trim_end().to_owned());
                             }
                         }
                     }
@@ -643,9 +652,9 @@ fn a_rebase_tells_every_open_connection_then_numbers_the_new_epoch_from_one() {
     assert_eq!(r.rebase(9, vec![kept]), Some(3));
     assert_eq!(r.rebase(9, Vec::new()), None, "once per epoch");
     let missed = "event: ssegate.missed\ndata: {\"reason\":\"stream_recreated\",\"last_event_id\":\"7-3\"}\n\n";
-    assert_eq!(frames(&a), [missed, "id: 9-0\n\n"], "the old value of a went with the old stream");
-    assert_eq!(frames(&b), [missed, "event: status\ndata: kept\n\n", "id: 9-0\n\n"]);
-    assert_eq!(frames(&ahead), [missed, "id: 9-0\n\n"]);
+    assert_eq!(frames(&a), [missed.into(), pos("9-0")], "the old value of a went with the old stream");
+    assert_eq!(frames(&b), [missed.into(), "event: status\ndata: kept\n\n".into(), pos("9-0")]);
+    assert_eq!(frames(&ahead), [missed.into(), pos("9-0")]);
     assert_eq!((r.epoch(), r.last_seq()), (9, 0));
 
     r.publish_sequenced(1, Target::Broadcast, &ev("new one"), Retain::No);
@@ -657,9 +666,9 @@ fn a_rebase_tells_every_open_connection_then_numbers_the_new_epoch_from_one() {
     assert_eq!(late.start(), Start::Missed(MissReason::OtherEpoch));
     assert_eq!(
         frames(&resume(&r, "x", &[], EventId { epoch: 9, seq: 0 })),
-        ["data: new one\nid: 9-1\n\n", "id: 9-1\n\n"]
+        ["data: new one\nid: 9-1\n\n".into(), pos("9-1")]
     );
-    assert_eq!(frames(&sub(&r, "y", &["g"], &[])), ["event: status\ndata: kept\n\n", "id: 9-1\n\n"]);
+    assert_eq!(frames(&sub(&r, "y", &["g"], &[])), ["event: status\ndata: kept\n\n".into(), pos("9-1")]);
 }
 
 #[test]
@@ -674,8 +683,8 @@ fn a_resume_ahead_of_the_shared_stream_is_told_unknown_once_the_stream_position_
     for c in [&behind, &bogus] {
         assert_eq!(c.start(), Start::Resumed { replayed: 0 });
     }
-    assert_eq!(frames(&bogus), [format!("id: 7-{}\n\n", u64::MAX)], "nothing is decided before the broker answers");
-    assert_eq!(frames(&behind), ["id: 7-6\n\n"]);
+    assert_eq!(frames(&bogus), [pos(&format!("7-{}", u64::MAX))], "nothing is decided before the broker answers");
+    assert_eq!(frames(&behind), [pos("7-6")]);
     let mark = r.ahead_mark();
     let later = resume(&r, "c", &[], id(1000)); // registered after the question was asked
     let _ = drain(later.mailbox());
@@ -685,7 +694,7 @@ fn a_resume_ahead_of_the_shared_stream_is_told_unknown_once_the_stream_position_
     assert_eq!(r.settle_ahead(7, 6, mark), 1);
     let missed =
         format!("event: ssegate.missed\ndata: {{\"reason\":\"unknown\",\"last_event_id\":\"7-{}\"}}\n\n", u64::MAX);
-    assert_eq!(frames(&bogus), [missed, "event: banner\ndata: up\n\n".into(), "id: 7-5\n\n".into()]);
+    assert_eq!(frames(&bogus), [missed, "event: banner\ndata: up\n\n".into(), pos("7-5")]);
     assert!(frames(&behind).is_empty() && frames(&later).is_empty());
     let s = r.stats();
     assert_eq!((s.resumes_missed, s.resumes_by_outcome[0], s.resumes_by_outcome[2]), (1, 1, 1));

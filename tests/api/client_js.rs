@@ -1,7 +1,8 @@
 //! The browser client (clients/js/ssegate.js): how ssegate serves it at `/v1/client.js`, the
 //! development demo page at `/`, and the client itself in headless Chromium
 //! (tests/browser/client-driver.mjs) against real failures: a server restart behind a proxy
-//! answering 503, a per-user limit answering 429, and a token expiring mid-stream.
+//! answering 503, a per-user limit answering 429, a token expiring mid-stream, and a page whose
+//! only events were retained ones coming back from the stream's position (`ssegate.position`).
 
 use std::{
     collections::VecDeque,
@@ -92,6 +93,8 @@ struct ClientPage {
     events: Vec<Value>,
     /// The payloads of every `ssegate.disconnect` reported.
     disconnects: Vec<Value>,
+    /// Every `ssegate.missed` reported (the whole line).
+    missed: Vec<Value>,
     /// Answers token requests by itself once set.
     auto_token: Option<Box<dyn Fn() -> String + Send>>,
 }
@@ -107,6 +110,7 @@ impl ClientPage {
             state: String::new(),
             events: Vec::new(),
             disconnects: Vec::new(),
+            missed: Vec::new(),
             auto_token: None,
         };
         // The client starts connecting (and may ask for a token) before the page says ready:
@@ -140,6 +144,7 @@ impl ClientPage {
                 Some("state") => self.state = v["state"].as_str().unwrap().to_owned(),
                 Some("event") => self.events.push(v.clone()),
                 Some("disconnect") => self.disconnects.push(v["payload"].clone()),
+                Some("missed") => self.missed.push(v.clone()),
                 Some("token_request") => {
                     if let Some(mint) = &self.auto_token {
                         let token = mint();
@@ -329,6 +334,58 @@ async fn the_client_keeps_retrying_a_429_with_growing_backoff_and_connects_once_
     app.wait_connections("web", 1).await;
     let id = app.publish_users(&["web"], "", "in").await.event_id;
     assert_eq!(page.expect_message(&id).await, "in");
+    page.quit().await;
+}
+
+#[tokio::test]
+async fn a_client_whose_only_events_were_retained_resumes_from_the_stream_position_and_misses_nothing() {
+    let app = spawn_app(&["--cors-allowed-origins", "*"]).await;
+    let req = pb::PublishRequest {
+        user_ids: vec!["web".into()],
+        event: Some(ev("unread", "7")),
+        retain: Some(pb::Retain { ttl_seconds: 0, clear: false }),
+        ..Default::default()
+    };
+    let state = app.client.clone().publish(req).await.expect("retained publish").into_inner().event_id;
+    let options = json!({ "query": { "user": "web" }, "names": ["unread"], "minDelay": 100, "maxDelay": 800 });
+    let mut page = ClientPage::open(app.http, options).await;
+    let e = page.next_kind("event").await;
+    let got = (e["name"].as_str(), e["data"].as_str(), e["id"].as_str(), e["lastEventId"].as_str());
+    assert_eq!(got, (Some("unread"), Some("7"), Some(""), Some("")), "a retained event has no id: {e}");
+
+    // The stream's position follows the retained events: the client records it, though no
+    // event had an id and the page does not listen for it.
+    page.send("wait_last_id 5000").await;
+    let l = page.next_kind("last_id").await;
+    assert_eq!(l["lastEventId"].as_str(), Some(state.as_str()), "the position, as lastEventId: {l}");
+
+    // The page goes away, and an event is published while it has no connection.
+    page.send("close").await;
+    page.next_kind("closed").await;
+    app.wait_connections("web", 0).await;
+    let away = app.publish_users(&["web"], "", "while away").await.event_id;
+
+    // It comes back from the stored position with a new client, which this time listens for
+    // `ssegate.position` by name (the first one did not, and was not handed it).
+    page.send(r#"reopen {"names":["unread","ssegate.position"]}"#).await;
+    assert_eq!(page.next_kind("reopened").await["lastEventId"].as_str(), Some(state.as_str()));
+    assert_eq!(page.expect_message(&away).await, "while away", "resumed from the position, not afresh");
+    let p = page.next_kind("event").await;
+    let got = (p["name"].as_str(), p["id"].as_str(), p["data"].as_str(), p["lastEventId"].as_str());
+    assert_eq!(got, (Some("ssegate.position"), Some(away.as_str()), Some(away.as_str()), Some(away.as_str())), "{p}");
+    page.wait_state("open").await;
+    let live = app.publish_users(&["web"], "", "live").await.event_id;
+    assert_eq!(page.expect_message(&live).await, "live");
+
+    let seen: Vec<_> = page.events.iter().map(|e| (e["name"].as_str().unwrap(), e["data"].as_str().unwrap())).collect();
+    assert_eq!(
+        seen,
+        [("unread", "7"), ("message", "while away"), ("ssegate.position", away.as_str()), ("message", "live")],
+        "the retained value once, nothing missed or repeated, the position only where listened for"
+    );
+    assert!(page.missed.is_empty(), "no ssegate.missed: {:?}", page.missed);
+    let s = app.stats().await;
+    assert_eq!((s.events_replayed, s.resumes_missed, s.retained_sent), (1, 0, 1), "{s:?}");
     page.quit().await;
 }
 

@@ -61,8 +61,9 @@ async fn last_event_id_in_the_query_works_for_clients_that_cannot_set_headers() 
 
 #[tokio::test]
 async fn a_client_that_saw_no_event_yet_resumes_from_when_it_connected() {
-    // Every stream opens with an `id:` line without data, so even a client that never
-    // received an event sends a Last-Event-ID when it reconnects.
+    // Every stream opens with its position (`ssegate.position`, an event carrying the newest
+    // id), so even a client that never received another event sends a Last-Event-ID when it
+    // reconnects.
     let app = spawn_app(&[]).await;
     app.broadcast("before it connected").await;
     let mut c = app.subscribe("user=a").await;

@@ -1,7 +1,7 @@
 //! Retained events ("State on page load"): a publish with `retain` keeps the latest event per
 //! target and event name, and a connection that opens without `Last-Event-ID` (or whose resume
-//! the log cannot serve) gets the current ones first, without ids, before the cursor line and
-//! any live event. What a page sees is checked exactly, over real sockets: nothing lost,
+//! the log cannot serve) gets the current ones first, without ids, before the cursor (the
+//! `ssegate.position` event) and any live event. What a page sees is checked exactly, over real sockets: nothing lost,
 //! nothing doubled, nothing sent after it was cleared or expired, ids never moving backwards.
 //! Also the limits, the error codes, PublishStream, HTTP/JSON, Stats and `/metrics`, and a real
 //! page in headless Chromium (tests/browser/unread-driver.mjs).
@@ -107,7 +107,7 @@ fn live(name: &str, data: &str, id: &str) -> (String, String, String) {
 /// Opens `GET /v1/events?{query}` without `Last-Event-ID` and returns the connection, what it
 /// got before its cursor (its state on load: each event parsed before any `id:` line), and the
 /// cursor. Nothing may be published to it meanwhile: then every item read before the cursor
-/// line is the state, and a marker published to `user` afterwards is the next event.
+/// is the state, and a marker published to `user` afterwards is the next event.
 async fn open_fresh(app: &TestApp, query: &str, user: &str) -> (SseClient, Vec<(String, String, String)>, String) {
     let mut c = app.subscribe(query).await;
     let cursor = c.cursor().await;
@@ -132,7 +132,7 @@ async fn state_on_load(app: &TestApp, user: &str, extra: &str) -> Vec<(String, S
     open_fresh(app, &format!("user={user}{extra}"), user).await.1
 }
 
-/// The first bytes of a fresh stream's body, dechunked, up to and including its cursor line:
+/// The first bytes of a fresh stream's body, dechunked, up to and including its cursor:
 /// the exact frames a page receives first.
 async fn opening_bytes(addr: SocketAddr, query: &str) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -147,7 +147,7 @@ async fn opening_bytes(addr: SocketAddr, query: &str) -> String {
         let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
         let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 200") && head.contains("transfer-encoding: chunked"), "{head}");
-        // Dechunk what has arrived so far; stop once the body holds the cursor line.
+        // Dechunk what has arrived so far; stop once the body holds the cursor.
         let (mut body, mut rest) = (Vec::new(), &raw[at + 4..]);
         while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
             let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16).expect("chunk size");
@@ -158,7 +158,7 @@ async fn opening_bytes(addr: SocketAddr, query: &str) -> String {
             rest = &rest[eol + 2 + size + 2..];
         }
         let body = String::from_utf8(body).expect("UTF-8 body");
-        if body.contains("\nid: ") && body.ends_with("\n\n") {
+        if body.contains("event: ssegate.position\n") && body.ends_with("\n\n") {
             return body;
         }
     }
@@ -176,10 +176,14 @@ async fn a_page_load_gets_the_current_count_first_then_the_cursor_then_live_even
     let newest = set(&app, "bob", "unread", "1").await;
     assert_ne!(newest, newest_for_alice);
 
-    // The exact bytes: the retained event without an `id:` line, then the cursor line carrying
-    // the newest id (not the retained event's own), so the browser's id never moves backwards.
+    // The exact bytes: the retained event without an `id:` line, then the cursor, an
+    // `ssegate.position` event carrying the newest id (not the retained event's own), so the
+    // browser's id never moves backwards.
     let body = opening_bytes(app.http, "user=alice").await;
-    assert_eq!(body, format!("retry: 3000\nevent: unread\ndata: 7\n\nid: {newest}\n\n"));
+    assert_eq!(
+        body,
+        format!("retry: 3000\nevent: unread\ndata: 7\n\nevent: ssegate.position\nid: {newest}\ndata: {newest}\n\n")
+    );
 
     // As a browser parses it, then a live update.
     let (mut c, state, cursor) = open_fresh(&app, "user=alice", "alice").await;

@@ -4,8 +4,8 @@
 //! lost stream's.
 //!
 //! - Expected: every acknowledged publish that addresses the client's identity, with an id
-//!   above the client's first cursor (the `id:` line its first stream opened with) and up to
-//!   the end barrier, except those a `ssegate.missed` excuses: one that arrived when the
+//!   above the client's first cursor (the `ssegate.position` its first stream opened with) and
+//!   up to the end barrier, except those a `ssegate.missed` excuses: one that arrived when the
 //!   client's last event id was `L` (for a stream that opened with it, the `Last-Event-ID` it
 //!   sent) and was followed by the id `C` (the cursor, or the next event's) excuses `(L, C]`:
 //!   an event missing from a client is excused only by a signal the client received after
@@ -71,7 +71,7 @@ pub struct Segment {
     pub closed_ns: u64,
     /// The `Last-Event-ID` sent.
     pub resume: Option<Pos>,
-    /// The first id-only block (the server's cursor).
+    /// The id of the stream's first `ssegate.position` (the server's cursor).
     pub cursor: Option<Pos>,
     /// Index of this segment's first event in `ClientLog::recs`.
     pub first_rec: usize,

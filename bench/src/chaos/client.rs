@@ -1,8 +1,8 @@
 //! `ssegate-bench chaos-worker`: one process holding a share of the chaos clients. Each client
 //! behaves like a browser tab's `EventSource`: it subscribes to one replica, keeps the last
-//! event id (cursor lines included), and when its stream ends or fails it waits the server's
-//! `retry:` time (plus up to 250 ms, as browsers do not all wake in the same millisecond) and
-//! reconnects with `Last-Event-ID` to a replica picked at random; a refused connection is
+//! event id (the `ssegate.position` cursor included), and when its stream ends or fails it
+//! waits the server's `retry:` time (plus up to 250 ms, as browsers do not all wake in the same
+//! millisecond) and reconnects with `Last-Event-ID` to a replica picked at random; a refused connection is
 //! tried on the next replica at once (a load balancer's retry of another backend). It also leaves on its own
 //! after a random lifetime (a page reload), so resumes happen all the time, not only at faults.
 //!
@@ -660,7 +660,8 @@ fn receive(
     let mut on_item = |item: Item<'_>| match item {
         Item::Comment => ctx.heartbeats.set(ctx.heartbeats.get() + 1),
         Item::Retry(ms) => *retry_ms = ms.clamp(100, 30_000),
-        Item::IdOnly { id } => {
+        // The cursor: `ssegate.position` (a bare `id:` block from a server before it).
+        Item::IdOnly { id } | Item::Event { name: b"ssegate.position", id, .. } => {
             let Some(pos) = std::str::from_utf8(id).ok().and_then(Pos::parse) else { return };
             if let Some(seg) = log.segs.last_mut()
                 && seg.cursor.is_none()

@@ -1,7 +1,7 @@
 //! An event-stream scanner that keeps what a browser keeps: the event type, the data, the last
-//! event id (set at every dispatch, also by a block with an `id:` and no data, which is how
-//! ssegate's cursor reaches `Last-Event-ID`) and the reconnection time. The bench's own
-//! `sse::Scanner` drops ids and names; the chaos check needs both.
+//! event id (set at every dispatch, also by a block with an `id:` and no data; ssegate's cursor
+//! is the event `ssegate.position`, whose id is the position) and the reconnection time. The
+//! bench's own `sse::Scanner` drops ids and names; the chaos check needs both.
 //!
 //! Line rules per WHATWG (LF, CR, CR LF; one optional space after the colon; a blank line
 //! dispatches; no data, no event; an `id` containing NUL is ignored; `retry` only if digits).
@@ -121,12 +121,13 @@ mod tests {
 
     #[test]
     fn what_ssegate_sends() {
-        let wire: &[u8] = b"retry: 1000\n\nevent: ssegate.missed\ndata: {\"reason\":\"expired\"}\n\nid: e-7\n\n:\n\
+        let wire: &[u8] = b"retry: 1000\n\nevent: ssegate.missed\ndata: {\"reason\":\"expired\"}\n\n\
+            event: ssegate.position\nid: e-7\ndata: e-7\n\n:\n\
             data: chaos 1 2\nid: e-8\n\ndata:a\r\ndata\r\n\r\nretry: x\n\n";
         let want = [
             "retry 1000",
             "ssegate.missed|{\"reason\":\"expired\"}|",
-            "id e-7",
+            "ssegate.position|e-7|e-7",
             "#",
             "message|chaos 1 2|e-8",
             "message|a\n|e-8",
