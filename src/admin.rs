@@ -8,8 +8,11 @@
 //!   subscribers only: a broker outage does not change it (streams and resumes keep working, and
 //!   pulling every replica out of the Service at once would cut them all off). The broker's
 //!   state is the gRPC health of `ssegate.v1.Publisher` and the `ssegate_backplane_up` gauge.
-//!   With `--data-dir` it is 503 while the store does not take writes (`Store::health`: a
-//!   failed or degraded disk), with the reason; the publisher's gRPC health follows it too.
+//!   A data dir that does not take writes (`--data-dir`: a full or failing disk) is the same
+//!   kind of trouble: `/readyz` stays 200 (the only replica taken out of its Service would cut
+//!   off every subscriber, who can still be served) and *reports* it on its line
+//!   (`ready; publishes refused: ...`); the publisher's gRPC health is NOT_SERVING and
+//!   `ssegate_backplane_up` 0 while it lasts.
 
 use std::sync::{
     Arc,
@@ -19,8 +22,8 @@ use std::sync::{
 /// A condition readiness also requires: `Some(reason)` while it fails.
 type Check = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
-/// Whether this server should receive new subscribers: serving and not draining (and, with
-/// `--data-dir`, its store taking writes).
+/// Whether this server should receive new subscribers: serving and not draining; and what
+/// else readiness reports without failing (the data dir's trouble).
 #[derive(Clone, Default)]
 pub struct Readiness {
     serving: Arc<AtomicBool>,
@@ -32,9 +35,8 @@ impl Readiness {
         Self::default()
     }
 
-    /// Also requires `check` to pass (`None`): the data dir's health, which is this process's
-    /// own disk, not a shared broker.
-    pub fn also_requiring(mut self, check: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+    /// Also reports `check`'s trouble (`Some(reason)`) while ready: the data dir's health.
+    pub fn reporting(mut self, check: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
         self.also = Some(Arc::new(check));
         self
     }
@@ -43,15 +45,13 @@ impl Readiness {
         self.serving.store(ready, Ordering::SeqCst);
     }
 
-    /// `Err` with the reason when not ready.
-    pub fn check(&self) -> Result<(), String> {
+    /// `Ok` with what to report while ready (`None`: nothing wrong), `Err` with the reason when
+    /// not ready.
+    pub fn check(&self) -> Result<Option<String>, &'static str> {
         if !self.serving.load(Ordering::SeqCst) {
-            return Err("not ready: draining".to_owned());
+            return Err("not ready: draining");
         }
-        if let Some(reason) = self.also.as_ref().and_then(|check| check()) {
-            return Err(format!("not ready: {reason}"));
-        }
-        Ok(())
+        Ok(self.also.as_ref().and_then(|check| check()))
     }
 }
 
@@ -62,16 +62,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readiness_requires_serving_and_the_extra_check_and_says_why() {
+    fn readiness_requires_serving_and_reports_the_extra_check_without_failing() {
         let trouble = Arc::new(Mutex::new(None::<String>));
         let t = trouble.clone();
-        let ready = Readiness::new().also_requiring(move || t.lock().unwrap().clone());
-        assert_eq!(ready.check(), Err("not ready: draining".to_owned()));
+        let ready = Readiness::new().reporting(move || t.lock().unwrap().clone());
+        assert_eq!(ready.check(), Err("not ready: draining"));
         ready.set(true);
-        assert_eq!(ready.check(), Ok(()));
+        assert_eq!(ready.check(), Ok(None));
         *trouble.lock().unwrap() = Some("data dir failed: disk full".into());
-        assert_eq!(ready.check(), Err("not ready: data dir failed: disk full".to_owned()));
+        assert_eq!(ready.check(), Ok(Some("data dir failed: disk full".to_owned())));
         *trouble.lock().unwrap() = None;
-        assert_eq!(ready.check(), Ok(()));
+        assert_eq!(ready.check(), Ok(None));
     }
 }

@@ -54,6 +54,9 @@ struct Seen {
     ids: HashMap<IdempotencyKey, (EventId, Instant)>,
     /// Keys in the order they were first seen, to forget the oldest first.
     order: VecDeque<IdempotencyKey>,
+    /// With a data dir: keys whose event is still being written, with a ticket on that write,
+    /// so a retry meanwhile is answered only once the first publish's outcome is known.
+    pending: HashMap<IdempotencyKey, Ticket>,
 }
 
 /// How many keys are remembered at most (oldest forgotten first, even inside the window): the
@@ -128,19 +131,21 @@ impl Dedupe {
         retain: Retain,
         key: &IdempotencyKey,
     ) -> Result<Accepted, BackplaneError> {
-        let (accepted, ticket) = self.publish_once(memory, router, target, event, retain, key)?;
-        if let Err(e) = stored(ticket).await {
-            // Forget the key, so a retry is published (and stored) again.
+        let (accepted, ticket, first) = self.publish_once(memory, router, target, event, retain, key)?;
+        let outcome = stored(ticket).await;
+        if first {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.ids.get(key).is_some_and(|(id, _)| *id == accepted.id) {
+            seen.pending.remove(key);
+            // A failed write forgets the key, so a retry is published (and stored) again.
+            if outcome.is_err() && seen.ids.get(key).is_some_and(|(id, _)| *id == accepted.id) {
                 seen.ids.remove(key);
             }
-            return Err(e);
         }
-        Ok(accepted)
+        outcome.map(|()| accepted)
     }
 
-    /// Under the dedupe lock: the first id of `key`, or a new publish and its ticket.
+    /// Under the dedupe lock: the first id of `key` (with a ticket on its write if that is
+    /// still going on), or a new publish and its ticket (`true`: this call published).
     fn publish_once(
         &self,
         memory: &Memory,
@@ -149,7 +154,7 @@ impl Dedupe {
         event: &Event,
         retain: Retain,
         key: &IdempotencyKey,
-    ) -> Result<(Accepted, Option<Ticket>), BackplaneError> {
+    ) -> Result<(Accepted, Option<Ticket>, bool), BackplaneError> {
         // Held across the publish, so two concurrent retries cannot both get through.
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -163,6 +168,8 @@ impl Dedupe {
             early += u64::from(!expired);
             if let Some(k) = seen.order.pop_front() {
                 seen.ids.remove(&k);
+                // Left by a publish whose caller went away before its write's outcome.
+                seen.pending.remove(&k);
             }
         }
         if early > 0 {
@@ -178,14 +185,32 @@ impl Dedupe {
             }
         }
         if let Some((id, _)) = seen.ids.get(key) {
-            // Known gap: a retry arriving while the first publish's record is still being
-            // written is answered with its id before that write's outcome is known.
-            return Ok((Accepted { id: *id, recipients: None }, None));
+            let write = seen.pending.get(key).map(Ticket::follow);
+            return Ok((Accepted { id: *id, recipients: None }, write, false));
         }
         let (p, ticket) = memory.publish(router, target, event, retain, Some(key))?;
         seen.ids.insert(key.clone(), (p.id, now));
         seen.order.push_back(key.clone());
-        Ok((Accepted { id: p.id, recipients: Some(p.recipients) }, ticket))
+        if let Some(t) = &ticket {
+            seen.pending.insert(key.clone(), t.follow());
+        }
+        Ok((Accepted { id: p.id, recipients: Some(p.recipients) }, ticket, true))
+    }
+
+    /// The keys remembered now, with the sequence number of their event and when (wall clock)
+    /// it was published: for the data dir's checkpoint (not those whose write is under way: it
+    /// may still fail).
+    fn snapshot(&self) -> Vec<(IdempotencyKey, u64, SystemTime)> {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.order
+            .iter()
+            .filter_map(|k| {
+                let (id, at) = seen.ids.get(k).filter(|_| !seen.pending.contains_key(k))?;
+                let age = now.duration_since(*at);
+                (age < self.window).then(|| (k.clone(), id.seq, wall.checked_sub(age).unwrap_or(wall)))
+            })
+            .collect()
     }
 
     /// Remembers a key recovered from the data dir, published at `at` (wall clock), if it is
@@ -293,13 +318,13 @@ impl Backplane {
         }
     }
 
-    /// Whether the backplane can take publishes now: in memory, unless its data dir failed
-    /// (`Health::Failed`: every append refused until a restart; a degraded one still takes
-    /// them); with NATS, while the broker answers its probe (`nats::HEALTH_EVERY`) and the
+    /// Whether the backplane can take publishes now: in memory, unless its data dir's last
+    /// write failed (`Health::Degraded`: appends are refused for a moment, then tried again) or
+    /// it failed for good (`Health::Failed`: until a restart); with NATS, while the broker answers its probe (`nats::HEALTH_EVERY`) and the
     /// replica is not catching up with a recreated stream.
     pub fn is_up(&self) -> bool {
         match self {
-            Backplane::Memory(Memory { store: Some(store), .. }) => !matches!(store.health(), Health::Failed(_)),
+            Backplane::Memory(Memory { store: Some(store), .. }) => matches!(store.health(), Health::Ok),
             Backplane::Memory(_) => true,
             Backplane::Nats(n) => n.is_up(),
         }
@@ -348,6 +373,22 @@ impl Backplane {
                 durable::restore(store, &m.dedupe, router, recovered).await
             }
             _ => Ok(()),
+        }
+    }
+
+    /// With a data dir, compacts it every `durable::COMPACT_EVERY` until `stop` (returns at
+    /// once without one).
+    pub async fn maintain(&self, router: &Router, stop: tokio_util::sync::CancellationToken) {
+        if let Backplane::Memory(m @ Memory { store: Some(store), .. }) = self {
+            durable::compact_until(store.clone(), &m.dedupe, router, stop).await;
+        }
+    }
+
+    /// The data dir's counters and how many segments it holds (`None` without one).
+    pub fn data_dir_stats(&self) -> Option<(crate::store::Stats, usize)> {
+        match self {
+            Backplane::Memory(Memory { store: Some(store), .. }) => Some((store.stats(), store.segment_starts().len())),
+            _ => None,
         }
     }
 

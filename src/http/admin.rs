@@ -48,7 +48,8 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     match s.ready.check() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(None) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Some(trouble)) => (StatusCode::OK, format!("ready; publishes refused: {trouble}\n")),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }

@@ -15,7 +15,13 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{CloseReason, ConnId, Router, mailbox::Frame, replay::ReplayLog, retained::Retained, shard::Cmd};
+use super::{
+    CloseReason, ConnId, Router,
+    mailbox::Frame,
+    replay::ReplayLog,
+    retained::{Retained, RetainedEntry},
+    shard::Cmd,
+};
 use crate::domain::{EventId, GroupId, Target, Topic, UserId};
 
 pub(super) struct Core {
@@ -189,6 +195,38 @@ impl Router {
     pub fn skip_to(&self, seq: u64) {
         let mut core = self.lock();
         core.last_seq = core.last_seq.max(seq);
+    }
+
+    /// The oldest sequence number the replay log still holds (the last + 1 when it holds
+    /// nothing): records below it serve no resume.
+    pub fn replay_floor(&self) -> u64 {
+        let now = Instant::now();
+        let mut core = self.lock();
+        core.log.expire(now);
+        core.log.oldest().unwrap_or(core.last_seq + 1)
+    }
+
+    /// For a checkpoint of the data dir, in one critical section: the last sequence number,
+    /// the oldest one the replay log still needs (the last + 1 when it holds nothing: records
+    /// below it serve no resume) and every live retained value, all as of that number.
+    pub fn checkpoint_state(&self) -> (u64, u64, Vec<RetainedEntry>) {
+        let now = Instant::now();
+        let mut core = self.lock();
+        core.log.expire(now);
+        let last = core.last_seq;
+        let floor = core.log.oldest().unwrap_or(last + 1);
+        (last, floor, core.retained.entries(SystemTime::now()))
+    }
+
+    /// At start, before any connection: puts back the retained values of a checkpoint (a later
+    /// event, restored after, replaces them as usual), and counts every event up to
+    /// `forgotten_through` as evicted (the data dir no longer holds them).
+    pub fn restore_checkpoint(&self, values: Vec<RetainedEntry>, forgotten_through: u64) {
+        let mut core = self.lock();
+        for v in values {
+            core.retained.restore(v);
+        }
+        core.log.forget_through(forgotten_through);
     }
 
     /// Evicts replay-log events past their maximum age (also done on every publish), and

@@ -38,7 +38,7 @@ pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Push};
 pub use rebase::{KeptValue, STREAM_RECREATED};
 pub use registration::Registration;
 pub use replay::ReplayConfig;
-pub use retained::{RetainedConfig, RetainedFull, VALUE_OVERHEAD as RETAINED_VALUE_OVERHEAD};
+pub use retained::{RetainedConfig, RetainedEntry, RetainedFull, VALUE_OVERHEAD as RETAINED_VALUE_OVERHEAD};
 pub use stats::{RESUME_OUTCOMES, Stats, TARGET_KINDS};
 
 use self::core::Core;

@@ -5,7 +5,7 @@ use std::{
     convert::Infallible,
     fmt::Display,
     sync::{Arc, MutexGuard, atomic::Ordering::Relaxed},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -72,7 +72,7 @@ impl Router {
         }
         let seq = core.last_seq + 1;
         let journaled = journal(seq).map_err(|e| PublishError::NotStored(e.to_string()))?;
-        Ok((self.sequence(core, seq, target, event.name.as_ref(), retain, encoded), journaled))
+        Ok((self.sequence(core, seq, target, event.name.as_ref(), retain, encoded, None), journaled))
     }
 
     /// Whether a retained value of `event` for `target` would fit the store now: a broker
@@ -89,12 +89,36 @@ impl Router {
     /// before it was sent). A sequence number not above the last one is a redelivery and is
     /// ignored (`None`), so a browser never gets an event twice.
     pub fn publish_sequenced(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> Option<Published> {
+        self.publish_aged(seq, target, event, retain, None)
+    }
+
+    /// `publish_sequenced` of an event published `age` ago (restored from the data dir at
+    /// start): the replay log ages it from then, so `--replay-max-age` holds across a restart.
+    pub fn publish_restored(
+        &self,
+        seq: u64,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        age: Duration,
+    ) -> Option<Published> {
+        self.publish_aged(seq, target, event, retain, Some(age))
+    }
+
+    fn publish_aged(
+        &self,
+        seq: u64,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        age: Option<Duration>,
+    ) -> Option<Published> {
         let encoded = Encoded::new(event, retain);
         let core = self.lock();
         if seq <= core.last_seq {
             return None;
         }
-        Some(self.sequence(core, seq, target, event.name.as_ref(), retain, encoded))
+        Some(self.sequence(core, seq, target, event.name.as_ref(), retain, encoded, age))
     }
 
     /// Loads a retained value kept by a broker (at start, before the stream is consumed): it
@@ -106,7 +130,8 @@ impl Router {
 
     /// Under the core lock: makes `seq` the last sequence number, logs the event for replay and
     /// hands it to the shards that may hold its recipients; then, outside the lock, lets those
-    /// shards fan it out.
+    /// shards fan it out. `age`: how long ago it was published (now if `None`).
+    #[allow(clippy::too_many_arguments)] // the parts of one event, taken apart by its callers
     fn sequence(
         &self,
         mut core: MutexGuard<'_, Core>,
@@ -115,8 +140,10 @@ impl Router {
         name: Option<&EventName>,
         retain: Retain,
         encoded: Encoded,
+        age: Option<Duration>,
     ) -> Published {
-        let published_at = Instant::now();
+        let now = Instant::now();
+        let published_at = age.and_then(|age| now.checked_sub(age)).unwrap_or(now);
         let kind = target_index(&target);
         core.last_seq = seq;
         if retain != Retain::No {
@@ -132,7 +159,7 @@ impl Router {
             self.shards[i].submit(Cmd::Event(logged.clone()));
         }
         core.log.push(seq, logged);
-        core.log.expire(published_at);
+        core.log.expire(now);
         drop(core);
         for i in shards.iter() {
             self.run_shard(i);

@@ -120,6 +120,17 @@ impl ReplayLog {
         self.entries.len()
     }
 
+    /// The sequence number of the oldest event still held (`None` when empty).
+    pub fn oldest(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.seq)
+    }
+
+    /// Counts every event up to `seq` as evicted (a restart whose data dir no longer holds
+    /// them): a client resuming from before it is told it missed some.
+    pub fn forget_through(&mut self, seq: u64) {
+        self.evicted_through = self.evicted_through.max(seq);
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }

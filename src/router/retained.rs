@@ -7,10 +7,10 @@
 //! connection takes its snapshot in the one that registers it, so the snapshot holds exactly
 //! the retained events up to the connection's cursor and every later one arrives live.
 //!
-//! Values are stored encoded **without an `id:` line** and sent before the cursor line: a
-//! browser's last event id is untouched by them and then set to the newest id, so it never
-//! moves backwards, and a reconnect resumes after the cursor (the replay carries any value
-//! that changed since).
+//! Values are stored encoded **without an `id:` line** and sent before the cursor (the
+//! `ssegate.position` event, whose id is the newest id): a client's last event id is untouched
+//! by them and then set to the newest id, so it never moves backwards, and a reconnect resumes
+//! after the cursor (the replay carries any value that changed since).
 
 use std::{
     cmp::Reverse,
@@ -33,6 +33,17 @@ pub struct RetainedConfig {
 }
 
 type Key = (Scope, Option<EventName>);
+
+/// One retained value as a checkpoint keeps it: its scope and event name, the sequence number
+/// of the event that set it, the event encoded without `id:` (exactly as sent), its expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetainedEntry {
+    pub scope: Scope,
+    pub name: Option<EventName>,
+    pub seq: u64,
+    pub frame: Bytes,
+    pub expires_at: Option<SystemTime>,
+}
 
 #[derive(Clone)]
 struct Value {
@@ -138,6 +149,43 @@ impl Retained {
                 }
                 (Retain::No, _) | (Retain::Set { .. }, None) => {}
             }
+        }
+    }
+
+    /// Every live value, for a checkpoint of the data dir (`--data-dir`).
+    pub fn entries(&self, now: SystemTime) -> Vec<RetainedEntry> {
+        self.values
+            .iter()
+            .filter(|(_, v)| v.expires_at.is_none_or(|at| at > now))
+            .map(|((scope, name), v)| RetainedEntry {
+                scope: scope.clone(),
+                name: name.clone(),
+                seq: v.seq,
+                frame: v.frame.clone(),
+                expires_at: v.expires_at,
+            })
+            .collect()
+    }
+
+    /// Puts back a value from a checkpoint, unless a later event already set or cleared it.
+    /// Bypasses the bounds, as a broker's catch-up does: the values were admitted when set.
+    pub fn restore(&mut self, entry: RetainedEntry) {
+        let key = (entry.scope, entry.name);
+        if self.values.get(&key).is_some_and(|v| v.seq >= entry.seq) {
+            return;
+        }
+        if let Some(at) = entry.expires_at {
+            self.expiring.push(Reverse((at, entry.seq, key.clone())));
+        }
+        let value = Value {
+            seq: entry.seq,
+            cost: cost(&key, entry.frame.len()),
+            frame: entry.frame,
+            expires_at: entry.expires_at,
+        };
+        self.bytes += value.cost;
+        if let Some(old) = self.values.insert(key, value) {
+            self.bytes -= old.cost;
         }
     }
 

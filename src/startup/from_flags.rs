@@ -38,7 +38,10 @@ pub(super) async fn connect_backplane(settings: &BackplaneSettings) -> Result<Co
             recovered: None,
         }),
         BackplaneSettings::Memory { dedupe_window, data: Some(data) } => {
-            let (dir, options) = (data.dir.clone(), Options { sync: data.sync, ..Options::default() });
+            let (dir, options) = (
+                data.dir.clone(),
+                Options { sync: data.sync, segment_bytes: data.segment_bytes, ..Options::default() },
+            );
             // Recovery reads every segment: blocking I/O.
             let (store, recovered) =
                 tokio::task::spawn_blocking(move || Store::open(dir, options)).await.map_err(|e| {

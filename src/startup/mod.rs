@@ -174,7 +174,7 @@ impl Application {
             tls,
             ready: {
                 let backplane = backplane.clone();
-                Readiness::new().also_requiring(move || backplane.store_trouble())
+                Readiness::new().reporting(move || backplane.store_trouble())
             },
             backplane,
             stop: stop_on_drop,
@@ -275,6 +275,10 @@ impl Application {
             tracker.clone(),
         ));
         router.start_timers(settings.heartbeat_interval, &stop, &tracker);
+        if backplane.has_data_dir() {
+            let (backplane, router, stop) = (backplane.clone(), router.clone(), stop.clone());
+            tracker.spawn(async move { backplane.maintain(&router, stop).await });
+        }
         // The admin port outlives the drain (it stops last), so probes answer throughout.
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(http::admin::serve(

@@ -52,7 +52,14 @@ pub enum BackplaneSettings {
 pub struct DataSettings {
     pub dir: PathBuf,
     pub sync: SyncPolicy,
+    /// A quarter of `--replay-max-bytes`, within 1 to 64 MiB: the log is removed a segment at a
+    /// time once its events left the replay log, so the disk holds the replay span plus about
+    /// one segment (and the retained values' checkpoint).
+    pub segment_bytes: u64,
 }
+
+/// The bounds of the data dir's segment size (`DataSettings::segment_bytes`).
+const SEGMENT_BYTES: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 20);
 
 /// Who may subscribe.
 #[derive(Clone, Debug)]
@@ -142,7 +149,11 @@ impl Settings {
         let backplane = match a.backplane {
             BackplaneKind::Memory => BackplaneSettings::Memory {
                 dedupe_window: MEMORY_DEDUPE_WINDOW,
-                data: a.data_dir.map(|dir| DataSettings { dir, sync: a.data_sync }),
+                data: a.data_dir.map(|dir| DataSettings {
+                    dir,
+                    sync: a.data_sync,
+                    segment_bytes: (a.replay_max_bytes / 4).clamp(*SEGMENT_BYTES.start(), *SEGMENT_BYTES.end()),
+                }),
             },
             BackplaneKind::Nats if a.data_dir.is_some() => {
                 return Err(ConfigError::Conflict(

@@ -162,7 +162,7 @@ impl Collector for ServerCollector {
         single(
             &mut enc,
             "ssegate_backplane_up",
-            "1 while the backplane takes publishes (always with memory; with NATS, while JetStream answers its probe), else 0",
+            "1 while the backplane takes publishes (memory: always, or with --data-dir while its writes succeed; NATS: while JetStream answers its probe), else 0",
             G,
             if self.backplane.is_up() { 1.0 } else { 0.0 },
         )?;
@@ -187,6 +187,23 @@ impl Collector for ServerCollector {
             C,
             self.backplane.idempotency_evicted() as f64,
         )?;
+        if let Some((stats, segments)) = self.backplane.data_dir_stats() {
+            single(
+                &mut enc,
+                "ssegate_data_dir_write_failures",
+                "Writes to --data-dir that failed (their publishes were answered UNAVAILABLE)",
+                C,
+                stats.write_failures as f64,
+            )?;
+            single(
+                &mut enc,
+                "ssegate_data_dir_syncs",
+                "fdatasyncs of --data-dir's log (each covers a batch of publishes)",
+                C,
+                stats.syncs as f64,
+            )?;
+            single(&mut enc, "ssegate_data_dir_segments", "Segment files in --data-dir", G, segments as f64)?;
+        }
         single(&mut enc, "ssegate_uptime_seconds", "Seconds since start", G, self.router.uptime().as_secs_f64())
     }
 }

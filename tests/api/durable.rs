@@ -1,6 +1,7 @@
 //! `--data-dir` (issue 21) with the real binary: what a restart, clean (SIGTERM) or not
 //! (`kill -9`), keeps: resumes by `Last-Event-ID`, retained values with their TTL, idempotency
-//! keys; and the directory's lock.
+//! keys; and the directory's lock; segments removed past the replay bounds; a full disk; a
+//! `kill -9` in the middle of a publish flood.
 
 use std::{
     path::PathBuf,
@@ -9,8 +10,9 @@ use std::{
 
 use ssegate::grpc::pb::{self, publisher_client::PublisherClient};
 use tokio::time::timeout_at;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-use crate::helpers::{Process, SseClient, deadline, ev, spawn_process};
+use crate::helpers::{Process, SseClient, deadline, ev, http_request, spawn_process, spawn_process_under};
 
 /// A fresh directory under the system's temporary directory, removed when dropped.
 struct TempDir(PathBuf);
@@ -197,4 +199,257 @@ async fn a_second_process_on_the_same_data_dir_exits_non_zero_naming_the_lock() 
     assert!(!out.status.success(), "refused: {:?}", out.status);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("LOCK") && stderr.contains("in use"), "the message names the lock: {stderr}");
+}
+
+/// The `*.log` segment files of `dir` and their total size.
+fn segments(dir: &TempDir) -> (usize, u64) {
+    let mut n = 0;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(&dir.0).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().to_string_lossy().ends_with(".log") {
+            n += 1;
+            bytes += entry.metadata().unwrap().len();
+        }
+    }
+    (n, bytes)
+}
+
+/// Publishes `n` events of `size` bytes to user `u` from `tasks` concurrent publishers.
+async fn flood(server: &Process, tasks: usize, n: usize, size: usize) {
+    let per = n.div_ceil(tasks);
+    let mut all = Vec::new();
+    for t in 0..tasks {
+        let addr = format!("http://{}", server.grpc);
+        all.push(tokio::spawn(async move {
+            let mut client = PublisherClient::connect(addr).await.unwrap();
+            for i in 0..per {
+                let mut data = format!("f{t}-{i}-");
+                data.extend(std::iter::repeat_n('x', size.saturating_sub(data.len())));
+                let req = pb::PublishRequest {
+                    user_ids: vec!["u".into()],
+                    event: Some(ev("", &data)),
+                    idempotency_key: String::new(),
+                    retain: None,
+                };
+                client.publish(req).await.expect("acknowledged");
+            }
+        }));
+    }
+    for task in all {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn segments_past_the_replay_bounds_are_removed_and_retained_values_keys_and_the_gap_outlive_them() {
+    let dir = TempDir::new("compact");
+    // A 1 MiB replay log: 1 MiB segments (the smallest).
+    let flags = ["--data-dir", dir.arg(), "--replay-max-bytes", "1048576"];
+    let mut server = spawn_process(&flags, &[]).await;
+    let badge = Some(pb::Retain { ttl_seconds: 0, clear: false });
+    let mut client = PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let req = || pb::PublishRequest {
+        user_ids: vec!["u".into()],
+        event: Some(ev("badge", "3")),
+        idempotency_key: "badge-1".into(),
+        retain: badge,
+    };
+    let first = client.publish(req()).await.unwrap().into_inner().event_id;
+    // ~4.5 MB of records: four or five segments, of which the replay log needs the last ~1 MiB.
+    flood(&server, 8, 4000, 1000).await;
+    let end = deadline();
+    loop {
+        let (n, bytes) = segments(&dir);
+        if n <= 2 {
+            assert!(bytes <= 2 * 1024 * 1024 + 64 * 1024, "two segments at most: {bytes} bytes");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "segments were not removed: {n} left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dir.0.join("state.ckpt").exists(), "the retained values and keys were checkpointed first");
+    let last = publish(&server, "last", "", None).await.event_id;
+    stop(&mut server, false).await;
+
+    let server = spawn_process(&flags, &[]).await;
+    let mut client = PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    // The badge's event is gone from the log, its value is not.
+    let fresh = read_until(&server, None, "marker").await;
+    assert_eq!(
+        (fresh[0].0.as_str(), fresh[0].1.as_str()),
+        ("badge", "3"),
+        "the retained value came from the checkpoint: {:?}",
+        &fresh[..1]
+    );
+    // Nor is its idempotency key.
+    let retry = client.publish(req()).await.unwrap().into_inner().event_id;
+    assert_eq!(retry, first, "the retry inside the window gets the first id");
+    // A client whose id is older than the removed segments is told it missed events.
+    let mut old = SseClient::connect(server.http, "/v1/events?user=u", &[("Last-Event-ID", &first)]).await;
+    let missed = old.next_event().await;
+    assert_eq!(missed.event_type, "ssegate.missed", "{missed:?}");
+    // One whose id is still in the log resumes losslessly.
+    let got = read_until(&server, Some(&last), "after").await;
+    let data: Vec<&str> = got.iter().map(|(_, d, _)| d.as_str()).collect();
+    assert_eq!(data, ["marker", "after"], "{got:?}");
+}
+
+/// `sh` ignoring `SIGXFSZ` (so a write past the limit fails with `EFBIG` instead of killing
+/// the process), then `prlimit` capping the size of any file the server writes at `bytes` (a
+/// soft limit: the test raises it later).
+fn file_size_limit(bytes: &str) -> [&str; 4] {
+    ["sh", "-c", r#"trap '' XFSZ; exec prlimit --fsize="$0":unlimited -- "$@""#, bytes]
+}
+
+async fn publisher_health(server: &Process) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc)).unwrap();
+    let mut client = HealthClient::new(channel.connect().await.expect("health connects"));
+    let req = HealthCheckRequest { service: "ssegate.v1.Publisher".into() };
+    client.check(req).await.expect("health check").into_inner().status()
+}
+
+async fn wait_health(server: &Process, want: ServingStatus) {
+    let end = deadline();
+    loop {
+        let got = publisher_health(server).await;
+        if got == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < end, "the publisher's health stayed {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric(server: &Process, name: &str) -> f64 {
+    let (status, _, body) = http_request(server.admin, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    let line = body.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("{name} exported"));
+    line[name.len() + 1..].parse().expect("a number")
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_publishes_with_unavailable_reports_it_keeps_subscribers_and_loses_nothing_acknowledged() {
+    let dir = TempDir::new("full");
+    let mut server = spawn_process_under(&file_size_limit("200000"), &["--data-dir", dir.arg()], &[]).await;
+    let mut sub = SseClient::connect(server.http, "/v1/events?user=u", &[]).await;
+    sub.cursor().await;
+    let mut client = PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let payload = "x".repeat(1000);
+    let mut acked = Vec::new();
+    let refused = loop {
+        assert!(acked.len() < 1000, "a 200 kB file limit never refused a write");
+        let data = format!("e{}-{payload}", acked.len());
+        let req = pb::PublishRequest {
+            user_ids: vec!["u".into()],
+            event: Some(ev("", &data)),
+            idempotency_key: String::new(),
+            retain: None,
+        };
+        match client.publish(req).await {
+            Ok(r) => acked.push((r.into_inner().event_id, data)),
+            Err(status) => break status,
+        }
+    };
+    assert!(acked.len() > 100, "the disk took events until it was full: {}", acked.len());
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("File too large") && refused.message().contains("not stored"), "{refused:?}");
+    // Readiness reports it without taking the only replica out of service.
+    let (status, _, body) = http_request(server.admin, "GET", "/readyz", &[]).await;
+    assert_eq!(status, 200, "subscribers are still served: {body}");
+    assert!(body.starts_with("ready; publishes refused: data dir"), "{body}");
+    assert_eq!(metric(&server, "ssegate_backplane_up").await, 0.0);
+    wait_health(&server, ServingStatus::NotServing).await;
+    let again = client.publish(to_u("refused")).await.expect_err("the disk is still full");
+    assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+    // Subscribers keep streaming: the open one got every acknowledged event, a new one opens.
+    for (id, data) in &acked {
+        let e = sub.next_event().await;
+        assert_eq!((&e.last_event_id, &e.data), (id, data));
+    }
+    let mut late = SseClient::connect(server.http, "/v1/events?user=u", &[]).await;
+    assert_eq!(late.status, 200);
+    late.cursor().await;
+
+    // Room again: publishes are taken once the store's pause after a failure is over.
+    let pid = server.child.id().expect("running").to_string();
+    let raised = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=unlimited:"]).status().unwrap();
+    assert!(raised.success());
+    let end = deadline();
+    let after = loop {
+        match client.publish(to_u("after")).await {
+            Ok(r) => break r.into_inner().event_id,
+            Err(e) => assert!(tokio::time::Instant::now() < end, "publishes never resumed: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wait_health(&server, ServingStatus::Serving).await;
+    let (status, _, body) = http_request(server.admin, "GET", "/readyz", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert!(metric(&server, "ssegate_data_dir_write_failures_total").await >= 1.0);
+    stop(&mut server, false).await;
+
+    // Exactly the acknowledged events come back: none of the refused ones.
+    let server = spawn_process(&["--data-dir", dir.arg()], &[]).await;
+    let got = read_until(&server, Some(&acked[0].0), "marker").await;
+    let want: Vec<(&str, &str)> =
+        acked[1..].iter().map(|(id, d)| (id.as_str(), d.as_str())).chain([(after.as_str(), "after")]).collect();
+    let got_pairs: Vec<(&str, &str)> = got.iter().map(|(_, d, id)| (id.as_str(), d.as_str())).collect();
+    assert_eq!(
+        &got_pairs[..got_pairs.len() - 1],
+        &want[..],
+        "every acknowledged event, once, in order, and nothing else"
+    );
+}
+
+fn to_u(data: &str) -> pb::PublishRequest {
+    pb::PublishRequest {
+        user_ids: vec!["u".into()],
+        event: Some(ev("", data)),
+        idempotency_key: String::new(),
+        retain: None,
+    }
+}
+
+#[tokio::test]
+async fn a_kill_9_during_a_publish_flood_keeps_every_acknowledged_event() {
+    let dir = TempDir::new("flood");
+    let mut server = start(&dir).await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (addr, acked) = (format!("http://{}", server.grpc), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = PublisherClient::connect(addr).await.unwrap();
+            // Bounded: the process is killed long before.
+            for i in 0..100_000 {
+                let data = format!("t{t}-{i}");
+                match client.publish(to_u(&data)).await {
+                    Ok(r) => acked.lock().unwrap().push((r.into_inner().event_id, data)),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    let end = deadline();
+    while acked.lock().unwrap().len() < 500 {
+        assert!(tokio::time::Instant::now() < end, "the flood did not get going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop(&mut server, false).await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+
+    let server = start(&dir).await;
+    let from = format!("{}-0", epoch_of(&acked[0].0));
+    let got = read_until(&server, Some(&from), "marker").await;
+    let seqs: Vec<u64> = got.iter().map(|(_, _, id)| seq_of(id)).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, each once");
+    let stored: std::collections::HashMap<&str, &str> =
+        got.iter().map(|(_, d, id)| (d.as_str(), id.as_str())).collect();
+    for (id, data) in &acked {
+        assert_eq!(stored.get(data.as_str()), Some(&id.as_str()), "acknowledged {data} ({id}) is there under its id");
+    }
 }

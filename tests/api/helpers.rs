@@ -6,7 +6,10 @@ use std::{net::SocketAddr, time::Duration};
 use clap::Parser;
 use ssegate::{
     config::{Cli, Command},
-    event_stream::parse::{Item, ParsedEvent, Parser as SseParser},
+    event_stream::{
+        POSITION,
+        parse::{Item, ParsedEvent, Parser as SseParser},
+    },
     grpc::pb::{self, publisher_client::PublisherClient},
     startup::Application,
 };
@@ -217,6 +220,9 @@ pub struct SseClient {
     pub ended: bool,
     /// The id of the last event `next_item` returned.
     taken_id: String,
+    /// The id of the last `ssegate.position` event read (the cursor that opens every stream),
+    /// which is kept here rather than among the items, as a client does that handles it.
+    pub position: Option<String>,
 }
 
 impl SseClient {
@@ -249,6 +255,7 @@ impl SseClient {
             items: Default::default(),
             ended: false,
             taken_id: String::new(),
+            position: None,
         }
     }
 
@@ -292,7 +299,15 @@ impl SseClient {
         }
         let mut out = Vec::new();
         self.parser.feed(&data, &mut out);
-        self.items.extend(out);
+        for item in out {
+            match item {
+                Item::Event(e) if e.event_type == POSITION => {
+                    assert_eq!(e.data, e.last_event_id, "the position's data is its id");
+                    self.position = Some(e.last_event_id);
+                }
+                item => self.items.push_back(item),
+            }
+        }
         true
     }
 
@@ -302,15 +317,16 @@ impl SseClient {
         if self.items.is_empty() { self.parser.last_event_id().to_owned() } else { self.taken_id.clone() }
     }
 
-    /// Reads until the stream has told its starting id (the `id:` line without data that opens
-    /// every stream), keeping any items read on the way; returns it.
+    /// Reads until the stream has told its position (the `ssegate.position` event that opens
+    /// every stream, after its replayed, missed or retained events), keeping the other items
+    /// read on the way; returns its id (the last one, if more than one arrived).
     pub async fn cursor(&mut self) -> String {
         let end = deadline();
-        while self.parser.last_event_id().is_empty() {
+        while self.position.is_none() {
             let more = timeout_at(end, self.read_more()).await.expect("cursor within the deadline");
-            assert!(more, "stream ended before its opening id");
+            assert!(more, "stream ended before its opening position");
         }
-        self.parser.last_event_id().to_owned()
+        self.position.clone().unwrap_or_default()
     }
 
     /// The next item (event, retry or comment), or `None` if the stream ended first.
@@ -409,6 +425,7 @@ pub struct Process {
     pub child: tokio::process::Child,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    pub admin: SocketAddr,
     /// Log lines after the startup line, until the process exits.
     logs: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
@@ -416,7 +433,19 @@ pub struct Process {
 /// Starts `ssegate serve` (development identity and open publishing) with `extra` flags and
 /// environment variables, and waits for its "serving" line to learn its ports.
 pub async fn spawn_process(extra: &[&str], env: &[(&str, &str)]) -> Process {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ssegate"))
+    spawn_process_under(&[], extra, env).await
+}
+
+/// `spawn_process`, run by `wrapper` (a program and its arguments, given the ssegate binary
+/// and its arguments after them: e.g. `prlimit --fsize=N --`); directly if it is empty.
+pub async fn spawn_process_under(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Process {
+    let binary = env!("CARGO_BIN_EXE_ssegate");
+    let (program, before) = match wrapper.split_first() {
+        Some((program, rest)) => (*program, [rest, &[binary]].concat()),
+        None => (binary, Vec::new()),
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(before)
         .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
         .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .args(extra)
@@ -428,12 +457,12 @@ pub async fn spawn_process(extra: &[&str], env: &[(&str, &str)]) -> Process {
         .spawn()
         .expect("the ssegate binary starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (http, grpc) = loop {
+    let (http, grpc, admin) = loop {
         let line = timeout_at(deadline(), lines.next_line()).await.expect("startup log").unwrap().expect("a log line");
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { panic!("not a JSON log line: {line}") };
         if v["message"] == "ssegate serving" {
             let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-            break (addr("http"), addr("grpc"));
+            break (addr("http"), addr("grpc"), addr("admin"));
         }
     };
     let (tx, logs) = tokio::sync::mpsc::unbounded_channel();
@@ -442,7 +471,7 @@ pub async fn spawn_process(extra: &[&str], env: &[(&str, &str)]) -> Process {
             let _ = tx.send(line);
         }
     });
-    Process { child, http, grpc, logs }
+    Process { child, http, grpc, admin, logs }
 }
 
 impl Process {
