@@ -134,14 +134,19 @@ impl Dedupe {
         let (accepted, ticket, first) = self.publish_once(memory, router, target, event, retain, key)?;
         let outcome = stored(ticket).await;
         if first {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            seen.pending.remove(key);
-            // A failed write forgets the key, so a retry is published (and stored) again.
-            if outcome.is_err() && seen.ids.get(key).is_some_and(|(id, _)| *id == accepted.id) {
-                seen.ids.remove(key);
-            }
+            self.written(key, accepted.id, outcome.is_ok());
         }
         outcome.map(|()| accepted)
+    }
+
+    /// The write of the publish that first used `key` (as `id`) ended: a failed one forgets
+    /// the key, so a retry is published (and stored) again.
+    fn written(&self, key: &IdempotencyKey, id: EventId, stored: bool) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.pending.remove(key);
+        if !stored && seen.ids.get(key).is_some_and(|(first, _)| *first == id) {
+            seen.ids.remove(key);
+        }
     }
 
     /// Under the dedupe lock: the first id of `key` (with a ticket on its write if that is
@@ -316,6 +321,43 @@ impl Backplane {
                 }
             },
         }
+    }
+
+    /// Starts a publish whose outcome is awaited later, for callers that pipeline (the items of
+    /// a `PublishStream`): in memory, the event is numbered and handed to the open streams
+    /// before this returns (so events are numbered in the order they are started) and the
+    /// future only waits for its write to the data dir, so one group commit serves many items.
+    /// `None` with a broker: publish with `publish`, one at a time, to keep the order.
+    pub fn start_publish(
+        self: &Arc<Self>,
+        router: &Router,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        key: Option<IdempotencyKey>,
+    ) -> Option<impl Future<Output = Result<Accepted, BackplaneError>> + Send + use<>> {
+        let Backplane::Memory(memory) = &**self else { return None };
+        let started = match &key {
+            None => memory
+                .publish(router, target, event, retain, None)
+                .map(|(p, ticket)| (Accepted { id: p.id, recipients: Some(p.recipients) }, ticket, false))
+                .map_err(BackplaneError::from),
+            Some(key) => memory.dedupe.publish_once(memory, router, target, event, retain, key),
+        };
+        let this = self.clone();
+        Some(async move {
+            let (accepted, ticket, first) = started?;
+            let outcome = stored(ticket).await;
+            if let (true, Some(key), Backplane::Memory(memory)) = (first, &key, &*this) {
+                memory.dedupe.written(key, accepted.id, outcome.is_ok());
+            }
+            outcome.map(|()| accepted)
+        })
+    }
+
+    /// Whether `start_publish` pipelines publishes (the memory backplane).
+    pub fn pipelines(&self) -> bool {
+        matches!(self, Backplane::Memory(_))
     }
 
     /// Whether the backplane can take publishes now: in memory, unless its data dir's last

@@ -17,6 +17,8 @@ pub use error::ApiError;
 pub use health::{Health, HealthService};
 pub use service::{Limits, PublisherService};
 
+/// The HTTP/2 connection flow-control window of the gRPC port (see `serve`).
+const CONNECTION_WINDOW: u32 = 8 << 20;
 /// Generated protobuf types, server and client of `proto/ssegate/v1/publisher.proto`.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
@@ -96,6 +98,13 @@ pub async fn serve(
     // so the gRPC call it makes of them is counted like any other).
     let server = Server::builder()
         .accept_http1(true)
+        // h2 drops a connection (GOAWAY ENHANCE_YOUR_CALM) once its small DATA frames waiting
+        // to be read cost more than half the connection window (each counts as 256 bytes):
+        // with hyper's 1 MiB, ~2,000 unread small publishes, which a pipelining publisher
+        // reaches in a moment when the server is busy (`PublishStream` items, or many unary
+        // calls on one connection). 8 MiB lets ~16,000 wait; each stream still holds at most
+        // its 1 MiB window, and `PublishStream` reads ahead (`service::STREAM_IN_FLIGHT`).
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(layers::InFlightLayer(registry.clone()))
         .layer(layers::OversizeLayer::new(max_message_bytes))
         .layer(connect::ConnectLayer::new(max_message_bytes))

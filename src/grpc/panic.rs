@@ -118,6 +118,12 @@ fn log(call: &str, panic: &(dyn Any + Send)) {
 
 /// Runs `fut`, a piece of a call that must fail alone (one item of a `PublishStream`): a panic
 /// in it becomes `INTERNAL` for that piece, logged, and the call goes on.
+/// The status for a panic caught elsewhere (`catch_unwind`), which is logged.
+pub(super) fn caught(what: &str, panic: &(dyn Any + Send)) -> Status {
+    log(what, panic);
+    internal()
+}
+
 pub(super) async fn catching<T>(what: &str, fut: impl Future<Output = T>) -> Result<T, Status> {
     AssertUnwindSafe(fut).catch_unwind().await.map_err(|panic| {
         log(what, &*panic);

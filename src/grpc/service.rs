@@ -2,7 +2,11 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{
+    FutureExt, Stream, StreamExt,
+    future::{self, BoxFuture},
+    stream::FuturesOrdered,
+};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use tracing::{Instrument, field::Empty};
@@ -29,6 +33,17 @@ pub struct Limits {
     /// twice this, so that a larger item of a `PublishStream` is refused alone.
     pub max_message_bytes: usize,
 }
+
+/// Items of one `PublishStream` read and not yet answered, at most: queued, or published and
+/// waiting for their write to the data dir (memory backplane: one group commit then serves
+/// many items). Items are read as soon as they arrive, up to this, so the transport never
+/// holds a pile of unread small messages: h2 answers that with `ENHANCE_YOUR_CALM` and drops
+/// the whole connection (its budget for small DATA frames is about 2,000 of them), which a
+/// caller keeping fewer items than this unanswered per stream can then never meet.
+const STREAM_IN_FLIGHT: usize = 4096;
+/// Bytes of items read and not yet started, at most (items are up to
+/// `--grpc-max-message-bytes` each).
+const STREAM_QUEUED_BYTES: usize = 8 << 20;
 
 /// Largest page of `Presence.list_online`, and the page size when none is given.
 const MAX_ONLINE_PAGE: u32 = 10_000;
@@ -84,29 +99,196 @@ impl PublisherService {
         result
     }
 
+    /// Starts item `index` of a `PublishStream`. With the memory backplane the item is checked
+    /// and published here (numbered before any later item) and the future waits for its write
+    /// (`true`: later items may start meanwhile); with a broker the future is the whole
+    /// publish, which runs alone (`false`), keeping the order the items came in.
+    fn start_item(
+        &self,
+        index: u64,
+        req: pb::PublishStreamRequest,
+    ) -> (BoxFuture<'static, pb::PublishStreamResponse>, bool) {
+        if !self.backplane.pipelines() {
+            let this = self.clone();
+            return (async move { this.stream_item(index, req).await }.boxed(), false);
+        }
+        let kind = item_kind(&req);
+        let span = tracing::info_span!("publish", target = kind, event_id = Empty, recipients = Empty);
+        let started = span.in_scope(|| {
+            self.within_limit(&req)?;
+            let target = convert::stream_target(req.target, &self.limits)?;
+            let event = convert::event(req.event, &self.limits)?;
+            let retain = convert::retain(req.retain)?;
+            let key = convert::idempotency_key(&req.idempotency_key)?;
+            self.backplane
+                .start_publish(&self.router, target, &event, retain, key)
+                .ok_or_else(|| ApiError::Unavailable("the backplane cannot pipeline".into()))
+        });
+        let metrics = self.metrics.clone();
+        let answer = async move {
+            let outcome = match started {
+                Ok(stored) => stored.await.map_err(ApiError::from),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(p) => {
+                    let span = tracing::Span::current();
+                    span.record("event_id", tracing::field::display(p.id));
+                    if let Some(n) = p.recipients {
+                        span.record("recipients", n);
+                    }
+                    accepted_item(index, &p)
+                }
+                Err(e) => {
+                    if !matches!(e, ApiError::MessageTooLarge { .. }) {
+                        metrics.publish_failed(kind, e.failure());
+                    }
+                    item_refused(index, e.code(), e.to_string())
+                }
+            }
+        };
+        (answer.instrument(span).boxed(), true)
+    }
+
     async fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
-        use pb::publish_stream_request::Target as T;
         if let Err(e) = self.within_limit(&req) {
             return item_refused(index, e.code(), e.to_string());
         }
-        let kind = match &req.target {
-            Some(T::Users(_)) | None => "user",
-            Some(T::Group(_)) => "group",
-            Some(T::Topic(_)) => "topic",
-            Some(T::Broadcast(_)) => "broadcast",
-        };
+        let kind = item_kind(&req);
         let target = convert::stream_target(req.target, &self.limits);
         let parts = Parts { event: req.event, retain: req.retain, idempotency_key: req.idempotency_key };
         match self.publish(kind, target, parts).await {
-            Ok(p) => pb::PublishStreamResponse {
-                index,
-                code: Code::Ok as i32,
-                message: String::new(),
-                event_id: p.id.to_string(),
-                recipients: p.recipients,
-            },
+            Ok(p) => accepted_item(index, &p),
             Err(e) => item_refused(index, e.code(), e.to_string()),
         }
+    }
+}
+
+/// The target kind of a stream item, for metrics and spans.
+fn item_kind(req: &pb::PublishStreamRequest) -> &'static str {
+    use pb::publish_stream_request::Target as T;
+    match &req.target {
+        Some(T::Users(_)) | None => "user",
+        Some(T::Group(_)) => "group",
+        Some(T::Topic(_)) => "topic",
+        Some(T::Broadcast(_)) => "broadcast",
+    }
+}
+
+/// The answer to a stream item that was published.
+fn accepted_item(index: u64, p: &Accepted) -> pb::PublishStreamResponse {
+    pb::PublishStreamResponse {
+        index,
+        code: Code::Ok as i32,
+        message: String::new(),
+        event_id: p.id.to_string(),
+        recipients: p.recipients,
+    }
+}
+
+/// The answers of one `PublishStream`, in the order of its items: reads items as they arrive
+/// (up to `STREAM_IN_FLIGHT` and `STREAM_QUEUED_BYTES`), starts them in order while earlier
+/// ones wait for their write (`PublisherService::start_item`), one at a time with a broker.
+struct StreamPipeline {
+    service: PublisherService,
+    items: Streaming<pb::PublishStreamRequest>,
+    next_index: u64,
+    /// Read, not started yet, and their encoded size.
+    queued: std::collections::VecDeque<pb::PublishStreamRequest>,
+    queued_bytes: usize,
+    in_flight: FuturesOrdered<BoxFuture<'static, pb::PublishStreamResponse>>,
+    /// An item that runs alone is in flight: read nothing until it is answered.
+    alone: bool,
+    /// The items ended (or failed: the status, sent after the answers in flight).
+    ended: bool,
+    failed: Option<Status>,
+}
+
+impl StreamPipeline {
+    /// The next answer, or the transport error that ended the items (after every answer in
+    /// flight), or `None` at the end.
+    async fn next(&mut self) -> Option<Result<pb::PublishStreamResponse, Status>> {
+        loop {
+            // Whatever has arrived is taken off the transport first, then started in order.
+            while self.may_read() {
+                match self.items.next().now_or_never() {
+                    Some(item) => self.take(item),
+                    None => break,
+                }
+            }
+            while !self.alone && !self.queued.is_empty() {
+                if let Some(req) = self.queued.pop_front() {
+                    self.queued_bytes -= prost::Message::encoded_len(&req);
+                    self.start(req);
+                }
+            }
+            let reading = self.may_read();
+            if !reading && self.in_flight.is_empty() && self.queued.is_empty() {
+                return self.failed.take().map(Err);
+            }
+            tokio::select! {
+                biased;
+                Some(answer) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if self.in_flight.is_empty() {
+                        self.alone = false;
+                    }
+                    return Some(Ok(answer));
+                }
+                item = self.items.next(), if reading => self.take(item),
+            }
+        }
+    }
+
+    fn may_read(&self) -> bool {
+        !self.ended
+            && self.queued.len() + self.in_flight.len() < STREAM_IN_FLIGHT
+            && self.queued_bytes < STREAM_QUEUED_BYTES
+    }
+
+    /// Queues an item read from the transport, or notes the end (or the error that ended it).
+    fn take(&mut self, item: Option<Result<pb::PublishStreamRequest, Status>>) {
+        match item {
+            None => self.ended = true,
+            Some(Ok(req)) => {
+                self.queued_bytes += prost::Message::encoded_len(&req);
+                self.queued.push_back(req);
+            }
+            Some(Err(e)) => {
+                self.ended = true;
+                // A transport or decoding error ends the stream: framing can no longer be
+                // trusted. A message too large even to be read and skipped (over twice the
+                // limit) is the caller's excess, not a range error (tonic says OUT_OF_RANGE).
+                let index = self.next_index + self.queued.len() as u64;
+                self.failed = Some(if e.code() == Code::OutOfRange {
+                    Status::resource_exhausted(format!(
+                        "item {index}: {} (--grpc-max-message-bytes is {})",
+                        e.message(),
+                        self.service.limits.max_message_bytes
+                    ))
+                } else {
+                    e
+                });
+            }
+        }
+    }
+
+    /// Starts the next item. A panic while handling an item fails that item alone
+    /// (`INTERNAL`, logged): the answers before it were sent, and the items after it are served.
+    fn start(&mut self, req: pb::PublishStreamRequest) {
+        const WHAT: &str = "/ssegate.v1.Publisher/PublishStream item";
+        let index = self.next_index;
+        self.next_index += 1;
+        let refused = move |s: Status| item_refused(index, s.code(), s.message().to_owned());
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.service.start_item(index, req)));
+        let (answer, pipelined) = match started {
+            Ok(started) => started,
+            Err(panic) => {
+                let status = panic::caught(WHAT, &*panic);
+                (future::ready(refused(status)).boxed(), true)
+            }
+        };
+        self.alone = !pipelined;
+        self.in_flight.push_back(panic::catching(WHAT, answer).map(move |a| a.unwrap_or_else(refused)).boxed());
     }
 }
 
@@ -150,30 +332,18 @@ impl pb::publisher_server::Publisher for PublisherService {
         &self,
         req: Request<Streaming<pb::PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let this = self.clone();
-        let answers = req.into_inner().enumerate().then(move |(i, item)| {
-            let this = this.clone();
-            async move {
-                // A transport or decoding error ends the stream: framing can no longer be trusted.
-                // A message too large even to be read and skipped (over twice the limit) is
-                // the caller's excess, not a range error (tonic says OUT_OF_RANGE).
-                match item {
-                    // A panic while handling an item fails that item alone (`INTERNAL`, logged):
-                    // the answers before it were sent, and the items after it are served.
-                    Ok(r) => {
-                        let what = "/ssegate.v1.Publisher/PublishStream item";
-                        let answer = panic::catching(what, this.stream_item(i as u64, r)).await;
-                        Ok(answer.unwrap_or_else(|s| item_refused(i as u64, s.code(), s.message().to_owned())))
-                    }
-                    Err(e) if e.code() == Code::OutOfRange => Err(Status::resource_exhausted(format!(
-                        "item {i}: {} (--grpc-max-message-bytes is {})",
-                        e.message(),
-                        this.limits.max_message_bytes
-                    ))),
-                    Err(e) => Err(e),
-                }
-            }
-        });
+        let pipeline = StreamPipeline {
+            service: self.clone(),
+            items: req.into_inner(),
+            next_index: 0,
+            queued: std::collections::VecDeque::new(),
+            queued_bytes: 0,
+            in_flight: FuturesOrdered::new(),
+            alone: false,
+            ended: false,
+            failed: None,
+        };
+        let answers = futures_util::stream::unfold(pipeline, |mut p| async move { p.next().await.map(|a| (a, p)) });
         Ok(Response::new(Box::pin(answers)))
     }
 

@@ -343,3 +343,37 @@ fn dropping_the_store_writes_what_is_pending() {
     let (_store, recovered) = open(dir.path(), Options::default());
     assert_eq!(recovered.records, expected(1..=20));
 }
+
+/// Async appenders, each waiting for its ticket before the next append (as publishers do),
+/// on a runtime with fewer threads than appenders: every ticket completes.
+#[test]
+fn sequential_async_appenders_never_wait_forever() {
+    let dir = TempDir::new("async");
+    let (store, _) = open(dir.path(), Options::default());
+    let store = Arc::new(store);
+    let seq = Arc::new(Mutex::new(0u64));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (store, seq) = (store.clone(), seq.clone());
+                tokio::spawn(async move {
+                    for _ in 0..3000 {
+                        let ticket = {
+                            let mut s = seq.lock().unwrap();
+                            *s += 1;
+                            store.append(*s, 1, b"x").unwrap()
+                        };
+                        tokio::time::timeout(Duration::from_secs(5), ticket)
+                            .await
+                            .expect("a ticket completes")
+                            .expect("stored");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
