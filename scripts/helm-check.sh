@@ -317,6 +317,8 @@ must_fail() { # <message: extended regex, case-insensitive> [helm args...]
 }
 step "forbidden combinations fail with their message"
 must_fail "replicaCount=3 needs the NATS backplane" --set replicaCount=3
+must_fail "cors-allowed-origins: \"http://127.0.0.1:5173/\" is not an origin" \
+  --set-string 'config.cors-allowed-origins=http://127.0.0.1:5173/'
 must_fail "with autoscaling.enabled needs the NATS backplane" --set autoscaling.enabled=true
 # With persistence (the default) the message also says why one data dir means one pod.
 must_fail "data directory \\(--data-dir\\) is also for one process" --set replicaCount=3

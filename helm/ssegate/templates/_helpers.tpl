@@ -134,6 +134,13 @@ change. Included by the ConfigMap and the workload (Deployment or StatefulSet), 
 {{- fail (printf "\n\nssegate: config.%s is not a flag of `ssegate serve` (write flag names without `--`, e.g. max-connections).\n" $k) }}
 {{- end }}
 {{- end }}
+{{- with (get $v.config "cors-allowed-origins") }}
+{{- range $origin := splitList "," (toString .) }}
+{{- if not (or (eq (trim $origin) "*") (regexMatch "^https?://[^/]+$" (trim $origin))) }}
+{{- fail (printf "\n\nssegate: config.cors-allowed-origins: %q is not an origin: an origin is scheme://host[:port] with no path (remove a trailing '/'), or *; a browser sends it exactly so.\n" (trim $origin)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and $v.jwt.existingSecret (not (or $v.jwt.secretKey $v.jwt.publicKeyKey $v.jwt.jwksKey)) }}
 {{- fail "\n\nssegate: jwt.existingSecret is set but none of jwt.secretKey, jwt.publicKeyKey, jwt.jwksKey names a key in it.\n" }}
 {{- end }}
