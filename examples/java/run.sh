@@ -5,16 +5,17 @@
 #   apt-get install libgrpc-java libprotobuf-java protobuf-compiler \
 #     protobuf-compiler-grpc-java-plugin libnetty-java libperfmark-java   # + a JDK >= 17
 #
-# Usage: SSEGATE_API_KEY=... [SSEGATE_GRPC_URL=http://127.0.0.1:50051] [SSEGATE_USER=alice] \
+# Usage: [SSEGATE_API_KEY=...] [SSEGATE_GRPC_URL=http://127.0.0.1:50051] [SSEGATE_USER=alice] \
 #          examples/java/run.sh
+# (no SSEGATE_API_KEY: no authorization header, for a server run with --insecure-open-publish)
 #
-# Generated code and classes go to target/examples/java (never committed). With Maven or
-# Gradle, see README.md instead.
+# Generated code and classes go to a temporary directory (under $TMPDIR), removed when the
+# example ends: nothing is written into the source tree. With Maven or Gradle, see README.md
+# instead.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-out="$root/target/examples/java"
 
 die() { printf 'examples/java/run.sh: error: %s\n' "$*" >&2; exit 1; }
 
@@ -36,8 +37,12 @@ for tool in protoc javac java; do
 done
 [ -x /usr/bin/grpc_java_plugin ] || die "/usr/bin/grpc_java_plugin is missing (apt-get install protobuf-compiler-grpc-java-plugin)"
 
-# Rebuild from scratch each time: a few seconds, and never a stale class.
-rm -rf "$out/gen" "$out/classes"
+# Rebuild from scratch each time, in a directory of its own: a few seconds, never a stale
+# class, and nothing left behind.
+out="$(mktemp -d "${TMPDIR:-/tmp}/ssegate-java-example.XXXXXX")"
+trap 'rm -rf "$out"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir -p "$out/gen" "$out/classes"
 # -I is the root the proto's own path is relative to (ssegate/v1/publisher.proto).
 protoc -I "$root/proto" \
@@ -47,4 +52,5 @@ protoc -I "$root/proto" \
   ssegate/v1/publisher.proto
 mapfile -t sources < <(find "$out/gen" "$here/src/main/java" -name '*.java')
 javac -nowarn -encoding UTF-8 --release 17 -cp "$classpath" -d "$out/classes" "${sources[@]}"
-exec java -cp "$out/classes:$classpath" io.ssegate.example.PublishExample
+# Not exec: the EXIT trap removes the classes once java is done, and passes on its status.
+java -cp "$out/classes:$classpath" io.ssegate.example.PublishExample

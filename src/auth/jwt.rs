@@ -52,11 +52,42 @@ pub struct JwtVerifier {
 pub struct Claims {
     /// Optional here only so that its absence is reported as such, not as a malformed token.
     pub sub: Option<String>,
+    /// A NumericDate (RFC 7519 §2) may have a fraction (`Date.now() / 1000` in JavaScript);
+    /// it is dropped, so that a stream closed at `exp` never outlives its token.
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: u64,
     #[serde(default)]
     pub groups: Vec<String>,
     #[serde(default)]
     pub topics: Vec<String>,
+}
+
+/// A NumericDate as whole seconds since the epoch, rounded down: an integer, or a number with
+/// a fraction. Negative, non-finite or out-of-range values are refused (a malformed token).
+/// (jsonwebtoken's own `exp` and `nbf` checks accept fractions too; `iat` ssegate does not read.)
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Seconds;
+    impl serde::de::Visitor<'_> for Seconds {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a NumericDate (seconds since the epoch)")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom("a negative NumericDate"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u64, E> {
+            // Up to 2^64, the first value that does not fit (NaN and infinities are outside).
+            if (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                Ok(v.floor() as u64)
+            } else {
+                Err(E::custom("a NumericDate out of range"))
+            }
+        }
+    }
+    d.deserialize_any(Seconds)
 }
 
 /// Why a token was refused; the text is the one-line reason the client sees.
@@ -346,6 +377,25 @@ mod tests {
         assert!(matches!(v.verify(&token(hs256(), no_iss)), Err(TokenError::MissingClaim(c)) if c == "iss"));
         let no_aud = serde_json::json!({"sub": "a", "exp": exp, "iss": "https://app"});
         assert!(matches!(v.verify(&token(hs256(), no_aud)), Err(TokenError::MissingClaim(c)) if c == "aud"));
+    }
+
+    #[test]
+    fn numeric_dates_with_a_fraction_are_accepted_and_rounded_down() {
+        let v = verifier();
+        let secs = now_secs();
+        let now = secs as f64;
+        // What a JavaScript issuer writes: `Date.now() / 1000`, with milliseconds.
+        let js = serde_json::json!({"sub": "a", "exp": now + 600.25, "nbf": now - 1.5, "iat": now - 1.5});
+        assert_eq!(v.verify(&token(hs256(), js)).map(|c| c.exp), Ok(secs + 600), "exp rounded down");
+        // Rounded down, never up: a token expiring within the second is already expired.
+        let ending = serde_json::json!({"sub": "a", "exp": now + 0.75});
+        assert!(matches!(v.verify(&token(hs256(), ending)), Err(TokenError::Expired)));
+        let premature = serde_json::json!({"sub": "a", "exp": now + 600.5, "nbf": now + 300.5});
+        assert!(matches!(v.verify(&token(hs256(), premature)), Err(TokenError::NotYetValid)));
+        for bad in [serde_json::json!(-1.5), serde_json::json!(1e300), serde_json::json!("1700000000")] {
+            let claims = serde_json::json!({"sub": "a", "exp": bad});
+            assert!(matches!(v.verify(&token(hs256(), claims)), Err(TokenError::Malformed)), "{bad}");
+        }
     }
 
     proptest::proptest! {

@@ -49,6 +49,10 @@ pub struct Identity {
 pub enum AuthError {
     #[error("a token is required: send `Authorization: Bearer <jwt>`, the `{cookie}` cookie, or `?token=`")]
     MissingToken { cookie: String },
+    /// An `Authorization` header that is not `Bearer <jwt>` (a bare token, another scheme), and
+    /// no token elsewhere: said so, rather than that no token was sent.
+    #[error("the Authorization header is malformed: expected `Authorization: Bearer <jwt>`")]
+    MalformedAuthorization,
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(
@@ -60,17 +64,30 @@ pub enum AuthError {
     BadClaim { claim: &'static str, reason: InvalidText },
     #[error("query parameter `user` is required")]
     MissingUser,
+    /// `user` (in these three) is the token's, verified: for the log, never the answer.
     #[error("the token is for another user")]
-    WrongUser,
-    #[error("group `{0}` is not in the token's `groups` claim")]
-    GroupNotAllowed(String),
-    #[error("topic `{0}` is not allowed by the token's `topics` claim")]
-    TopicNotAllowed(String),
+    WrongUser { user: UserId },
+    #[error("group `{group}` is not in the token's `groups` claim")]
+    GroupNotAllowed { group: String, user: UserId },
+    #[error("topic `{topic}` is not allowed by the token's `topics` claim")]
+    TopicNotAllowed { topic: String, user: UserId },
     #[error(
         "subscriptions are disabled: configure --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file \
          (or --insecure-dev-identity for development)"
     )]
     Disabled,
+}
+
+impl AuthError {
+    /// The verified user a refusal is for, when the token was good (a 403).
+    pub fn user(&self) -> Option<&UserId> {
+        match self {
+            AuthError::WrongUser { user }
+            | AuthError::GroupNotAllowed { user, .. }
+            | AuthError::TopicNotAllowed { user, .. } => Some(user),
+            _ => None,
+        }
+    }
 }
 
 impl SubscriberAuth {
@@ -84,11 +101,19 @@ impl SubscriberAuth {
                 expires_in: None,
             }),
             SubscriberAuth::Jwt { verifier, cookie } => {
-                let token = match bearer(headers) {
-                    Some(token) => Some(token),
-                    None => cookie_value(headers, cookie)?.or(req.token.as_deref()),
+                let header = authorization(headers);
+                let token = match header {
+                    Authorization::Bearer(token) => Some(token),
+                    // Another scheme may be meant for something else (a proxy's Basic auth):
+                    // the cookie and the query still count.
+                    Authorization::Absent | Authorization::Other => {
+                        cookie_value(headers, cookie)?.or(req.token.as_deref())
+                    }
                 };
-                let token = token.ok_or_else(|| AuthError::MissingToken { cookie: cookie.clone() })?;
+                let token = token.ok_or_else(|| match header {
+                    Authorization::Other => AuthError::MalformedAuthorization,
+                    _ => AuthError::MissingToken { cookie: cookie.clone() },
+                })?;
                 let claims = verifier.verify(token)?;
                 authorize(claims, req)
             }
@@ -101,7 +126,7 @@ fn authorize(claims: jwt::Claims, req: Requested) -> Result<Identity, AuthError>
     let sub = claims.sub.ok_or_else(|| TokenError::MissingClaim("sub".into()))?;
     let user = UserId::parse(&sub).map_err(|reason| AuthError::BadClaim { claim: "sub", reason })?;
     if req.user.as_ref().is_some_and(|u| *u != user) {
-        return Err(AuthError::WrongUser);
+        return Err(AuthError::WrongUser { user });
     }
     let granted: Vec<GroupId> = claims
         .groups
@@ -114,12 +139,12 @@ fn authorize(claims: jwt::Claims, req: Requested) -> Result<Identity, AuthError>
         granted
     } else {
         if let Some(g) = req.groups.iter().find(|g| !granted.contains(g)) {
-            return Err(AuthError::GroupNotAllowed(g.as_str().to_owned()));
+            return Err(AuthError::GroupNotAllowed { group: g.as_str().to_owned(), user });
         }
         req.groups
     };
     if let Some(t) = req.topics.iter().find(|t| !claims.topics.iter().any(|p| pattern::matches(p, t.as_str()))) {
-        return Err(AuthError::TopicNotAllowed(t.as_str().to_owned()));
+        return Err(AuthError::TopicNotAllowed { topic: t.as_str().to_owned(), user });
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     Ok(Identity {
@@ -130,10 +155,22 @@ fn authorize(claims: jwt::Claims, req: Requested) -> Result<Identity, AuthError>
     })
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+/// What the `Authorization` header holds.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Authorization<'a> {
+    Absent,
+    /// `Bearer <token>` (the scheme in any case).
+    Bearer(&'a str),
+    /// Anything else: a bare token, another scheme, bytes that are not text.
+    Other,
+}
+
+fn authorization(headers: &HeaderMap) -> Authorization<'_> {
+    let Some(v) = headers.get(http::header::AUTHORIZATION) else { return Authorization::Absent };
+    match v.to_str().ok().and_then(|v| v.split_once(' ')) {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Authorization::Bearer(token.trim()),
+        _ => Authorization::Other,
+    }
 }
 
 /// The token cookie's value, if sent; refused if sent more than once. A browser sends every
@@ -167,11 +204,13 @@ mod tests {
         h.insert("cookie", "a=1; ssegate_token=abc; b=2".parse().unwrap());
         assert_eq!(cookie_value(&h, "ssegate_token").unwrap(), Some("abc"));
         assert_eq!(cookie_value(&h, "other").unwrap(), None);
-        assert_eq!(bearer(&h), None);
+        assert_eq!(authorization(&h), Authorization::Absent);
         h.insert("authorization", "Bearer xyz".parse().unwrap());
-        assert_eq!(bearer(&h), Some("xyz"));
+        assert_eq!(authorization(&h), Authorization::Bearer("xyz"));
         h.insert("authorization", "Basic xyz".parse().unwrap());
-        assert_eq!(bearer(&h), None);
+        assert_eq!(authorization(&h), Authorization::Other);
+        h.insert("authorization", "eyJhbGciOiJIUzI1NiJ9.e30.sig".parse().unwrap());
+        assert_eq!(authorization(&h), Authorization::Other, "a bare token");
     }
 
     #[test]

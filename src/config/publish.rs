@@ -9,15 +9,18 @@ use super::duration;
 #[derive(Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["user", "group", "topic", "broadcast"])))]
 pub struct PublishArgs {
-    /// gRPC endpoint of the server.
-    #[arg(long, env = "SSEGATE_GRPC_URL", default_value = "http://127.0.0.1:50051")]
+    /// The server's gRPC port (its `--grpc-addr`; not the SSE port): `http://host:port`,
+    /// `https://host:port` (TLS), or a bare `host:port`, taken as `https://` if a TLS option
+    /// below is given and `http://` otherwise.
+    #[arg(long, visible_alias = "grpc-addr", env = "SSEGATE_GRPC_URL", default_value = "http://127.0.0.1:50051")]
     pub grpc_url: String,
 
     /// Publisher API key, sent as `authorization: Bearer <key>`.
     #[arg(long, env = "SSEGATE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// With an `https://` URL: the CA (PEM) that signed the server's certificate.
+    /// With an `https://` URL: the CA (PEM) that signed the server's certificate (a bare
+    /// address then means `https://`).
     #[arg(long, env = "SSEGATE_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
 
@@ -45,7 +48,9 @@ pub struct PublishArgs {
     #[arg(long)]
     pub broadcast: bool,
 
-    /// Idempotency key: retries with the same key are delivered once (NATS backplane).
+    /// Idempotency key: publishes with the same key within the server's duplicate window are
+    /// delivered once, each answered with the first one's id. Every backplane: memory (2
+    /// minutes; kept across restarts with --data-dir) and NATS (--nats-duplicate-window).
     #[arg(long)]
     pub idempotency_key: Option<String>,
 

@@ -136,10 +136,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_MAX_RETAINED_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_retained_bytes: u64,
 
-    /// Most SSE connections at once; more get HTTP 503 with Retry-After.
-    #[arg(long, env = "SSEGATE_MAX_CONNECTIONS", default_value_t = 50_000,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections: u32,
+    /// Most SSE connections at once; more get HTTP 503 with Retry-After. Unset: 50000, or the
+    /// HTTP port's socket budget if lower (the open-files limit, `ulimit -n`, minus a reserve
+    /// of a tenth, 128 to 4096: logged at start), so the default always fits; a value above
+    /// that budget is warned about at start.
+    #[arg(long, env = "SSEGATE_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
 
     /// Most SSE connections of one user at once; more get HTTP 429 with Retry-After.
     #[arg(long, env = "SSEGATE_MAX_CONNECTIONS_PER_USER", default_value_t = 32,

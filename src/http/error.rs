@@ -4,7 +4,7 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
-use crate::{auth::AuthError, domain::InvalidText, router::RouterError};
+use crate::{auth::AuthError, domain::InvalidText, router::RouterError, telemetry::metrics::Rejection};
 
 /// `X-Content-Type-Options: nosniff`, on every error answer of the HTTP and admin ports.
 fn nosniff() -> HeaderValue {
@@ -45,32 +45,51 @@ pub enum HttpError {
 }
 
 impl HttpError {
-    fn status(&self) -> StatusCode {
-        match self {
+    pub(super) fn status(&self) -> StatusCode {
+        match self.rejection() {
+            None if matches!(self, HttpError::MethodNotAllowed) => StatusCode::METHOD_NOT_ALLOWED,
+            None => StatusCode::NOT_FOUND,
+            Some(Rejection::BadRequest) => StatusCode::BAD_REQUEST,
+            Some(Rejection::Unauthenticated) => StatusCode::UNAUTHORIZED,
+            Some(Rejection::Forbidden) => StatusCode::FORBIDDEN,
+            Some(Rejection::MaxConnectionsPerUser | Rejection::MaxConnectionsPerIp) => StatusCode::TOO_MANY_REQUESTS,
+            Some(
+                Rejection::ShuttingDown
+                | Rejection::MaxConnections
+                | Rejection::Disabled
+                | Rejection::DescriptorBudget
+                | Rejection::PendingConnections,
+            ) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// How a refused subscription is counted (`ssegate_connections_rejected_total{reason}`);
+    /// `None` for answers that refuse no subscription (404, 405).
+    pub(super) fn rejection(&self) -> Option<Rejection> {
+        Some(match self {
+            HttpError::NotFound | HttpError::MethodNotAllowed => return None,
             HttpError::InvalidParam { .. }
             | HttpError::Repeated(_)
             | HttpError::UnknownParam(_)
             | HttpError::NotUtf8(_)
             | HttpError::MissingHost
-            | HttpError::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
-            HttpError::NotFound => StatusCode::NOT_FOUND,
-            HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            HttpError::Router(RouterError::ShuttingDown | RouterError::TooManyConnections { .. }) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            HttpError::Router(RouterError::TooManyForUser { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            HttpError::Auth(AuthError::MissingUser) => StatusCode::BAD_REQUEST,
+            | HttpError::TooManySubscriptions { .. }
+            | HttpError::Auth(AuthError::MissingUser) => Rejection::BadRequest,
+            HttpError::Router(RouterError::ShuttingDown) => Rejection::ShuttingDown,
+            HttpError::Router(RouterError::TooManyConnections { .. }) => Rejection::MaxConnections,
+            HttpError::Router(RouterError::TooManyForUser { .. }) => Rejection::MaxConnectionsPerUser,
             HttpError::Auth(
                 AuthError::MissingToken { .. }
+                | AuthError::MalformedAuthorization
                 | AuthError::AmbiguousCookie { .. }
                 | AuthError::Token(_)
                 | AuthError::BadClaim { .. },
-            ) => StatusCode::UNAUTHORIZED,
-            HttpError::Auth(AuthError::WrongUser | AuthError::GroupNotAllowed(_) | AuthError::TopicNotAllowed(_)) => {
-                StatusCode::FORBIDDEN
-            }
-            HttpError::Auth(AuthError::Disabled) => StatusCode::SERVICE_UNAVAILABLE,
-        }
+            ) => Rejection::Unauthenticated,
+            HttpError::Auth(
+                AuthError::WrongUser { .. } | AuthError::GroupNotAllowed { .. } | AuthError::TopicNotAllowed { .. },
+            ) => Rejection::Forbidden,
+            HttpError::Auth(AuthError::Disabled) => Rejection::Disabled,
+        })
     }
 }
 

@@ -17,10 +17,9 @@ use super::{
     stream::{FastPath, Handoff, StreamStart},
 };
 use crate::{
-    auth::{AuthError, Requested},
+    auth::Requested,
     domain::{EventId, GroupId, InvalidText, Topic, UserId},
-    router::{CloseReason, RouterError, Subscription},
-    telemetry::metrics::Rejection,
+    router::{CloseReason, Start, Subscription},
 };
 
 /// What `GET /v1/events` asks for.
@@ -111,7 +110,8 @@ fn resume_id(headers: &HeaderMap, query: Option<&str>) -> Option<EventId> {
 /// Admission of a stream, the same for every transport: query, authentication, limits, then
 /// registration with the router. On the HTTP/1.1 fast path (`FastPath` in the request) the
 /// stream is handed back to the listener in the response's extensions; otherwise (HTTP/2, or
-/// requests hyper serves) the response body is an `SseBody`.
+/// requests hyper serves) the response body is an `SseBody`. Every refusal is counted and
+/// logged in one place (`refuse`).
 pub async fn subscribe(
     State(state): State<AppState>,
     conn: Option<Extension<ConnContext>>,
@@ -120,55 +120,107 @@ pub async fn subscribe(
     uri: http::Uri,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
+    let peer = conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
+    admit(&state, conn, fast.is_some(), &headers, &uri, query.as_deref(), &peer)
+        .map_err(|refused| refuse(&state, &peer, refused))
+}
+
+/// A refused subscription: the answer, and whom it was for as far as known.
+struct Refused {
+    error: HttpError,
+    /// The verified user: from a good token, or the development identity.
+    user: Option<UserId>,
+    /// `?user=` as asked, not verified (a 401, or a token for someone else).
+    requested_user: Option<UserId>,
+}
+
+impl From<HttpError> for Refused {
+    fn from(error: HttpError) -> Self {
+        Refused { error, user: None, requested_user: None }
+    }
+}
+
+/// Counts a refusal and logs it, one line with structured fields: `status`, `user` (verified,
+/// when known), `requested_user` (the query's, when it is not that), `peer` and the `reason`
+/// the client is told. A bad request (400) is the client's mistake: `INFO`. The others (401,
+/// 403: a forged, stale or misused credential; 429, 503: limits or a drain) are `WARN`.
+fn refuse(state: &AppState, peer: &str, refused: Refused) -> HttpError {
+    let Refused { error, user, requested_user } = refused;
+    if let Some(rejection) = error.rejection() {
+        state.metrics.rejected(rejection);
+    }
+    let status = error.status();
+    let user = user.as_ref().or(match &error {
+        HttpError::Auth(e) => e.user(),
+        _ => None,
+    });
+    let requested_user = requested_user.as_ref().filter(|r| Some(*r) != user);
+    macro_rules! refusal {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                status = status.as_u16(),
+                user = user.map(tracing::field::display),
+                requested_user = requested_user.map(tracing::field::display),
+                %peer,
+                reason = %error,
+                "sse connection refused"
+            )
+        };
+    }
+    if status == http::StatusCode::BAD_REQUEST {
+        refusal!(tracing::Level::INFO);
+    } else {
+        refusal!(tracing::Level::WARN);
+    }
+    error
+}
+
+fn admit(
+    state: &AppState,
+    conn: Option<Extension<ConnContext>>,
+    fast: bool,
+    headers: &HeaderMap,
+    uri: &http::Uri,
+    query: Option<&str>,
+    peer: &str,
+) -> Result<Response, Refused> {
     // HTTP/1.1 requires Host (RFC 9112 §3.2); h2 carries the authority in the URI instead.
     if !headers.contains_key(header::HOST) && uri.authority().is_none() {
-        state.metrics.rejected(Rejection::BadRequest);
-        return Err(HttpError::MissingHost);
+        return Err(HttpError::MissingHost.into());
     }
-    let q = parse_query(query.as_deref().unwrap_or(""), state.settings.max_subscriptions).inspect_err(|_| {
-        state.metrics.rejected(Rejection::BadRequest);
-    })?;
-    let peer = conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
-    let id = state.auth.identify(&headers, q.requested).map_err(|e| {
-        state.metrics.rejected(match e {
-            AuthError::MissingToken { .. }
-            | AuthError::AmbiguousCookie { .. }
-            | AuthError::Token(_)
-            | AuthError::BadClaim { .. } => Rejection::Unauthenticated,
-            AuthError::WrongUser | AuthError::GroupNotAllowed(_) | AuthError::TopicNotAllowed(_) => {
-                Rejection::Forbidden
-            }
-            AuthError::MissingUser => Rejection::BadRequest,
-            AuthError::Disabled => Rejection::Disabled,
-        });
-        tracing::info!(%peer, error = %e, "sse connection refused");
-        HttpError::Auth(e)
+    let q = parse_query(query.unwrap_or(""), state.settings.max_subscriptions)?;
+    let requested_user = q.requested.user.clone();
+    let id = state.auth.identify(headers, q.requested).map_err(|e| Refused {
+        error: HttpError::Auth(e),
+        user: None,
+        requested_user,
     })?;
     if id.groups.len() + id.topics.len() > state.settings.max_subscriptions {
-        state.metrics.rejected(Rejection::BadRequest);
         let count = id.groups.len() + id.topics.len();
-        return Err(HttpError::TooManySubscriptions { count, max: state.settings.max_subscriptions });
+        let error = HttpError::TooManySubscriptions { count, max: state.settings.max_subscriptions };
+        return Err(Refused { error, user: Some(id.user), requested_user: None });
     }
-    let resume = resume_id(&headers, q.last_event_id.as_deref());
+    let resume = resume_id(headers, q.last_event_id.as_deref());
     let abort = conn.and_then(|c| c.abort.clone());
     let (user, groups, topics) = (id.user.clone(), id.groups.len(), id.topics.len());
     let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
-    let reg = state.router.subscribe(subscription);
-    let reg = match reg {
-        Ok(reg) => reg,
-        Err(e) => {
-            state.metrics.rejected(match e {
-                RouterError::ShuttingDown => Rejection::ShuttingDown,
-                RouterError::TooManyConnections { .. } => Rejection::MaxConnections,
-                RouterError::TooManyForUser { .. } => Rejection::MaxConnectionsPerUser,
-            });
-            tracing::warn!(user = %user, %peer, error = %e, "sse connection refused");
-            return Err(e.into());
-        }
+    let reg = state.router.subscribe(subscription).map_err(|e| Refused {
+        error: e.into(),
+        user: Some(user.clone()),
+        requested_user: None,
+    })?;
+    // Plain values, never Debug text of Rust enums: `resume` is the id asked for (absent on a
+    // fresh start); `start` is `fresh`, `resumed` (with `replayed`, the missed events re-sent)
+    // or `missed` (with `missed`, why: `expired`, `unknown` or `other_epoch`).
+    let (start, replayed, missed) = match reg.start() {
+        Start::Fresh => ("fresh", None, None),
+        Start::Resumed { replayed } => ("resumed", Some(replayed), None),
+        Start::Missed(why) => ("missed", None, Some(why.as_str())),
     };
     tracing::info!(
         conn = reg.id(), user = %user, groups, topics, %peer,
-        resume = ?resume.map(|id| id.to_string()), start = ?reg.start(),
+        resume = resume.map(tracing::field::display), start, replayed, missed,
         "sse connection opened"
     );
     // The stream ends at its lifetime or when its token expires, whichever comes first.
@@ -176,7 +228,7 @@ pub async fn subscribe(
     let expiry = id.expires_in.map(|d| (d, CloseReason::TokenExpired));
     let close_after = [lifetime, expiry].into_iter().flatten().min_by_key(|(d, _)| *d);
     let start = StreamStart { reg, retry: state.retry_field.clone(), close_after, user };
-    let mut resp = if fast.is_some() {
+    let mut resp = if fast {
         let mut resp = Response::new(Body::empty());
         resp.extensions_mut().insert(Handoff::new(start));
         resp

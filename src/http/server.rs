@@ -111,7 +111,9 @@ pub async fn serve(
         let limits = &shared.limits;
         let Some(slot) = per_ip.acquire(peer.ip(), limits.max_connections_per_ip) else {
             shared.metrics.rejected(Rejection::MaxConnectionsPerIp);
-            tracing::warn!(%peer, limit = limits.max_connections_per_ip, "connection refused: too many from this address");
+            let limit = limits.max_connections_per_ip;
+            let reason = "too many connections from this address (--max-connections-per-ip)";
+            tracing::warn!(status = 429, %peer, limit, reason, "connection refused: too many from this address");
             tracker.spawn(refuse(stream));
             return;
         };
@@ -194,6 +196,9 @@ where
         Head::Closed => {}
         Head::TooLarge => {
             shared.metrics.rejected(Rejection::BadRequest);
+            // A bad request, like a 400: the client's mistake, at INFO.
+            let max_header_bytes = limits.max_header_bytes;
+            tracing::info!(status = 431, %peer, max_header_bytes, reason = "request head too large", "request refused");
             let _ = answer(&mut io, HEAD_TOO_LARGE).await;
         }
         Head::Other(read) => {

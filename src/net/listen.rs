@@ -78,6 +78,17 @@ pub enum Refusal {
     EvictedOldestOpen,
 }
 
+impl Refusal {
+    /// As logged (snake_case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::DescriptorBudget => "descriptor_budget",
+            Refusal::EvictedOldestPending => "evicted_oldest_pending",
+            Refusal::EvictedOldestOpen => "evicted_oldest_open",
+        }
+    }
+}
+
 /// What a port holds, and what it does when full.
 #[derive(Clone, Copy, Debug)]
 pub struct Policy {
@@ -393,7 +404,7 @@ pub async fn accept_loop(
             tracing::warn!(
                 port = gate.port,
                 %peer,
-                reason = ?outcome,
+                reason = outcome.as_str(),
                 closed = unlogged,
                 open = gate.open(),
                 max_open = gate.policy.max_open,

@@ -115,6 +115,11 @@ fn store_up(
     Some(rx)
 }
 
+/// A duration in whole milliseconds, for logs (a plain number, not `Debug` text).
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 async fn bind(addr: SocketAddr, port: &'static str) -> Result<TcpListener, StartupError> {
     crate::net::bind(addr).map_err(|source| StartupError::Bind { addr, port, source })
 }
@@ -227,15 +232,23 @@ impl Application {
         let (health, health_service) = grpc::Health::new();
         let timeouts = settings.timeouts;
         let budget = Budget::for_process();
-        if budget.http < settings.router.max_connections {
+        let max_connections = settings.router.max_connections;
+        // Only a given value can exceed the budget: the default is derived from it.
+        if settings.max_connections_given && budget.http < max_connections {
             tracing::warn!(
-                max_connections = settings.router.max_connections,
+                max_connections,
                 http_sockets = budget.http,
                 "--max-connections is more than the descriptor limit allows on the HTTP port; raise \
                  the open-files limit (ulimit -n) or lower --max-connections"
             );
         }
-        tracing::info!(http = budget.http, grpc = budget.grpc, admin = budget.admin, "sockets each port may hold");
+        tracing::info!(
+            http = budget.http,
+            grpc = budget.grpc,
+            admin = budget.admin,
+            max_connections,
+            "sockets each port may hold"
+        );
         // A pending socket may be evicted for a newcomer once silent this long (never later
         // than its first-request deadline would close it anyway).
         let evict_after = net::EVICT_AFTER.min(timeouts.first_request);
@@ -307,15 +320,20 @@ impl Application {
         let drain = settings.shutdown;
         if !drain.delay.is_zero() {
             // Keep serving while load balancers notice we are not ready.
-            tracing::info!(delay = ?drain.delay, "shutting down: not ready, still serving");
+            tracing::info!(delay_ms = millis(drain.delay), "shutting down: not ready, still serving");
             tokio::time::sleep(drain.delay).await;
         }
-        tracing::info!(grace = ?drain.grace, "shutting down: draining connections");
-        let retry_ms = u64::try_from(drain.retry.as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(grace_ms = millis(drain.grace), "shutting down: draining connections");
+        let retry_ms = millis(drain.retry);
         let closed = router.close_all(CloseReason::Shutdown, move || {
             // Spread reconnections over [retry, 2*retry + 1s) so thousands of clients do not come
-            // back in the same millisecond.
-            Some(event_stream::retry(retry_ms + fastrand::u64(0..=retry_ms + 1000)))
+            // back in the same millisecond. The blank line ends the block: a parser that reports
+            // `retry` only with a dispatched event (httpx-sse) would otherwise never see it, the
+            // stream ending right after.
+            let delay = retry_ms.saturating_add(fastrand::u64(0..=retry_ms.saturating_add(1000)));
+            let mut last = event_stream::retry(delay).to_vec();
+            last.push(b'\n');
+            Some(last.into())
         });
         stop.cancel();
         tracker.close();

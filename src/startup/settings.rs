@@ -10,7 +10,7 @@ use crate::{
     config::{BackplaneKind, ServeArgs},
     grpc,
     http::{HttpSettings, server::ServerLimits},
-    net::Timeouts,
+    net::{Budget, Timeouts},
     router::{ReplayConfig, RetainedConfig, RouterConfig},
     store::SyncPolicy,
 };
@@ -28,6 +28,17 @@ const NATS_CATCH_UP: Duration = Duration::from_secs(60);
 /// Most concurrent streams on one HTTP/2 connection when `--max-connections-per-ip` is 0: the
 /// RFC 9113 recommended minimum, far more than a browser opens for event streams.
 const DEFAULT_H2_STREAMS: u32 = 100;
+
+/// The most SSE connections by default (`--max-connections` unset), if the descriptor limit
+/// allows as many.
+const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+
+/// `--max-connections` when it is not given: `DEFAULT_MAX_CONNECTIONS`, or the HTTP port's
+/// socket budget (out of the open-files limit) if that is lower, so that a default start never
+/// admits more event streams than the port can hold sockets.
+fn default_max_connections(budget: Budget) -> usize {
+    budget.http.clamp(1, DEFAULT_MAX_CONNECTIONS)
+}
 
 /// Flags that cannot be used together.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +129,9 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// Most not-yet-admitted sockets on the HTTP port.
     pub max_pending_connections: usize,
+    /// Whether `--max-connections` was given (`router.max_connections` is derived from the
+    /// open-files limit otherwise, and cannot exceed it).
+    pub max_connections_given: bool,
     pub heartbeat_interval: Duration,
     pub subscriber: SubscriberSettings,
     pub publisher: PublisherSettings,
@@ -193,7 +207,7 @@ impl Settings {
                     max_age: a.replay_max_age,
                 },
                 retained: RetainedConfig { max_values: size(a.max_retained), max_bytes: size(a.max_retained_bytes) },
-                max_connections: size(a.max_connections),
+                max_connections: a.max_connections.map_or_else(|| default_max_connections(Budget::for_process()), size),
                 max_connections_per_user: size(a.max_connections_per_user),
             },
             http: HttpSettings {
@@ -220,6 +234,7 @@ impl Settings {
             },
             timeouts,
             max_pending_connections: size(a.max_pending_connections),
+            max_connections_given: a.max_connections.is_some(),
             heartbeat_interval: a.heartbeat_interval,
             subscriber: SubscriberSettings {
                 jwt,
@@ -270,6 +285,19 @@ mod tests {
         );
         assert!(s.tls.is_none());
         assert_eq!(settings(&[]).unwrap().server.max_streams_per_connection, DEFAULT_H2_STREAMS);
+    }
+
+    #[test]
+    fn max_connections_defaults_to_what_the_descriptor_limit_allows_and_a_given_value_is_kept() {
+        assert_eq!(default_max_connections(Budget::from_limit(4096)), 3687);
+        assert_eq!(default_max_connections(Budget::from_limit(1 << 20)), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(default_max_connections(Budget::from_limit(64)), 1, "never 0: one stream may still fit");
+        let default = settings(&[]).unwrap();
+        assert!(!default.max_connections_given);
+        assert_eq!(default.router.max_connections, default_max_connections(Budget::for_process()));
+        let given = settings(&["--max-connections", "100000"]).unwrap();
+        assert!(given.max_connections_given);
+        assert_eq!(given.router.max_connections, 100_000, "kept as given, even above the budget");
     }
 
     #[test]

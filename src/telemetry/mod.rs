@@ -1,8 +1,10 @@
 //! Logs, traces and metrics. Logs: `tracing` to stderr through a non-blocking writer (a
 //! dedicated thread does the writes, so no task ever blocks on a slow stderr; under a flood
 //! lines are dropped rather than waited for), filtered by `RUST_LOG` (default `info`), pretty
-//! or JSON. Traces: the same spans exported over OTLP/gRPC when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (off otherwise), with W3C trace context propagation.
+//! (coloured only when stderr is a terminal and `NO_COLOR` is unset) or JSON (fields carry
+//! plain values: numbers, strings written with `Display`, never Rust's `Debug` text). Traces:
+//! the same spans exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (off
+//! otherwise), with W3C trace context propagation.
 //! Metrics: see `metrics`.
 
 mod collector;
@@ -10,6 +12,8 @@ pub mod grpc_layer;
 pub mod histogram;
 pub mod metrics;
 mod process;
+
+use std::io::IsTerminal;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
@@ -44,7 +48,7 @@ pub fn init(format: LogFormat) -> TelemetryGuard {
     let (writer, logs) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(8192)
         .finish(std::io::stderr());
-    let fmt_layer = fmt::layer().with_writer(writer);
+    let fmt_layer = fmt::layer().with_writer(writer).with_ansi(colour());
     let fmt_layer = match format {
         LogFormat::Pretty => fmt_layer.boxed(),
         LogFormat::Json => fmt_layer.json().flatten_event(true).boxed(),
@@ -62,20 +66,32 @@ pub fn init(format: LogFormat) -> TelemetryGuard {
         tracing::error!(error = %e, "OTLP trace export is off: its exporter could not be built");
     }
     if installed.is_ok() && provider.is_some() {
-        tracing::info!(endpoint = ?std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(), "exporting traces over OTLP");
+        tracing::info!(endpoint = otlp_endpoint().unwrap_or_default(), "exporting traces over OTLP");
     }
     // If a subscriber was installed already, ours is unused: its writer thread can stop.
     TelemetryGuard { provider, _logs: installed.is_ok().then_some(logs) }
+}
+
+/// Whether the pretty format may colour its output: only on a terminal (a file or a pipe
+/// would get the escape codes as text), and not when `NO_COLOR` is set (no-color.org).
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The OTLP endpoint traces go to, if one is set: the traces-specific variable first (it wins
+/// in the exporter too), then the general one.
+fn otlp_endpoint() -> Option<String> {
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .find_map(|v| std::env::var_os(v).filter(|s| !s.is_empty()))
+        .map(|s| s.to_string_lossy().into_owned())
 }
 
 /// A tracer provider exporting over OTLP/gRPC, if `OTEL_EXPORTER_OTLP_ENDPOINT` (or the
 /// traces-specific variable) is set. The exporter reads the standard OTEL_* variables itself;
 /// the service name defaults to `ssegate` unless `OTEL_SERVICE_NAME` says otherwise.
 fn otel_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
-    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
-    if !configured {
+    if otlp_endpoint().is_none() {
         return Ok(None);
     }
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;

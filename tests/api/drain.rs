@@ -4,7 +4,11 @@
 use std::time::Duration;
 
 use ssegate::{event_stream::parse::Item, grpc::pb::publisher_client::PublisherClient};
-use tokio::{io::AsyncWriteExt, net::TcpSocket, time::timeout_at};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+    time::timeout_at,
+};
 
 use crate::helpers::{SseClient, deadline, ev, spawn_process};
 
@@ -67,4 +71,54 @@ async fn sigterm_ends_streams_with_a_retry_and_exits_within_the_grace_period_des
         "the stuck stream held the drain until the grace period ran out: {rest:#?}"
     );
     drop(stuck);
+}
+
+/// The body of an HTTP/1.1 response `raw` (head and body), de-chunked if chunked.
+fn body_of(raw: &[u8]) -> Vec<u8> {
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a whole head") + 4;
+    let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
+    let mut rest = &raw[at..];
+    if !head.contains("transfer-encoding: chunked") {
+        return rest.to_vec();
+    }
+    let mut body = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+        rest = &rest[eol + 2 + size + 2..];
+    }
+    body
+}
+
+#[tokio::test]
+async fn the_drains_retry_field_ends_its_block_so_parsers_that_report_it_on_dispatch_see_it() {
+    let mut server = spawn_process(&["--retry", "1s"], &[]).await;
+    let http = server.http;
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    let req = format!("GET /v1/events?user=r HTTP/1.1\r\nHost: {http}\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    // Registered once the opening position event has arrived.
+    let mut raw = Vec::new();
+    while !String::from_utf8_lossy(&raw).contains("event: ssegate.position") {
+        let mut buf = [0u8; 4096];
+        let n = timeout_at(deadline(), stream.read(&mut buf)).await.expect("the stream opens in time").unwrap();
+        assert!(n > 0, "the stream ended before its position: {:?}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let pid = server.child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    timeout_at(deadline(), stream.read_to_end(&mut raw)).await.expect("the stream ends in time").unwrap();
+    let body = String::from_utf8(body_of(&raw)).unwrap();
+    // A complete block: `retry: N`, then the blank line that dispatches it (httpx-sse, for one,
+    // reports `retry` only on a dispatched event, and the stream ends right after).
+    let last = body.strip_suffix("\n\n").and_then(|b| b.rsplit('\n').next()).unwrap_or_default();
+    let ms: u64 = last.strip_prefix("retry: ").and_then(|n| n.parse().ok()).unwrap_or_else(|| {
+        panic!("the stream must end with `retry: N` and a blank line: {body:?}");
+    });
+    assert!((1000..=3000).contains(&ms), "retry {ms} in [retry, 2*retry + 1s]");
+    let exit = timeout_at(deadline(), server.child.wait()).await.expect("process exits in time").unwrap();
+    assert!(exit.success(), "{exit:?}");
 }

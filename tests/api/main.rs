@@ -6,6 +6,7 @@
 mod backplane_faults;
 mod broker;
 mod browser;
+mod cli_edges;
 mod client_js;
 mod cluster;
 mod cluster_retained;
@@ -23,6 +24,7 @@ mod limits;
 mod observability;
 mod resume;
 mod retained;
+mod rough_edges;
 mod routing;
 mod security;
 mod services;

@@ -74,8 +74,8 @@ impl NatsBackplane {
             match result {
                 Ok(()) => {
                     if !self.probe_ok.swap(true, Relaxed) {
-                        let after = down_since.take().map(|t| t.elapsed());
-                        tracing::info!(?after, "NATS JetStream answers again: publishing resumes");
+                        let after_ms = down_since.take().map(|t| t.elapsed().as_millis() as u64);
+                        tracing::info!(after_ms, "NATS JetStream answers again: publishing resumes");
                     }
                 }
                 Err(reason) => {

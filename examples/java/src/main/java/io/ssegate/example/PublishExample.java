@@ -9,6 +9,7 @@ import io.grpc.ForwardingClientCall;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
+import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
 import io.grpc.Status;
@@ -44,7 +45,9 @@ import java.util.concurrent.TimeoutException;
  * to every call, deadlines, a retry that reuses one {@code idempotency_key}, and {@code
  * PublishStream} for bulk, with flow control.
  *
- * <p>Configuration (environment): {@code SSEGATE_API_KEY} (required); {@code SSEGATE_GRPC_URL},
+ * <p>Configuration (environment): {@code SSEGATE_API_KEY}, a publisher API key (without one, no
+ * {@code authorization} header is sent: for a development server run with {@code
+ * --insecure-open-publish}); {@code SSEGATE_GRPC_URL},
  * {@code http://host:port} (plaintext) or {@code https://host:port} (TLS), default {@code
  * http://127.0.0.1:50051}; {@code SSEGATE_TLS_CA_FILE}, with https, the CA that signed the
  * server's certificate (default: the JDK's roots); {@code SSEGATE_USER}, default {@code alice}.
@@ -101,7 +104,7 @@ public final class PublishExample {
 
   /**
    * One channel per process, shared by every thread and call: it holds the HTTP/2 connection and
-   * is expensive to create.
+   * is expensive to create. {@code apiKey} null: calls carry no {@code authorization} header.
    */
   static ManagedChannel openChannel(URI url, String apiKey, String caFile) throws IOException {
     ChannelCredentials credentials;
@@ -119,9 +122,12 @@ public final class PublishExample {
     if (url.getHost() == null || url.getPort() < 0) {
       throw new IllegalArgumentException("SSEGATE_GRPC_URL needs a host and a port: " + url);
     }
-    return Grpc.newChannelBuilder(url.getHost() + ":" + url.getPort(), credentials)
-        .intercept(new BearerAuthInterceptor(apiKey))
-        .build();
+    ManagedChannelBuilder<?> builder =
+        Grpc.newChannelBuilder(url.getHost() + ":" + url.getPort(), credentials);
+    if (apiKey != null) {
+      builder.intercept(new BearerAuthInterceptor(apiKey));
+    }
+    return builder.build();
   }
 
   /**
@@ -212,10 +218,8 @@ public final class PublishExample {
   }
 
   public static void main(String[] args) throws Exception {
-    String apiKey = System.getenv("SSEGATE_API_KEY");
-    if (apiKey == null || apiKey.isEmpty()) {
-      fail("set SSEGATE_API_KEY to a publisher API key");
-    }
+    // Optional: a server run with --insecure-open-publish takes publishes without a key.
+    String apiKey = envOr("SSEGATE_API_KEY", null);
     URI url = URI.create(envOr("SSEGATE_GRPC_URL", "http://127.0.0.1:50051"));
     String user = envOr("SSEGATE_USER", "alice");
 
@@ -223,7 +227,13 @@ public final class PublishExample {
     try {
       run(channel, user);
     } catch (StatusRuntimeException e) {
-      fail(e.getStatus().getCode() + ": " + e.getStatus().getDescription());
+      Status status = e.getStatus();
+      boolean noKey = status.getCode() == Status.Code.UNAUTHENTICATED && apiKey == null;
+      fail(
+          status.getCode()
+              + ": "
+              + status.getDescription()
+              + (noKey ? " (set SSEGATE_API_KEY to a publisher API key)" : ""));
     } catch (ExecutionException e) { // PublishStream failed as a whole
       Status status = Status.fromThrowable(e.getCause());
       fail(status.getCode() + ": " + status.getDescription());
