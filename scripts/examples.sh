@@ -59,30 +59,11 @@ ensure_java() {
 }
 
 ensure_python() {
-  local venv="$WORK/venv" stamp="$WORK/venv/.requirements.txt"
-  if [ -x "$venv/bin/python" ] && cmp -s examples/python/requirements.txt "$stamp"; then
-    return 0
-  fi
-  command -v python3 >/dev/null 2>&1 || die "python3 is not installed"
-  log "installing grpcio and grpcio-tools (pip, into $venv)"
-  rm -rf "$venv"
-  quietly "python3 -m venv $venv (on Debian: apt-get install python3-venv)" python3 -m venv "$venv"
-  quietly "pip install -r examples/python/requirements.txt" \
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r examples/python/requirements.txt
-  cp examples/python/requirements.txt "$stamp"
+  ensure_venv "$WORK/venv" examples/python/requirements.txt "grpcio and grpcio-tools"
 }
 
 ensure_node() {
-  local stamp=examples/node/node_modules/.ssegate-installed-lock.json
-  command -v node >/dev/null 2>&1 || die "node is not installed"
-  if cmp -s examples/node/package-lock.json "$stamp"; then
-    return 0
-  fi
-  command -v npm >/dev/null 2>&1 || die "npm is not installed"
-  log "installing @grpc/grpc-js and @grpc/proto-loader (npm ci in examples/node)"
-  quietly "npm ci in examples/node" \
-    bash -c 'cd examples/node && npm ci --no-audit --no-fund --loglevel=error'
-  cp examples/node/package-lock.json "$stamp"
+  ensure_npm_ci examples/node "@grpc/grpc-js and @grpc/proto-loader"
 }
 
 server_pid=""

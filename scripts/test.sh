@@ -62,4 +62,6 @@ cargo test --locked --workspace "$@"
 if [ "$#" -eq 0 ]; then
   log "publisher examples (scripts/examples.sh)"
   SSEGATE_BIN="${CARGO_TARGET_DIR:-target}/debug/ssegate" ./scripts/examples.sh
+  log "client libraries (scripts/client-libraries.sh)"
+  SSEGATE_BIN="${CARGO_TARGET_DIR:-target}/debug/ssegate" ./scripts/client-libraries.sh
 fi

@@ -183,16 +183,16 @@ pub fn field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// The name of the event that opens every stream with its position (`ssegate.position`): not
-/// a published event, so the scanner skips it.
-const POSITION: &[u8] = b"ssegate.position";
+/// The prefix of the server's own events (`ssegate.position` opens every stream,
+/// `ssegate.shutdown` ends a drained one): not published events, so the scanner skips them.
+const CONTROL: &[u8] = b"ssegate.";
 
 #[derive(Debug, Default)]
 pub struct Scanner {
     lines: Lines,
     data: Vec<u8>,
     has_data: bool,
-    /// The event being read is named `ssegate.position`.
+    /// The event being read is one of the server's own (`ssegate.*`).
     position: bool,
 }
 
@@ -218,7 +218,7 @@ impl Scanner {
                 }
                 data.extend_from_slice(value);
             } else if name == b"event" {
-                *position = value == POSITION;
+                *position = value.starts_with(CONTROL);
             }
         });
     }
@@ -285,7 +285,7 @@ mod tests {
     fn scanner_follows_the_line_rules() {
         let wire: &[u8] =
             b"retry: 3000\nevent: ssegate.position\nid: a-0\ndata: a-0\n\n:\nevent: x\ndata: 1 2 3\nid: a-1\n\n\
-            data:two\r\ndata\r\n\r:hb\rdata: z\n\nevent: ssegate.positions\ndata: y\n\n";
+            data:two\r\ndata\r\n\r:hb\rdata: z\n\nevent: ssegatex\ndata: y\n\nevent: ssegate.shutdown\ndata: s\n\n";
         let want = ["#", "1 2 3", "two\n", "#", "z", "y"];
         assert_eq!(scan(&[wire]), want);
         for split in 0..=wire.len() {

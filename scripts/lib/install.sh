@@ -1,4 +1,4 @@
-# Shared by scripts/test.sh and scripts/examples.sh (sourced): logging, running as root, and
+# Shared by scripts/test.sh, scripts/examples.sh and scripts/client-libraries.sh (sourced): logging, running as root, and
 # installing what a fresh Debian machine lacks, quietly unless it fails.
 # The sourcing script sets SCRIPT (its name, for error messages) first.
 
@@ -40,4 +40,34 @@ apt_install() {
     quietly "apt-get install $*" \
       as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
   fi
+}
+
+# ensure_venv VENV REQUIREMENTS WHAT: a Python venv at VENV with REQUIREMENTS installed (pinned),
+# made again only when the requirements file changed since (a copy is kept in the venv).
+ensure_venv() {
+  local venv="$1" requirements="$2" what="$3" stamp="$1/.requirements.txt"
+  if [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$stamp"; then
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || die "python3 is not installed"
+  log "installing $what (pip, into $venv)"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  quietly "python3 -m venv $venv (on Debian: apt-get install python3-venv)" python3 -m venv "$venv"
+  quietly "pip install -r $requirements" \
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$stamp"
+}
+
+# ensure_npm_ci DIR WHAT: `npm ci` in DIR, again only when its package-lock.json changed since.
+ensure_npm_ci() {
+  local dir="$1" what="$2" stamp="$1/node_modules/.ssegate-installed-lock.json"
+  command -v node >/dev/null 2>&1 || die "node is not installed"
+  if cmp -s "$dir/package-lock.json" "$stamp"; then
+    return 0
+  fi
+  command -v npm >/dev/null 2>&1 || die "npm is not installed"
+  log "installing $what (npm ci in $dir)"
+  quietly "npm ci in $dir" bash -c "cd '$dir' && npm ci --no-audit --no-fund --loglevel=error"
+  cp "$dir/package-lock.json" "$stamp"
 }

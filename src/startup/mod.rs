@@ -77,6 +77,9 @@ pub struct Application {
     tracker: TaskTracker,
 }
 
+/// The event that ends every stream at a shutdown, carrying the reconnect delay.
+const SHUTDOWN_EVENT: &str = "ssegate.shutdown";
+
 /// How often the data dir's health is read for the publisher's gRPC health.
 const STORE_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -327,11 +330,15 @@ impl Application {
         let retry_ms = millis(drain.retry);
         let closed = router.close_all(CloseReason::Shutdown, move || {
             // Spread reconnections over [retry, 2*retry + 1s) so thousands of clients do not come
-            // back in the same millisecond. The blank line ends the block: a parser that reports
-            // `retry` only with a dispatched event (httpx-sse) would otherwise never see it, the
-            // stream ending right after.
+            // back in the same millisecond. The `retry:` travels in a named event of its own
+            // (`ssegate.shutdown`, its data the same delay): a parser that reports `retry` only
+            // with a dispatched event (httpx-sse) sees it, one that hands every block to the app
+            // (fetch-event-source) hands over a named event, never an empty message, and
+            // EventSource dispatches nothing without a listener but takes the delay.
             let delay = retry_ms.saturating_add(fastrand::u64(0..=retry_ms.saturating_add(1000)));
-            let mut last = event_stream::retry(delay).to_vec();
+            let block = format!("event: {SHUTDOWN_EVENT}\ndata: {{\"retry_ms\":{delay}}}\n");
+            let mut last = block.into_bytes();
+            last.extend_from_slice(&event_stream::retry(delay));
             last.push(b'\n');
             Some(last.into())
         });

@@ -484,3 +484,15 @@ impl Process {
         all
     }
 }
+
+/// The delay of the `ssegate.shutdown` event that must end a drained stream (its `retry:`
+/// field, the item just before it, and its data say the same).
+pub fn shutdown_retry(items: &[Item]) -> u64 {
+    match items {
+        [.., Item::Retry(ms), Item::Event(e)] if e.event_type == "ssegate.shutdown" => {
+            assert_eq!(e.data, format!("{{\"retry_ms\":{ms}}}"), "its data carries the same delay");
+            *ms
+        }
+        other => panic!("the stream must end with an ssegate.shutdown event carrying retry: {:?}", other.last()),
+    }
+}

@@ -11,6 +11,24 @@ export function isLoopbackHost(host) {
   return host === 'localhost' || host === '[::1]' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }
 
+// Headless Chromium's flags: loopback only: no proxy, and every name but `hosts` resolves to
+// "not found" without asking DNS (IP literals go through these rules too, hence EXCLUDE).
+// Also used by tests/clients/browser.mjs.
+export function chromiumArgs(hosts) {
+  return [
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--no-proxy-server',
+    `--host-resolver-rules=MAP * ~NOTFOUND, ${[...new Set(hosts)].map((h) => `EXCLUDE ${h}`).join(', ')}`,
+  ];
+}
+
 export class Harness {
   constructor(name) {
     this.name = name;
@@ -110,20 +128,7 @@ export class Harness {
       this.server.once('error', reject);
       this.server.listen(0, '127.0.0.1', resolve);
     }).catch((err) => this.fail(`cannot start page server on 127.0.0.1: ${err.message}`));
-    const args = [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      // Loopback only: no proxy, and every name but the loopback ones resolves to "not
-      // found" without asking DNS (IP literals go through these rules too, hence EXCLUDE).
-      '--no-proxy-server',
-      `--host-resolver-rules=MAP * ~NOTFOUND, ${[...new Set(hosts)].map((h) => `EXCLUDE ${h}`).join(', ')}`,
-    ];
+    const args = chromiumArgs(hosts);
     try {
       this.browser = await chromium.launch({ executablePath, headless: true, args, timeout: 60_000 });
     } catch (err) {

@@ -685,6 +685,11 @@ fn receive(
                 log.missed(Miss::from_data(data), from, now);
                 return;
             }
+            if name.starts_with(b"ssegate.") {
+                // The server's other control events (`ssegate.shutdown` ends a drained stream
+                // with the reconnect delay, taken above as `Retry`): not published events.
+                return;
+            }
             let parsed = if name == b"message" { layout::parse_payload(data) } else { None };
             let Some((n, sent)) = parsed else {
                 log.foreign += 1;
