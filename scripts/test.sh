@@ -17,6 +17,8 @@
 # $CARGO_TARGET_DIR if that is set): the Java, Python and Node publisher examples against
 # the real server, with an SSE reader checking delivery. It installs their toolchains
 # itself (Debian grpc-java packages, a Python venv under target/, npm ci in examples/node).
+# Then ./scripts/client-libraries.sh: third-party SSE client libraries (npm eventsource,
+# fetch-event-source in Chromium, httpx-sse) through a server restart and a resume gap.
 # A filtered run (any argument, e.g. `./scripts/test.sh --test api publish`) runs only
 # `cargo test` and skips the examples.
 set -euo pipefail
