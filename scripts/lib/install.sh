@@ -53,6 +53,8 @@ ensure_venv() {
   log "installing $what (pip, into $venv)"
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
+  # Debian's python3 lacks the venv module until python3-venv is installed.
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || apt_install python3-venv
   quietly "python3 -m venv $venv (on Debian: apt-get install python3-venv)" python3 -m venv "$venv"
   quietly "pip install -r $requirements" \
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"

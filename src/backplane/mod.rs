@@ -76,6 +76,10 @@ impl Backplane {
     }
 }
 
+/// A publish started by `Memory::start`: its answer, the write to wait for, and whether this
+/// call published (`false`: a retry answered with the first id).
+type Started = (Accepted, Option<Ticket>, bool);
+
 impl Memory {
     /// Publishes through `router`, appending the event to the store (if any) inside the core
     /// critical section that numbers it; returns its ticket (`None` without a store).
@@ -95,6 +99,39 @@ impl Memory {
         let (p, ticket) =
             router.publish_journaled(target, event, retain, |seq| store.append(seq, durable::KIND_EVENT, &record))?;
         Ok((p, Some(ticket)))
+    }
+
+    /// Publishes (numbering the event and handing it to open streams now), unless `key` was
+    /// seen within the window (then the first id, and that publish's write if still going on).
+    fn start(
+        &self,
+        router: &Router,
+        target: Target,
+        event: &Event,
+        retain: Retain,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Started, BackplaneError> {
+        match key {
+            None => {
+                let (p, ticket) = self.publish(router, target, event, retain, None)?;
+                Ok((Accepted { id: p.id, recipients: Some(p.recipients) }, ticket, false))
+            }
+            Some(key) => self.dedupe.publish_once(self, router, target, event, retain, key),
+        }
+    }
+
+    /// Waits for a started publish's write; with a store, the key of a publish whose write
+    /// failed is forgotten (a retry is then published again).
+    async fn finish(
+        &self,
+        key: Option<&IdempotencyKey>,
+        (accepted, ticket, first): Started,
+    ) -> Result<Accepted, BackplaneError> {
+        let outcome = stored(ticket).await;
+        if let (true, Some(key)) = (first, key) {
+            self.dedupe.written(key, accepted.id, outcome.is_ok());
+        }
+        outcome.map(|()| accepted)
     }
 }
 
@@ -119,26 +156,6 @@ impl Dedupe {
         Self { seen: Mutex::default(), window, max_keys, evicted: AtomicU64::new(0), warned: AtomicBool::new(false) }
     }
 
-    /// Publishes through `memory` unless `key` was seen within the window, in which case the
-    /// first publish's id is returned and nothing is published. With a store, the key is kept
-    /// only if the event was stored.
-    async fn publish(
-        &self,
-        memory: &Memory,
-        router: &Router,
-        target: Target,
-        event: &Event,
-        retain: Retain,
-        key: &IdempotencyKey,
-    ) -> Result<Accepted, BackplaneError> {
-        let (accepted, ticket, first) = self.publish_once(memory, router, target, event, retain, key)?;
-        let outcome = stored(ticket).await;
-        if first {
-            self.written(key, accepted.id, outcome.is_ok());
-        }
-        outcome.map(|()| accepted)
-    }
-
     /// The write of the publish that first used `key` (as `id`) ended: a failed one forgets
     /// the key, so a retry is published (and stored) again.
     fn written(&self, key: &IdempotencyKey, id: EventId, stored: bool) {
@@ -159,7 +176,7 @@ impl Dedupe {
         event: &Event,
         retain: Retain,
         key: &IdempotencyKey,
-    ) -> Result<(Accepted, Option<Ticket>, bool), BackplaneError> {
+    ) -> Result<Started, BackplaneError> {
         // Held across the publish, so two concurrent retries cannot both get through.
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -285,14 +302,10 @@ impl Backplane {
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<Accepted, BackplaneError> {
         match self {
-            Backplane::Memory(memory) => match idempotency_key {
-                None => {
-                    let (p, ticket) = memory.publish(router, target, &event, retain, None)?;
-                    stored(ticket).await?;
-                    Ok(Accepted { id: p.id, recipients: Some(p.recipients) })
-                }
-                Some(key) => memory.dedupe.publish(memory, router, target, &event, retain, key).await,
-            },
+            Backplane::Memory(memory) => {
+                let started = memory.start(router, target, &event, retain, idempotency_key)?;
+                memory.finish(idempotency_key, started).await
+            }
             Backplane::Nats(nats) => {
                 if router.is_closing() {
                     return Err(PublishError::ShuttingDown.into());
@@ -337,21 +350,12 @@ impl Backplane {
         key: Option<IdempotencyKey>,
     ) -> Option<impl Future<Output = Result<Accepted, BackplaneError>> + Send + use<>> {
         let Backplane::Memory(memory) = &**self else { return None };
-        let started = match &key {
-            None => memory
-                .publish(router, target, event, retain, None)
-                .map(|(p, ticket)| (Accepted { id: p.id, recipients: Some(p.recipients) }, ticket, false))
-                .map_err(BackplaneError::from),
-            Some(key) => memory.dedupe.publish_once(memory, router, target, event, retain, key),
-        };
+        let started = memory.start(router, target, event, retain, key.as_ref());
         let this = self.clone();
         Some(async move {
-            let (accepted, ticket, first) = started?;
-            let outcome = stored(ticket).await;
-            if let (true, Some(key), Backplane::Memory(memory)) = (first, &key, &*this) {
-                memory.dedupe.written(key, accepted.id, outcome.is_ok());
-            }
-            outcome.map(|()| accepted)
+            // Always the memory backplane (checked above; a backplane never changes kind).
+            let Backplane::Memory(memory) = &*this else { return Err(PublishError::ShuttingDown.into()) };
+            memory.finish(key.as_ref(), started?).await
         })
     }
 

@@ -41,9 +41,11 @@ pub struct Limits {
 /// the whole connection (its budget for small DATA frames is about 2,000 of them), which a
 /// caller keeping fewer items than this unanswered per stream can then never meet.
 const STREAM_IN_FLIGHT: usize = 4096;
-/// Bytes of items read and not yet started, at most (items are up to
-/// `--grpc-max-message-bytes` each).
-const STREAM_QUEUED_BYTES: usize = 8 << 20;
+/// Bytes of items read and not yet started, at most: what the transport would have held
+/// unread anyway (hyper's 1 MiB stream window), so reading ahead costs no more memory per
+/// stream than before. Items only queue while one runs alone (a broker); in memory each is
+/// started as soon as it is read.
+const STREAM_QUEUED_BYTES: usize = 1 << 20;
 
 /// Largest page of `Presence.list_online`, and the page size when none is given.
 const MAX_ONLINE_PAGE: u32 = 10_000;

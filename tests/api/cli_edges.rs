@@ -11,7 +11,7 @@ use tokio::{
     time::timeout_at,
 };
 
-use crate::helpers::{deadline, spawn_app, spawn_app_with, tls_fixture};
+use crate::helpers::{deadline, serve_command, spawn_app, spawn_app_with, tls_fixture};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ssegate");
 
@@ -131,20 +131,10 @@ struct Served {
 /// Starts `ssegate serve` under `wrapper` (a program and its arguments, the binary after them;
 /// none if empty) with `extra` flags and `env`, and reads its logs until it serves.
 async fn serve(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Served {
-    let (program, before) = match wrapper.split_first() {
-        Some((program, rest)) => (*program, [rest, &[BIN]].concat()),
-        None => (BIN, Vec::new()),
-    };
-    let mut child = tokio::process::Command::new(program)
-        .args(before)
-        .args(["serve", "--insecure-dev-identity", "--insecure-open-publish"])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+    let mut child = serve_command(wrapper)
+        .args(["--insecure-dev-identity", "--insecure-open-publish"])
         .args(extra)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("the ssegate binary starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();

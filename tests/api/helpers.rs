@@ -430,6 +430,28 @@ pub struct Process {
     logs: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
+/// `ssegate serve` on loopback port 0 (all three ports), run by `wrapper` (a program and its
+/// arguments, given the binary and its arguments after them; none if empty), stdin and stdout
+/// closed, stderr piped, killed when dropped: add the identity, log and other flags.
+pub fn serve_command(wrapper: &[&str]) -> tokio::process::Command {
+    let binary = env!("CARGO_BIN_EXE_ssegate");
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(rest).arg(binary);
+            c
+        }
+        None => tokio::process::Command::new(binary),
+    };
+    command
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
 /// Starts `ssegate serve` (development identity and open publishing) with `extra` flags and
 /// environment variables, and waits for its "serving" line to learn its ports.
 pub async fn spawn_process(extra: &[&str], env: &[(&str, &str)]) -> Process {
@@ -439,21 +461,10 @@ pub async fn spawn_process(extra: &[&str], env: &[(&str, &str)]) -> Process {
 /// `spawn_process`, run by `wrapper` (a program and its arguments, given the ssegate binary
 /// and its arguments after them: e.g. `prlimit --fsize=N --`); directly if it is empty.
 pub async fn spawn_process_under(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Process {
-    let binary = env!("CARGO_BIN_EXE_ssegate");
-    let (program, before) = match wrapper.split_first() {
-        Some((program, rest)) => (*program, [rest, &[binary]].concat()),
-        None => (binary, Vec::new()),
-    };
-    let mut child = tokio::process::Command::new(program)
-        .args(before)
-        .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+    let mut child = serve_command(wrapper)
+        .args(["--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
         .args(extra)
         .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("the ssegate binary starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();

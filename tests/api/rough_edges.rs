@@ -15,7 +15,7 @@ use tokio::{
     time::timeout_at,
 };
 
-use crate::helpers::{SseClient, deadline, http_request, spawn_app, spawn_app_with};
+use crate::helpers::{SseClient, deadline, http_request, serve_command, spawn_app, spawn_app_with};
 
 const SECRET: &str = "a-test-only-hs256-secret-of-more-than-32-bytes";
 
@@ -151,16 +151,11 @@ struct Logged {
 }
 
 async fn spawn_logged(secret: &str, extra: &[&str]) -> Logged {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ssegate"))
-        .args(["serve", "--jwt-secret-file", secret, "--insecure-open-publish", "--log-format", "json"])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+    let mut child = serve_command(&[])
+        .args(["--jwt-secret-file", secret, "--insecure-open-publish", "--log-format", "json"])
         .args(["--shutdown-delay", "0s", "--shutdown-grace", "2s"])
         .args(extra)
         .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("the ssegate binary starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
