@@ -68,3 +68,40 @@ async fn publish_stream_handles_a_bulk_load_in_order() {
         assert_eq!(u.next_event().await.data, i.to_string());
     }
 }
+
+/// A publisher that sends items and never reads the answers: once the answers fill the
+/// transport's windows the server stops reading its items (flow control, not memory), and
+/// everyone else is served meanwhile.
+#[tokio::test]
+async fn a_publish_stream_whose_answers_are_never_read_is_held_by_flow_control_and_others_are_served() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    };
+    let app = spawn_app(&[]).await;
+    let mut other = app.subscribe("user=other").await;
+    let taken = Arc::new(AtomicU64::new(0));
+    let counter = taken.clone();
+    const ITEMS: u64 = 2_000_000;
+    let items = tokio_stream::iter(0..ITEMS).map(move |i| {
+        counter.fetch_add(1, Relaxed);
+        item(Target::Users(pb::UserTarget { user_ids: vec!["nobody".into()] }), &i.to_string())
+    });
+    // The answers are never read (the stream is held, not polled).
+    let _answers = app.client.clone().publish_stream(items).await.expect("stream opens").into_inner();
+    // Wait until the client can send no more: no item taken for a second.
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = taken.load(Relaxed);
+        if now == last {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "the stream was never held back ({now} items taken)");
+        last = now;
+    }
+    assert!(last < ITEMS, "flow control held the stream back after {last} items");
+    app.publish_users(&["other"], "", "still served").await;
+    assert_eq!(other.next_event().await.data, "still served");
+}
