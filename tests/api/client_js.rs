@@ -391,9 +391,9 @@ async fn a_client_whose_only_events_were_retained_resumes_from_the_stream_positi
 
 // ------------------------------------------------------------------- tokens
 
-const SECRET: &str = "a-test-only-hs256-secret-of-more-than-32-bytes";
+pub(crate) const SECRET: &str = "a-test-only-hs256-secret-of-more-than-32-bytes";
 
-fn token(sub: &str, ttl_secs: u64) -> String {
+pub(crate) fn token(sub: &str, ttl_secs: u64) -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let claims = json!({ "sub": sub, "exp": now + ttl_secs });
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()

@@ -8,6 +8,7 @@ mod broker;
 mod browser;
 mod cli_edges;
 mod client_js;
+mod client_tabs;
 mod cluster;
 mod cluster_retained;
 mod connect;

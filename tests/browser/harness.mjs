@@ -99,6 +99,13 @@ export class Harness {
   // Serves `html` at / on 127.0.0.1 and opens it in Chromium, which resolves only `hosts`;
   // `binding` is the page's report function (window[binding](json)). Returns the page.
   async open({ html, hosts, binding }) {
+    const { context, url } = await this.launch({ html, hosts });
+    return this.newPage(context, url, binding, (json) => this.onReport(json));
+  }
+
+  // Serves `html` at / on 127.0.0.1 and starts Chromium, which resolves only `hosts`. Returns
+  // a browser context (one profile: its pages are tabs of one browser) and the page's URL.
+  async launch({ html, hosts }) {
     let chromium;
     try {
       ({ chromium } = await import('playwright-core'));
@@ -140,15 +147,20 @@ export class Harness {
         this.shutdown(1);
       }
     });
-    const page = await (await this.browser.newContext()).newPage();
-    page.on('pageerror', (err) => this.log(`page error: ${err.message}`));
+    const context = await this.browser.newContext();
+    return { context, url: `http://127.0.0.1:${this.server.address().port}/` };
+  }
+
+  // A new page (tab) of `context` at `url`, whose window[binding](json) calls `onReport`.
+  async newPage(context, url, binding, onReport, { label = 'page' } = {}) {
+    const page = await context.newPage();
+    page.on('pageerror', (err) => this.log(`${label} error: ${err.message}`));
     page.on('crash', () => {
-      this.log('page crashed');
+      this.log(`${label} crashed`);
       this.shutdown(1);
     });
-    if (this.debug) page.on('console', (m) => this.log(`console.${m.type()}: ${m.text()}`));
-    await page.exposeFunction(binding, (json) => this.onReport(json));
-    const url = `http://127.0.0.1:${this.server.address().port}/`;
+    if (this.debug) page.on('console', (m) => this.log(`${label} console.${m.type()}: ${m.text()}`));
+    await page.exposeFunction(binding, onReport);
     try {
       await page.goto(url, { waitUntil: 'load', timeout: 30_000 });
     } catch (err) {
@@ -158,7 +170,8 @@ export class Harness {
     return page;
   }
 
-  // For each stdin line, `handle(cmd, arg)` returns the work to do (an async function, run one
+  // For each stdin line, `handle(cmd, arg, args)` (arg: the first word after the command,
+  // args: all of them) returns the work to do (an async function, run one
   // at a time and in order) or null for an unknown command; `quit` and EOF shut down cleanly.
   commands(handle) {
     const rl = readline.createInterface({ input: process.stdin, terminal: false });
@@ -170,10 +183,11 @@ export class Harness {
       });
     };
     rl.on('line', (line) => {
-      const [cmd, arg] = line.trim().split(/\s+/, 2);
+      const parts = line.trim().split(/\s+/);
+      const [cmd, arg] = parts;
       if (!cmd) return;
       if (cmd === 'quit') return enqueue(() => this.shutdown(0));
-      const work = handle(cmd, arg);
+      const work = handle(cmd, arg, parts.slice(1));
       if (work) enqueue(work);
       else this.log(`unknown command ${JSON.stringify(cmd)}`);
     });
