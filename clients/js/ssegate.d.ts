@@ -51,7 +51,12 @@ export interface StateDetail {
   resumed?: boolean;
   /** `waiting`: what `getToken()` threw, if that is why. */
   error?: unknown;
+  /** `connecting`, in a tab that shares: the holder tab left and the next one takes over. */
+  handover?: boolean;
 }
+
+/** Where a client stands among the tabs of its browser (see README, "One stream per browser"). */
+export type ClientRole = 'alone' | 'joining' | 'holder' | 'follower' | 'paused' | 'closed';
 
 export interface ClientOptions {
   /** Query parameters added to the URL (`user`, `group`, `topic`); arrays repeat the key. */
@@ -72,6 +77,12 @@ export interface ClientOptions {
   /** With `getToken`, the delay before replacing a resuming connection with one with a new
    * token, drawn from [retry, 2·retry] ms (default 3000, the server's default `retry:`). */
   retry?: number;
+  /** Share one stream with the other tabs of this origin, identity and subscription set
+   * (default true); false: one stream for this page. */
+  shared?: boolean;
+  /** Who the page's user is, where the client cannot tell from a JWT (cookie sessions, opaque
+   * tokens): tabs share only with tabs of the same key. */
+  shareKey?: string;
   onMissed?: (payload: MissedPayload) => void;
   onDisconnect?: (payload: DisconnectPayload) => void;
   onStateChange?: (state: ClientState, detail: StateDetail) => void;
@@ -98,10 +109,13 @@ export declare class SsegateClient {
    * here (`lastEventId` option). */
   lastEventId: string;
   readonly state: ClientState;
+  /** `holder`: this tab holds the stream and relays it; `follower`: it gets another tab's;
+   * `alone`: not sharing. */
+  readonly role: ClientRole;
   /** Adds a handler for events named `name`; returns a function removing it. */
   on<K extends keyof SsegateEvents>(name: K, handler: (event: SsegateEvent<SsegateEvents[K]>) => void): () => void;
   on<T = unknown>(name: string, handler: (event: SsegateEvent<T>) => void): () => void;
-  /** Closes the stream for good. */
+  /** Closes the stream for good (a holder hands it to the next tab). */
   close(): void;
 }
 

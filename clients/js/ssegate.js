@@ -437,18 +437,23 @@ export class SsegateClient {
     token = got.token;
     const identity = this._identityOf(token);
     if (identity === null) {
-      // Nobody can tell whom the stream is for: one stream per tab.
-      this.role = 'alone';
-      this._connect(token);
+      this._alone(token); // nobody can tell whom the stream is for: one stream per tab
       return;
     }
     const where = new URL(this._streamUrl(undefined, ''));
     where.searchParams.sort();
     const name = SHARE_PREFIX + JSON.stringify([where.href, !!this.options.withCredentials, identity]);
+    let channel;
+    try {
+      channel = new BroadcastChannel(name);
+    } catch {
+      this._alone(token); // an opaque origin (a sandboxed frame): nobody to share with
+      return;
+    }
     const sh = {
       name,
       identity,
-      channel: new BroadcastChannel(name),
+      channel,
       names: new Set(['message', ...this._handlers.keys()]),
       term: '', // the current holder's term ('' until known)
       knownTerm: '', // the latest term seen at all
@@ -483,6 +488,13 @@ export class SsegateClient {
     this._lock({ ifAvailable: true }, token);
   }
 
+  /** One stream for this page alone (sharing is off, or impossible here). */
+  _alone(token) {
+    this._leaveGroup();
+    this.role = 'alone';
+    this._connect(token);
+  }
+
   /** Asks for the group's lock: granted, this tab holds the stream until it lets go. */
   _lock(options, token) {
     const sh = this._share;
@@ -497,10 +509,13 @@ export class SsegateClient {
         sh.held = request;
         return new Promise((release) => this._hold(release, token));
       })
-      .catch(() => {
-        // Aborted while queued (this tab left, or is taking the lock by force), or taken from
-        // this holder by a tab that found it unresponsive.
-        if (this._share === sh && this.role === 'holder' && sh.held === request) this._stolen();
+      .catch((err) => {
+        if (this._share !== sh) return;
+        // Taken from this holder by a tab that found it unresponsive.
+        if (this.role === 'holder' && sh.held === request) this._stolen();
+        // Locks refused here (a SecurityError: an opaque origin): share nothing.
+        else if (err?.name !== 'AbortError' && this.role === 'joining') this._alone(token);
+        // Otherwise aborted while queued: this tab left, or is taking the lock by force.
       });
   }
 

@@ -195,20 +195,20 @@ impl ClientPage {
     }
 }
 
-async fn publish(client: &PublisherClient<tonic::transport::Channel>, user: &str, data: &str) -> String {
+pub(crate) async fn publish(client: &PublisherClient<tonic::transport::Channel>, user: &str, data: &str) -> String {
     let req = pb::PublishRequest { user_ids: vec![user.into()], event: Some(ev("", data)), ..Default::default() };
     client.clone().publish(req).await.expect("publish").into_inner().event_id
 }
 
 /// The real binary, on a given HTTP address (so that a second one can take the first's place).
-struct Binary {
+pub(crate) struct Binary {
     child: Child,
-    http: SocketAddr,
-    client: PublisherClient<tonic::transport::Channel>,
+    pub(crate) http: SocketAddr,
+    pub(crate) client: PublisherClient<tonic::transport::Channel>,
 }
 
 impl Binary {
-    async fn start(http: &str, extra: &[&str]) -> Binary {
+    pub(crate) async fn start(http: &str, extra: &[&str]) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ssegate"))
             .args(["serve", "--insecure-dev-identity", "--insecure-open-publish", "--log-format", "json"])
             .args(["--http-addr", http, "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
@@ -235,7 +235,7 @@ impl Binary {
     }
 
     /// SIGTERM (a graceful drain), then waits for the exit.
-    async fn terminate(mut self) {
+    pub(crate) async fn terminate(mut self) {
         let pid = self.child.id().expect("running").to_string();
         assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
         let exit = timeout_at(deadline(), self.child.wait()).await.expect("exits in time").unwrap();
@@ -245,7 +245,7 @@ impl Binary {
 
 /// What a load balancer says while the service behind it restarts: `503` to every request
 /// (with CORS, as ssegate's own refusals have). Counts the requests it answered.
-async fn unavailable_stub(addr: SocketAddr) -> (watch::Receiver<u32>, tokio::task::JoinHandle<()>) {
+pub(crate) async fn unavailable_stub(addr: SocketAddr) -> (watch::Receiver<u32>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind(addr).await.expect("the stopped server's port is free");
     let (tx, rx) = watch::channel(0u32);
     let task = tokio::spawn(async move {

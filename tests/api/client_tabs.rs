@@ -2,9 +2,11 @@
 //! the browser client (clients/js/ssegate.js), checked in headless Chromium with several tabs
 //! of one browser profile (tests/browser/tabs-driver.mjs): ten tabs hold one stream on the
 //! server; the holder closed mid-flood, frozen, or hung is replaced and every tab still gets
-//! every event once, in order; another user's tab in the same browser gets none of them.
+//! every event once, in order; another user's tab in the same browser gets none of them; a
+//! server restart behind a 503 shows every tab the holder's backoff, and `ssegate.missed` and
+//! `ssegate.disconnect` reach every tab as they reach one.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::SocketAddr};
 
 use serde_json::{Value, json};
 use ssegate::grpc::pb;
@@ -15,8 +17,8 @@ use tokio::{
 };
 
 use crate::{
-    client_js::{SECRET, token},
-    helpers::{TestApp, ev, spawn_app, spawn_app_with},
+    client_js::{Binary, SECRET, publish, token, unavailable_stub},
+    helpers::{TestApp, deadline, ev, spawn_app, spawn_app_with},
 };
 
 /// Long enough for a hung holder to be found out (two unanswered pings, 3 s apart) on a busy
@@ -32,8 +34,8 @@ struct Tabs {
 }
 
 impl Tabs {
-    fn start(app: &TestApp) -> Tabs {
-        let (child, lines) = crate::browser::spawn_driver("tabs-driver.mjs", &[format!("http://{}", app.http)]);
+    fn start(server: SocketAddr) -> Tabs {
+        let (child, lines) = crate::browser::spawn_driver("tabs-driver.mjs", &[format!("http://{server}")]);
         Tabs { child, lines, log: HashMap::new() }
     }
 
@@ -145,7 +147,7 @@ async fn ten_tabs_share_one_stream_and_a_holder_closed_mid_flood_hands_over_with
     app.client.clone().publish(retained).await.expect("retained publish");
 
     // Ten tabs of alice and one of bob, in one browser.
-    let mut tabs = Tabs::start(&app);
+    let mut tabs = Tabs::start(app.http);
     let alice: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
     let alice: Vec<&str> = alice.iter().map(String::as_str).collect();
     for tab in &alice {
@@ -197,7 +199,7 @@ async fn ten_tabs_share_one_stream_and_a_holder_closed_mid_flood_hands_over_with
 #[tokio::test]
 async fn a_frozen_holder_and_a_hung_one_are_replaced_and_catch_up_when_they_come_back() {
     let app = spawn_app(&["--cors-allowed-origins", "*"]).await;
-    let mut tabs = Tabs::start(&app);
+    let mut tabs = Tabs::start(app.http);
     let all = ["a", "b", "c"];
     for tab in all {
         tabs.open(tab, json!({ "query": { "user": "web" } })).await;
@@ -248,7 +250,7 @@ async fn a_frozen_holder_and_a_hung_one_are_replaced_and_catch_up_when_they_come
 #[tokio::test]
 async fn tabs_share_only_within_one_subscription_set_and_a_page_can_opt_out() {
     let app = spawn_app(&["--cors-allowed-origins", "*"]).await;
-    let mut tabs = Tabs::start(&app);
+    let mut tabs = Tabs::start(app.http);
     // Two tabs that opt out, two that share (topic x), one with another topic.
     tabs.open("alone1", json!({ "query": { "user": "web" }, "shared": false })).await;
     tabs.open("alone2", json!({ "query": { "user": "web" }, "shared": false })).await;
@@ -277,4 +279,55 @@ async fn tabs_share_only_within_one_subscription_set_and_a_page_can_opt_out() {
         assert_eq!(tabs.message_ids(tab), [x.clone(), u.clone()], "tab {tab}");
     }
     tabs.quit().await;
+}
+
+#[tokio::test]
+async fn every_tab_shows_the_holders_backoff_and_gets_missed_and_disconnect_as_one_tab_would() {
+    let flags = ["--cors-allowed-origins", "*", "--retry", "300ms"];
+    let first = Binary::start("127.0.0.1:0", &flags).await;
+    let addr = first.http;
+    let mut tabs = Tabs::start(addr);
+    let all = ["a", "b", "c"];
+    for tab in all {
+        tabs.open(tab, json!({ "query": { "user": "web" }, "minDelay": 100, "maxDelay": 800 })).await;
+    }
+    tabs.settled(&all).await;
+    let a1 = publish(&first.client, "web", "a1").await;
+    tabs.until("a1 everywhere", |t| all.iter().all(|tab| !t.message_ids(tab).is_empty())).await;
+
+    // The server restarts; meanwhile the address answers 503. The holder backs off, and every
+    // tab says so (a badge greys out in each).
+    first.terminate().await;
+    let (mut answered, stub) = unavailable_stub(addr).await;
+    tabs.until("every tab waiting", |t| all.iter().all(|tab| t.state(tab).0 == "waiting")).await;
+    timeout_at(deadline(), answered.wait_for(|n| *n >= 1)).await.expect("the holder tried the 503").unwrap();
+    stub.abort();
+    let _ = stub.await;
+
+    // The new process did not issue a1: every tab is told it may have missed events.
+    let second = Binary::start(&addr.to_string(), &flags).await;
+    tabs.until("ssegate.missed in every tab", |t| all.iter().all(|tab| t.lines_of(tab, "missed").next().is_some()))
+        .await;
+    tabs.settled(&all).await;
+    let b1 = publish(&second.client, "web", "b1").await;
+    tabs.until("b1 everywhere", |t| all.iter().all(|tab| t.message_ids(tab).len() >= 2)).await;
+    for tab in all {
+        assert_eq!(tabs.message_ids(tab), [a1.clone(), b1.clone()], "tab {tab}");
+        let missed: Vec<_> = tabs.lines_of(tab, "missed").map(|v| v["payload"].clone()).collect();
+        assert_eq!(missed, [json!({ "reason": "other_epoch", "last_event_id": a1 })], "tab {tab}: once");
+    }
+
+    // The backend closes the user's streams: every tab hears why.
+    let req = pb::DisconnectRequest { user_id: "web".into(), reason: "logout".into() };
+    second.client.clone().disconnect(req).await.expect("disconnect");
+    tabs.until("ssegate.disconnect in every tab", |t| {
+        all.iter().all(|tab| t.lines_of(tab, "disconnect").next().is_some())
+    })
+    .await;
+    for tab in all {
+        let reasons: Vec<_> = tabs.lines_of(tab, "disconnect").map(|v| v["payload"]["reason"].clone()).collect();
+        assert_eq!(reasons, [json!("logout")], "tab {tab}");
+    }
+    tabs.quit().await;
+    second.terminate().await;
 }
