@@ -39,6 +39,9 @@ pub enum Command {
     /// Internal: one client process of the chaos run (started by `chaos`).
     #[command(hide = true)]
     ChaosWorker(crate::chaos::ChaosWorkerArgs),
+    /// The broker's own figure: a plain JetStream publisher on a fresh stream, acknowledged
+    /// publishes per second (and the broker's CPU per event with --broker-pid).
+    RawNats(crate::rawnats::RawNatsArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

@@ -8,6 +8,7 @@
 //! - `run`: the coordinator: spawns `worker` processes, samples the server, publishes, reports.
 //! - `worker`: one client process holding up to ~19k connections (the fd limit) on one thread.
 //! - `publish`, `httppub`: gRPC (unary / `PublishStream`) and HTTP POST publishers.
+//! - `rawnats`: `raw-nats`, a plain JetStream publisher: the broker's own ingest figure.
 //! - `sse`: HTTP response head, chunked decoding, a lean SSE scanner.
 //! - `seqcheck`, `histogram`: loss/duplicate accounting and latency percentiles.
 //! - `procstat`, `report`, `wire`: `/proc` readings, the output, the worker line protocol.
@@ -20,6 +21,7 @@ mod httppub;
 mod plan;
 mod procstat;
 mod publish;
+mod rawnats;
 mod report;
 mod run;
 mod seqcheck;
@@ -36,6 +38,7 @@ fn main() {
         args::Command::Worker(a) => worker::main(a),
         args::Command::Chaos(a) => chaos::main(*a),
         args::Command::ChaosWorker(a) => chaos::worker_main(a),
+        args::Command::RawNats(a) => rawnats::run(a),
     };
     if let Err(e) = result {
         eprintln!("ssegate-bench: {e}");

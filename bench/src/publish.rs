@@ -110,6 +110,10 @@ impl TaskOutcome {
     }
 }
 
+/// How long past the end of the run a publisher waits for the answers still due: a server
+/// that stops answering costs the run this much, not a hang.
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
+
 /// A task's pacing and bounds.
 #[derive(Clone, Copy)]
 struct Pace {
@@ -210,25 +214,39 @@ async fn unary_task(mut client: PublisherClient<Channel>, plan: &Plan, mut cycle
         n += 1;
         let (s, seq, data) = next_event(plan, &mut cycler, &t.seqs);
         let name = plan.layout.name(s);
-        let r = match plan.layout.kind_of(s).0 {
-            Kind::User => {
-                client
-                    .publish(pb::PublishRequest { user_ids: vec![name], event: event(data), ..Default::default() })
-                    .await
+        let call = async {
+            match plan.layout.kind_of(s).0 {
+                Kind::User => {
+                    client
+                        .publish(pb::PublishRequest { user_ids: vec![name], event: event(data), ..Default::default() })
+                        .await
+                }
+                Kind::Group => {
+                    client
+                        .publish_group(pb::PublishGroupRequest {
+                            group: name,
+                            event: event(data),
+                            ..Default::default()
+                        })
+                        .await
+                }
+                Kind::Topic => {
+                    client
+                        .publish_topic(pb::PublishTopicRequest {
+                            topic: name,
+                            event: event(data),
+                            ..Default::default()
+                        })
+                        .await
+                }
+                Kind::Broadcast => {
+                    client.broadcast(pb::BroadcastRequest { event: event(data), ..Default::default() }).await
+                }
             }
-            Kind::Group => {
-                client
-                    .publish_group(pb::PublishGroupRequest { group: name, event: event(data), ..Default::default() })
-                    .await
-            }
-            Kind::Topic => {
-                client
-                    .publish_topic(pb::PublishTopicRequest { topic: name, event: event(data), ..Default::default() })
-                    .await
-            }
-            Kind::Broadcast => {
-                client.broadcast(pb::BroadcastRequest { event: event(data), ..Default::default() }).await
-            }
+        };
+        let Ok(r) = tokio::time::timeout_at((pace.deadline + ANSWER_GRACE).into(), call).await else {
+            t.fail(format!("no answer within {ANSWER_GRACE:?} past the end of the run"));
+            break;
         };
         match r {
             Ok(_) => {
@@ -281,7 +299,8 @@ async fn stream_task(mut client: PublisherClient<Channel>, plan: &Plan, mut cycl
     let mut n = 0;
     while pace.wait(n).await {
         n += 1;
-        let Ok(permit) = window.acquire().await else { break };
+        // A server that stops answering holds the window closed: stop at the end of the run.
+        let Ok(Ok(permit)) = tokio::time::timeout_at(pace.deadline.into(), window.acquire()).await else { break };
         permit.forget();
         let (s, seq, data) = next_event(plan, &mut cycler, &t.seqs);
         let name = plan.layout.name(s);
@@ -302,7 +321,7 @@ async fn stream_task(mut client: PublisherClient<Channel>, plan: &Plan, mut cycl
         t.seqs.insert(s, seq);
     }
     drop(tx);
-    match tokio::time::timeout(Duration::from_secs(60), reader).await {
+    match tokio::time::timeout_at((pace.deadline.max(Instant::now()) + ANSWER_GRACE).into(), reader).await {
         Ok(Ok((ok, errors, first_error))) => {
             t.ok += ok;
             t.errors += errors;
@@ -310,7 +329,7 @@ async fn stream_task(mut client: PublisherClient<Channel>, plan: &Plan, mut cycl
                 t.first_error = first_error;
             }
         }
-        _ => t.fail("PublishStream answers did not finish within 60 s".into()),
+        _ => t.fail(format!("PublishStream answers did not finish within {ANSWER_GRACE:?} past the end of the run")),
     }
     t
 }

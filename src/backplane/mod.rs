@@ -18,6 +18,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use futures_util::{FutureExt, future::BoxFuture};
+
 use crate::{
     domain::{Event, EventId, IdempotencyKey, Retain, Target},
     router::{PublishError, Published, Router},
@@ -291,6 +293,11 @@ pub enum BackplaneError {
     Lost(String),
 }
 
+/// The order of the publishes one caller starts with `Backplane::start_publish`: with a broker,
+/// the hand-over of the last one started, which the next one waits for.
+#[derive(Default)]
+pub struct PublishOrder(Option<tokio::sync::oneshot::Receiver<()>>);
+
 impl Backplane {
     /// Publishes; with NATS, returns once JetStream has stored the event.
     pub async fn publish(
@@ -337,10 +344,12 @@ impl Backplane {
     }
 
     /// Starts a publish whose outcome is awaited later, for callers that pipeline (the items of
-    /// a `PublishStream`): in memory, the event is numbered and handed to the open streams
-    /// before this returns (so events are numbered in the order they are started) and the
-    /// future only waits for its write to the data dir, so one group commit serves many items.
-    /// `None` with a broker: publish with `publish`, one at a time, to keep the order.
+    /// a `PublishStream`), keeping the order in which they are started: in memory, the event is
+    /// numbered and handed to the open streams before this returns, and the future only waits
+    /// for its write to the data dir (one group commit serves many items). With a broker, the
+    /// future hands the event to the connection once the previous publish started with the
+    /// same `order` was handed over (so the stream stores them in order), then waits for its
+    /// acknowledgement while later ones are handed over.
     pub fn start_publish(
         self: &Arc<Self>,
         router: &Router,
@@ -348,20 +357,48 @@ impl Backplane {
         event: &Event,
         retain: Retain,
         key: Option<IdempotencyKey>,
-    ) -> Option<impl Future<Output = Result<Accepted, BackplaneError>> + Send + use<>> {
-        let Backplane::Memory(memory) = &**self else { return None };
-        let started = memory.start(router, target, event, retain, key.as_ref());
+        order: &mut PublishOrder,
+    ) -> BoxFuture<'static, Result<Accepted, BackplaneError>> {
         let this = self.clone();
-        Some(async move {
-            // Always the memory backplane (checked above; a backplane never changes kind).
-            let Backplane::Memory(memory) = &*this else { return Err(PublishError::ShuttingDown.into()) };
-            memory.finish(key.as_ref(), started?).await
-        })
-    }
-
-    /// Whether `start_publish` pipelines publishes (the memory backplane).
-    pub fn pipelines(&self) -> bool {
-        matches!(self, Backplane::Memory(_))
+        match &**self {
+            Backplane::Memory(memory) => {
+                let started = memory.start(router, target, event, retain, key.as_ref());
+                async move {
+                    // Always the memory backplane (matched above; a backplane never changes kind).
+                    let Backplane::Memory(memory) = &*this else { return Err(PublishError::ShuttingDown.into()) };
+                    memory.finish(key.as_ref(), started?).await
+                }
+                .boxed()
+            }
+            Backplane::Nats(_) => {
+                let checked = if router.is_closing() {
+                    Err(PublishError::ShuttingDown)
+                } else if matches!(retain, Retain::Set { .. }) {
+                    router.admits_retained(&target, event)
+                } else {
+                    Ok(())
+                };
+                let previous = order.0.take();
+                let (handed_over, next) = tokio::sync::oneshot::channel::<()>();
+                order.0 = Some(next);
+                let event = event.clone();
+                async move {
+                    let Backplane::Nats(nats) = &*this else { return Err(PublishError::ShuttingDown.into()) };
+                    if let Some(previous) = previous {
+                        // Sent or dropped once the previous publish was handed over (or failed).
+                        let _ = previous.await;
+                    }
+                    let handed = match checked {
+                        Ok(()) => nats.hand_over(&target, &event, retain, key.as_ref()).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    drop(handed_over);
+                    let id = nats.finish(handed?).await?;
+                    Ok(Accepted { id, recipients: None })
+                }
+                .boxed()
+            }
+        }
     }
 
     /// Whether the backplane can take publishes now: in memory, unless its data dir's last

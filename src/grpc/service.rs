@@ -14,7 +14,7 @@ use tracing::{Instrument, field::Empty};
 use super::{ApiError, convert, panic, pb, unary::Parts};
 use crate::{
     backplane::{
-        Accepted, Backplane,
+        Accepted, Backplane, PublishOrder,
         cluster::{Answer, OnlinePage, Query},
     },
     domain::{GroupId, Target, Topic, UserId},
@@ -36,15 +36,15 @@ pub struct Limits {
 
 /// Items of one `PublishStream` read and not yet answered, at most: queued, or published and
 /// waiting for their write to the data dir (memory backplane: one group commit then serves
-/// many items). Items are read as soon as they arrive, up to this, so the transport never
+/// many items) or for the broker's acknowledgement (NATS: many wait at once). Items are read as soon as they arrive, up to this, so the transport never
 /// holds a pile of unread small messages: h2 answers that with `ENHANCE_YOUR_CALM` and drops
 /// the whole connection (its budget for small DATA frames is about 2,000 of them), which a
 /// caller keeping fewer items than this unanswered per stream can then never meet.
 const STREAM_IN_FLIGHT: usize = 4096;
 /// Bytes of items read and not yet started, at most: what the transport would have held
 /// unread anyway (hyper's 1 MiB stream window), so reading ahead costs no more memory per
-/// stream than before. Items only queue while one runs alone (a broker); in memory each is
-/// started as soon as it is read.
+/// stream than before. Each item is started as soon as it is read; with a broker its hand-over
+/// to the connection waits for the previous item's.
 const STREAM_QUEUED_BYTES: usize = 1 << 20;
 
 /// Largest page of `Presence.list_online`, and the page size when none is given.
@@ -101,19 +101,14 @@ impl PublisherService {
         result
     }
 
-    /// Starts item `index` of a `PublishStream`. With the memory backplane the item is checked
-    /// and published here (numbered before any later item) and the future waits for its write
-    /// (`true`: later items may start meanwhile); with a broker the future is the whole
-    /// publish, which runs alone (`false`), keeping the order the items came in.
+    /// Starts item `index` of a `PublishStream`, after those started before it with `order`
+    /// (`Backplane::start_publish`): the future answers it once it is stored.
     fn start_item(
         &self,
         index: u64,
         req: pb::PublishStreamRequest,
-    ) -> (BoxFuture<'static, pb::PublishStreamResponse>, bool) {
-        if !self.backplane.pipelines() {
-            let this = self.clone();
-            return (async move { this.stream_item(index, req).await }.boxed(), false);
-        }
+        order: &mut PublishOrder,
+    ) -> BoxFuture<'static, pb::PublishStreamResponse> {
         let kind = item_kind(&req);
         let span = tracing::info_span!("publish", target = kind, event_id = Empty, recipients = Empty);
         let started = span.in_scope(|| {
@@ -122,9 +117,7 @@ impl PublisherService {
             let event = convert::event(req.event, &self.limits)?;
             let retain = convert::retain(req.retain)?;
             let key = convert::idempotency_key(&req.idempotency_key)?;
-            self.backplane
-                .start_publish(&self.router, target, &event, retain, key)
-                .ok_or_else(|| ApiError::Unavailable("the backplane cannot pipeline".into()))
+            Ok::<_, ApiError>(self.backplane.start_publish(&self.router, target, &event, retain, key, order))
         });
         let metrics = self.metrics.clone();
         let answer = async move {
@@ -149,20 +142,7 @@ impl PublisherService {
                 }
             }
         };
-        (answer.instrument(span).boxed(), true)
-    }
-
-    async fn stream_item(&self, index: u64, req: pb::PublishStreamRequest) -> pb::PublishStreamResponse {
-        if let Err(e) = self.within_limit(&req) {
-            return item_refused(index, e.code(), e.to_string());
-        }
-        let kind = item_kind(&req);
-        let target = convert::stream_target(req.target, &self.limits);
-        let parts = Parts { event: req.event, retain: req.retain, idempotency_key: req.idempotency_key };
-        match self.publish(kind, target, parts).await {
-            Ok(p) => accepted_item(index, &p),
-            Err(e) => item_refused(index, e.code(), e.to_string()),
-        }
+        answer.instrument(span).boxed()
     }
 }
 
@@ -190,7 +170,7 @@ fn accepted_item(index: u64, p: &Accepted) -> pb::PublishStreamResponse {
 
 /// The answers of one `PublishStream`, in the order of its items: reads items as they arrive
 /// (up to `STREAM_IN_FLIGHT` and `STREAM_QUEUED_BYTES`), starts them in order while earlier
-/// ones wait for their write (`PublisherService::start_item`), one at a time with a broker.
+/// ones wait for their write or their broker's acknowledgement (`PublisherService::start_item`).
 struct StreamPipeline {
     service: PublisherService,
     items: Streaming<pb::PublishStreamRequest>,
@@ -199,8 +179,8 @@ struct StreamPipeline {
     queued: std::collections::VecDeque<pb::PublishStreamRequest>,
     queued_bytes: usize,
     in_flight: FuturesOrdered<BoxFuture<'static, pb::PublishStreamResponse>>,
-    /// An item that runs alone is in flight: read nothing until it is answered.
-    alone: bool,
+    /// Where the next item's publish goes in the order of those started.
+    order: PublishOrder,
     /// The items ended (or failed: the status, sent after the answers in flight).
     ended: bool,
     failed: Option<Status>,
@@ -218,7 +198,7 @@ impl StreamPipeline {
                     None => break,
                 }
             }
-            while !self.alone && !self.queued.is_empty() {
+            while !self.queued.is_empty() {
                 if let Some(req) = self.queued.pop_front() {
                     self.queued_bytes -= prost::Message::encoded_len(&req);
                     self.start(req);
@@ -230,12 +210,7 @@ impl StreamPipeline {
             }
             tokio::select! {
                 biased;
-                Some(answer) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if self.in_flight.is_empty() {
-                        self.alone = false;
-                    }
-                    return Some(Ok(answer));
-                }
+                Some(answer) = self.in_flight.next(), if !self.in_flight.is_empty() => return Some(Ok(answer)),
                 item = self.items.next(), if reading => self.take(item),
             }
         }
@@ -281,15 +256,13 @@ impl StreamPipeline {
         let index = self.next_index;
         self.next_index += 1;
         let refused = move |s: Status| item_refused(index, s.code(), s.message().to_owned());
-        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.service.start_item(index, req)));
-        let (answer, pipelined) = match started {
+        let order = &mut self.order;
+        let started =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.service.start_item(index, req, order)));
+        let answer = match started {
             Ok(started) => started,
-            Err(panic) => {
-                let status = panic::caught(WHAT, &*panic);
-                (future::ready(refused(status)).boxed(), true)
-            }
+            Err(panic) => future::ready(refused(panic::caught(WHAT, &*panic))).boxed(),
         };
-        self.alone = !pipelined;
         self.in_flight.push_back(panic::catching(WHAT, answer).map(move |a| a.unwrap_or_else(refused)).boxed());
     }
 }
@@ -327,9 +300,9 @@ impl pb::publisher_server::Publisher for PublisherService {
 
     type PublishStreamStream = ResponseStream;
 
-    /// Answers each request in order as it arrives: the next request is read only once the
-    /// previous one was published (stored, with a broker) and its answer taken by the
-    /// transport, which gives the caller backpressure for free.
+    /// Answers each request in order, with its own outcome: items are read as they arrive and
+    /// published in that order while earlier ones wait for their write or acknowledgement
+    /// (`StreamPipeline`); a caller that reads no answers is held back by flow control.
     async fn publish_stream(
         &self,
         req: Request<Streaming<pb::PublishStreamRequest>>,
@@ -341,7 +314,7 @@ impl pb::publisher_server::Publisher for PublisherService {
             queued: std::collections::VecDeque::new(),
             queued_bytes: 0,
             in_flight: FuturesOrdered::new(),
-            alone: false,
+            order: PublishOrder::default(),
             ended: false,
             failed: None,
         };

@@ -275,3 +275,64 @@ async fn a_resume_on_a_replica_behind_the_client_neither_repeats_nor_moves_the_i
     let got = moved.next_event().await;
     assert_eq!(got.data, "four", "neither ssegate.missed nor a repeat of two and three: {got:?}");
 }
+
+#[tokio::test]
+async fn a_publish_stream_through_the_broker_keeps_its_order_and_answers_each_item_with_its_own_outcome() {
+    use pb::publish_stream_request::Target;
+    let nats = Broker::start().await;
+    let a = replica(&nats, &[]).await;
+    let b = replica(&nats, &[]).await;
+    let mut sub = b.subscribe("user=u").await;
+
+    // Two thousand items sent at once (the server reads them ahead and hands each to the broker
+    // while earlier ones wait for their acknowledgement): one with a bad target, and a retry
+    // of an earlier item with the same idempotency key.
+    let n = 2000usize;
+    let (bad, first, retry) = (500usize, 900usize, 1500usize);
+    let items: Vec<_> = (0..n)
+        .map(|i| {
+            let user = if i == bad { "" } else { "u" };
+            let (data, key) = match i {
+                _ if i == first || i == retry => ("keyed".to_owned(), "the-key".to_owned()),
+                _ => (i.to_string(), String::new()),
+            };
+            pb::PublishStreamRequest {
+                target: Some(Target::Users(pb::UserTarget { user_ids: vec![user.into()] })),
+                event: Some(ev("", &data)),
+                idempotency_key: key,
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut answers = a.client.clone().publish_stream(tokio_stream::iter(items)).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(answer) = tokio::time::timeout_at(deadline(), answers.message()).await.expect("answers").unwrap() {
+        got.push(answer);
+    }
+    assert_eq!(got.len(), n, "one answer per item");
+    let mut last_seq = 0u64;
+    for (i, answer) in got.iter().enumerate() {
+        assert_eq!(answer.index, i as u64, "answers in item order");
+        if i == bad {
+            assert_eq!(answer.code, Code::InvalidArgument as i32, "{answer:?}");
+            continue;
+        }
+        assert_eq!(answer.code, Code::Ok as i32, "item {i}: {answer:?}");
+        let seq: u64 = answer.event_id.rsplit('-').next().unwrap().parse().unwrap();
+        if i == retry {
+            assert_eq!(answer.event_id, got[first].event_id, "the retry gets the first one's id");
+        } else {
+            assert!(seq > last_seq, "item {i}: stored in the order sent ({seq} after {last_seq})");
+            last_seq = seq;
+        }
+    }
+
+    // The subscriber on the other replica gets each stored event once, in the order sent.
+    let expected: Vec<String> = (0..n)
+        .filter(|i| *i != bad && *i != retry)
+        .map(|i| if i == first { "keyed".to_owned() } else { i.to_string() })
+        .collect();
+    assert_eq!(sub.next_data(expected.len()).await, expected);
+    b.broadcast("marker").await;
+    assert_eq!(sub.next_data(1).await, ["marker"], "and nothing else");
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Ingest through the NATS JetStream backplane (issue 26, goal 1), beside the broker's own
+# figure in the same run: a fresh `nats-server -js` and one ssegate replica (both pinned to the
+# server CPU) with 1k subscribers; unary Publish with 64 calls in flight, PublishStream with one
+# stream of 64 in flight and with 4 streams of 1,024; and `ssegate-bench raw-nats`, a plain
+# async-nats JetStream publisher (4 tasks × 1,024 in flight) on a stream of the same kind, the
+# broker's limit. DURATION each, REPEATS times.
+#
+#   ./scripts/bench-nats-ingest.sh          # CONNS=1000 DURATION=10s REPEATS=2
+source "$(dirname "$0")/bench-common.sh"
+BACKPLANE=nats
+CONNS=${CONNS:-1000}
+DURATION=${DURATION:-10s}
+REPEATS=${REPEATS:-2}
+build
+raw() {
+  log "raw-nats (the broker's own figure)"
+  if ! taskset -c "$CLIENT_CPU" "$BIN/ssegate-bench" raw-nats --nats-url "$NATS_URL" --broker-pid "$NATS_PID" \
+    --publishers 4 --window 1024 --duration "$DURATION" | tee -a "$RESULTS"; then
+    FAILED_RUNS+=("raw-nats")
+  fi
+}
+for rep in $(seq 1 "$REPEATS"); do
+  start_server ssegate
+  raw
+  bench ssegate ingest-unary-64 --connections "$CONNS" --to user --rate max --api unary --concurrency 64 \
+    --duration "$DURATION"
+  start_server ssegate
+  bench ssegate ingest-stream-1x64 --connections "$CONNS" --to user --rate max --api stream --concurrency 1 \
+    --window 64 --duration "$DURATION"
+  start_server ssegate
+  bench ssegate ingest-stream-4x1024 --connections "$CONNS" --to user --rate max --api stream --concurrency 4 \
+    --window 1024 --duration "$DURATION"
+done
+finish
