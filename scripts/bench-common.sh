@@ -13,6 +13,8 @@
 #                     the baseline binary with --bare, a tokio task per socket, idle only)
 #   BACKPLANE         ssegate's backplane: memory (default) or nats (a fresh `nats-server -js`
 #                     on 127.0.0.1:14222, pinned to the server CPU too, is started with it)
+#   SSEGATE_BIN       the ssegate binary to run (default: the release build; e.g. an older
+#                     build, to measure before and after a change in one run)
 #   CONNECT_CONCURRENCY  the load generator's connection attempts in flight per worker
 #                     (`--connect-concurrency`, default 256); 0 opens every connection at once,
 #                     a reconnect storm: e.g. `CONNECT_CONCURRENCY=0 ./scripts/bench-idle.sh`
@@ -116,7 +118,7 @@ start_server() {
       fi
       # Development identity and open publishing: the bench measures delivery, not JWT
       # verification (paid once per connection) or API-key checks (one map lookup per call).
-      RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN/ssegate" serve --http-addr "$SSEGATE_HTTP" \
+      RUST_LOG=warn taskset -c "$SERVER_CPU" "${SSEGATE_BIN:-$BIN/ssegate}" serve --http-addr "$SSEGATE_HTTP" \
         --grpc-addr "$SSEGATE_GRPC" --admin-addr "$SSEGATE_ADMIN" --insecure-dev-identity \
         --insecure-open-publish "${backplane[@]}" "$@" >"$SCRATCH/ssegate.log" 2>&1 &
       SERVER_PID=$!; wait_port "$SSEGATE_HTTP"; wait_port "$SSEGATE_GRPC" ;;

@@ -7,6 +7,8 @@
 # broker's limit. DURATION each, REPEATS times.
 #
 #   ./scripts/bench-nats-ingest.sh          # CONNS=1000 DURATION=10s REPEATS=2
+#   BEFORE_BIN=path/to/older/ssegate ./scripts/bench-nats-ingest.sh   # the same runs with an
+#                                           # older build too, labelled -before
 source "$(dirname "$0")/bench-common.sh"
 BACKPLANE=nats
 CONNS=${CONNS:-1000}
@@ -20,16 +22,24 @@ raw() {
     FAILED_RUNS+=("raw-nats")
   fi
 }
+ssegate_runs() {
+  local suffix=$1
+  start_server ssegate
+  bench ssegate "ingest-unary-64$suffix" --connections "$CONNS" --to user --rate max --api unary \
+    --concurrency 64 --duration "$DURATION"
+  start_server ssegate
+  bench ssegate "ingest-stream-1x64$suffix" --connections "$CONNS" --to user --rate max --api stream \
+    --concurrency 1 --window 64 --duration "$DURATION"
+  start_server ssegate
+  bench ssegate "ingest-stream-4x1024$suffix" --connections "$CONNS" --to user --rate max --api stream \
+    --concurrency 4 --window 1024 --duration "$DURATION"
+}
 for rep in $(seq 1 "$REPEATS"); do
   start_server ssegate
   raw
-  bench ssegate ingest-unary-64 --connections "$CONNS" --to user --rate max --api unary --concurrency 64 \
-    --duration "$DURATION"
-  start_server ssegate
-  bench ssegate ingest-stream-1x64 --connections "$CONNS" --to user --rate max --api stream --concurrency 1 \
-    --window 64 --duration "$DURATION"
-  start_server ssegate
-  bench ssegate ingest-stream-4x1024 --connections "$CONNS" --to user --rate max --api stream --concurrency 4 \
-    --window 1024 --duration "$DURATION"
+  ssegate_runs ""
+  if [ -n "${BEFORE_BIN:-}" ]; then
+    SSEGATE_BIN=$BEFORE_BIN ssegate_runs "-before"
+  fi
 done
 finish
