@@ -96,11 +96,15 @@ for line in open(sys.argv[1]):
         print(json.loads(line)[sys.argv[2]]); break' "$WORK/server.log" "$1"
 }
 
+# start_server [keyless]: with the publisher API key $API_KEY, or (keyless) with
+# --insecure-open-publish, for the examples run without SSEGATE_API_KEY.
 start_server() {
   [ -x "$SSEGATE_BIN" ] || die "no server binary at $SSEGATE_BIN (run cargo build, or set SSEGATE_BIN)"
+  local auth=(--publisher-api-keys "$API_KEY")
+  [ "${1:-}" = keyless ] && auth=(--insecure-open-publish)
   "$SSEGATE_BIN" serve \
     --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-    --publisher-api-keys "$API_KEY" --insecure-dev-identity \
+    "${auth[@]}" --insecure-dev-identity \
     --log-format json --shutdown-grace 2s >"$WORK/server.log" 2>&1 &
   server_pid=$!
   wait_for 20 "the server's 'ssegate serving' log line" server_announced
@@ -111,7 +115,7 @@ start_server() {
 }
 
 # Runs one example against the server and checks what its user's SSE stream received.
-#   $1 name, $2 time limit (seconds), then the command.
+#   $1 name, $2 time limit (seconds), then the command. KEY: the SSEGATE_API_KEY it gets.
 check_example() {
   local name="$1" limit="$2"
   shift 2
@@ -120,7 +124,7 @@ check_example() {
   reader_pids+=("$!")
   # The event goes only to connections open when it is published: wait for the stream.
   wait_for 10 "the SSE stream of $user to open" grep -q '^{"open"' "$events"
-  if ! env SSEGATE_GRPC_URL="http://$GRPC_ADDR" SSEGATE_API_KEY="$API_KEY" SSEGATE_USER="$user" \
+  if ! env SSEGATE_GRPC_URL="http://$GRPC_ADDR" SSEGATE_API_KEY="${KEY-$API_KEY}" SSEGATE_USER="$user" \
       timeout --kill-after=5 "$limit" "$@" >"$out" 2>&1; then
     sed 's/^/    /' "$out" >&2
     die "the $name example failed (output above)"
@@ -148,6 +152,14 @@ main() {
   check_example python 60 "$WORK/venv/bin/python" examples/python/publish.py
   log "node (examples/node/publish.mjs)"
   check_example node 60 node examples/node/publish.mjs
+
+  # Without a key, against a server that lets anyone publish (development): no header sent.
+  cleanup
+  start_server keyless
+  log "keyless server: http $HTTP_ADDR, grpc $GRPC_ADDR"
+  KEY="" check_example java-keyless 180 examples/java/run.sh
+  KEY="" check_example python-keyless 60 "$WORK/venv/bin/python" examples/python/publish.py
+  KEY="" check_example node-keyless 60 node examples/node/publish.mjs
   log "all publisher examples passed in $((SECONDS - started))s"
 }
 

@@ -233,7 +233,9 @@ export class SsegateClient {
   _setState(state, detail) {
     if (this.state === State.CLOSED) return;
     this.state = state;
-    if (this.role === 'holder') this._post({ t: 'state', state, detail: JSON.parse(JSON.stringify(detail)) });
+    if (this.role === 'holder') {
+      this._post({ t: 'state', term: this._share.term, state, detail: JSON.parse(JSON.stringify(detail)) });
+    }
     this.options.onStateChange?.(state, detail);
   }
 
@@ -329,8 +331,11 @@ export class SsegateClient {
       // fill `lastEventId`.
       const id = e.lastEventId || (name === POSITION ? e.data : '');
       if (this.role === 'holder') {
+        // `own`: the id is this event's, not the last one seen (an event sent without an id
+        // keeps the stream's last id: followers must not take it for a repeat of that one).
+        const own = id !== '' && id !== this.lastEventId;
         const sh = this._share;
-        this._post({ t: 'ev', term: sh.term, n: sh.n++, name, id, data: e.data });
+        this._post({ t: 'ev', term: sh.term, n: sh.n++, name, id, own, data: e.data });
       }
       this._deliver(name, id, e.data);
     });
@@ -680,7 +685,7 @@ export class SsegateClient {
           return;
         }
         sh.n += 1;
-        if (sh.skipUntil && m.id) {
+        if (sh.skipUntil && m.own) {
           const c = compareIds(m.id, sh.skipUntil);
           if (c === -1 || c === 0) return;
           sh.skipUntil = '';
@@ -801,7 +806,7 @@ export class SsegateClient {
     // position are skipped until one passes it (a holder that lags behind this stream).
     let start = 0;
     buffer.forEach((m, i) => {
-      const c = m.t === 'ev' && m.id ? compareIds(m.id, this.lastEventId) : null;
+      const c = m.t === 'ev' && m.own ? compareIds(m.id, this.lastEventId) : null;
       if (c === -1 || c === 0) start = i + 1;
     });
     sh.term = '';

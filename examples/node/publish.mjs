@@ -5,7 +5,8 @@
 // deadlines, a retry that reuses one `idempotency_key`, and `PublishStream` for bulk.
 //
 // Configuration (environment):
-//   SSEGATE_API_KEY      publisher API key (required)
+//   SSEGATE_API_KEY      publisher API key (without one, calls carry no `authorization`: a
+//                        server run with --insecure-open-publish)
 //   SSEGATE_GRPC_URL     http://host:port (plaintext) or https://host:port (TLS);
 //                        default http://127.0.0.1:50051
 //   SSEGATE_TLS_CA_FILE  with https://: the CA that signed the server's certificate
@@ -73,7 +74,7 @@ function openClient(Publisher, url, apiKey, caFile) {
     parsed.protocol === 'https:'
       ? grpc.credentials.createSsl(caFile ? fs.readFileSync(caFile) : null)
       : grpc.credentials.createInsecure();
-  return new Publisher(parsed.host, credentials, { interceptors: [bearerAuth(apiKey)] });
+  return new Publisher(parsed.host, credentials, { interceptors: apiKey ? [bearerAuth(apiKey)] : [] });
 }
 
 function unary(client, method, request) {
@@ -120,7 +121,9 @@ async function publishBulk(client, items, onAnswer) {
 
 async function main() {
   const apiKey = process.env.SSEGATE_API_KEY;
-  if (!apiKey) throw new Error('set SSEGATE_API_KEY to a publisher API key');
+  if (!apiKey) {
+    console.error('publish.mjs: no SSEGATE_API_KEY: calling without a key (a server run with --insecure-open-publish)');
+  }
   const url = process.env.SSEGATE_GRPC_URL || 'http://127.0.0.1:50051';
   const user = process.env.SSEGATE_USER || 'alice';
 

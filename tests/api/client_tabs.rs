@@ -331,3 +331,40 @@ async fn every_tab_shows_the_holders_backoff_and_gets_missed_and_disconnect_as_o
     tabs.quit().await;
     second.terminate().await;
 }
+
+#[tokio::test]
+async fn a_tab_whose_token_becomes_another_users_leaves_the_shared_stream_and_sees_none_of_its_events() {
+    let dir = std::env::temp_dir().join(format!("ssegate-client-tabs-login-{}", std::process::id()));
+    let mut flags = jwt_app_flags(&dir);
+    flags.extend(["--retry", "300ms"].map(String::from));
+    let app = spawn_app_with(&flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let mut tabs = Tabs::start(app.http);
+    for tab in ["a1", "a2"] {
+        tabs.open(tab, json!({ "token": token("alice", 3600) })).await;
+    }
+    tabs.settled(&["a1", "a2"]).await;
+    app.wait_connections("alice", 1).await;
+    let before = publish_to(&app, "alice", "before").await;
+    tabs.until("both have it", |t| ["a1", "a2"].iter().all(|tab| !t.message_ids(tab).is_empty())).await;
+
+    // In a2, someone else logs in: its token provider now answers bob's token. The next time
+    // the shared stream reconnects (here: the backend disconnects alice), a2 finds out, and
+    // moves to bob's stream, whichever tab held alice's.
+    tabs.send(&format!("settoken a2 {}", token("bob", 3600))).await;
+    tabs.until("a2's new token", |t| t.lines_of("a2", "token_set").next().is_some()).await;
+    let req = pb::DisconnectRequest { user_id: "alice".into(), reason: "logout elsewhere".into() };
+    app.client.clone().disconnect(req).await.expect("disconnect");
+    app.wait_connections("bob", 1).await;
+    app.wait_connections("alice", 1).await;
+    tabs.settled(&["a1"]).await;
+    tabs.settled(&["a2"]).await;
+
+    let secret = publish_to(&app, "alice", "for alice only").await;
+    let for_bob = publish_to(&app, "bob", "for bob").await;
+    tabs.until("each tab its own", |t| t.message_ids("a1").contains(&secret) && t.message_ids("a2").contains(&for_bob))
+        .await;
+    assert_eq!(tabs.message_ids("a1"), [before.clone(), secret], "a1 stays alice's");
+    assert_eq!(tabs.message_ids("a2"), [before, for_bob], "a2 gets bob's events from then on, none of alice's");
+    tabs.quit().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

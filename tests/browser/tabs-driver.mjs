@@ -28,6 +28,8 @@
 //   hang <tab>          stop its scripts without the event (a hung page)
 //   unfreeze <tab>      let its scripts run again (and send `resume` after `freeze`)
 //   role <tab>          report the tab's client role
+//   settoken <tab> <jwt>  what the tab's getToken answers from now on (a login as someone else);
+//                       then {"kind":"token_set"}
 //   quit                close the browser and exit 0 (stdin EOF does the same)
 //
 // Only loopback addresses are ever contacted. SSE_DRIVER_DEBUG=1 copies the pages' consoles.
@@ -55,14 +57,17 @@ let seq = 0;
 let client;
 const report = (r) => window.__report(JSON.stringify({ seq: seq++, report: { ...r, t: Date.now() } }));
 const { SsegateClient } = await import(config.module);
+let token;
+window.__setToken = (t) => { token = t; report({ kind: 'token_set' }); };
 window.__start = (o) => {
+  token = o.token;
   client = new SsegateClient(config.url, {
     query: o.query ?? {},
     shared: o.shared,
     shareKey: o.shareKey,
     minDelay: o.minDelay,
     maxDelay: o.maxDelay,
-    getToken: o.token ? () => o.token : undefined,
+    getToken: o.token ? () => token : undefined,
     onStateChange: (state, detail) =>
       report({ kind: 'state', state, detail: JSON.parse(JSON.stringify(detail)), role: client?.role }),
     onMissed: (payload) => report({ kind: 'missed', payload }),
@@ -152,6 +157,7 @@ h.run(async () => {
       };
     }
     if (cmd === 'role') return () => tabOf(arg).page.evaluate(() => window.__role());
+    if (cmd === 'settoken') return () => tabOf(arg).page.evaluate((t) => window.__setToken(t), args[1]);
     return null;
   });
 });
