@@ -34,6 +34,12 @@ pub enum ApiError {
     /// The publish was sent, then the connection to the broker failed: it may have been applied.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// A field that does not parse (other than an id or a name: `Invalid`).
+    #[error("{field}: {reason}")]
+    Malformed { field: &'static str, reason: String },
+    /// A request that refers to state the server no longer has (an id of an earlier process).
+    #[error("{0}")]
+    Stale(String),
 }
 
 impl From<BackplaneError> for ApiError {
@@ -66,12 +72,14 @@ impl ApiError {
             | ApiError::TooMany { .. }
             | ApiError::EventTooLarge { .. }
             | ApiError::OverBound { .. }
+            | ApiError::Malformed { .. }
             | ApiError::Conflict(_) => Code::InvalidArgument,
             ApiError::Router(PublishError::ShuttingDown | PublishError::NotStored(_)) | ApiError::Unavailable(_) => {
                 Code::Unavailable
             }
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::OutcomeUnknown(_) => Code::Unknown,
+            ApiError::Stale(_) => Code::FailedPrecondition,
             ApiError::Router(PublishError::RetainedFull(_)) | ApiError::MessageTooLarge { .. } => {
                 Code::ResourceExhausted
             }

@@ -17,7 +17,8 @@ use crate::{
         Accepted, Backplane, PublishOrder,
         cluster::{Answer, OnlinePage, Query},
     },
-    domain::{GroupId, Target, Topic, UserId},
+    domain::{EventId, GroupId, MalformedEventId, Target, Topic, UserId},
+    event_stream::parse::{Item, Parser},
     router::{Router, Stats},
     telemetry::metrics::EdgeMetrics,
 };
@@ -46,6 +47,10 @@ const STREAM_IN_FLIGHT: usize = 4096;
 /// stream than before. Each item is started as soon as it is read; with a broker its hand-over
 /// to the connection waits for the previous item's.
 const STREAM_QUEUED_BYTES: usize = 1 << 20;
+
+/// Largest page of `History`, and the page size when none is given.
+const MAX_HISTORY_PAGE: u32 = 1000;
+const DEFAULT_HISTORY_PAGE: u32 = 100;
 
 /// Largest page of `Presence.list_online`, and the page size when none is given.
 const MAX_ONLINE_PAGE: u32 = 10_000;
@@ -394,6 +399,71 @@ impl pb::publisher_server::Publisher for PublisherService {
             resp.online_user_ids = ids.iter().map(|u| u.to_string()).collect();
         }
         Ok(Response::new(resp))
+    }
+
+    async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        use pb::history_request::Target as T;
+        self.within_limit(req.get_ref())?;
+        let req = req.into_inner();
+        let target = match req.target.ok_or(ApiError::Missing("target (user_id, group, topic or broadcast)"))? {
+            T::UserId(u) => Target::users(vec![convert::user("user_id", &u)?]),
+            T::Group(g) => Target::Group(convert::group(&g)?),
+            T::Topic(t) => Target::Topic(convert::topic(&t)?),
+            T::Broadcast(_) => Target::Broadcast,
+        };
+        let limit = match req.limit {
+            0 => DEFAULT_HISTORY_PAGE,
+            n if n <= MAX_HISTORY_PAGE => n,
+            n => {
+                let max = MAX_HISTORY_PAGE as usize;
+                return Err(ApiError::OverBound { field: "limit", value: n.to_string(), max }.into());
+            }
+        };
+        let before = match req.before.as_str() {
+            "" => None,
+            s => {
+                let id: EventId = s
+                    .parse()
+                    .map_err(|e: MalformedEventId| ApiError::Malformed { field: "before", reason: e.to_string() })?;
+                if id.epoch != self.router.epoch() {
+                    return Err(ApiError::Stale(format!(
+                        "before: {id} is an id of an earlier server process or stream (epoch {:x} now); start again \
+                         from the newest (an empty before)",
+                        self.router.epoch()
+                    ))
+                    .into());
+                }
+                Some(id.seq)
+            }
+        };
+        let page = self.router.history(&target, before, limit as usize);
+        let epoch = page.position.epoch;
+        let events: Vec<pb::HistoryEvent> = page
+            .events
+            .iter()
+            .map(|logged| {
+                let bytes = &logged.frame.bytes;
+                let mut parsed = Vec::new();
+                Parser::new().feed(bytes, &mut parsed);
+                let (name, data) = match parsed.into_iter().find_map(|i| match i {
+                    Item::Event(e) => Some(e),
+                    _ => None,
+                }) {
+                    // The frame has an `event:` line only when the event has a name.
+                    Some(e) => (if bytes.starts_with(b"event:") { e.event_type } else { String::new() }, e.data),
+                    None => (String::new(), String::new()),
+                };
+                pb::HistoryEvent { id: EventId { epoch, seq: logged.seq }.to_string(), name, data }
+            })
+            .collect();
+        let next_before =
+            if page.more { events.last().map(|e| e.id.clone()).unwrap_or_default() } else { String::new() };
+        Ok(Response::new(pb::HistoryResponse {
+            truncated: !page.more && page.evicted,
+            next_before,
+            position: page.position.to_string(),
+            events,
+        }))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {

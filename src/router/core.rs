@@ -18,11 +18,23 @@ use bytes::Bytes;
 use super::{
     CloseReason, ConnId, Router,
     mailbox::Frame,
-    replay::ReplayLog,
+    replay::{Logged, ReplayLog},
     retained::{Retained, RetainedEntry},
     shard::Cmd,
 };
 use crate::domain::{EventId, GroupId, Target, Topic, UserId};
+
+/// A page of a target's history (`Router::history`).
+pub struct History {
+    /// Newest first.
+    pub events: Vec<Arc<Logged>>,
+    /// Older events of the target remain in the log.
+    pub more: bool,
+    /// The stream's position as the page was read.
+    pub position: EventId,
+    /// The log has evicted events (for its bounds) since the process started.
+    pub evicted: bool,
+}
 
 pub(super) struct Core {
     /// The epoch of the ids assigned now: fixed for the memory backplane; the stream's identity
@@ -227,6 +239,22 @@ impl Router {
             core.retained.restore(v);
         }
         core.log.forget_through(forgotten_through);
+    }
+
+    /// A page of the history of `target` from the replay log (`ReplayLog::history`), with the
+    /// stream's position and whether the log has evicted anything, read in one critical
+    /// section: a stream opened after the position gets exactly what came after this page.
+    pub fn history(&self, target: &Target, before: Option<u64>, limit: usize) -> History {
+        let now = Instant::now();
+        let mut core = self.lock();
+        core.log.expire(now);
+        let (events, more) = core.log.history(target, before.unwrap_or(u64::MAX), limit);
+        History {
+            events,
+            more,
+            position: EventId { epoch: core.epoch, seq: core.last_seq },
+            evicted: core.log.evicted_through() > 0,
+        }
     }
 
     /// Evicts replay-log events past their maximum age (also done on every publish), and

@@ -34,10 +34,11 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
+pub use core::History;
 pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Push};
 pub use rebase::{KeptValue, STREAM_RECREATED};
 pub use registration::Registration;
-pub use replay::ReplayConfig;
+pub use replay::{Logged, ReplayConfig};
 pub use retained::{RetainedConfig, RetainedEntry, RetainedFull, VALUE_OVERHEAD as RETAINED_VALUE_OVERHEAD};
 pub use stats::{RESUME_OUTCOMES, Stats, TARGET_KINDS};
 

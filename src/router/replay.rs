@@ -116,6 +116,28 @@ impl ReplayLog {
             .map(|e| &e.logged.frame))
     }
 
+    /// The events published to exactly `target` (one user: those whose list includes them)
+    /// with a sequence number below `before`, newest first: at most `limit`, and whether older
+    /// ones remain in the log.
+    pub fn history(&self, target: &Target, before: u64, limit: usize) -> (Vec<Arc<Logged>>, bool) {
+        let end = self.entries.partition_point(|e| e.seq < before);
+        let mut page = Vec::new();
+        for e in self.entries.range(..end).rev() {
+            if is_to(&e.logged.target, target) {
+                if page.len() == limit {
+                    return (page, true);
+                }
+                page.push(e.logged.clone());
+            }
+        }
+        (page, false)
+    }
+
+    /// The newest sequence number evicted so far (0 if none).
+    pub fn evicted_through(&self) -> u64 {
+        self.evicted_through
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -137,6 +159,18 @@ impl ReplayLog {
 }
 
 /// Whether `target` reaches a connection of `user` that joined `groups` and `topics` (sorted).
+/// Whether an event published to `sent` was published to `asked` (one user, a group, a topic or
+/// broadcast).
+fn is_to(sent: &Target, asked: &Target) -> bool {
+    match (sent, asked) {
+        (Target::Users(users), Target::Users(one)) => one.iter().all(|u| users.binary_search(u).is_ok()),
+        (Target::Group(a), Target::Group(b)) => a == b,
+        (Target::Topic(a), Target::Topic(b)) => a == b,
+        (Target::Broadcast, Target::Broadcast) => true,
+        _ => false,
+    }
+}
+
 fn addresses(target: &Target, user: &UserId, groups: &[GroupId], topics: &[Topic]) -> bool {
     match target {
         Target::Users(users) => users.binary_search(user).is_ok(),

@@ -432,3 +432,14 @@ async fn over_mutual_tls_json_callers_use_http1_with_their_certificate_and_grpc_
     let stats = app.stats().await;
     assert_eq!(stats.events_published, 2);
 }
+
+#[tokio::test]
+async fn history_is_served_over_http_json() {
+    let app = spawn_app(&[]).await;
+    let id = app.publish_users(&["u"], "note", "hello").await.event_id;
+    let v = ok(&app, "History", json!({ "userId": "u", "limit": 5 })).await;
+    assert_eq!(v["events"], json!([{ "id": id, "name": "note", "data": "hello" }]));
+    assert_eq!(v["position"], id.as_str());
+    let r = post(&app, "History", json!({ "userId": "u", "before": "yesterday" })).await;
+    assert!(r.error(400, "invalid_argument").starts_with("before: "), "{}", r.body);
+}

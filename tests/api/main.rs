@@ -19,6 +19,7 @@ mod durable;
 mod edge_hygiene;
 mod encoding;
 mod helpers;
+mod history;
 mod hostile;
 mod http_edge;
 mod limits;

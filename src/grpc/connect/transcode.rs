@@ -60,7 +60,7 @@ where
 }
 
 /// Every unary method of the proto; `PublishStream` is the only other one.
-pub(super) const PROCEDURES: [Procedure; 7] = [
+pub(super) const PROCEDURES: [Procedure; 8] = [
     procedure::<pb::PublishRequest, pb::PublishResponse>("Publish"),
     procedure::<pb::PublishGroupRequest, pb::PublishResponse>("PublishGroup"),
     procedure::<pb::PublishTopicRequest, pb::PublishResponse>("PublishTopic"),
@@ -68,6 +68,7 @@ pub(super) const PROCEDURES: [Procedure; 7] = [
     procedure::<pb::DisconnectRequest, pb::DisconnectResponse>("Disconnect"),
     procedure::<pb::PresenceRequest, pb::PresenceResponse>("Presence"),
     procedure::<pb::StatsRequest, pb::StatsResponse>("Stats"),
+    procedure::<pb::HistoryRequest, pb::HistoryResponse>("History"),
 ];
 
 /// The streaming method, which HTTP/JSON does not serve.
