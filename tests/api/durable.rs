@@ -517,3 +517,30 @@ async fn publish_streams_pipelining_small_items_against_the_data_dir_are_answere
         next[s] += 1;
     }
 }
+
+#[tokio::test]
+async fn history_lists_the_same_events_with_the_same_ids_after_a_kill_9() {
+    let dir = TempDir::new("history");
+    let mut server = start(&dir).await;
+    let mut ids = Vec::new();
+    for d in ["h1", "h2", "h3"] {
+        ids.push(publish(&server, d, "", None).await.event_id);
+    }
+    stop(&mut server, false).await;
+
+    let server = start(&dir).await;
+    let mut client = PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let req = pb::HistoryRequest {
+        target: Some(pb::history_request::Target::UserId("u".into())),
+        limit: 2,
+        before: String::new(),
+    };
+    let page = client.history(req.clone()).await.expect("history").into_inner();
+    let got: Vec<_> = page.events.iter().map(|e| (e.id.as_str(), e.data.as_str())).collect();
+    assert_eq!(got, [(ids[2].as_str(), "h3"), (ids[1].as_str(), "h2")], "restored from the data dir");
+    let older = pb::HistoryRequest { before: page.next_before.clone(), ..req };
+    let page = client.history(older).await.expect("history").into_inner();
+    let got: Vec<_> = page.events.iter().map(|e| (e.id.as_str(), e.data.as_str())).collect();
+    assert_eq!(got, [(ids[0].as_str(), "h1")]);
+    assert!(page.next_before.is_empty() && !page.truncated, "{page:?}");
+}
