@@ -293,6 +293,18 @@ pub enum BackplaneError {
     Lost(String),
 }
 
+/// What a replica checks before handing a publish to the broker: it is not shutting down, and
+/// a retained value fits its bounds (`--max-retained*`, checked where the publish is taken).
+fn broker_admits(router: &Router, target: &Target, event: &Event, retain: Retain) -> Result<(), PublishError> {
+    if router.is_closing() {
+        return Err(PublishError::ShuttingDown);
+    }
+    if matches!(retain, Retain::Set { .. }) {
+        router.admits_retained(target, event)?;
+    }
+    Ok(())
+}
+
 /// The order of the publishes one caller starts with `Backplane::start_publish`: with a broker,
 /// the hand-over of the last one started, which the next one waits for.
 #[derive(Default)]
@@ -314,15 +326,10 @@ impl Backplane {
                 memory.finish(idempotency_key, started).await
             }
             Backplane::Nats(nats) => {
-                if router.is_closing() {
-                    return Err(PublishError::ShuttingDown.into());
-                }
-                if matches!(retain, Retain::Set { .. }) {
-                    router.admits_retained(&target, &event)?;
-                }
+                broker_admits(router, &target, &event, retain)?;
                 // The id names the stream that stored it (its epoch may be newer than the router's
                 // for a moment, while this replica catches up with a recreated stream).
-                let id = nats.publish(&target, &event, retain, idempotency_key).await?;
+                let id = nats.publish(target, event, retain, idempotency_key).await?;
                 Ok(Accepted { id, recipients: None })
             }
         }
@@ -354,7 +361,7 @@ impl Backplane {
         self: &Arc<Self>,
         router: &Router,
         target: Target,
-        event: &Event,
+        event: Event,
         retain: Retain,
         key: Option<IdempotencyKey>,
         order: &mut PublishOrder,
@@ -362,7 +369,7 @@ impl Backplane {
         let this = self.clone();
         match &**self {
             Backplane::Memory(memory) => {
-                let started = memory.start(router, target, event, retain, key.as_ref());
+                let started = memory.start(router, target, &event, retain, key.as_ref());
                 async move {
                     // Always the memory backplane (matched above; a backplane never changes kind).
                     let Backplane::Memory(memory) = &*this else { return Err(PublishError::ShuttingDown.into()) };
@@ -371,17 +378,10 @@ impl Backplane {
                 .boxed()
             }
             Backplane::Nats(_) => {
-                let checked = if router.is_closing() {
-                    Err(PublishError::ShuttingDown)
-                } else if matches!(retain, Retain::Set { .. }) {
-                    router.admits_retained(&target, event)
-                } else {
-                    Ok(())
-                };
+                let checked = broker_admits(router, &target, &event, retain);
                 let previous = order.0.take();
                 let (handed_over, next) = tokio::sync::oneshot::channel::<()>();
                 order.0 = Some(next);
-                let event = event.clone();
                 async move {
                     let Backplane::Nats(nats) = &*this else { return Err(PublishError::ShuttingDown.into()) };
                     if let Some(previous) = previous {
@@ -389,7 +389,7 @@ impl Backplane {
                         let _ = previous.await;
                     }
                     let handed = match checked {
-                        Ok(()) => nats.hand_over(&target, &event, retain, key.as_ref()).await,
+                        Ok(()) => nats.hand_over(target, event, retain, key.as_ref()).await,
                         Err(e) => Err(e.into()),
                     };
                     drop(handed_over);

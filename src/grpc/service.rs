@@ -122,7 +122,7 @@ impl PublisherService {
             let event = convert::event(req.event, &self.limits)?;
             let retain = convert::retain(req.retain)?;
             let key = convert::idempotency_key(&req.idempotency_key)?;
-            Ok::<_, ApiError>(self.backplane.start_publish(&self.router, target, &event, retain, key, order))
+            Ok::<_, ApiError>(self.backplane.start_publish(&self.router, target, event, retain, key, order))
         });
         let metrics = self.metrics.clone();
         let answer = async move {

@@ -36,8 +36,8 @@ impl NatsBackplane {
     /// stored, and then delivered: the caller must retry with the same idempotency key).
     pub async fn publish(
         &self,
-        target: &Target,
-        event: &Event,
+        target: Target,
+        event: Event,
         retain: Retain,
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<EventId, BackplaneError> {
@@ -52,8 +52,8 @@ impl NatsBackplane {
     /// nothing sent.
     pub async fn hand_over(
         &self,
-        target: &Target,
-        event: &Event,
+        target: Target,
+        event: Event,
         retain: Retain,
         idempotency_key: Option<&IdempotencyKey>,
     ) -> Result<HandedOver, BackplaneError> {
@@ -69,7 +69,7 @@ impl NatsBackplane {
         if !self.is_up() {
             return Err(BackplaneError::Unavailable("NATS JetStream is not answering".into()));
         }
-        let mut msg = PublishMessage::build().payload(wire::encode(target, event, retain).into());
+        let mut msg = PublishMessage::build().payload(wire::encode(&target, &event, retain).into());
         if let Some(key) = idempotency_key {
             msg = msg.message_id(key.as_str());
         }
@@ -86,7 +86,7 @@ impl NatsBackplane {
                 Ok(Err(e)) => return Err(BackplaneError::Unavailable(e.to_string())),
                 Ok(Ok(ack)) => ack,
             };
-        let retained = (retain != Retain::No).then(|| (target.clone(), event.clone(), retain));
+        let retained = (retain != Retain::No).then_some((target, event, retain));
         Ok(HandedOver { ack, deadline, epoch, seen, retained })
     }
 
