@@ -221,10 +221,7 @@ export class SsegateClient {
 
   /** Closes the stream for good: no reconnect, no more callbacks. A holder hands over. */
   close() {
-    this._gen += 1;
-    clearTimeout(this._timer);
-    this._timer = null;
-    this._drop();
+    this._halt();
     this._leaveGroup();
     this.role = 'closed';
     this._setState(State.CLOSED, {});
@@ -237,6 +234,15 @@ export class SsegateClient {
       this._post({ t: 'state', term: this._share.term, state, detail: JSON.parse(JSON.stringify(detail)) });
     }
     this.options.onStateChange?.(state, detail);
+  }
+
+  /** Stops this client's connection and whatever it was waiting for (stale callbacks see the
+   * new generation and do nothing). */
+  _halt() {
+    this._gen += 1;
+    clearTimeout(this._timer);
+    this._timer = null;
+    this._drop();
   }
 
   _drop() {
@@ -578,9 +584,7 @@ export class SsegateClient {
   _pause() {
     const sh = this._share;
     if (!sh || this.role !== 'holder') return;
-    this._gen += 1;
-    clearTimeout(this._timer);
-    this._drop();
+    this._halt();
     this._post({ t: 'leave', term: sh.term });
     sh.release?.();
     sh.release = null;
@@ -597,9 +601,7 @@ export class SsegateClient {
 
   /** The lock was taken from this holder (it looked dead): stop relaying, and follow. */
   _stolen() {
-    this._gen += 1;
-    clearTimeout(this._timer);
-    this._drop();
+    this._halt();
     this._share.release = null;
     this._follow();
   }
