@@ -87,6 +87,11 @@ pub struct SubscribeArgs {
     #[arg(long)]
     pub users: Option<u32>,
 
+    /// The number in the first user's name: users are `u<first-user>`, `u<first-user + 1>`...
+    /// (several load generators against one cluster, each with its own users).
+    #[arg(long, default_value_t = 0)]
+    pub first_user: u32,
+
     /// Groups; connection i joins group i % groups.
     #[arg(long, default_value_t = 0)]
     pub groups: u32,
@@ -213,7 +218,7 @@ fn loopback(what: &str, ip: IpAddr) -> Result<(), String> {
 impl SubscribeArgs {
     pub fn layout(&self, connections: u64) -> Layout {
         let users = self.users.unwrap_or(connections.clamp(1, u64::from(u32::MAX)) as u32);
-        Layout { target: self.target, users, groups: self.groups, topics: self.topics }
+        Layout { target: self.target, users, groups: self.groups, topics: self.topics, first_user: self.first_user }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -309,7 +314,7 @@ mod tests {
         assert_eq!(r.duration, Duration::from_secs(30));
         assert_eq!(
             r.sub.layout(r.connections),
-            Layout { target: Target::Ssegate, users: 10_000, groups: 0, topics: 1 }
+            Layout { target: Target::Ssegate, users: 10_000, groups: 0, topics: 1, first_user: 0 }
         );
         assert_eq!(r.pub_addr(), r.sub.http_addr);
     }

@@ -39,6 +39,9 @@ pub struct Layout {
     pub users: u32,
     pub groups: u32,
     pub topics: u32,
+    /// The number in the first user's name (`u<first_user>`): load generators with disjoint
+    /// ranges of users share a cluster without receiving each other's events.
+    pub first_user: u32,
 }
 
 impl Layout {
@@ -72,7 +75,7 @@ impl Layout {
     /// The name publishers and subscribers use for a stream (`u12`, `g3`, `t0`, `all`).
     pub fn name(&self, stream: u32) -> String {
         match self.kind_of(stream) {
-            (Kind::User, i) => format!("u{i}"),
+            (Kind::User, i) => format!("u{}", u64::from(i) + u64::from(self.first_user)),
             (Kind::Group, i) => format!("g{i}"),
             (Kind::Topic, i) => format!("t{i}"),
             (Kind::Broadcast, _) => "all".to_string(),
@@ -162,7 +165,7 @@ pub fn now_ns() -> u64 {
 mod tests {
     use super::*;
 
-    const L: Layout = Layout { target: Target::Ssegate, users: 10, groups: 2, topics: 1 };
+    const L: Layout = Layout { target: Target::Ssegate, users: 10, groups: 2, topics: 1, first_user: 0 };
 
     #[test]
     fn stream_numbering() {

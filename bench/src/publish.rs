@@ -359,7 +359,7 @@ mod tests {
 
     #[test]
     fn streams_split_disjointly_and_completely() {
-        let layout = Layout { target: Target::Ssegate, users: 10, groups: 0, topics: 2 };
+        let layout = Layout { target: Target::Ssegate, users: 10, groups: 0, topics: 2, first_user: 0 };
         let cyclers = split(&layout, &[Kind::User, Kind::Topic, Kind::Broadcast], 3);
         let mut all: Vec<u32> = cyclers.iter().flat_map(|c| c.lists.iter().flatten().copied()).collect();
         all.sort_unstable();
@@ -370,7 +370,7 @@ mod tests {
 
     #[test]
     fn cycler_alternates_kinds_then_streams() {
-        let layout = Layout { target: Target::Ssegate, users: 3, groups: 0, topics: 1 };
+        let layout = Layout { target: Target::Ssegate, users: 3, groups: 0, topics: 1, first_user: 0 };
         let mut c = split(&layout, &[Kind::User, Kind::Topic], 1).remove(0);
         let order: Vec<u32> = (0..8).map(|_| c.next_stream()).collect();
         assert_eq!(order, [0, 3, 1, 3, 2, 3, 0, 3]);
