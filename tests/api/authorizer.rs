@@ -162,7 +162,7 @@ async fn the_backend_allows_a_session_cookie_and_the_stream_gets_that_users_even
 
 #[tokio::test]
 async fn a_deny_answer_reaches_the_browser_with_its_status_and_reason() {
-    let (_backend, addr) = grpc_backend(Duration::ZERO, |req| {
+    let (backend, addr) = grpc_backend(Duration::ZERO, |req| {
         Ok(match session(req) {
             Some("other-tenant") => deny(403, "this account belongs to another tenant"),
             Some("weird") => deny(0, "\x1b[31mred\nalert"),
@@ -182,6 +182,11 @@ async fn a_deny_answer_reaches_the_browser_with_its_status_and_reason() {
         assert_eq!((got, text.as_str()), (status, body), "{cookie}");
         assert!(headers.iter().any(|(k, v)| k == "content-type" && v.starts_with("text/plain")));
     }
+    // A deny is cached briefly: the same credential again costs no call, and gets the same.
+    assert_eq!(backend.calls(), 4);
+    let (status, _, body) = refused(&app, "", "SESSION=expired").await;
+    assert_eq!((status, body.as_str()), (401, "not signed in: log in again\n"));
+    assert_eq!(backend.calls(), 4);
     // Asking for more than the allow grants is 403, naming what.
     let (_, addr) = grpc_backend(Duration::ZERO, sessions).await;
     let app = self::app(&addr, &[]).await;
