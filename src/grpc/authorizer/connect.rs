@@ -151,6 +151,49 @@ impl Client {
             let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).replace(['\r', '\n'], " ");
             return Err(CallError::Failed(format!("HTTP {status}: {text}")));
         }
-        serde_json::from_slice(&bytes).map_err(|e| CallError::Invalid(format!("not an AuthorizeResponse in JSON: {e}")))
+        parse_answer(&bytes)
+    }
+}
+
+/// The answer in proto3 JSON. `null` means the field's default (the JSON mapping says so), so
+/// nulls are dropped first: a Java object with both `allow` and `deny` fields, one of them
+/// null, is what Jackson writes by default, and the generated parser would otherwise see both
+/// members of the oneof. Unknown fields are refused (an answer ssegate may be misreading).
+fn parse_answer(bytes: &[u8]) -> Result<pb::AuthorizeResponse, CallError> {
+    fn strip_nulls(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.retain(|_, v| !v.is_null());
+                map.values_mut().for_each(strip_nulls);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+            _ => {}
+        }
+    }
+    let invalid = |e: serde_json::Error| CallError::Invalid(format!("not an AuthorizeResponse in JSON: {e}"));
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
+    strip_nulls(&mut value);
+    serde_json::from_value(value).map_err(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::pb::authorize_response::Decision;
+
+    #[test]
+    fn answers_parse_as_a_java_or_python_backend_writes_them() {
+        let allow = |json: &str| match parse_answer(json.as_bytes()).map(|r| r.decision) {
+            Ok(Some(Decision::Allow(a))) => a,
+            other => panic!("{json}: {other:?}"),
+        };
+        let a = allow(r#"{"allow":{"userId":"alice","groups":["g"],"expiresAt":1767225600},"deny":null}"#);
+        assert_eq!((a.user_id.as_str(), a.expires_at, a.groups.len()), ("alice", 1_767_225_600, 1));
+        assert_eq!(allow(r#"{"allow":{"user_id":"bob","expiresAt":"7","topics":null}}"#).expires_at, 7);
+        let deny = parse_answer(br#"{"deny":{"status":401,"reason":"no"}}"#).unwrap();
+        assert!(matches!(deny.decision, Some(Decision::Deny(d)) if d.status == 401));
+        for bad in [&br#"{"allow":{"userId":"a"},"extra":1}"#[..], b"<html>", br#"{"allow":{"userId":1}}"#] {
+            assert!(matches!(parse_answer(bad), Err(CallError::Invalid(_))), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }
