@@ -240,8 +240,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
     pub authorizer_cache_size: u32,
 
-    /// Most calls to the authorizer at once; more wait (within --authorizer-timeout) for one
-    /// to finish, else get 503.
+    /// Most calls to the authorizer at once; more wait (at most half of --authorizer-timeout,
+    /// so each call has the other half) for one to finish, else get 503.
     #[arg(long, env = "SSEGATE_AUTHORIZER_MAX_IN_FLIGHT", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub authorizer_max_in_flight: u32,

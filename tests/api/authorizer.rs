@@ -25,7 +25,7 @@ use tokio::{net::TcpListener, time::Instant};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::helpers::{SseClient, TestApp, http_request, spawn_app_with};
+use crate::helpers::{SseClient, TestApp, http_request, spawn_app_with, tls_fixture};
 
 type Answer = dyn Fn(&pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, Status> + Send + Sync;
 
@@ -344,6 +344,14 @@ async fn a_jwt_when_present_decides_and_the_backend_decides_the_rest() {
 /// A Connect/JSON authorizer, as a Spring `@PostMapping("/ssegate.v1.Authorizer/Authorize")`
 /// would be: plain HTTP/1.1, JSON in and out. Returns the requests' JSON bodies as seen.
 async fn connect_backend() -> (Arc<Mutex<Vec<serde_json::Value>>>, SocketAddr) {
+    let (seen, router) = connect_router();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (seen, addr)
+}
+
+fn connect_router() -> (Arc<Mutex<Vec<serde_json::Value>>>, axum::Router) {
     use axum::{Router, routing::post};
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -363,11 +371,7 @@ async fn connect_backend() -> (Arc<Mutex<Vec<serde_json::Value>>>, SocketAddr) {
             ([("content-type", "application/json")], answer.to_string())
         }
     });
-    let router = Router::new().route("/ssegate.v1.Authorizer/Authorize", route);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (seen, addr)
+    (seen, Router::new().route("/ssegate.v1.Authorizer/Authorize", route))
 }
 
 #[tokio::test]
@@ -388,4 +392,82 @@ async fn a_connect_json_authorizer_allows_and_denies() {
     assert_eq!(first["cookies"], serde_json::json!([{"name": "SESSION", "value": "s-carol"}]), "{first}");
     assert_eq!(first["groups"], serde_json::json!(["staff"]));
     assert!(first["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+}
+
+/// The TEST-ONLY server certificate (for `localhost` and 127.0.0.1) and its key, as PEM.
+fn server_identity() -> (Vec<u8>, Vec<u8>) {
+    (std::fs::read(tls_fixture("server-a.pem")).unwrap(), std::fs::read(tls_fixture("server-a.key")).unwrap())
+}
+
+#[tokio::test]
+async fn an_https_authorizer_is_called_over_tls_trusting_the_given_ca_on_both_protocols() {
+    // gRPC over TLS.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = Arc::new(Backend {
+        answer: Box::new(sessions),
+        delay: Duration::ZERO,
+        calls: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: AtomicUsize::new(0),
+        seen: Mutex::new(Vec::new()),
+    });
+    let (cert, key) = server_identity();
+    let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(&cert, &key));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(AuthorizerServer::new(Shared(backend.clone())))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let ca = tls_fixture("ca.pem");
+    let app = app(&format!("https://localhost:{}", addr.port()), &["--authorizer-tls-ca-file", &ca]).await;
+    let c = open(&app, "", "SESSION=s-grace").await;
+    assert_eq!(c.status, 200, "{:?}", c.head);
+    assert_eq!(backend.calls(), 1);
+    // Without the CA the certificate is not trusted: refused, never admitted.
+    let app = self::app(&format!("https://localhost:{}", addr.port()), &[]).await;
+    let (status, _, body) = refused(&app, "", "SESSION=s-grace").await;
+    assert_eq!(status, 503, "{body}");
+
+    // Connect/JSON over TLS (HTTP/1.1 behind rustls).
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let chain = CertificateDer::pem_slice_iter(&cert).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (seen, router) = connect_router();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, router) = (acceptor.clone(), router.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let app = self::app(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &["--authorizer-protocol", "connect", "--authorizer-tls-ca-file", &ca],
+    )
+    .await;
+    let c = open(&app, "", "SESSION=s-heidi").await;
+    assert_eq!(c.status, 200, "{:?}", c.head);
+    let (status, _, body) = refused(&app, "", "SESSION=nope").await;
+    assert_eq!((status, body.as_str()), (401, "no session\n"));
+    assert_eq!(seen.lock().unwrap().len(), 2);
 }

@@ -255,7 +255,9 @@ impl Authorizer {
                 return Ok(verdict);
             }
             self.metrics.authorizer_cache(false);
-            match state.in_flight.get(&key) {
+            // A call whose task ended without answering (it panicked) is not waited for: its
+            // entry is replaced, so one bad call cannot lock a credential out.
+            match state.in_flight.get(&key).filter(|rx| rx.has_changed().is_ok()) {
                 Some(rx) => (rx.clone(), None),
                 None => {
                     if let Err(e) = state.breaker.admit(now) {
@@ -286,7 +288,11 @@ impl Authorizer {
     async fn call(&self, key: Key, query: AuthorizeQuery, tx: watch::Sender<Option<Outcome>>) {
         let started = Instant::now();
         let deadline = started + self.settings.timeout;
-        let outcome = match timeout_at(deadline, self.permits.acquire()).await {
+        // A place among the calls in flight is waited for at most half the timeout, so that a
+        // call always has the other half: one started with a few milliseconds left would time
+        // out for want of time, not because the backend is slow, and open the breaker.
+        let permit_deadline = started + self.settings.timeout / 2;
+        let outcome = match timeout_at(permit_deadline, self.permits.acquire()).await {
             Err(_) | Ok(Err(_)) => Err(CallError::Overloaded),
             Ok(Ok(_permit)) => match timeout_at(deadline, self.transport.call(&query)).await {
                 Err(_) => Err(CallError::Timeout),
