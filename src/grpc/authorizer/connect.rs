@@ -79,7 +79,8 @@ impl Client {
     }
 
     /// A new HTTP/1.1 connection; its driver runs in a task that ends with the connection
-    /// (when its `SendRequest` is dropped or the server closes it).
+    /// (when its `SendRequest` is dropped or the server closes it). Not on the application's
+    /// tracker: an idle pooled connection would hold the drain for its whole grace.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, CallError> {
         let unreachable = |e: &dyn std::fmt::Display| CallError::Unreachable(format!("{}: {e}", self.authority));
         // Resolved without blocking (tokio's resolver runs off the workers).
@@ -103,20 +104,24 @@ impl Client {
         })
     }
 
-    /// A pooled connection that is still open, else a new one.
-    async fn take(&self) -> Result<SendRequest<Full<Bytes>>, CallError> {
+    /// A pooled connection that is still open (true), else a new one (false).
+    async fn take(&self) -> Result<(SendRequest<Full<Bytes>>, bool), CallError> {
         loop {
             let pooled = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
             match pooled {
                 Some(mut send) if !send.is_closed() => {
                     if send.ready().await.is_ok() {
-                        return Ok(send);
+                        return Ok((send, true));
                     }
                 }
                 Some(_) => {}
-                None => return self.connect().await,
+                None => return Ok((self.connect().await?, false)),
             }
         }
+    }
+
+    fn unreachable(&self, e: &dyn std::fmt::Display) -> CallError {
+        CallError::Unreachable(format!("{}: {e}", self.authority))
     }
 
     fn give_back(&self, send: SendRequest<Full<Bytes>>) {
@@ -129,17 +134,28 @@ impl Client {
     /// One call: the request as JSON, the `200` answer parsed as JSON; any other status is a
     /// failure (a Connect error body is logged, cut short).
     pub async fn call(&self, req: &pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, CallError> {
-        let body = serde_json::to_vec(req).map_err(|e| CallError::Failed(format!("encoding the request: {e}")))?;
-        let request = Request::post(&self.path)
-            .header(header::HOST, &self.host_header)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json")
-            .header("connect-protocol-version", "1")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| CallError::Failed(format!("building the request: {e}")))?;
-        let mut send = self.take().await?;
-        let resp =
-            send.send_request(request).await.map_err(|e| CallError::Unreachable(format!("{}: {e}", self.authority)))?;
+        let body =
+            Bytes::from(serde_json::to_vec(req).map_err(|e| CallError::Failed(format!("encoding the request: {e}")))?);
+        let request = || {
+            Request::post(&self.path)
+                .header(header::HOST, &self.host_header)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::ACCEPT, "application/json")
+                .header("connect-protocol-version", "1")
+                .body(Full::new(body.clone()))
+                .map_err(|e| CallError::Failed(format!("building the request: {e}")))
+        };
+        let (mut send, pooled) = self.take().await?;
+        let resp = match send.send_request(request()?).await {
+            Ok(resp) => resp,
+            // A kept-alive connection the server closed as the request went out: the call is
+            // idempotent, so it is sent once more on a new connection.
+            Err(_) if pooled => {
+                send = self.connect().await?;
+                send.send_request(request()?).await.map_err(|e| self.unreachable(&e))?
+            }
+            Err(e) => return Err(self.unreachable(&e)),
+        };
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
