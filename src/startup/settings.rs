@@ -346,6 +346,32 @@ mod tests {
     }
 
     #[test]
+    fn authorizer_flags_become_its_settings_and_conflict_with_the_development_identity() {
+        assert!(settings(&[]).unwrap().subscriber.authorizer.is_none());
+        let s = settings(&[
+            "--authorizer-addr",
+            "http://app:8080",
+            "--authorizer-protocol",
+            "connect",
+            "--authorizer-header",
+            "X-Tenant,authorization",
+            "--authorizer-cookie",
+            "SESSION",
+        ])
+        .unwrap();
+        let a = s.subscriber.authorizer.unwrap();
+        assert_eq!((a.url.as_str(), a.protocol), ("http://app:8080", crate::config::AuthorizerProtocol::Connect));
+        assert_eq!(a.headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(), ["x-tenant", "authorization"]);
+        assert_eq!(a.cookies, ["SESSION"]);
+        assert_eq!((a.timeout, a.cache_ttl, a.max_in_flight), (Duration::from_secs(2), Duration::from_secs(30), 64));
+        let bad = settings(&["--authorizer-addr", "http://a:1", "--authorizer-header", "bad header"]);
+        assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("bad header")));
+        let dev = settings(&["--authorizer-addr", "http://a:1", "--insecure-dev-identity"]);
+        assert!(matches!(dev, Err(ConfigError::Conflict(m)) if m.contains("--authorizer-addr")));
+        assert!(Cli::try_parse_from(["ssegate", "serve", "--authorizer-timeout", "0s"]).is_err());
+    }
+
+    #[test]
     fn the_data_dir_takes_a_sync_policy_always_by_default() {
         let data = |extra: &[&str]| match settings(extra).unwrap().backplane {
             BackplaneSettings::Memory { data, .. } => data,

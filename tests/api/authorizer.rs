@@ -471,3 +471,39 @@ async fn an_https_authorizer_is_called_over_tls_trusting_the_given_ca_on_both_pr
     assert_eq!((status, body.as_str()), (401, "no session\n"));
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn an_open_breaker_fails_fast_then_one_probe_after_the_cool_down_closes_it() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let flag = healthy.clone();
+    let (backend, addr) = grpc_backend(Duration::ZERO, move |req| {
+        if flag.load(SeqCst) { sessions(req) } else { Err(Status::unavailable("restarting")) }
+    })
+    .await;
+    let app = app(&addr, &[]).await;
+    for i in 0..5 {
+        let (status, _, body) = refused(&app, "", &format!("SESSION=s-u{i}")).await;
+        assert_eq!((status, body.as_str()), (503, "authorization is unavailable: the authorizer failed\n"));
+    }
+    assert_eq!(backend.calls(), 5);
+    healthy.store(true, SeqCst);
+    // Open: refused at once without a call, until the cool-down (5 s) has passed; then the
+    // first request is the probe, and it succeeds.
+    let end = Instant::now() + Duration::from_secs(15);
+    let mut refused_fast = 0;
+    loop {
+        let c = open(&app, "", "SESSION=s-back").await;
+        if c.status == 200 {
+            break;
+        }
+        assert_eq!(c.status, 503);
+        refused_fast += 1;
+        assert!(Instant::now() < end, "the breaker never closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused_fast > 0, "the breaker was open");
+    assert_eq!(backend.calls(), 6, "no call while open; one probe after the cool-down");
+    // Closed again: other credentials are asked about as usual.
+    assert_eq!(open(&app, "", "SESSION=s-other").await.status, 200);
+    assert_eq!(backend.calls(), 7);
+}

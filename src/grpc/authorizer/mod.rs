@@ -99,12 +99,19 @@ fn read_ca(path: &Path) -> Result<Vec<u8>, AuthorizerConfigError> {
         .map_err(|e| AuthorizerConfigError::Ca { path: path.display().to_string(), reason: e.to_string() })
 }
 
-/// A gRPC failure: unreachable (no connection), timed out, or the backend's own error status.
+/// A gRPC failure: unreachable (the transport failed: the status has a source), timed out,
+/// or the backend's own error status (its `UNAVAILABLE` included: it was reached).
 fn status_error(s: tonic::Status) -> CallError {
-    let detail = format!("{:?}: {}", s.code(), s.message().replace(['\r', '\n'], " "));
+    use std::error::Error;
+    let mut detail = format!("{:?}: {}", s.code(), s.message().replace(['\r', '\n'], " "));
+    let mut source = s.source();
+    while let Some(e) = source {
+        detail.push_str(&format!(": {e}"));
+        source = e.source();
+    }
     match s.code() {
         tonic::Code::DeadlineExceeded => CallError::Timeout,
-        tonic::Code::Unavailable => CallError::Unreachable(detail),
+        _ if s.source().is_some() => CallError::Unreachable(detail),
         _ => CallError::Failed(detail),
     }
 }
