@@ -157,6 +157,10 @@ check_authorizer() {
   local name="$1"
   shift
   local out="$WORK/$name.out" events="$WORK/$name.events" started=$SECONDS url status cookie
+  # Emptied first: the background jobs' redirections happen later, and what an earlier run
+  # left there must not be read as this run's.
+  : >"$out"
+  : >"$events"
   env AUTHORIZER_ADDR=127.0.0.1:0 "$@" >"$out" 2>&1 &
   reader_pids+=("$!")
   wait_for 60 "the $name authorizer's 'listening on' line" grep -q '^listening on http://' "$out"
