@@ -1,24 +1,29 @@
 //! Compiles `proto/ssegate/v1/*.proto` with protox (pure Rust, so no system `protoc` is needed)
-//! and generates the tonic server and client. The encoded descriptor set is written next to the
-//! generated code for gRPC server reflection, and is what pbjson-build reads to generate the
-//! proto3 JSON mapping (serde impls of the same prost types) for HTTP/JSON on the gRPC port.
+//! and generates the tonic server and client. The encoded descriptor set of the services the
+//! server serves (the publisher's file) is written next to the generated code for gRPC server
+//! reflection; the whole set (with `authorizer.proto`, which the backend implements and ssegate
+//! calls) is what pbjson-build reads to generate the proto3 JSON mapping (serde impls of the
+//! same prost types) for HTTP/JSON on the gRPC port and Connect calls to an authorizer.
 
 use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/ssegate/v1/publisher.proto"];
+    let protos = ["proto/ssegate/v1/publisher.proto", "proto/ssegate/v1/authorizer.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     let encoded = fds.encode_to_vec();
-    fs::write(out.join("ssegate_descriptor.bin"), &encoded)?;
-    // The gRPC paths of every method, derived from the proto (metrics label calls by them).
+    // Reflection lists what this server serves: not the Authorizer, which it only calls.
+    let mut served = fds.clone();
+    served.file.retain(|f| f.name() != "ssegate/v1/authorizer.proto");
+    fs::write(out.join("ssegate_descriptor.bin"), served.encode_to_vec())?;
+    // The gRPC paths of every method served, derived from the proto (metrics label calls by them).
     let mut methods = Vec::new();
-    for file in &fds.file {
+    for file in &served.file {
         for service in &file.service {
             for method in &service.method {
                 methods.push(format!("{}.{}/{}", file.package(), service.name(), method.name()));

@@ -3,8 +3,9 @@
 
 Standard library only. Two commands:
 
-  sse_check.py read URL
-      Opens GET URL (an ssegate /v1/events stream) and prints one JSON object per line:
+  sse_check.py read URL [--header "Name: value"]...
+      Opens GET URL (an ssegate /v1/events stream), with those headers (a session cookie for
+      an authorizer), and prints one JSON object per line:
         {"open": "<id>"}                          the stream's position (`ssegate.position`,
                                                   the event that opens it) was read
         {"id": ..., "event": ..., "data": ...}    one per other dispatched event
@@ -40,8 +41,12 @@ def emit(obj):
     print(json.dumps(obj), flush=True)
 
 
-def read(url):
-    request = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+def read(url, extra_headers=()):
+    headers = {"Accept": "text/event-stream"}
+    for h in extra_headers:
+        name, _, value = h.partition(":")
+        headers[name.strip()] = value.strip()
+    request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except OSError as err:
@@ -119,6 +124,7 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("read")
     r.add_argument("url")
+    r.add_argument("--header", action="append", default=[])
     e = sub.add_parser("expect")
     e.add_argument("events")
     e.add_argument("publisher_output")
@@ -126,7 +132,7 @@ def main():
     e.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
     if args.command == "read":
-        return read(args.url)
+        return read(args.url, args.header)
     problem = expect(args.events, args.publisher_output, args.user, args.timeout)
     if problem:
         print(f"sse_check.py: {problem}", file=sys.stderr)

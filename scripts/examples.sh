@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Runs the publisher examples (examples/java, examples/python, examples/node) against the
-# real server and checks, with an SSE reader, that each one's events reached the browser side.
+# real server and checks, with an SSE reader, that each one's events reached the browser side;
+# then the authorizer examples (examples/python/authorizer.py, examples/java/.../
+# AuthorizerExample.java, both Connect/JSON): ssegate, started with --authorizer-addr pointing
+# at each, must open alice's stream for her session cookie and deliver an event published to
+# her, and refuse a wrong cookie and none with 401.
 # Run from anywhere:
 #
 #   [SSEGATE_BIN=target/debug/ssegate] ./scripts/examples.sh
@@ -68,17 +72,22 @@ ensure_node() {
 
 server_pid=""
 reader_pids=()
-cleanup() {
-  local pid
-  for pid in "${reader_pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
+stop_server() {
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     kill -TERM "$server_pid" 2>/dev/null || true
     local deadline=$((SECONDS + 5))
     while kill -0 "$server_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
     kill -KILL "$server_pid" 2>/dev/null || true
   fi
+  server_pid=""
+}
+cleanup() {
+  local pid
+  for pid in "${reader_pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  reader_pids=()
+  stop_server
 }
 trap cleanup EXIT
 
@@ -96,15 +105,20 @@ for line in open(sys.argv[1]):
         print(json.loads(line)[sys.argv[2]]); break' "$WORK/server.log" "$1"
 }
 
-# start_server [keyless]: with the publisher API key $API_KEY, or (keyless) with
-# --insecure-open-publish, for the examples run without SSEGATE_API_KEY.
+# start_server [keyless | authorizer URL]: with the publisher API key $API_KEY, or (keyless)
+# with --insecure-open-publish, for the examples run without SSEGATE_API_KEY; subscribers
+# with --insecure-dev-identity (`?user=`), or (authorizer) as the Connect/JSON authorizer at
+# URL says, from the SESSION cookie.
 start_server() {
   [ -x "$SSEGATE_BIN" ] || die "no server binary at $SSEGATE_BIN (run cargo build, or set SSEGATE_BIN)"
-  local auth=(--publisher-api-keys "$API_KEY")
+  local auth=(--publisher-api-keys "$API_KEY") identity=(--insecure-dev-identity)
   [ "${1:-}" = keyless ] && auth=(--insecure-open-publish)
+  if [ "${1:-}" = authorizer ]; then
+    identity=(--authorizer-addr "$2" --authorizer-protocol connect --authorizer-cookie SESSION)
+  fi
   "$SSEGATE_BIN" serve \
     --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-    "${auth[@]}" --insecure-dev-identity \
+    "${auth[@]}" "${identity[@]}" \
     --log-format json --shutdown-grace 2s >"$WORK/server.log" 2>&1 &
   server_pid=$!
   wait_for 20 "the server's 'ssegate serving' log line" server_announced
@@ -135,6 +149,42 @@ check_example() {
   log "$name: every event delivered to $user, once, in order ($((SECONDS - started))s)"
 }
 
+# Runs one authorizer example ($1 name, then its command, given AUTHORIZER_ADDR=127.0.0.1:0;
+# it prints `listening on URL`), starts the server asking it, and checks that alice's session
+# cookie opens her stream and gets an event published to her, and that a wrong cookie and no
+# cookie get 401 with a reason.
+check_authorizer() {
+  local name="$1"
+  shift
+  local out="$WORK/$name.out" events="$WORK/$name.events" started=$SECONDS url status cookie
+  # Emptied first: the background jobs' redirections happen later, and what an earlier run
+  # left there must not be read as this run's.
+  : >"$out"
+  : >"$events"
+  env AUTHORIZER_ADDR=127.0.0.1:0 "$@" >"$out" 2>&1 &
+  reader_pids+=("$!")
+  wait_for 60 "the $name authorizer's 'listening on' line" grep -q '^listening on http://' "$out"
+  url="$(sed -n 's/^listening on //p' "$out" | head -n 1)"
+  stop_server
+  start_server authorizer "$url"
+  python3 examples/sse_check.py read "http://$HTTP_ADDR/v1/events" --header "Cookie: SESSION=s3cr3t-alice" \
+    >"$events" 2>&1 &
+  reader_pids+=("$!")
+  wait_for 10 "alice's stream (authorized by $name) to open" grep -q '^{"open"' "$events"
+  "$SSEGATE_BIN" publish --grpc-url "http://$GRPC_ADDR" --api-key "$API_KEY" --user alice \
+    --event greeting --data "hello alice, via $name" >/dev/null
+  wait_for 10 "the event published to alice to reach her stream" grep -q "hello alice, via $name" "$events"
+  for cookie in "SESSION=not-a-session" ""; do
+    status="$(curl -sS -o "$WORK/$name.refused" -w '%{http_code}' --max-time 10 -H "Cookie: $cookie" \
+      "http://$HTTP_ADDR/v1/events")"
+    if [ "$status" != 401 ]; then
+      sed 's/^/    /' "$out" >&2
+      die "$name: the cookie '$cookie' got HTTP $status ($(head -c 200 "$WORK/$name.refused")), expected 401"
+    fi
+  done
+  log "$name: alice's session opened her stream and got her event; a wrong cookie and none got 401 ($((SECONDS - started))s)"
+}
+
 main() {
   mkdir -p "$WORK"
   local started=$SECONDS
@@ -161,6 +211,13 @@ main() {
   KEY="" check_example python-keyless 60 "$WORK/venv/bin/python" examples/python/publish.py
   KEY="" check_example node-keyless 60 node examples/node/publish.mjs
   log "all publisher examples passed in $((SECONDS - started))s"
+
+  cleanup
+  log "python authorizer (examples/python/authorizer.py)"
+  check_authorizer python-authorizer python3 examples/python/authorizer.py
+  log "java authorizer (examples/java/.../AuthorizerExample.java, JDK only)"
+  check_authorizer java-authorizer java examples/java/src/main/java/io/ssegate/example/AuthorizerExample.java
+  log "all examples passed in $((SECONDS - started))s"
 }
 
 main

@@ -1,7 +1,9 @@
-//! Who may subscribe to what (JWT on the HTTP port) and who may publish (API keys on the gRPC
-//! port). Identity is decided here, once, from the request; the router only sees the result.
+//! Who may subscribe to what (JWT, or the application's backend through `authorizer`, on the
+//! HTTP port) and who may publish (API keys on the gRPC port). Identity is decided here, once,
+//! from the request; the router only sees the result.
 
 mod api_keys;
+pub mod authorizer;
 pub mod jwt;
 pub mod pattern;
 
@@ -12,6 +14,7 @@ use http::HeaderMap;
 pub use api_keys::{ApiKeyError, ApiKeys, PublishDenied, PublisherAuth};
 use std::sync::Arc;
 
+use authorizer::{Authorizer, CallError, Verdict};
 use jwt::{ReloadingVerifier, TokenError};
 
 use crate::domain::{GroupId, InvalidText, Topic, UserId};
@@ -20,6 +23,10 @@ use crate::domain::{GroupId, InvalidText, Topic, UserId};
 pub enum SubscriberAuth {
     /// A JWT in `Authorization: Bearer`, the cookie, or `?token=`.
     Jwt { verifier: Arc<ReloadingVerifier>, cookie: String },
+    /// The application's backend decides (`--authorizer-addr`). With JWT keys configured too, a
+    /// request that carries a JWT (header, cookie or `?token=`) is decided by the JWT alone,
+    /// as with `Jwt`; any other asks the backend.
+    Authorizer { authorizer: Arc<Authorizer>, jwt: Option<(Arc<ReloadingVerifier>, String)> },
     /// `?user=` is believed as is (`--insecure-dev-identity`, development only).
     InsecureQuery,
     /// Nothing configured: every subscription is refused with a message saying what to set.
@@ -71,9 +78,19 @@ pub enum AuthError {
     GroupNotAllowed { group: String, user: UserId },
     #[error("topic `{topic}` is not allowed by the token's `topics` claim")]
     TopicNotAllowed { topic: String, user: UserId },
+    /// Asked for something the backend's allow answer does not grant (`what`: "`?user=bob`",
+    /// "group `g`", "topic `t`"). `user` is the one the backend named: for the log.
+    #[error("{what} is not allowed for this session")]
+    NotGranted { what: String, user: UserId },
+    /// The backend's deny answer: its status (400-499) and one-line reason.
+    #[error("{reason}")]
+    Denied { status: u16, reason: String },
+    /// No valid answer from the backend: refused (fail closed), 503.
+    #[error("authorization is unavailable: {0}")]
+    AuthorizerUnavailable(CallError),
     #[error(
-        "subscriptions are disabled: configure --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file \
-         (or --insecure-dev-identity for development)"
+        "subscriptions are disabled: configure --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file, \
+         or --authorizer-addr (or --insecure-dev-identity for development)"
     )]
     Disabled,
 }
@@ -84,14 +101,17 @@ impl AuthError {
         match self {
             AuthError::WrongUser { user }
             | AuthError::GroupNotAllowed { user, .. }
-            | AuthError::TopicNotAllowed { user, .. } => Some(user),
+            | AuthError::TopicNotAllowed { user, .. }
+            | AuthError::NotGranted { user, .. } => Some(user),
             _ => None,
         }
     }
 }
 
 impl SubscriberAuth {
-    pub fn identify(&self, headers: &HeaderMap, req: Requested) -> Result<Identity, AuthError> {
+    /// Who the request is and what it may join. Only the backend authorizer awaits anything
+    /// (its call, within `--authorizer-timeout`); the other modes answer at once.
+    pub async fn identify(&self, headers: &HeaderMap, req: Requested, peer: &str) -> Result<Identity, AuthError> {
         match self {
             SubscriberAuth::Disabled => Err(AuthError::Disabled),
             SubscriberAuth::InsecureQuery => Ok(Identity {
@@ -100,59 +120,122 @@ impl SubscriberAuth {
                 topics: req.topics,
                 expires_in: None,
             }),
-            SubscriberAuth::Jwt { verifier, cookie } => {
-                let header = authorization(headers);
-                let token = match header {
-                    Authorization::Bearer(token) => Some(token),
-                    // Another scheme may be meant for something else (a proxy's Basic auth):
-                    // the cookie and the query still count.
-                    Authorization::Absent | Authorization::Other => {
-                        cookie_value(headers, cookie)?.or(req.token.as_deref())
-                    }
-                };
-                let token = token.ok_or_else(|| match header {
-                    Authorization::Other => AuthError::MalformedAuthorization,
-                    _ => AuthError::MissingToken { cookie: cookie.clone() },
-                })?;
-                let claims = verifier.verify(token)?;
-                authorize(claims, req)
-            }
+            SubscriberAuth::Jwt { verifier, cookie } => identify_jwt(verifier, cookie, headers, req),
+            SubscriberAuth::Authorizer { authorizer, jwt } => match jwt {
+                Some((verifier, cookie)) if carries_jwt(headers, cookie, &req) => {
+                    identify_jwt(verifier, cookie, headers, req)
+                }
+                _ => identify_by_backend(authorizer, headers, req, peer).await,
+            },
         }
     }
+}
+
+/// Whether the request carries a JWT anywhere ssegate reads one (an `Authorization` header of
+/// another scheme, e.g. a proxy's Basic, is not one).
+fn carries_jwt(headers: &HeaderMap, cookie: &str, req: &Requested) -> bool {
+    matches!(authorization(headers), Authorization::Bearer(_))
+        || req.token.is_some()
+        || !matches!(cookie_value(headers, cookie), Ok(None))
+}
+
+fn identify_jwt(
+    verifier: &ReloadingVerifier,
+    cookie: &str,
+    headers: &HeaderMap,
+    req: Requested,
+) -> Result<Identity, AuthError> {
+    let header = authorization(headers);
+    let token = match header {
+        Authorization::Bearer(token) => Some(token),
+        // Another scheme may be meant for something else (a proxy's Basic auth):
+        // the cookie and the query still count.
+        Authorization::Absent | Authorization::Other => cookie_value(headers, cookie)?.or(req.token.as_deref()),
+    };
+    let token = token.ok_or_else(|| match header {
+        Authorization::Other => AuthError::MalformedAuthorization,
+        _ => AuthError::MissingToken { cookie: cookie.to_owned() },
+    })?;
+    let claims = verifier.verify(token)?;
+    authorize(claims, req)
+}
+
+/// Asks the backend (or its cache) and applies its allow answer like a token's claims.
+async fn identify_by_backend(
+    authorizer: &Arc<Authorizer>,
+    headers: &HeaderMap,
+    req: Requested,
+    peer: &str,
+) -> Result<Identity, AuthError> {
+    let query = authorizer.query(headers, req.user.clone(), req.groups.clone(), req.topics.clone(), peer);
+    let verdict = authorizer.authorize(query).await.map_err(AuthError::AuthorizerUnavailable)?;
+    match &*verdict {
+        Verdict::Deny(d) => Err(AuthError::Denied { status: d.status, reason: d.reason.clone() }),
+        Verdict::Allow(g) => {
+            let expires_in = g.expires_at.map(authorizer::remaining);
+            apply(g.user.clone(), g.groups.clone(), &g.topics, expires_in, req).map_err(|(refusal, user)| {
+                let what = match refusal {
+                    Refusal::WrongUser(asked) => format!("`?user={asked}`"),
+                    Refusal::Group(g) => format!("group `{g}`"),
+                    Refusal::Topic(t) => format!("topic `{t}`"),
+                };
+                AuthError::NotGranted { what, user }
+            })
+        }
+    }
+}
+
+/// What a request asked for beyond its grant.
+enum Refusal {
+    WrongUser(String),
+    Group(String),
+    Topic(String),
 }
 
 /// Applies a verified token's claims to what the request asked for.
 fn authorize(claims: jwt::Claims, req: Requested) -> Result<Identity, AuthError> {
     let sub = claims.sub.ok_or_else(|| TokenError::MissingClaim("sub".into()))?;
     let user = UserId::parse(&sub).map_err(|reason| AuthError::BadClaim { claim: "sub", reason })?;
-    if req.user.as_ref().is_some_and(|u| *u != user) {
-        return Err(AuthError::WrongUser { user });
-    }
     let granted: Vec<GroupId> = claims
         .groups
         .iter()
         .map(|g| GroupId::parse(g).map_err(|reason| AuthError::BadClaim { claim: "groups", reason }))
         .collect::<Result<_, _>>()?;
-    // No `group=` asked: join every group of the token. Otherwise only those asked, each of
-    // which must be granted.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let expires_in = Some(Duration::from_secs(claims.exp.saturating_sub(now)));
+    apply(user, granted, &claims.topics, expires_in, req).map_err(|(refusal, user)| match refusal {
+        Refusal::WrongUser(_) => AuthError::WrongUser { user },
+        Refusal::Group(group) => AuthError::GroupNotAllowed { group, user },
+        Refusal::Topic(topic) => AuthError::TopicNotAllowed { topic, user },
+    })
+}
+
+/// A grant (a token's claims or the backend's allow) applied to what the request asked: the
+/// user asked, if any, must be the granted one; no `group=` asked joins every granted group,
+/// otherwise only those asked, each of which must be granted; each topic asked must match a
+/// granted pattern. The same rules whoever granted, so the two modes never differ.
+fn apply(
+    user: UserId,
+    granted: Vec<GroupId>,
+    topic_patterns: &[String],
+    expires_in: Option<Duration>,
+    req: Requested,
+) -> Result<Identity, (Refusal, UserId)> {
+    if let Some(asked) = req.user.as_ref().filter(|u| **u != user) {
+        return Err((Refusal::WrongUser(asked.as_str().to_owned()), user));
+    }
     let groups = if req.groups.is_empty() {
         granted
     } else {
         if let Some(g) = req.groups.iter().find(|g| !granted.contains(g)) {
-            return Err(AuthError::GroupNotAllowed { group: g.as_str().to_owned(), user });
+            return Err((Refusal::Group(g.as_str().to_owned()), user));
         }
         req.groups
     };
-    if let Some(t) = req.topics.iter().find(|t| !claims.topics.iter().any(|p| pattern::matches(p, t.as_str()))) {
-        return Err(AuthError::TopicNotAllowed { topic: t.as_str().to_owned(), user });
+    if let Some(t) = req.topics.iter().find(|t| !topic_patterns.iter().any(|p| pattern::matches(p, t.as_str()))) {
+        return Err((Refusal::Topic(t.as_str().to_owned()), user));
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    Ok(Identity {
-        user,
-        groups,
-        topics: req.topics,
-        expires_in: Some(Duration::from_secs(claims.exp.saturating_sub(now))),
-    })
+    Ok(Identity { user, groups, topics: req.topics, expires_in })
 }
 
 /// What the `Authorization` header holds.

@@ -38,6 +38,15 @@ pub enum BackplaneKind {
     Nats,
 }
 
+/// How ssegate calls the backend's `ssegate.v1.Authorizer` (`--authorizer-protocol`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorizerProtocol {
+    /// gRPC (HTTP/2; h2c for http://).
+    Grpc,
+    /// Connect unary with JSON: `POST <addr>/ssegate.v1.Authorizer/Authorize` over HTTP/1.1.
+    Connect,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Pretty,

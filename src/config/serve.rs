@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use super::{BackplaneKind, LogFormat, duration};
+use super::{AuthorizerProtocol, BackplaneKind, LogFormat, duration};
 use crate::store::SyncPolicy;
 
 #[derive(Args, Debug, Clone)]
@@ -201,6 +201,54 @@ pub struct ServeArgs {
     /// Name of the cookie that may carry a subscriber's JWT.
     #[arg(long, env = "SSEGATE_TOKEN_COOKIE", default_value = "ssegate_token")]
     pub token_cookie: String,
+
+    /// Ask the application's backend whether each new stream may open, and as whom: it
+    /// implements `ssegate.v1.Authorizer/Authorize` (proto/ssegate/v1/authorizer.proto) at this
+    /// address, `http://host:port` (h2c for gRPC) or `https://host:port` (TLS). For session
+    /// cookies; with --jwt-* keys too, a request carrying a JWT is decided by the JWT.
+    #[arg(long, env = "SSEGATE_AUTHORIZER_ADDR")]
+    pub authorizer_addr: Option<String>,
+
+    /// How to call the authorizer: `grpc`, or `connect` (a plain HTTP POST of JSON to
+    /// <addr>/ssegate.v1.Authorizer/Authorize, e.g. a Spring @PostMapping).
+    #[arg(long, env = "SSEGATE_AUTHORIZER_PROTOCOL", default_value = "grpc")]
+    pub authorizer_protocol: AuthorizerProtocol,
+
+    /// A request header to send to the authorizer besides the cookies (repeatable or
+    /// comma-separated; none by default).
+    #[arg(long, env = "SSEGATE_AUTHORIZER_HEADER", value_delimiter = ',')]
+    pub authorizer_header: Vec<String>,
+
+    /// Send only these cookies to the authorizer (repeatable or comma-separated); all of them
+    /// by default. Naming the session cookie keeps unrelated cookies out of the call and the
+    /// cache key.
+    #[arg(long, env = "SSEGATE_AUTHORIZER_COOKIE", value_delimiter = ',')]
+    pub authorizer_cookie: Vec<String>,
+
+    /// Longest wait for the authorizer's answer (a place among the calls in flight included);
+    /// past it the stream is refused with 503.
+    #[arg(long, env = "SSEGATE_AUTHORIZER_TIMEOUT", default_value = "2s", value_parser = positive_duration)]
+    pub authorizer_timeout: Duration,
+
+    /// An allow answer is reused for the same credential (cookies, headers and query sent) this
+    /// long, never past its `expires_at`; a deny for at most 5s. 0 = ask every time.
+    #[arg(long, env = "SSEGATE_AUTHORIZER_CACHE_TTL", default_value = "30s", value_parser = duration)]
+    pub authorizer_cache_ttl: Duration,
+
+    /// Most authorizer answers cached (the oldest go first).
+    #[arg(long, env = "SSEGATE_AUTHORIZER_CACHE_SIZE", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub authorizer_cache_size: u32,
+
+    /// Most calls to the authorizer at once; more wait (at most half of --authorizer-timeout,
+    /// so each call has the other half) for one to finish, else get 503.
+    #[arg(long, env = "SSEGATE_AUTHORIZER_MAX_IN_FLIGHT", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub authorizer_max_in_flight: u32,
+
+    /// A CA (PEM) to trust for an https:// authorizer, besides the system's roots.
+    #[arg(long, env = "SSEGATE_AUTHORIZER_TLS_CA_FILE")]
+    pub authorizer_tls_ca_file: Option<PathBuf>,
 
     /// DEVELOPMENT ONLY: believe `?user=` (and `group=`, `topic=`) without any token. Anyone
     /// can then read anyone's events.

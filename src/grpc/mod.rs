@@ -2,6 +2,7 @@
 //! services. The only module that sees prost types; requests are parsed into domain types on
 //! entry and errors mapped to `Status` in one place (`error.rs`).
 
+pub mod authorizer;
 pub mod client;
 mod codec;
 mod connect;

@@ -46,6 +46,10 @@ pub enum HttpError {
 
 impl HttpError {
     pub(super) fn status(&self) -> StatusCode {
+        // The backend's deny chose its status (checked to be 400-499).
+        if let HttpError::Auth(AuthError::Denied { status, .. }) = self {
+            return StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN);
+        }
         match self.rejection() {
             None if matches!(self, HttpError::MethodNotAllowed) => StatusCode::METHOD_NOT_ALLOWED,
             None => StatusCode::NOT_FOUND,
@@ -58,7 +62,8 @@ impl HttpError {
                 | Rejection::MaxConnections
                 | Rejection::Disabled
                 | Rejection::DescriptorBudget
-                | Rejection::PendingConnections,
+                | Rejection::PendingConnections
+                | Rejection::AuthorizerUnavailable,
             ) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -86,8 +91,15 @@ impl HttpError {
                 | AuthError::BadClaim { .. },
             ) => Rejection::Unauthenticated,
             HttpError::Auth(
-                AuthError::WrongUser { .. } | AuthError::GroupNotAllowed { .. } | AuthError::TopicNotAllowed { .. },
+                AuthError::WrongUser { .. }
+                | AuthError::GroupNotAllowed { .. }
+                | AuthError::TopicNotAllowed { .. }
+                | AuthError::NotGranted { .. },
             ) => Rejection::Forbidden,
+            // A deny is counted as what its status says (a 4xx other than 401 as forbidden).
+            HttpError::Auth(AuthError::Denied { status: 401, .. }) => Rejection::Unauthenticated,
+            HttpError::Auth(AuthError::Denied { .. }) => Rejection::Forbidden,
+            HttpError::Auth(AuthError::AuthorizerUnavailable(_)) => Rejection::AuthorizerUnavailable,
             HttpError::Auth(AuthError::Disabled) => Rejection::Disabled,
         })
     }

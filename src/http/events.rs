@@ -122,6 +122,7 @@ pub async fn subscribe(
 ) -> Result<Response, HttpError> {
     let peer = conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
     admit(&state, conn, fast.is_some(), &headers, &uri, query.as_deref(), &peer)
+        .await
         .map_err(|refused| refuse(&state, &peer, refused))
 }
 
@@ -176,7 +177,9 @@ fn refuse(state: &AppState, peer: &str, refused: Refused) -> HttpError {
     error
 }
 
-fn admit(
+/// Only authentication awaits (a call to the backend's authorizer, bounded by its timeout);
+/// the router's registration after it is one critical section, as before.
+async fn admit(
     state: &AppState,
     conn: Option<Extension<ConnContext>>,
     fast: bool,
@@ -191,7 +194,7 @@ fn admit(
     }
     let q = parse_query(query.unwrap_or(""), state.settings.max_subscriptions)?;
     let requested_user = q.requested.user.clone();
-    let id = state.auth.identify(headers, q.requested).map_err(|e| Refused {
+    let id = state.auth.identify(headers, q.requested, peer).await.map_err(|e| Refused {
         error: HttpError::Auth(e),
         user: None,
         requested_user,
@@ -223,7 +226,8 @@ fn admit(
         resume = resume.map(tracing::field::display), start, replayed, missed,
         "sse connection opened"
     );
-    // The stream ends at its lifetime or when its token expires, whichever comes first.
+    // The stream ends at its lifetime or when its token (or the backend's allow) expires,
+    // whichever comes first.
     let lifetime = state.settings.max_connection_lifetime.map(|d| (jittered(d), CloseReason::Lifetime));
     let expiry = id.expires_in.map(|d| (d, CloseReason::TokenExpired));
     let close_after = [lifetime, expiry].into_iter().flatten().min_by_key(|(d, _)| *d);

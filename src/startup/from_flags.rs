@@ -6,9 +6,11 @@ use std::{sync::Arc, time::Duration};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    auth::{ApiKeys, PublisherAuth, SubscriberAuth, jwt::ReloadingVerifier},
+    auth::{ApiKeys, PublisherAuth, SubscriberAuth, authorizer::Authorizer, jwt::ReloadingVerifier},
     backplane::{Backplane, nats::NatsBackplane},
+    grpc::authorizer::Transport,
     store::{Options, Recovered, Store, StoreError},
+    telemetry::metrics::EdgeMetrics,
 };
 
 use super::{
@@ -67,14 +69,34 @@ pub(super) async fn connect_backplane(settings: &BackplaneSettings) -> Result<Co
     }
 }
 
-/// Subscriber authentication from the flags: a JWT key, or the explicit development mode, or
-/// nothing (subscriptions refused, with a message saying what to configure).
+/// Subscriber authentication from the flags: the backend's authorizer (with a JWT key too, if
+/// given), a JWT key, or the explicit development mode, or nothing (subscriptions refused,
+/// with a message saying what to configure).
 pub(super) fn subscriber_auth(
     settings: &SubscriberSettings,
     reload_every: Duration,
     stop: &CancellationToken,
     tracker: &TaskTracker,
+    metrics: &Arc<EdgeMetrics>,
 ) -> Result<SubscriberAuth, StartupError> {
+    if let Some(authorizer) = &settings.authorizer {
+        let jwt = if settings.jwt.is_configured() {
+            let verifier = ReloadingVerifier::load(&settings.jwt)?;
+            verifier.watch(reload_every, stop, tracker);
+            Some((verifier, settings.cookie.clone()))
+        } else {
+            None
+        };
+        let transport = Transport::new(authorizer)?;
+        tracing::info!(
+            addr = %authorizer.url,
+            protocol = ?authorizer.protocol,
+            jwt_too = jwt.is_some(),
+            "subscribers are authorized by the backend (ssegate.v1.Authorizer/Authorize)"
+        );
+        let authorizer = Authorizer::new(authorizer.clone(), transport, metrics.clone(), tracker.clone());
+        return Ok(SubscriberAuth::Authorizer { authorizer: Arc::new(authorizer), jwt });
+    }
     // `Settings::from_args` refused a JWT key together with the development mode.
     match (settings.jwt.is_configured(), settings.insecure_dev_identity) {
         (true, _) => {
@@ -92,7 +114,8 @@ pub(super) fn subscriber_auth(
         (false, false) => {
             tracing::warn!(
                 "no subscriber authentication configured: every subscription will be refused; set \
-                 --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file (or --insecure-dev-identity)"
+                 --jwt-secret-file, --jwt-public-key-file or --jwt-jwks-file, or --authorizer-addr \
+                 (or --insecure-dev-identity)"
             );
             Ok(SubscriberAuth::Disabled)
         }

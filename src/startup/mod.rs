@@ -38,6 +38,8 @@ pub enum StartupError {
     Grpc(#[from] grpc::ServeError),
     #[error("cannot read a bound address: {0}")]
     LocalAddr(#[from] io::Error),
+    #[error(transparent)]
+    Authorizer(#[from] grpc::authorizer::AuthorizerConfigError),
     #[error("JWT keys: {0}")]
     Jwt(#[from] KeyError),
     #[error("publisher API keys: {0}")]
@@ -153,7 +155,8 @@ impl Application {
             nats.start(router.clone(), capacity, settings.nats_catch_up, &stop, &tracker).await?;
         }
         let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone()));
-        let subscriber_auth = subscriber_auth(&settings.subscriber, settings.reload_every, &stop, &tracker)?;
+        let subscriber_auth =
+            subscriber_auth(&settings.subscriber, settings.reload_every, &stop, &tracker, &metrics.edge)?;
         let (cert, tls) = match &settings.tls {
             None => (None, None),
             Some(files) => {

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    auth::jwt::JwtSettings,
+    auth::{authorizer::AuthorizerSettings, jwt::JwtSettings},
     backplane::nats::NatsSettings,
     config::{BackplaneKind, ServeArgs},
     grpc,
@@ -45,6 +45,8 @@ fn default_max_connections(budget: Budget) -> usize {
 pub enum ConfigError {
     #[error("{0}")]
     Conflict(&'static str),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Where published events go.
@@ -80,6 +82,8 @@ pub struct SubscriberSettings {
     pub cookie: String,
     /// Development only: believe `?user=` without a token.
     pub insecure_dev_identity: bool,
+    /// The application's backend decides (`--authorizer-addr`), if set.
+    pub authorizer: Option<AuthorizerSettings>,
 }
 
 /// Who may publish.
@@ -159,6 +163,30 @@ impl Settings {
         if jwt.is_configured() && a.insecure_dev_identity {
             return Err(ConfigError::Conflict("--insecure-dev-identity cannot be combined with --jwt-* keys"));
         }
+        if a.authorizer_addr.is_some() && a.insecure_dev_identity {
+            return Err(ConfigError::Conflict("--insecure-dev-identity cannot be combined with --authorizer-addr"));
+        }
+        let authorizer = match a.authorizer_addr {
+            None => None,
+            Some(url) => Some(AuthorizerSettings {
+                url,
+                protocol: a.authorizer_protocol,
+                headers: a
+                    .authorizer_header
+                    .iter()
+                    .map(|h| {
+                        http::HeaderName::from_bytes(h.trim().as_bytes())
+                            .map_err(|_| ConfigError::Invalid(format!("--authorizer-header {h}: not a header name")))
+                    })
+                    .collect::<Result<_, _>>()?,
+                cookies: a.authorizer_cookie.iter().map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect(),
+                timeout: a.authorizer_timeout,
+                cache_ttl: a.authorizer_cache_ttl,
+                cache_size: size(a.authorizer_cache_size),
+                max_in_flight: size(a.authorizer_max_in_flight),
+                tls_ca_file: a.authorizer_tls_ca_file,
+            }),
+        };
         let timeouts = Timeouts { first_request: a.header_read_timeout, idle: a.idle_timeout, send: a.send_timeout };
         let backplane = match a.backplane {
             BackplaneKind::Memory => BackplaneSettings::Memory {
@@ -240,6 +268,7 @@ impl Settings {
                 jwt,
                 cookie: a.token_cookie,
                 insecure_dev_identity: a.insecure_dev_identity,
+                authorizer,
             },
             publisher: PublisherSettings {
                 api_keys_file: a.publisher_api_keys_file,
@@ -314,6 +343,32 @@ mod tests {
         assert!(matches!(both, Err(ConfigError::Conflict(_))));
         let nats = settings(&["--backplane", "nats", "--data-dir", "/x"]);
         assert!(matches!(nats, Err(ConfigError::Conflict(m)) if m.contains("--data-dir")));
+    }
+
+    #[test]
+    fn authorizer_flags_become_its_settings_and_conflict_with_the_development_identity() {
+        assert!(settings(&[]).unwrap().subscriber.authorizer.is_none());
+        let s = settings(&[
+            "--authorizer-addr",
+            "http://app:8080",
+            "--authorizer-protocol",
+            "connect",
+            "--authorizer-header",
+            "X-Tenant,authorization",
+            "--authorizer-cookie",
+            "SESSION",
+        ])
+        .unwrap();
+        let a = s.subscriber.authorizer.unwrap();
+        assert_eq!((a.url.as_str(), a.protocol), ("http://app:8080", crate::config::AuthorizerProtocol::Connect));
+        assert_eq!(a.headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(), ["x-tenant", "authorization"]);
+        assert_eq!(a.cookies, ["SESSION"]);
+        assert_eq!((a.timeout, a.cache_ttl, a.max_in_flight), (Duration::from_secs(2), Duration::from_secs(30), 64));
+        let bad = settings(&["--authorizer-addr", "http://a:1", "--authorizer-header", "bad header"]);
+        assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("bad header")));
+        let dev = settings(&["--authorizer-addr", "http://a:1", "--insecure-dev-identity"]);
+        assert!(matches!(dev, Err(ConfigError::Conflict(m)) if m.contains("--authorizer-addr")));
+        assert!(Cli::try_parse_from(["ssegate", "serve", "--authorizer-timeout", "0s"]).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use prometheus_client::{
 
 use super::{
     histogram::Histogram,
-    metrics::{EdgeMetrics, REJECTIONS},
+    metrics::{AuthorizerOutcome, EdgeMetrics, REJECTIONS},
 };
 use crate::{
     backplane::Backplane,
@@ -94,6 +94,23 @@ impl Collector for ServerCollector {
             "SSE connection requests refused, by reason",
             C,
             REJECTIONS.iter().enumerate().map(|(i, r)| ([("reason", *r)], e.rejected[i].load(Relaxed))),
+        )?;
+        labelled(
+            &mut enc,
+            "ssegate_authorizer_calls",
+            "Calls to the backend's authorizer (--authorizer-addr), by outcome (breaker_open: refused without a call)",
+            C,
+            AuthorizerOutcome::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, o)| ([("outcome", *o)], e.authorizer_calls[i].load(Relaxed))),
+        )?;
+        labelled(
+            &mut enc,
+            "ssegate_authorizer_cache",
+            "Authorizer look-ups, by result (hit: a cached answer; miss: a call, or one in flight for the same credential)",
+            C,
+            [("hit", 0), ("miss", 1)].map(|(r, i)| ([("result", r)], e.authorizer_cache[i].load(Relaxed))),
         )?;
         let published =
             TARGET_KINDS.iter().zip(s.published_by_target).map(|(t, n)| ([("target", *t), ("outcome", "ok")], n));

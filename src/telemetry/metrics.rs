@@ -38,9 +38,12 @@ pub enum Rejection {
     DescriptorBudget = 8,
     /// Closed at accept: too many connections had not sent a request yet.
     PendingConnections = 9,
+    /// The backend's authorizer gave no valid answer (timeout, error, invalid, overload,
+    /// breaker open).
+    AuthorizerUnavailable = 10,
 }
 
-pub(super) const REJECTIONS: [&str; 10] = [
+pub(super) const REJECTIONS: [&str; 11] = [
     "max_connections",
     "max_connections_per_user",
     "shutting_down",
@@ -51,6 +54,7 @@ pub(super) const REJECTIONS: [&str; 10] = [
     "max_connections_per_ip",
     "descriptor_budget",
     "pending_connections",
+    "authorizer_unavailable",
 ];
 
 /// Why a publish failed, for `ssegate_events_published_total{outcome}`.
@@ -63,6 +67,30 @@ pub enum PublishFailure {
     Unknown = 2,
 }
 
+/// How a call to the backend's authorizer ended, for `ssegate_authorizer_calls_total{outcome}`.
+/// `breaker_open` counts requests refused without a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthorizerOutcome {
+    Allow = 0,
+    Deny = 1,
+    Timeout = 2,
+    /// Unreachable, or an error answer.
+    Error = 3,
+    /// An answer that is not a valid allow or deny.
+    Invalid = 4,
+    /// No place among the calls in flight within the timeout.
+    Overloaded = 5,
+    BreakerOpen = 6,
+}
+
+impl AuthorizerOutcome {
+    pub const ALL: [&'static str; 7] = ["allow", "deny", "timeout", "error", "invalid", "overloaded", "breaker_open"];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL[self as usize]
+    }
+}
+
 /// Counts kept by the HTTP and gRPC edges.
 #[derive(Debug)]
 pub struct EdgeMetrics {
@@ -70,6 +98,11 @@ pub struct EdgeMetrics {
     pub(super) rejected: [AtomicU64; REJECTIONS.len()],
     /// `[target kind][failure]`, target kinds indexed like `TARGET_KINDS`.
     pub(super) publish_failed: [[AtomicU64; 3]; 4],
+    /// Calls to the backend's authorizer by `AuthorizerOutcome`.
+    pub(super) authorizer_calls: [AtomicU64; AuthorizerOutcome::ALL.len()],
+    /// Authorizer look-ups: `[cache hits, misses]` (a miss waits for a call, its own or one in
+    /// flight for the same credential).
+    pub(super) authorizer_cache: [AtomicU64; 2],
     /// Publish to socket write, one sample per write (the oldest event in it).
     pub delivery_latency: Histogram,
     /// Frames a connection's writer found queued when it drained its mailbox.
@@ -95,6 +128,8 @@ impl EdgeMetrics {
             closed: Default::default(),
             rejected: Default::default(),
             publish_failed: Default::default(),
+            authorizer_calls: Default::default(),
+            authorizer_cache: Default::default(),
             delivery_latency: Histogram::latency(),
             queue_depth: Histogram::depth(),
             grpc_requests: Family::default(),
@@ -108,6 +143,14 @@ impl EdgeMetrics {
 
     pub fn rejected(&self, why: Rejection) {
         self.rejected[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn authorizer_call(&self, outcome: AuthorizerOutcome) {
+        self.authorizer_calls[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn authorizer_cache(&self, hit: bool) {
+        self.authorizer_cache[usize::from(!hit)].fetch_add(1, Relaxed);
     }
 
     /// `target` is a `Target::kind` name.

@@ -3,6 +3,7 @@
 //! Set TEST_LOG=1 to see the server's logs.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod authorizer;
 mod backplane_faults;
 mod broker;
 mod browser;
