@@ -87,6 +87,17 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_stream_replicas: u8,
 
+    /// WatchPresence: a user with no stream anywhere in the cluster for this long goes offline;
+    /// a reconnect within it emits nothing.
+    #[arg(long, env = "SSEGATE_PRESENCE_GRACE", default_value = "5s", value_parser = duration)]
+    pub presence_grace: Duration,
+
+    /// WatchPresence: transitions queued per watcher at most; a watcher that does not read
+    /// and reaches it is cut off (RESOURCE_EXHAUSTED) and reconnects for a fresh snapshot.
+    #[arg(long, env = "SSEGATE_PRESENCE_WATCHER_QUEUE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub presence_watcher_queue: u32,
+
     /// Interval between heartbeat comments on an idle stream.
     #[arg(long, env = "SSEGATE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
     pub heartbeat_interval: Duration,

@@ -11,6 +11,7 @@ use crate::{
     grpc,
     http::{HttpSettings, server::ServerLimits},
     net::{Budget, Timeouts},
+    presence::PresenceConfig,
     router::{ReplayConfig, RetainedConfig, RouterConfig},
     store::SyncPolicy,
 };
@@ -133,6 +134,8 @@ pub struct Settings {
     /// open-files limit otherwise, and cannot exceed it).
     pub max_connections_given: bool,
     pub heartbeat_interval: Duration,
+    /// `WatchPresence` and the presence webhook.
+    pub presence: PresenceConfig,
     pub subscriber: SubscriberSettings,
     pub publisher: PublisherSettings,
     pub tls: Option<TlsFiles>,
@@ -236,6 +239,7 @@ impl Settings {
             max_pending_connections: size(a.max_pending_connections),
             max_connections_given: a.max_connections.is_some(),
             heartbeat_interval: a.heartbeat_interval,
+            presence: PresenceConfig { grace: a.presence_grace, watcher_queue: size(a.presence_watcher_queue) },
             subscriber: SubscriberSettings {
                 jwt,
                 cookie: a.token_cookie,

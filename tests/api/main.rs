@@ -24,6 +24,7 @@ mod hostile;
 mod http_edge;
 mod limits;
 mod observability;
+mod presence_events;
 mod resume;
 mod retained;
 mod rough_edges;

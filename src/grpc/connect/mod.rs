@@ -128,7 +128,7 @@ fn route<B>(req: &Request<B>) -> Route {
         return Route::Grpc;
     }
     match req.uri().path().strip_prefix(PREFIX) {
-        Some(name) if name == STREAMING || PROCEDURES.iter().any(|p| p.name == name) => Route::Connect,
+        Some(name) if STREAMING.contains(&name) || PROCEDURES.iter().any(|p| p.name == name) => Route::Connect,
         Some(_) if Codec::from_headers(req.headers()).is_ok() => Route::Connect,
         _ => Route::NotFound,
     }

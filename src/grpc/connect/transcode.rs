@@ -59,7 +59,7 @@ where
     Procedure { name, request: decode_request::<Req>, response: encode_response::<Resp> }
 }
 
-/// Every unary method of the proto; `PublishStream` is the only other one.
+/// Every unary method of the proto; `STREAMING` are the others.
 pub(super) const PROCEDURES: [Procedure; 8] = [
     procedure::<pb::PublishRequest, pb::PublishResponse>("Publish"),
     procedure::<pb::PublishGroupRequest, pb::PublishResponse>("PublishGroup"),
@@ -71,8 +71,9 @@ pub(super) const PROCEDURES: [Procedure; 8] = [
     procedure::<pb::HistoryRequest, pb::HistoryResponse>("History"),
 ];
 
-/// The streaming method, which HTTP/JSON does not serve.
-pub(super) const STREAMING: &str = "PublishStream";
+/// The streaming methods, which HTTP/JSON does not serve: Connect's streaming protocols frame
+/// messages in the body (`application/connect+json`), which this layer does not speak.
+pub(super) const STREAMING: [&str; 2] = ["PublishStream", "WatchPresence"];
 
 /// Parses a request body, so a malformed one is refused here with `invalid_argument` (a gRPC
 /// server would call a bad protobuf `internal`), and encodes it as protobuf. An empty JSON body
