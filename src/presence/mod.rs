@@ -11,6 +11,7 @@
 //! `run`), other replicas' messages and their silence (`remote`, `heartbeat`, `expire_peers`).
 
 mod view;
+pub mod webhook;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -108,19 +109,15 @@ struct Peer {
 /// cluster link sends to the others (it numbers the messages it sends).
 pub type Local = Vec<(UserId, bool)>;
 
-/// Where every transition also goes (the webhook's queue); called inside the hub's lock, so
-/// it must not wait.
-type Sink = Box<dyn FnMut(&Transition) + Send>;
-
 struct Inner {
     view: View,
     /// Users with a stream on this replica, as told to the view and the other replicas.
     local: HashSet<UserId>,
     peers: HashMap<ReplicaId, Peer>,
     watchers: Vec<Watcher>,
-    /// The webhook's queue, when one is configured: gets every transition, like a watcher,
-    /// but `filter` decides which this replica sends.
-    sink: Option<Sink>,
+    /// The webhook's queue, when one is configured: gets the transitions of the users this
+    /// replica is responsible for (`webhook::responsible` among the replicas it hears from).
+    webhook: Option<Arc<webhook::Outgoing>>,
     closed: bool,
 }
 
@@ -143,7 +140,7 @@ impl Hub {
                 local: HashSet::new(),
                 peers: HashMap::new(),
                 watchers: Vec::new(),
-                sink: None,
+                webhook: None,
                 closed: false,
             }),
             config,
@@ -189,9 +186,14 @@ impl Hub {
         self.lock().watchers.len()
     }
 
-    /// Sets where every transition also goes (the webhook's queue); it must not wait.
-    pub fn set_sink(&self, sink: impl FnMut(&Transition) + Send + 'static) {
-        self.lock().sink = Some(Box::new(sink));
+    /// The webhook's queue (and its counters), if one is configured.
+    pub fn webhook(&self) -> Option<Arc<webhook::Outgoing>> {
+        self.lock().webhook.clone()
+    }
+
+    /// Sends this replica's share of the transitions to the webhook's queue from now on.
+    pub fn set_webhook(&self, out: Arc<webhook::Outgoing>) {
+        self.lock().webhook = Some(out);
     }
 
     /// Applies this replica's own changes (`Router::take_presence_changes`): (user, a first
@@ -216,7 +218,7 @@ impl Hub {
                 told.push((user, false));
             }
         }
-        emit(inner, out);
+        self.emit(inner, out);
         (!told.is_empty()).then_some(told)
     }
 
@@ -258,7 +260,7 @@ impl Hub {
                 }
             }
             inner.peers.insert(replica, Peer { seq, seen: now });
-            emit(inner, out);
+            self.emit(inner, out);
             need_sync
         };
         // A grace may have started: the driver sleeps until the next deadline it knew.
@@ -323,7 +325,7 @@ impl Hub {
         let mut out = Vec::new();
         let mut inner = self.lock();
         inner.view.expire(Instant::now(), &mut out);
-        emit(&mut inner, out);
+        self.emit(&mut inner, out);
         inner.view.next_deadline()
     }
 
@@ -337,33 +339,37 @@ impl Hub {
     }
 }
 
-/// Hands the view's decisions to every watcher and the sink, in order, never waiting: a
-/// watcher whose queue is full is cut off (its channel dropped, `End::FellBehind`).
-fn emit(inner: &mut Inner, changes: Vec<view::Change>) {
-    if changes.is_empty() {
-        return;
-    }
-    let at = SystemTime::now();
-    let mut cut = 0;
-    for (user, state) in changes {
-        let t = Transition { user, state, at };
-        if let Some(sink) = &mut inner.sink {
-            sink(&t);
+impl Hub {
+    /// Hands the view's decisions to every watcher and the webhook, in order, never waiting:
+    /// a watcher whose queue is full is cut off (its channel dropped, `End::FellBehind`).
+    fn emit(&self, inner: &mut Inner, changes: Vec<view::Change>) {
+        if changes.is_empty() {
+            return;
         }
-        inner.watchers.retain(|w| match w.tx.try_send(t.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let _ = w.ended.set(End::FellBehind);
-                cut += 1;
-                false
+        let at = SystemTime::now();
+        let mut cut = 0;
+        for (user, state) in changes {
+            let t = Transition { user, state, at };
+            if let Some(out) = &inner.webhook
+                && webhook::responsible(&self.me, inner.peers.keys(), t.user.as_str())
+            {
+                out.push(&t);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
-    }
-    if cut > 0 {
-        // Logged after the fact by the driver would lose the count; one line per batch here is
-        // cheap (a batch of transitions, not per event).
-        tracing::warn!(watchers = cut, "presence watchers cut off: their queues were full");
+            inner.watchers.retain(|w| match w.tx.try_send(t.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let _ = w.ended.set(End::FellBehind);
+                    cut += 1;
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        }
+        if cut > 0 {
+            self.cut_off.fetch_add(cut, std::sync::atomic::Ordering::Relaxed);
+            // One line per batch of transitions, not per watcher or event.
+            tracing::warn!(watchers = cut, "presence watchers cut off: their queues were full");
+        }
     }
 }
 

@@ -172,7 +172,12 @@ impl Application {
                 hub
             }
         };
-        let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone()));
+        if let Some(config) = settings.presence_webhook.clone() {
+            let out = presence::webhook::Outgoing::new(presence.me().clone(), config.queue);
+            presence.set_webhook(out.clone());
+            presence::webhook::start(config, out, &stop, &tracker);
+        }
+        let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone(), presence.clone()));
         let subscriber_auth = subscriber_auth(&settings.subscriber, settings.reload_every, &stop, &tracker)?;
         let (cert, tls) = match &settings.tls {
             None => (None, None),

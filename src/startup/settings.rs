@@ -11,7 +11,10 @@ use crate::{
     grpc,
     http::{HttpSettings, server::ServerLimits},
     net::{Budget, Timeouts},
-    presence::PresenceConfig,
+    presence::{
+        PresenceConfig,
+        webhook::{self, WebhookConfig, WebhookUrlError},
+    },
     router::{ReplayConfig, RetainedConfig, RouterConfig},
     store::SyncPolicy,
 };
@@ -46,6 +49,8 @@ fn default_max_connections(budget: Budget) -> usize {
 pub enum ConfigError {
     #[error("{0}")]
     Conflict(&'static str),
+    #[error(transparent)]
+    Webhook(#[from] WebhookUrlError),
 }
 
 /// Where published events go.
@@ -136,6 +141,8 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// `WatchPresence` and the presence webhook.
     pub presence: PresenceConfig,
+    /// `--presence-webhook` and its tunables, if set.
+    pub presence_webhook: Option<WebhookConfig>,
     pub subscriber: SubscriberSettings,
     pub publisher: PublisherSettings,
     pub tls: Option<TlsFiles>,
@@ -240,6 +247,16 @@ impl Settings {
             max_connections_given: a.max_connections.is_some(),
             heartbeat_interval: a.heartbeat_interval,
             presence: PresenceConfig { grace: a.presence_grace, watcher_queue: size(a.presence_watcher_queue) },
+            presence_webhook: match &a.presence_webhook {
+                None => None,
+                Some(url) => Some(WebhookConfig {
+                    url: webhook::parse_url(url)?,
+                    batch: size(a.presence_webhook_batch),
+                    delay: a.presence_webhook_delay,
+                    timeout: a.presence_webhook_timeout,
+                    queue: size(a.presence_webhook_queue),
+                }),
+            },
             subscriber: SubscriberSettings {
                 jwt,
                 cookie: a.token_cookie,

@@ -102,7 +102,16 @@ pub async fn start(
         let mut tick = tokio::time::interval(HELLO_EVERY);
         loop {
             tokio::select! {
-                () = token.cancelled() => break,
+                () = token.cancelled() => {
+                    // Stopping: an empty whole set, so the others start this replica's users'
+                    // grace now rather than after `PEER_TTL` of silence (its clients are
+                    // reconnecting elsewhere meanwhile, within the grace).
+                    seq += 1;
+                    send(PresenceMsg::Changes { replica: me.clone(), seq, reset: true, changes: Vec::new() }).await;
+                    // Bounded: a broker that is away must not hold the drain.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.flush()).await;
+                    break;
+                }
                 Some(batch) = queued.recv() => {
                     for chunk in batch.chunks(CHUNK) {
                         seq += 1;
