@@ -77,7 +77,7 @@ from dedicated values (managed below) or not a flag. Keep in sync with `ssegate 
 (scripts/helm-check.sh compares them when target/debug/ssegate exists).
 */}}
 {{- define "ssegate.configFlags" -}}
-nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-retained max-retained-bytes max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins idle-timeout send-timeout max-pending-connections log-format
+nats-subject nats-stream-max-age nats-stream-max-bytes nats-duplicate-window nats-cluster-wait nats-publish-timeout heartbeat-interval retry queue-capacity max-queue-bytes write-coalesce replay-capacity replay-max-bytes replay-max-age max-retained max-retained-bytes max-connections max-connections-per-user max-connection-lifetime max-event-bytes max-ids-per-request max-subscriptions grpc-max-message-bytes jwt-leeway token-cookie max-connections-per-ip max-header-bytes header-read-timeout cors-allowed-origins idle-timeout send-timeout max-pending-connections log-format presence-grace presence-watcher-queue presence-webhook presence-webhook-batch presence-webhook-delay presence-webhook-timeout presence-webhook-queue
 {{- end }}
 
 {{/* Flags the chart sets itself, with the value to use instead. */}}
