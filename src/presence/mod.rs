@@ -15,7 +15,10 @@ pub mod webhook;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -128,7 +131,9 @@ pub struct Hub {
     /// Wakes the driver (`run`) when a grace may have started while it slept.
     wake: tokio::sync::Notify,
     /// Watchers cut off because their queue was full (`ssegate_presence_watchers_cut_total`).
-    pub cut_off: std::sync::atomic::AtomicU64,
+    pub cut_off: AtomicU64,
+    /// Of those, the ones not logged yet: the driver logs them once it has let go of the lock.
+    cuts_unlogged: AtomicU64,
 }
 
 impl Hub {
@@ -145,7 +150,8 @@ impl Hub {
             }),
             config,
             wake: tokio::sync::Notify::new(),
-            cut_off: std::sync::atomic::AtomicU64::new(0),
+            cut_off: AtomicU64::new(0),
+            cuts_unlogged: AtomicU64::new(0),
         })
     }
 
@@ -329,6 +335,14 @@ impl Hub {
         inner.view.next_deadline()
     }
 
+    /// One line for the watchers cut off since the last call (never per watcher or event).
+    fn log_cuts(&self) {
+        let cut = self.cuts_unlogged.swap(0, Relaxed);
+        if cut > 0 {
+            tracing::warn!(watchers = cut, "presence watchers cut off: their queues were full");
+        }
+    }
+
     /// Ends every watch (`Shutdown`); later watches end at once.
     fn close(&self) {
         let mut inner = self.lock();
@@ -366,9 +380,9 @@ impl Hub {
             });
         }
         if cut > 0 {
-            self.cut_off.fetch_add(cut, std::sync::atomic::Ordering::Relaxed);
-            // One line per batch of transitions, not per watcher or event.
-            tracing::warn!(watchers = cut, "presence watchers cut off: their queues were full");
+            self.cut_off.fetch_add(cut, Relaxed);
+            // Logged by the driver, outside this lock (`log_cuts`).
+            self.cuts_unlogged.fetch_add(cut, Relaxed);
         }
     }
 }
@@ -430,6 +444,7 @@ pub fn start(
                 () = sleep => {}
             }
             next = hub.expire();
+            hub.log_cuts();
         }
         hub.close();
     });

@@ -108,6 +108,8 @@ pub struct Outgoing {
     next_id: AtomicU64,
     ready: Notify,
     pub counters: WebhookCounters,
+    /// Events dropped from a full queue and not logged yet (`log_drops`).
+    full_drops: AtomicU64,
     /// When the last "queue full" line was logged (one a second at most).
     warned: Mutex<Option<Instant>>,
 }
@@ -121,6 +123,7 @@ impl Outgoing {
             next_id: AtomicU64::new(1),
             ready: Notify::new(),
             counters: WebhookCounters::default(),
+            full_drops: AtomicU64::new(0),
             warned: Mutex::new(None),
         })
     }
@@ -140,19 +143,25 @@ impl Outgoing {
             dropped
         };
         if dropped {
-            let n = self.counters.dropped.fetch_add(1, Relaxed) + 1;
-            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                *warned = Some(Instant::now());
-                drop(warned);
-                tracing::warn!(
-                    dropped_total = n,
-                    queue = self.cap,
-                    "presence webhook queue full: oldest event dropped"
-                );
-            }
+            // Counted here; logged by the sender (this runs inside the hub's lock).
+            self.counters.dropped.fetch_add(1, Relaxed);
+            self.full_drops.fetch_add(1, Relaxed);
         }
         self.ready.notify_one();
+    }
+
+    /// One line for the events dropped from a full queue since the last, at most once a second.
+    fn log_drops(&self) {
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        let n = self.full_drops.swap(0, Relaxed);
+        if n > 0 {
+            *warned = Some(Instant::now());
+            drop(warned);
+            tracing::warn!(dropped = n, queue = self.cap, "presence webhook queue full: oldest events dropped");
+        }
     }
 
     fn take(&self, n: usize) -> Vec<Item> {
@@ -231,6 +240,7 @@ pub fn start(config: WebhookConfig, out: Arc<Outgoing>, stop: &CancellationToken
             if stop.is_cancelled() {
                 break;
             }
+            out.log_drops();
             let batch = out.take(config.batch);
             let body = Bytes::from(serde_json::to_vec(&Body { events: &batch }).unwrap_or_default());
             let mut failures = 0u32;
@@ -264,6 +274,7 @@ pub fn start(config: WebhookConfig, out: Arc<Outgoing>, stop: &CancellationToken
                             () = stop.cancelled() => break,
                             () = tokio::time::sleep(wait) => {}
                         }
+                        out.log_drops();
                     }
                 }
             }

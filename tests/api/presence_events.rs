@@ -10,7 +10,7 @@ use tonic::{Code, Streaming, transport::Endpoint};
 
 use crate::{
     broker::{Broker, replica},
-    helpers::{SseClient, TestApp, deadline, spawn_app, spawn_process},
+    helpers::{SseClient, TestApp, deadline, spawn_app, spawn_app_with, spawn_process},
 };
 
 /// One `WatchPresence` call, read with deadlines.
@@ -368,4 +368,36 @@ async fn the_webhook_gets_the_transitions_in_batches_once_each_in_order_per_user
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), events.len(), "every event has its own id: {events:?}");
+}
+
+#[tokio::test]
+async fn watching_presence_needs_an_api_key_like_every_publisher_call() {
+    let dir = std::env::temp_dir().join(format!("ssegate-presence-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "key-alpha-0123456789abcdef\n").unwrap();
+    let app = spawn_app_with(&["--insecure-dev-identity", "--publisher-api-keys-file", keys.to_str().unwrap()]).await;
+    let err = app.client.clone().watch_presence(pb::WatchPresenceRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut req = tonic::Request::new(pb::WatchPresenceRequest {});
+    req.metadata_mut().insert("authorization", "Bearer key-alpha-0123456789abcdef".parse().unwrap());
+    let stream = app.client.clone().watch_presence(req).await.expect("a valid key watches").into_inner();
+    assert!(Watcher { stream }.snapshot().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_watcher_outlives_the_idle_timeout_and_a_drain_ends_it_with_unavailable() {
+    let mut app = spawn_app(&["--idle-timeout", "300ms"]).await;
+    let mut w = Watcher::open(&app).await;
+    assert!(w.snapshot().await.is_empty());
+    // A timer is what is under test here: wait past it on purpose.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let _alice = app.subscribe("user=alice").await;
+    assert_eq!(w.next().await, t("alice", "online"), "an open watch is never idle");
+
+    // The drain ends the watch (it does not hold the shutdown for the grace).
+    app.stop().await;
+    let status = timeout_at(deadline(), w.stream.message()).await.expect("ended in time").unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("reconnect"), "{status:?}");
 }
