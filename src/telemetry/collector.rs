@@ -200,6 +200,13 @@ impl Collector for ServerCollector {
         single(&mut enc, "ssegate_presence_watchers", "Open WatchPresence calls", G, p.watchers() as f64)?;
         single(
             &mut enc,
+            "ssegate_presence_replicas",
+            "Replicas this one hears presence from, itself included (they share the presence webhook)",
+            G,
+            p.replicas().len() as f64,
+        )?;
+        single(
+            &mut enc,
             "ssegate_presence_watchers_cut",
             "WatchPresence calls ended with RESOURCE_EXHAUSTED because the watcher did not read and its queue filled up",
             C,

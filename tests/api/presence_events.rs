@@ -401,3 +401,64 @@ async fn a_watcher_outlives_the_idle_timeout_and_a_drain_ends_it_with_unavailabl
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("reconnect"), "{status:?}");
 }
+
+/// The value of a metric without labels on the admin port.
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    let (status, _, body) = crate::helpers::http_request(app.admin, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    let prefix = format!("{name} ");
+    let line = body.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{name} exported"));
+    line[prefix.len()..].parse().unwrap()
+}
+
+#[tokio::test]
+async fn in_a_cluster_each_transition_reaches_the_webhook_once_from_the_replica_responsible_for_its_user() {
+    let mut hook = HookEndpoint::start(0).await;
+    let nats = Broker::start().await;
+    let flags = ["--presence-webhook", &hook.url, "--presence-grace", "300ms", "--presence-webhook-delay", "20ms"];
+    let (a, b) = (replica(&nats, &flags).await, replica(&nats, &flags).await);
+    // They share the users once each hears the other.
+    let end = deadline();
+    while metric(&a, "ssegate_presence_replicas").await < 2.0 || metric(&b, "ssegate_presence_replicas").await < 2.0 {
+        assert!(Instant::now() < end, "the replicas never heard each other");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let users: Vec<String> = (0..16).map(|i| format!("user-{i}")).collect();
+    let mut streams = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        let on = if i % 2 == 0 { &a } else { &b };
+        streams.push(on.subscribe(&format!("user={u}")).await);
+    }
+    for (u, s) in users.iter().zip(streams) {
+        drop(s);
+        a.wait_connections(u, 0).await;
+    }
+    let mut events = hook.accepted(2 * users.len()).await;
+    // Each replica sends in order: once a marker from each has arrived, so has everything it
+    // sent before (a repeat of any transition included).
+    let senders = |events: &[(String, String, String)]| -> std::collections::BTreeSet<String> {
+        events
+            .iter()
+            .filter(|(_, u, _)| u.starts_with("marker"))
+            .map(|(id, ..)| id.rsplit_once('-').unwrap().0.to_owned())
+            .collect()
+    };
+    let mut markers = Vec::new();
+    while senders(&events).len() < 2 {
+        assert!(markers.len() < 64, "no marker user ever landed on both replicas");
+        markers.push(a.subscribe(&format!("user=marker-{}", markers.len())).await);
+        let n = events.iter().filter(|(_, u, _)| u.starts_with("marker")).count();
+        while events.iter().filter(|(_, u, _)| u.starts_with("marker")).count() == n {
+            events.extend(hook.accepted(1).await);
+        }
+    }
+    for u in &users {
+        assert_eq!(states(&events, u), ["online", "offline"], "{u}: once each, in order: {events:?}");
+    }
+    let by: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|(_, u, _)| u.starts_with("user-"))
+        .map(|(id, ..)| id.rsplit_once('-').unwrap().0)
+        .collect();
+    assert_eq!(by.len(), 2, "the users are shared between the replicas: {events:?}");
+}
