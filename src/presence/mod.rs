@@ -296,6 +296,22 @@ impl Hub {
         }
     }
 
+    /// Another replica is stopping: its users enter the grace now, and it no longer counts
+    /// among the replicas (until it is heard from again).
+    pub fn bye(&self, from: &str) {
+        if *from == *self.me {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut inner = self.lock();
+            if let Some((replica, _)) = inner.peers.remove_entry(from) {
+                inner.view.remove_replica(&replica, now);
+            }
+        }
+        self.wake.notify_one();
+    }
+
     /// Replicas not heard from for `PEER_TTL` count as gone: their users enter the grace.
     pub fn expire_peers(&self) {
         let now = Instant::now();
@@ -484,6 +500,22 @@ mod tests {
         assert_eq!(hub.online(), 3, "b is in its grace");
         assert!(!hub.remote("me", 1, false, &[(user("x"), true)]), "our own messages are ignored");
         assert_eq!(hub.online(), 3);
+    }
+
+    #[test]
+    fn a_goodbye_takes_the_replica_out_at_once() {
+        let (hub, mut w) = hub();
+        hub.remote("r", 1, false, &[(user("a"), true)]);
+        assert_eq!(hub.replicas().len(), 2);
+        hub.bye("r");
+        assert_eq!(hub.replicas().len(), 1, "no longer shares the webhook");
+        assert_eq!(hub.online(), 1, "a is in its grace, not offline yet");
+        assert_eq!(drain(&mut w), [("a".into(), State::Online)]);
+        let mut inner = hub.lock();
+        assert!(inner.view.next_deadline().is_some(), "a's grace runs");
+        let mut out = Vec::new();
+        inner.view.expire(Instant::now() + Duration::from_secs(61), &mut out);
+        assert_eq!(out, [(user("a"), State::Offline)]);
     }
 
     #[test]

@@ -314,10 +314,14 @@ async fn try_post(url: &Uri, body: Bytes) -> Result<StatusCode, String> {
         hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("handshake: {e}"))?;
     // The connection is driven beside the request and dropped with it (one POST per connection).
     let driver = tokio::spawn(conn);
-    let authority = url.authority().map(|a| a.as_str()).unwrap_or(host);
+    // Host and port only: never the URL's userinfo, if any.
+    let authority = match url.port_u16() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    };
     let path = url.path_and_query().map_or("/", |p| p.as_str());
     let req = Request::post(path)
-        .header(header::HOST, authority)
+        .header(header::HOST, authority.as_str())
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::USER_AGENT, concat!("ssegate/", env!("CARGO_PKG_VERSION")))
         .body(Full::new(body))

@@ -167,7 +167,9 @@ impl Application {
                 hub
             }
             Backplane::Memory(_) => {
-                let hub = Hub::new("local".into(), settings.presence.clone());
+                // A fresh id per process, as a cluster replica's: the webhook's event ids start
+                // with it, so ids of a restarted process never repeat earlier ones.
+                let hub = Hub::new(format!("{:016x}", fastrand::u64(..)).into(), settings.presence.clone());
                 presence::start(hub.clone(), router.clone(), None, &stop, &tracker);
                 hub
             }

@@ -462,3 +462,25 @@ async fn in_a_cluster_each_transition_reaches_the_webhook_once_from_the_replica_
         .collect();
     assert_eq!(by.len(), 2, "the users are shared between the replicas: {events:?}");
 }
+
+#[tokio::test]
+async fn a_replica_that_stops_says_goodbye_so_its_users_grace_starts_at_once() {
+    let nats = Broker::start().await;
+    let flags = ["--presence-grace", "200ms"];
+    let a = replica(&nats, &flags).await;
+    let mut b = replica(&nats, &flags).await;
+    let mut on_a = Watcher::open(&a).await;
+    assert!(on_a.snapshot().await.is_empty());
+    let _erin = b.subscribe("user=erin").await;
+    assert_eq!(on_a.next().await, t("erin", "online"));
+    b.stop().await;
+    let stopped = Instant::now();
+    assert_eq!(on_a.next().await, t("erin", "offline"));
+    // Without the goodbye, a would wait for b's silence: 3 s after its last heartbeat (at most
+    // a second before it stopped), checked every second.
+    assert!(
+        stopped.elapsed() < Duration::from_millis(1500),
+        "the grace began at the goodbye ({:?})",
+        stopped.elapsed()
+    );
+}

@@ -67,6 +67,10 @@ pub async fn start(
                     h.remote(replica, *seq, *reset, changes).then_some(replica)
                 }
                 PresenceMsg::Heartbeat { replica, seq } => h.heartbeat(replica, *seq).then_some(replica),
+                PresenceMsg::Bye { replica } => {
+                    h.bye(replica);
+                    None
+                }
                 PresenceMsg::Sync { from, of } => {
                     if *from != me2 && of.as_ref().is_none_or(|of| *of == me2) {
                         r.notify_one();
@@ -103,11 +107,10 @@ pub async fn start(
         loop {
             tokio::select! {
                 () = token.cancelled() => {
-                    // Stopping: an empty whole set, so the others start this replica's users'
-                    // grace now rather than after `PEER_TTL` of silence (its clients are
-                    // reconnecting elsewhere meanwhile, within the grace).
-                    seq += 1;
-                    send(PresenceMsg::Changes { replica: me.clone(), seq, reset: true, changes: Vec::new() }).await;
+                    // Stopping: the others start this replica's users' grace now rather than
+                    // after `PEER_TTL` of silence (its clients are reconnecting elsewhere
+                    // meanwhile, within the grace), and share the webhook without it.
+                    send(PresenceMsg::Bye { replica: me.clone() }).await;
                     // Bounded: a broker that is away must not hold the drain.
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.flush()).await;
                     break;

@@ -243,6 +243,9 @@ pub enum PresenceMsg {
     Heartbeat { replica: String, seq: u64 },
     /// Asks replica `of` (every replica when `None`) to send its whole set.
     Sync { from: String, of: Option<String> },
+    /// The replica is stopping: its users are gone from it now, and it is no longer one of
+    /// the replicas (a version without this kind ignores it and waits for the silence).
+    Bye { replica: String },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -250,6 +253,14 @@ enum WirePresenceMsg {
     Changes(WireChanges),
     Heartbeat(WireHeartbeat),
     Sync(WireSync),
+    Bye(WireBye),
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+struct WireBye {
+    v: u32,
+    replica: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -294,6 +305,7 @@ pub fn encode_presence(msg: &PresenceMsg) -> Vec<u8> {
         PresenceMsg::Sync { from, of } => {
             WirePresenceMsg::Sync(WireSync { v: VERSION, from: from.clone(), of: of.clone() })
         }
+        PresenceMsg::Bye { replica } => WirePresenceMsg::Bye(WireBye { v: VERSION, replica: replica.clone() }),
     };
     // Serialising strings, numbers and booleans to JSON cannot fail.
     serde_json::to_vec(&wire).unwrap_or_default()
@@ -315,6 +327,7 @@ pub fn decode_presence(bytes: &[u8]) -> Result<PresenceMsg, DecodeError> {
         },
         WirePresenceMsg::Heartbeat(h) => PresenceMsg::Heartbeat { replica: h.replica, seq: h.seq },
         WirePresenceMsg::Sync(s) => PresenceMsg::Sync { from: s.from, of: s.of },
+        WirePresenceMsg::Bye(b) => PresenceMsg::Bye { replica: b.replica },
     })
 }
 
@@ -403,6 +416,7 @@ mod tests {
             PresenceMsg::Heartbeat { replica: "r1".into(), seq: 9 },
             PresenceMsg::Sync { from: "r2".into(), of: None },
             PresenceMsg::Sync { from: "r2".into(), of: Some("r1".into()) },
+            PresenceMsg::Bye { replica: "r1".into() },
         ];
         for m in msgs {
             assert_eq!(decode_presence(&encode_presence(&m)).unwrap(), m);
