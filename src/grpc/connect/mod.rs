@@ -159,6 +159,7 @@ mod tests {
             ("GET", "/ssegate.v1.Publisher/Stats", None, Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Broadcast", Some("text/plain"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/PublishStream", Some("application/json"), Route::Connect),
+            ("POST", "/ssegate.v1.Publisher/WatchPresence", Some("application/json"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Nope", Some("application/json"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Nope", Some("application/proto"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Nope", None, Route::NotFound),

@@ -104,6 +104,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_method_of_the_proto_is_a_procedure_or_a_streaming_method() {
+        let mut ours: Vec<String> =
+            PROCEDURES.iter().map(|p| p.name).chain(STREAMING).map(|n| format!("ssegate.v1.Publisher/{n}")).collect();
+        ours.sort();
+        let mut proto: Vec<String> = pb::METHODS.iter().map(|m| m.to_string()).collect();
+        proto.sort();
+        assert_eq!(ours, proto, "a method added to the proto needs a Connect procedure or a STREAMING entry");
+    }
+
+    #[test]
     fn content_types() {
         let codec = |ct: &str| {
             let mut h = HeaderMap::new();
