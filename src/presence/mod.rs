@@ -1,6 +1,6 @@
 //! Who is online in the whole cluster, as transitions: `online(user)` when a user's first
 //! stream anywhere opens, `offline(user)` when the user has had no stream anywhere for the
-//! grace. Transport-free; `grpc` serves it as `WatchPresence`, `webhook` POSTs it, and the
+//! grace. Transport-free; `grpc` serves it as `WatchPresence`, `webhook.rs` POSTs it, and the
 //! cluster link (`backplane::cluster::presence`) feeds it the other replicas' users.
 //!
 //! The `Hub` owns the cluster view (`view.rs`: user → replicas that have it) behind one std
@@ -8,10 +8,14 @@
 //! inside that critical section (never waiting): so every watcher gets the transitions in the
 //! one order the view decided them, and a watcher that does not read is cut off, never waited
 //! for. Inputs: this replica's router (a user's first stream here opens or last closes,
-//! `run`), other replicas' messages and their silence (`remote`, `heartbeat`, `expire_peers`).
+//! `driver.rs`), other replicas' messages and their silence (`remote`, `heartbeat`, `bye`,
+//! `expire_peers`). Tests: `tests.rs` (the hub), `view.rs` (the view).
 
+mod driver;
 mod view;
 pub mod webhook;
+
+pub use driver::{Outbox, start};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -23,9 +27,8 @@ use std::{
 };
 
 use tokio::sync::mpsc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{domain::UserId, router::Router};
+use crate::domain::UserId;
 use view::View;
 
 /// A replica's id in the cluster (its cluster id; one constant with the memory backplane).
@@ -128,7 +131,7 @@ pub struct Hub {
     me: ReplicaId,
     config: PresenceConfig,
     inner: Mutex<Inner>,
-    /// Wakes the driver (`run`) when a grace may have started while it slept.
+    /// Wakes the driver (`driver.rs`) when a grace may have started while it slept.
     wake: tokio::sync::Notify,
     /// Watchers cut off because their queue was full (`ssegate_presence_watchers_cut_total`).
     pub cut_off: AtomicU64,
@@ -403,145 +406,5 @@ impl Hub {
     }
 }
 
-/// Where the driver hands this replica's batches of changes for the other replicas: a bounded
-/// queue, and the signal to send the whole set instead when it is full.
-pub struct Outbox {
-    pub batches: mpsc::Sender<Local>,
-    pub resync: Arc<tokio::sync::Notify>,
-}
-
-impl Outbox {
-    /// Queues a batch, never waiting. When the link is a whole queue behind, the batch is
-    /// dropped and the link sends the whole set instead (which includes it).
-    fn send(&self, batch: Local) {
-        if self.batches.try_send(batch).is_err() {
-            tracing::debug!("presence: cluster link queue full; sending the whole set instead");
-            self.resync.notify_one();
-        }
-    }
-}
-
-/// Drives the hub on this replica until `stop`: takes the router's changes as they are
-/// signalled (handing each batch to `send`, the cluster link, if any) and ends graces on
-/// time. Closes every watch when it stops.
-pub fn start(
-    hub: Arc<Hub>,
-    router: Arc<Router>,
-    send: Option<Outbox>,
-    stop: &CancellationToken,
-    tracker: &TaskTracker,
-) {
-    // Users already online (none at start, but the order of start-up need not matter).
-    let now: Vec<(UserId, bool, bool)> = router.track_presence().into_iter().map(|u| (u, true, true)).collect();
-    let first = hub.local(now);
-    let stop = stop.clone();
-    tracker.spawn(async move {
-        if let (Some(first), Some(send)) = (first, &send) {
-            send.send(first);
-        }
-        let mut next: Option<Instant> = None;
-        loop {
-            let sleep = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = router.presence_changed() => {
-                    if let Some(local) = hub.local(router.take_presence_changes())
-                        && let Some(send) = &send
-                    {
-                        send.send(local);
-                    }
-                }
-                () = hub.wake.notified() => {}
-                () = sleep => {}
-            }
-            next = hub.expire();
-            hub.log_cuts();
-        }
-        hub.close();
-    });
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn user(s: &str) -> UserId {
-        UserId::parse(s).unwrap()
-    }
-
-    fn hub() -> (Arc<Hub>, Watch) {
-        let hub = Hub::new("me".into(), PresenceConfig { grace: Duration::from_secs(60), watcher_queue: 16 });
-        let w = hub.watch();
-        (hub, w)
-    }
-
-    fn drain(w: &mut Watch) -> Vec<(String, State)> {
-        std::iter::from_fn(|| w.events.try_recv().ok()).map(|t| (t.user.to_string(), t.state)).collect()
-    }
-
-    #[test]
-    fn another_replicas_numbers_tell_when_to_ask_for_its_whole_set() {
-        let (hub, mut w) = hub();
-        assert!(!hub.heartbeat("r", 0), "new and empty: nothing to ask");
-        assert!(!hub.remote("r", 1, false, &[(user("a"), true)]));
-        assert!(hub.remote("r", 3, false, &[(user("b"), true)]), "message 2 was missed");
-        assert!(!hub.remote("r", 3, false, &[(user("c"), true)]), "a stale number is ignored");
-        assert!(hub.heartbeat("r", 5), "the heartbeat shows more were sent");
-        assert!(hub.remote("q", 7, false, &[]), "met mid-way");
-        assert_eq!(drain(&mut w), [("a".into(), State::Online), ("b".into(), State::Online)]);
-        // Its whole set: b is gone (into the grace), d comes; a stays without a transition.
-        assert!(!hub.remote("r", 9, true, &[(user("a"), true), (user("d"), true)]));
-        assert_eq!(drain(&mut w), [("d".into(), State::Online)]);
-        assert_eq!(hub.online(), 3, "b is in its grace");
-        assert!(!hub.remote("me", 1, false, &[(user("x"), true)]), "our own messages are ignored");
-        assert_eq!(hub.online(), 3);
-    }
-
-    #[test]
-    fn a_goodbye_takes_the_replica_out_at_once() {
-        let (hub, mut w) = hub();
-        hub.remote("r", 1, false, &[(user("a"), true)]);
-        assert_eq!(hub.replicas().len(), 2);
-        hub.bye("r");
-        assert_eq!(hub.replicas().len(), 1, "no longer shares the webhook");
-        assert_eq!(hub.online(), 1, "a is in its grace, not offline yet");
-        assert_eq!(drain(&mut w), [("a".into(), State::Online)]);
-        let mut inner = hub.lock();
-        assert!(inner.view.next_deadline().is_some(), "a's grace runs");
-        let mut out = Vec::new();
-        inner.view.expire(Instant::now() + Duration::from_secs(61), &mut out);
-        assert_eq!(out, [(user("a"), State::Offline)]);
-    }
-
-    #[test]
-    fn local_changes_are_told_in_order_and_a_short_visit_still_counts() {
-        let (hub, mut w) = hub();
-        let told = hub.local(vec![(user("a"), true, true), (user("b"), true, false)]);
-        assert_eq!(told, Some(vec![(user("a"), true), (user("b"), true), (user("b"), false)]));
-        assert_eq!(hub.local(vec![(user("a"), false, true)]), None, "nothing new");
-        assert_eq!(drain(&mut w), [("a".into(), State::Online), ("b".into(), State::Online)]);
-        let mut set = hub.local_set();
-        set.sort();
-        assert_eq!(set, [user("a")]);
-    }
-
-    #[test]
-    fn a_watcher_with_a_full_queue_is_cut_off_and_the_others_are_not() {
-        let hub = Hub::new("me".into(), PresenceConfig { grace: Duration::from_secs(1), watcher_queue: 2 });
-        let stalled = hub.watch();
-        let mut reading = hub.watch();
-        for i in 0..3 {
-            hub.local(vec![(user(&format!("u{i}")), true, true)]);
-            assert_eq!(drain(&mut reading).len(), 1);
-        }
-        assert_eq!(stalled.end(), Some(End::FellBehind));
-        assert_eq!(reading.end(), None);
-        assert_eq!(hub.watchers(), 1);
-        assert_eq!(hub.watch().snapshot.len(), 3, "a new watch starts from the whole state");
-    }
-}
+mod tests;
