@@ -55,10 +55,12 @@ pub(super) struct Core {
     users: HashMap<UserId, u64>,
     groups: HashMap<GroupId, u64>,
     topics: HashMap<Topic, u64>,
-    /// Users whose count went from 0 to 1 (`true`) or to 0 since the presence hub last took
-    /// them (`Router::take_presence_changes`); `None` until a hub tracks presence, so that a
-    /// router nobody watches keeps nothing. Bounded by the users that changed meanwhile.
-    pub(super) presence: Option<HashMap<UserId, bool>>,
+    /// Users whose count went from 0 to 1 or to 0 since the presence hub last took them
+    /// (`Router::take_presence_changes`), each with (a first stream opened meanwhile, has a
+    /// stream now): kept up to date here so that taking them is one swap. `None` until a hub
+    /// tracks presence, so that a router nobody watches keeps nothing. Bounded by the users that
+    /// changed meanwhile.
+    pub(super) presence: Option<HashMap<UserId, (bool, bool)>>,
     /// A change was recorded since the last `take_presence_signal`: wake the hub, after the lock.
     presence_signal: bool,
 }
@@ -130,7 +132,7 @@ impl Core {
         {
             // The user's first stream here: remembered as opened even if it closes before the
             // hub looks, so a short visit is still seen.
-            changes.insert(user.clone(), true);
+            changes.insert(user.clone(), (true, true));
             self.presence_signal = true;
         }
         groups.iter().for_each(|g| add(&mut self.groups, g));
@@ -155,7 +157,7 @@ impl Core {
         if let Some(changes) = &mut self.presence
             && !self.users.contains_key(user)
         {
-            changes.entry(user.clone()).or_insert(false);
+            changes.entry(user.clone()).or_insert((false, false)).1 = false;
             self.presence_signal = true;
         }
         groups.iter().for_each(|g| sub(&mut self.groups, g));

@@ -118,17 +118,11 @@ impl Router {
     }
 
     /// The users whose first stream opened or last closed here since the last call: each with
-    /// whether a first stream opened meanwhile, and whether the user has a stream now.
+    /// whether a first stream opened meanwhile, and whether the user has a stream now. One swap
+    /// under the core lock, whatever their number.
     pub fn take_presence_changes(&self) -> Vec<(UserId, bool, bool)> {
-        let mut core = self.lock();
-        let changes = core.presence.as_mut().map(std::mem::take).unwrap_or_default();
-        changes
-            .into_iter()
-            .map(|(user, opened)| {
-                let online = core.user_count(&user) > 0;
-                (user, opened, online)
-            })
-            .collect()
+        let changes = self.lock().presence.as_mut().map(std::mem::take).unwrap_or_default();
+        changes.into_iter().map(|(user, (opened, online))| (user, opened, online)).collect()
     }
 
     pub fn stats(&self) -> Stats {
