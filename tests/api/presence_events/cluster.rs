@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
+use futures_util::StreamExt;
+use tokio::time::{Instant, timeout_at};
 
 use super::{Watcher, t};
 use crate::{
     broker::{Broker, replica},
-    helpers::{SseClient, spawn_process},
+    helpers::{SseClient, deadline, spawn_process},
 };
 
 /// Reads a watch until the users it knows online (its snapshot, then its transitions) are
@@ -102,4 +103,41 @@ async fn a_replica_that_stops_says_goodbye_so_its_users_grace_starts_at_once() {
         "the grace began at the goodbye ({:?})",
         stopped.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_replica_met_mid_way_is_asked_for_its_whole_set_and_forgotten_once_silent() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, &["--presence-grace", "200ms"]).await;
+    let mut on_a = Watcher::open(&a).await;
+    assert!(on_a.snapshot().await.is_empty());
+    // A replica of our own making, speaking the wire format by hand.
+    let raw = async_nats::connect(nats.url()).await.expect("the test connects to NATS");
+    let subject = "ssegate.events.ctl.presence";
+    let mut heard = raw.subscribe(subject).await.unwrap();
+    raw.flush().await.unwrap();
+    let say = |json: &'static str| {
+        let raw = raw.clone();
+        async move { raw.publish(subject, json.into()).await.unwrap() }
+    };
+
+    // Its fifth message is the first a hears: applied, and a asks for the whole set.
+    say(r#"{"Changes":{"v":1,"replica":"ghost","seq":5,"changes":[["gus",true]]}}"#).await;
+    assert_eq!(on_a.next().await, t("gus", "online"));
+    let end = deadline();
+    loop {
+        let msg = timeout_at(end, heard.next()).await.expect("a asks the ghost for its set").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        if v["Sync"]["of"] == "ghost" {
+            break;
+        }
+    }
+    // The whole set: hal is there, gus is not (his grace starts).
+    say(r#"{"Changes":{"v":1,"replica":"ghost","seq":6,"reset":true,"changes":[["hal",true]]}}"#).await;
+    assert_eq!(on_a.next().await, t("hal", "online"));
+    assert_eq!(on_a.next().await, t("gus", "offline"));
+    // A message with an id this version refuses is refused whole; then the ghost falls silent
+    // (no heartbeat): its users go after 3 s and the grace.
+    say(r#"{"Changes":{"v":1,"replica":"ghost","seq":7,"changes":[["ivy",true],["",true]]}}"#).await;
+    assert_eq!(on_a.next().await, t("hal", "offline"), "nothing about ivy");
 }
