@@ -102,6 +102,8 @@ pub enum NatsError {
     Retained { bucket: String, reason: String },
     #[error("timed out loading the retained values from the bucket `{bucket}` (after {after:?})")]
     RetainedTimeout { bucket: String, after: Duration },
+    #[error("cannot subscribe to the presence subject: {0}")]
+    Presence(String),
 }
 
 pub struct NatsBackplane {

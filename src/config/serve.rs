@@ -87,6 +87,41 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_stream_replicas: u8,
 
+    /// WatchPresence: a user with no stream anywhere in the cluster for this long goes offline;
+    /// a reconnect within it emits nothing.
+    #[arg(long, env = "SSEGATE_PRESENCE_GRACE", default_value = "5s", value_parser = duration)]
+    pub presence_grace: Duration,
+
+    /// WatchPresence: transitions queued per watcher at most; a watcher that does not read
+    /// and reaches it is cut off (RESOURCE_EXHAUSTED) and reconnects for a fresh snapshot.
+    #[arg(long, env = "SSEGATE_PRESENCE_WATCHER_QUEUE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub presence_watcher_queue: u32,
+
+    /// Also POST the presence transitions (this replica's share of the users) as JSON batches
+    /// to this `http://` URL.
+    #[arg(long, env = "SSEGATE_PRESENCE_WEBHOOK")]
+    pub presence_webhook: Option<String>,
+
+    /// Most events in one webhook POST.
+    #[arg(long, env = "SSEGATE_PRESENCE_WEBHOOK_BATCH", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub presence_webhook_batch: u32,
+
+    /// How long a webhook event waits for others to share its POST (a full batch goes at once).
+    #[arg(long, env = "SSEGATE_PRESENCE_WEBHOOK_DELAY", default_value = "100ms", value_parser = duration)]
+    pub presence_webhook_delay: Duration,
+
+    /// Longest a webhook POST may take (connect to answer); past it the batch is retried.
+    #[arg(long, env = "SSEGATE_PRESENCE_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub presence_webhook_timeout: Duration,
+
+    /// Most webhook events queued (while the endpoint is slow or down); beyond it the oldest is
+    /// dropped, counted and logged.
+    #[arg(long, env = "SSEGATE_PRESENCE_WEBHOOK_QUEUE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub presence_webhook_queue: u32,
+
     /// Interval between heartbeat comments on an idle stream.
     #[arg(long, env = "SSEGATE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
     pub heartbeat_interval: Duration,

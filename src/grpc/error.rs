@@ -40,6 +40,9 @@ pub enum ApiError {
     /// A request that refers to state the server no longer has (an id of an earlier process).
     #[error("{0}")]
     Stale(String),
+    /// A `WatchPresence` watcher did not read and its queue filled up.
+    #[error("watcher fell behind; reconnect for a fresh snapshot (--presence-watcher-queue is {queue})")]
+    WatcherFellBehind { queue: usize },
 }
 
 impl From<BackplaneError> for ApiError {
@@ -80,9 +83,9 @@ impl ApiError {
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::OutcomeUnknown(_) => Code::Unknown,
             ApiError::Stale(_) => Code::FailedPrecondition,
-            ApiError::Router(PublishError::RetainedFull(_)) | ApiError::MessageTooLarge { .. } => {
-                Code::ResourceExhausted
-            }
+            ApiError::Router(PublishError::RetainedFull(_))
+            | ApiError::MessageTooLarge { .. }
+            | ApiError::WatcherFellBehind { .. } => Code::ResourceExhausted,
         }
     }
 }

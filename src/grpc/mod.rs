@@ -13,6 +13,7 @@ mod layers;
 mod panic;
 mod service;
 mod unary;
+mod watch;
 
 pub use error::ApiError;
 pub use health::{Health, HealthService};
@@ -58,6 +59,8 @@ pub struct GrpcSettings {
     pub tls: Option<TlsAcceptor>,
     /// Where publishes go.
     pub backplane: Arc<Backplane>,
+    /// Who is online in the cluster, for `WatchPresence`.
+    pub presence: Arc<crate::presence::Hub>,
     /// The port's budget of open and not yet admitted sockets.
     pub gate: Arc<Gate>,
     /// First-request and idle deadlines of its connections.
@@ -75,9 +78,9 @@ pub async fn serve(
     tracker: TaskTracker,
 ) -> Result<(), ServeError> {
     let (health, HealthService(health_service)) = health;
-    let GrpcSettings { limits, auth, metrics, tls, backplane, gate, timeouts } = settings;
+    let GrpcSettings { limits, auth, metrics, tls, backplane, presence, gate, timeouts } = settings;
     let max_message_bytes = limits.max_message_bytes;
-    let service = PublisherService::new(router, backplane, limits, metrics.clone());
+    let service = PublisherService::new(router, backplane, presence, limits, metrics.clone());
     // Read messages up to twice the limit, so that a `PublishStream` item over it is refused
     // alone (the service checks the limit); beyond that the call ends (`layers::Oversize`).
     let publisher = pb::publisher_server::PublisherServer::new(service)

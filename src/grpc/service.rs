@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use tracing::{Instrument, field::Empty};
 
-use super::{ApiError, convert, panic, pb, unary::Parts};
+use super::{ApiError, convert, panic, pb, unary::Parts, watch};
 use crate::{
     backplane::{
         Accepted, Backplane, PublishOrder,
@@ -19,6 +19,7 @@ use crate::{
     },
     domain::{EventId, GroupId, MalformedEventId, Target, Topic, UserId},
     event_stream::parse::{Item, Parser},
+    presence::Hub,
     router::{Router, Stats},
     telemetry::metrics::EdgeMetrics,
 };
@@ -60,6 +61,7 @@ const DEFAULT_ONLINE_PAGE: u32 = 1_000;
 pub struct PublisherService {
     router: Arc<Router>,
     backplane: Arc<Backplane>,
+    presence: Arc<Hub>,
     pub(super) limits: Arc<Limits>,
     metrics: Arc<EdgeMetrics>,
 }
@@ -71,8 +73,14 @@ impl PublisherService {
         if len > max { Err(ApiError::MessageTooLarge { len, max }) } else { Ok(()) }
     }
 
-    pub fn new(router: Arc<Router>, backplane: Arc<Backplane>, limits: Limits, metrics: Arc<EdgeMetrics>) -> Self {
-        Self { router, backplane, limits: Arc::new(limits), metrics }
+    pub fn new(
+        router: Arc<Router>,
+        backplane: Arc<Backplane>,
+        presence: Arc<Hub>,
+        limits: Limits,
+        metrics: Arc<EdgeMetrics>,
+    ) -> Self {
+        Self { router, backplane, presence, limits: Arc::new(limits), metrics }
     }
 
     /// Publishes to `target` (of kind `kind`: user, group, topic or broadcast, known even when
@@ -399,6 +407,20 @@ impl pb::publisher_server::Publisher for PublisherService {
             resp.online_user_ids = ids.iter().map(|u| u.to_string()).collect();
         }
         Ok(Response::new(resp))
+    }
+
+    type WatchPresenceStream = watch::WatchStream;
+
+    /// The users online now, a marker, then live transitions (`grpc/watch.rs`); the watcher's
+    /// queue is bounded and a watcher that does not read is cut off, never waited for.
+    async fn watch_presence(
+        &self,
+        req: Request<pb::WatchPresenceRequest>,
+    ) -> Result<Response<Self::WatchPresenceStream>, Status> {
+        self.within_limit(req.get_ref())?;
+        let w = self.presence.watch();
+        tracing::debug!(snapshot = w.snapshot.len(), "presence watcher attached");
+        Ok(Response::new(watch::stream(w, self.presence.watcher_queue())))
     }
 
     async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {

@@ -55,6 +55,14 @@ pub(super) struct Core {
     users: HashMap<UserId, u64>,
     groups: HashMap<GroupId, u64>,
     topics: HashMap<Topic, u64>,
+    /// Users whose count went from 0 to 1 or to 0 since the presence hub last took them
+    /// (`Router::take_presence_changes`), each with (a first stream opened meanwhile, has a
+    /// stream now): kept up to date here so that taking them is one swap. `None` until a hub
+    /// tracks presence, so that a router nobody watches keeps nothing. Bounded by the users that
+    /// changed meanwhile.
+    pub(super) presence: Option<HashMap<UserId, (bool, bool)>>,
+    /// A change was recorded since the last `take_presence_signal`: wake the hub, after the lock.
+    presence_signal: bool,
 }
 
 /// A connection that resumed after an id this router has not received yet: either an event of
@@ -109,6 +117,8 @@ impl Core {
             users: HashMap::new(),
             groups: HashMap::new(),
             topics: HashMap::new(),
+            presence: None,
+            presence_signal: false,
         }
     }
 
@@ -117,6 +127,14 @@ impl Core {
         self.next_conn += 1;
         self.connections += 1;
         add(&mut self.users, user);
+        if let Some(changes) = &mut self.presence
+            && self.users.get(user) == Some(&1)
+        {
+            // The user's first stream here: remembered as opened even if it closes before the
+            // hub looks, so a short visit is still seen.
+            changes.insert(user.clone(), (true, true));
+            self.presence_signal = true;
+        }
         groups.iter().for_each(|g| add(&mut self.groups, g));
         topics.iter().for_each(|t| add(&mut self.topics, t));
         self.next_conn
@@ -136,8 +154,20 @@ impl Core {
     pub fn leave(&mut self, user: &UserId, groups: &[GroupId], topics: &[Topic]) {
         self.connections -= 1;
         sub(&mut self.users, user);
+        if let Some(changes) = &mut self.presence
+            && !self.users.contains_key(user)
+        {
+            changes.entry(user.clone()).or_insert((false, false)).1 = false;
+            self.presence_signal = true;
+        }
         groups.iter().for_each(|g| sub(&mut self.groups, g));
         topics.iter().for_each(|t| sub(&mut self.topics, t));
+    }
+
+    /// Whether a presence change was recorded since the last call (the caller wakes the hub
+    /// once it has let go of the lock).
+    pub fn take_presence_signal(&mut self) -> bool {
+        std::mem::take(&mut self.presence_signal)
     }
 
     pub fn user_count(&self, user: &UserId) -> u64 {

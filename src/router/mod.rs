@@ -227,6 +227,9 @@ pub struct Router {
     /// Signalled when a connection registers with a resume id ahead of this router (a shared
     /// sequence): the backplane then reads the stream's position at once (`settle_ahead`).
     unsettled: tokio::sync::Notify,
+    /// Signalled when a user's first stream opened or last closed here, once presence is
+    /// tracked (`track_presence`): the presence hub then takes the changes.
+    presence_changed: tokio::sync::Notify,
     bounds: Bounds,
     write_coalesce: Duration,
     max_connections: usize,
@@ -246,6 +249,7 @@ impl Router {
             shards: (0..config.shards.clamp(1, 64)).map(|_| Shard::new()).collect(),
             shared_sequence: config.shared_sequence,
             unsettled: tokio::sync::Notify::new(),
+            presence_changed: tokio::sync::Notify::new(),
             bounds: Bounds { frames: config.queue_capacity, bytes: config.max_queue_bytes },
             write_coalesce: config.write_coalesce,
             max_connections: config.max_connections,
@@ -296,6 +300,11 @@ impl Router {
             let mut core = self.lock();
             for conn in removed {
                 core.leave(&conn.user, &conn.groups, &conn.topics);
+            }
+            let presence_changed = core.take_presence_signal();
+            drop(core);
+            if presence_changed {
+                self.presence_changed.notify_one();
             }
         }
     }

@@ -103,6 +103,28 @@ impl Router {
         (ids, more)
     }
 
+    /// Starts recording which users' first stream opens or last closes here, and returns the
+    /// users online now (the hub's starting point). Changes are then taken with
+    /// `take_presence_changes` after `presence_changed` returns.
+    pub fn track_presence(&self) -> Vec<UserId> {
+        let mut core = self.lock();
+        core.presence.get_or_insert_with(Default::default);
+        core.users_after("")
+    }
+
+    /// Waits until a presence change was recorded (at once if one was since the last call).
+    pub async fn presence_changed(&self) {
+        self.presence_changed.notified().await;
+    }
+
+    /// The users whose first stream opened or last closed here since the last call: each with
+    /// whether a first stream opened meanwhile, and whether the user has a stream now. One swap
+    /// under the core lock, whatever their number.
+    pub fn take_presence_changes(&self) -> Vec<(UserId, bool, bool)> {
+        let changes = self.lock().presence.as_mut().map(std::mem::take).unwrap_or_default();
+        changes.into_iter().map(|(user, (opened, online))| (user, opened, online)).collect()
+    }
+
     pub fn stats(&self) -> Stats {
         let gauges = {
             let mut core = self.lock();

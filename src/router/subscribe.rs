@@ -95,8 +95,12 @@ impl Router {
         }
         let conn = Conn::new(mailbox.clone(), user, groups, topics, floor);
         self.shards[shard].submit(Cmd::Register(id, conn));
+        let presence_changed = core.take_presence_signal();
         drop(core);
         self.run_shard(shard);
+        if presence_changed {
+            self.presence_changed.notify_one();
+        }
         if ahead.is_some() {
             self.unsettled.notify_one();
         }

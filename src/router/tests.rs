@@ -709,3 +709,25 @@ fn a_resume_ahead_of_the_shared_stream_is_told_unknown_once_the_stream_position_
     assert!(frames(&later)[0].contains("\"reason\":\"unknown\""));
     assert_eq!(r.settle_ahead(7, 7, r.ahead_mark()), 0, "each once");
 }
+
+#[test]
+fn presence_changes_are_a_users_first_open_and_last_close_once_tracked() {
+    let r = router(8);
+    let before = sub(&r, "early", &[], &[]);
+    let online_at_start = r.track_presence();
+    assert_eq!(online_at_start, [UserId::parse("early").unwrap()]);
+    assert!(r.take_presence_changes().is_empty());
+    let a1 = sub(&r, "a", &[], &[]);
+    let a2 = sub(&r, "a", &[], &[]);
+    drop(a1);
+    let u = |s: &str| UserId::parse(s).unwrap();
+    assert_eq!(r.take_presence_changes(), [(u("a"), true, true)], "one change for two streams");
+    drop(a2);
+    // A visit that begins and ends between two looks is still seen.
+    drop(sub(&r, "b", &[], &[]));
+    let mut changes = r.take_presence_changes();
+    changes.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(changes, [(u("a"), false, false), (u("b"), true, false)]);
+    drop(before);
+    assert_eq!(r.take_presence_changes(), [(u("early"), false, false)]);
+}

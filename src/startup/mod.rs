@@ -16,6 +16,7 @@ use crate::{
     config::ServeArgs,
     event_stream, grpc, http,
     net::{self, Budget, Gate, Policy},
+    presence::{self, Hub},
     router::{CloseReason, Router, RouterConfig},
     store::StoreError,
     telemetry::metrics::Metrics,
@@ -72,6 +73,8 @@ pub struct Application {
     /// TLS acceptors for the HTTP and gRPC ports.
     tls: Option<(TlsAcceptor, TlsAcceptor)>,
     backplane: Arc<Backplane>,
+    /// Who is online in the cluster (`WatchPresence`), driven from `build` on.
+    presence: Arc<Hub>,
     ready: Readiness,
     /// Every task's stop signal (cancelled if the application is dropped without running) and
     /// the tracker they are spawned on; the NATS tasks start in `build`.
@@ -154,7 +157,31 @@ impl Application {
             let capacity = u64::try_from(settings.router.replay.capacity).unwrap_or(u64::MAX);
             nats.start(router.clone(), capacity, settings.nats_catch_up, &stop, &tracker).await?;
         }
-        let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone()));
+        let presence = match &*backplane {
+            Backplane::Nats(nats) => {
+                let hub = Hub::new(nats.cluster.id().into(), settings.presence.clone());
+                let link = nats
+                    .cluster
+                    .start_presence(hub.clone(), &stop, &tracker)
+                    .await
+                    .map_err(|e| NatsError::Presence(e.to_string()))?;
+                presence::start(hub.clone(), router.clone(), Some(link), &stop, &tracker);
+                hub
+            }
+            Backplane::Memory(_) => {
+                // A fresh id per process, as a cluster replica's: the webhook's event ids start
+                // with it, so ids of a restarted process never repeat earlier ones.
+                let hub = Hub::new(format!("{:016x}", fastrand::u64(..)).into(), settings.presence.clone());
+                presence::start(hub.clone(), router.clone(), None, &stop, &tracker);
+                hub
+            }
+        };
+        if let Some(config) = settings.presence_webhook.clone() {
+            let out = presence::webhook::Outgoing::new(presence.me().clone(), config.queue);
+            presence.set_webhook(out.clone());
+            presence::webhook::start(config, out, &stop, &tracker);
+        }
+        let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone(), presence.clone()));
         let subscriber_auth =
             subscriber_auth(&settings.subscriber, settings.reload_every, &stop, &tracker, &metrics.edge)?;
         let (cert, tls) = match &settings.tls {
@@ -188,6 +215,7 @@ impl Application {
                 Readiness::new().reporting(move || backplane.store_trouble())
             },
             backplane,
+            presence,
             stop: stop_on_drop,
             tracker,
         })
@@ -222,6 +250,7 @@ impl Application {
             tls,
             ready,
             backplane,
+            presence,
             stop,
             tracker,
         } = self;
@@ -276,6 +305,7 @@ impl Application {
                 metrics: metrics.edge.clone(),
                 tls: grpc_tls,
                 backplane: backplane.clone(),
+                presence,
                 gate: grpc_gate,
                 timeouts,
             },

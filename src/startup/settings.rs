@@ -11,6 +11,10 @@ use crate::{
     grpc,
     http::{HttpSettings, server::ServerLimits},
     net::{Budget, Timeouts},
+    presence::{
+        PresenceConfig,
+        webhook::{self, WebhookConfig, WebhookUrlError},
+    },
     router::{ReplayConfig, RetainedConfig, RouterConfig},
     store::SyncPolicy,
 };
@@ -47,6 +51,8 @@ pub enum ConfigError {
     Conflict(&'static str),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Webhook(#[from] WebhookUrlError),
 }
 
 /// Where published events go.
@@ -137,6 +143,10 @@ pub struct Settings {
     /// open-files limit otherwise, and cannot exceed it).
     pub max_connections_given: bool,
     pub heartbeat_interval: Duration,
+    /// `WatchPresence` and the presence webhook.
+    pub presence: PresenceConfig,
+    /// `--presence-webhook` and its tunables, if set.
+    pub presence_webhook: Option<WebhookConfig>,
     pub subscriber: SubscriberSettings,
     pub publisher: PublisherSettings,
     pub tls: Option<TlsFiles>,
@@ -264,6 +274,17 @@ impl Settings {
             max_pending_connections: size(a.max_pending_connections),
             max_connections_given: a.max_connections.is_some(),
             heartbeat_interval: a.heartbeat_interval,
+            presence: PresenceConfig { grace: a.presence_grace, watcher_queue: size(a.presence_watcher_queue) },
+            presence_webhook: match &a.presence_webhook {
+                None => None,
+                Some(url) => Some(WebhookConfig {
+                    url: webhook::parse_url(url)?,
+                    batch: size(a.presence_webhook_batch),
+                    delay: a.presence_webhook_delay,
+                    timeout: a.presence_webhook_timeout,
+                    queue: size(a.presence_webhook_queue),
+                }),
+            },
             subscriber: SubscriberSettings {
                 jwt,
                 cookie: a.token_cookie,

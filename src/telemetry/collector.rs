@@ -16,12 +16,14 @@ use super::{
 };
 use crate::{
     backplane::Backplane,
+    presence::Hub,
     router::{CloseReason, RESUME_OUTCOMES, Router, TARGET_KINDS},
 };
 
 pub(super) struct ServerCollector {
     pub router: Arc<Router>,
     pub backplane: Arc<Backplane>,
+    pub presence: Arc<Hub>,
     pub edge: Arc<EdgeMetrics>,
 }
 
@@ -204,6 +206,53 @@ impl Collector for ServerCollector {
             C,
             self.backplane.idempotency_evicted() as f64,
         )?;
+        let p = &self.presence;
+        single(
+            &mut enc,
+            "ssegate_presence_online_users",
+            "Users online in this replica's cluster view (WatchPresence; those in their grace included)",
+            G,
+            p.online() as f64,
+        )?;
+        single(&mut enc, "ssegate_presence_watchers", "Open WatchPresence calls", G, p.watchers() as f64)?;
+        single(
+            &mut enc,
+            "ssegate_presence_replicas",
+            "Replicas this one hears presence from, itself included (they share the presence webhook)",
+            G,
+            p.replicas().len() as f64,
+        )?;
+        single(
+            &mut enc,
+            "ssegate_presence_watchers_cut",
+            "WatchPresence calls ended with RESOURCE_EXHAUSTED because the watcher did not read and its queue filled up",
+            C,
+            p.cut_off.load(Relaxed) as f64,
+        )?;
+        if let Some(out) = p.webhook() {
+            let c = &out.counters;
+            single(
+                &mut enc,
+                "ssegate_presence_webhook_sent",
+                "Presence events the webhook endpoint accepted (2xx)",
+                C,
+                c.sent.load(Relaxed) as f64,
+            )?;
+            single(
+                &mut enc,
+                "ssegate_presence_webhook_dropped",
+                "Presence events not sent: the oldest when the webhook queue was full, and batches the endpoint refused (4xx)",
+                C,
+                c.dropped.load(Relaxed) as f64,
+            )?;
+            single(
+                &mut enc,
+                "ssegate_presence_webhook_retries",
+                "Webhook POSTs retried (failed, timed out, 408, 429 or 5xx)",
+                C,
+                c.retries.load(Relaxed) as f64,
+            )?;
+        }
         if let Some((stats, segments)) = self.backplane.data_dir_stats() {
             single(
                 &mut enc,

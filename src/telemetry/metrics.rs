@@ -168,7 +168,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(router: Arc<Router>, backplane: Arc<Backplane>) -> Self {
+    pub fn new(router: Arc<Router>, backplane: Arc<Backplane>, presence: Arc<crate::presence::Hub>) -> Self {
         let edge = Arc::new(EdgeMetrics::new());
         let mut registry = Registry::default();
         registry.register(
@@ -181,7 +181,7 @@ impl Metrics {
             "Time from a gRPC request's arrival to its final status, by method",
             edge.grpc_duration.clone(),
         );
-        registry.register_collector(Box::new(ServerCollector { router, backplane, edge: edge.clone() }));
+        registry.register_collector(Box::new(ServerCollector { router, backplane, presence, edge: edge.clone() }));
         registry.register_collector(Box::new(process::ProcessCollector));
         Self { registry, edge }
     }

@@ -230,8 +230,10 @@ async fn bad_requests_are_connect_errors_with_the_messages_grpc_callers_get() {
     r.error(415, "unimplemented");
 
     // The streaming method and unknown methods: unimplemented (501); GET: 405.
-    let r = post(&app, "PublishStream", json!({})).await;
-    assert!(r.error(501, "unimplemented").contains("call it over gRPC"));
+    for streaming in ["PublishStream", "WatchPresence"] {
+        let r = post(&app, streaming, json!({})).await;
+        assert!(r.error(501, "unimplemented").contains("call it over gRPC"), "{streaming}");
+    }
     let r = post(&app, "Nope", json!({})).await;
     r.error(501, "unimplemented");
     let (status, headers, _) = http_request(app.grpc, "GET", "/ssegate.v1.Publisher/Stats", &[]).await;

@@ -25,6 +25,7 @@ mod hostile;
 mod http_edge;
 mod limits;
 mod observability;
+mod presence_events;
 mod resume;
 mod retained;
 mod rough_edges;

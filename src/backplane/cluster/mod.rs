@@ -10,6 +10,7 @@
 //! versioned form between replicas (and its compatibility rules), the one place they become
 //! text and are validated again on arrival.
 
+mod presence;
 pub mod wire;
 
 use std::{
@@ -106,6 +107,7 @@ pub struct Cluster {
     id: String,
     query_subject: String,
     hello_subject: String,
+    presence_subject: String,
     wait: Duration,
     peers: Mutex<HashMap<String, Instant>>,
 }
@@ -117,6 +119,7 @@ impl Cluster {
             id: format!("{:016x}", fastrand::u64(..)),
             query_subject: format!("{prefix}.ctl.query"),
             hello_subject: format!("{prefix}.ctl.hello"),
+            presence_subject: format!("{prefix}.ctl.presence"),
             wait,
             peers: Mutex::new(HashMap::new()),
         })
@@ -194,6 +197,21 @@ impl Cluster {
             }
         });
         Ok(())
+    }
+
+    /// This replica's id in the cluster (also its presence replica id).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Starts the presence link (`presence.rs`) on `<subject>.ctl.presence`.
+    pub async fn start_presence(
+        &self,
+        hub: Arc<crate::presence::Hub>,
+        stop: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<crate::presence::Outbox, async_nats::Error> {
+        presence::start(self.client.clone(), self.presence_subject.clone(), hub, stop, tracker).await
     }
 
     /// Replicas heard from recently (this one included).

@@ -232,6 +232,105 @@ pub fn decode_answer(bytes: &[u8]) -> Result<Answer, DecodeError> {
     })
 }
 
+/// A presence message between replicas, on `<subject>.ctl.presence` (`presence.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceMsg {
+    /// A replica's changes, numbered per replica (`seq`, from 1, one per message). `reset`: the
+    /// message starts the replica's whole set (its users not listed by it or by the messages
+    /// that follow count as gone).
+    Changes { replica: String, seq: u64, reset: bool, changes: Vec<(UserId, bool)> },
+    /// The replica is alive, and `seq` is the last message it sent.
+    Heartbeat { replica: String, seq: u64 },
+    /// Asks replica `of` (every replica when `None`) to send its whole set.
+    Sync { from: String, of: Option<String> },
+    /// The replica is stopping: its users are gone from it now, and it is no longer one of
+    /// the replicas (a version without this kind ignores it and waits for the silence).
+    Bye { replica: String },
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+enum WirePresenceMsg {
+    Changes(WireChanges),
+    Heartbeat(WireHeartbeat),
+    Sync(WireSync),
+    Bye(WireBye),
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+struct WireBye {
+    v: u32,
+    replica: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+struct WireChanges {
+    v: u32,
+    replica: String,
+    seq: u64,
+    reset: bool,
+    /// `[user, has a stream there now]`, in order.
+    changes: Vec<(String, bool)>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+struct WireHeartbeat {
+    v: u32,
+    replica: String,
+    seq: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+struct WireSync {
+    v: u32,
+    from: String,
+    of: Option<String>,
+}
+
+pub fn encode_presence(msg: &PresenceMsg) -> Vec<u8> {
+    let wire = match msg {
+        PresenceMsg::Changes { replica, seq, reset, changes } => WirePresenceMsg::Changes(WireChanges {
+            v: VERSION,
+            replica: replica.clone(),
+            seq: *seq,
+            reset: *reset,
+            changes: changes.iter().map(|(u, on)| (u.as_str().to_owned(), *on)).collect(),
+        }),
+        PresenceMsg::Heartbeat { replica, seq } => {
+            WirePresenceMsg::Heartbeat(WireHeartbeat { v: VERSION, replica: replica.clone(), seq: *seq })
+        }
+        PresenceMsg::Sync { from, of } => {
+            WirePresenceMsg::Sync(WireSync { v: VERSION, from: from.clone(), of: of.clone() })
+        }
+        PresenceMsg::Bye { replica } => WirePresenceMsg::Bye(WireBye { v: VERSION, replica: replica.clone() }),
+    };
+    // Serialising strings, numbers and booleans to JSON cannot fail.
+    serde_json::to_vec(&wire).unwrap_or_default()
+}
+
+/// Reads (and re-validates) another replica's presence message; one with an id this version
+/// refuses is refused whole (its sender is then asked for its whole set by the gap that leaves).
+pub fn decode_presence(bytes: &[u8]) -> Result<PresenceMsg, DecodeError> {
+    Ok(match serde_json::from_slice::<WirePresenceMsg>(bytes)? {
+        WirePresenceMsg::Changes(c) => PresenceMsg::Changes {
+            replica: c.replica,
+            seq: c.seq,
+            reset: c.reset,
+            changes: c
+                .changes
+                .iter()
+                .map(|(u, on)| Ok((UserId::parse(u)?, *on)))
+                .collect::<Result<_, InvalidText>>()?,
+        },
+        WirePresenceMsg::Heartbeat(h) => PresenceMsg::Heartbeat { replica: h.replica, seq: h.seq },
+        WirePresenceMsg::Sync(s) => PresenceMsg::Sync { from: s.from, of: s.of },
+        WirePresenceMsg::Bye(b) => PresenceMsg::Bye { replica: b.replica },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +402,33 @@ mod tests {
         assert!(matches!(decode_query(br#"{"Disconnect":{"reason":"r"}}"#), Err(DecodeError::Id(_))));
         assert!(matches!(decode_answer(br#"{"online":["a\nb"]}"#), Err(DecodeError::Id(_))));
         assert!(matches!(decode_query(br#"{"Sessions":{"v":2}}"#), Err(DecodeError::Json(_))));
+    }
+
+    #[test]
+    fn presence_messages_round_trip_and_tolerate_fields_added_or_missing() {
+        let msgs = [
+            PresenceMsg::Changes {
+                replica: "r1".into(),
+                seq: 7,
+                reset: true,
+                changes: vec![(user("a.b"), true), (user("a.b"), false)],
+            },
+            PresenceMsg::Heartbeat { replica: "r1".into(), seq: 9 },
+            PresenceMsg::Sync { from: "r2".into(), of: None },
+            PresenceMsg::Sync { from: "r2".into(), of: Some("r1".into()) },
+            PresenceMsg::Bye { replica: "r1".into() },
+        ];
+        for m in msgs {
+            assert_eq!(decode_presence(&encode_presence(&m)).unwrap(), m);
+        }
+        let newer = br#"{"Heartbeat":{"v":2,"replica":"r","seq":3,"zone":"eu"}}"#;
+        assert_eq!(decode_presence(newer).unwrap(), PresenceMsg::Heartbeat { replica: "r".into(), seq: 3 });
+        let older = br#"{"Changes":{"replica":"r","seq":1}}"#;
+        assert!(
+            matches!(decode_presence(older).unwrap(), PresenceMsg::Changes { reset: false, changes, .. } if changes.is_empty())
+        );
+        assert!(matches!(decode_presence(br#"{"Changes":{"changes":[["",true]]}}"#), Err(DecodeError::Id(_))));
+        assert!(matches!(decode_presence(br#"{"Leaving":{"v":2}}"#), Err(DecodeError::Json(_))));
     }
 
     #[test]

@@ -58,7 +58,7 @@ where
     let name = parts.uri.path().get(PREFIX.len()..).unwrap_or_default();
     let procedure = match PROCEDURES.iter().find(|p| p.name == name) {
         Some(p) => p,
-        None if name == STREAMING => return Err(ConnectError::Streaming),
+        None if STREAMING.contains(&name) => return Err(ConnectError::Streaming(name.to_owned())),
         None => return Err(ConnectError::UnknownMethod(name.to_owned())),
     };
     let text = |name: &str| parts.headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());

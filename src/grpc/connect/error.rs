@@ -7,8 +7,6 @@ use http_body_util::Full;
 use serde::Serialize;
 use tonic::{Code, Status};
 
-use super::transcode::STREAMING;
-
 /// Why a Connect call failed. The message is shown to the caller.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ConnectError {
@@ -19,8 +17,8 @@ pub(super) enum ConnectError {
          send `application/grpc`"
     )]
     MediaType(String),
-    #[error("{STREAMING} is a streaming method: call it over gRPC (HTTP/JSON serves the unary methods)")]
-    Streaming,
+    #[error("{0} is a streaming method: call it over gRPC (HTTP/JSON serves the unary methods)")]
+    Streaming(String),
     #[error("no method {0:?} in ssegate.v1.Publisher")]
     UnknownMethod(String),
     #[error("connect-protocol-version {0:?} is not supported: send 1, or leave the header out")]
@@ -51,7 +49,7 @@ impl ConnectError {
         match self {
             ConnectError::NotPost(_)
             | ConnectError::MediaType(_)
-            | ConnectError::Streaming
+            | ConnectError::Streaming(_)
             | ConnectError::UnknownMethod(_)
             | ConnectError::Compressed(_) => Code::Unimplemented,
             ConnectError::ProtocolVersion(_)

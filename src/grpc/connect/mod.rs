@@ -128,7 +128,7 @@ fn route<B>(req: &Request<B>) -> Route {
         return Route::Grpc;
     }
     match req.uri().path().strip_prefix(PREFIX) {
-        Some(name) if name == STREAMING || PROCEDURES.iter().any(|p| p.name == name) => Route::Connect,
+        Some(name) if STREAMING.contains(&name) || PROCEDURES.iter().any(|p| p.name == name) => Route::Connect,
         Some(_) if Codec::from_headers(req.headers()).is_ok() => Route::Connect,
         _ => Route::NotFound,
     }
@@ -159,6 +159,7 @@ mod tests {
             ("GET", "/ssegate.v1.Publisher/Stats", None, Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Broadcast", Some("text/plain"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/PublishStream", Some("application/json"), Route::Connect),
+            ("POST", "/ssegate.v1.Publisher/WatchPresence", Some("application/json"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Nope", Some("application/json"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Nope", Some("application/proto"), Route::Connect),
             ("POST", "/ssegate.v1.Publisher/Nope", None, Route::NotFound),

@@ -59,7 +59,7 @@ where
     Procedure { name, request: decode_request::<Req>, response: encode_response::<Resp> }
 }
 
-/// Every unary method of the proto; `PublishStream` is the only other one.
+/// Every unary method of the proto; `STREAMING` are the others.
 pub(super) const PROCEDURES: [Procedure; 8] = [
     procedure::<pb::PublishRequest, pb::PublishResponse>("Publish"),
     procedure::<pb::PublishGroupRequest, pb::PublishResponse>("PublishGroup"),
@@ -71,8 +71,9 @@ pub(super) const PROCEDURES: [Procedure; 8] = [
     procedure::<pb::HistoryRequest, pb::HistoryResponse>("History"),
 ];
 
-/// The streaming method, which HTTP/JSON does not serve.
-pub(super) const STREAMING: &str = "PublishStream";
+/// The streaming methods, which HTTP/JSON does not serve: Connect's streaming protocols frame
+/// messages in the body (`application/connect+json`), which this layer does not speak.
+pub(super) const STREAMING: [&str; 2] = ["PublishStream", "WatchPresence"];
 
 /// Parses a request body, so a malformed one is refused here with `invalid_argument` (a gRPC
 /// server would call a bad protobuf `internal`), and encodes it as protobuf. An empty JSON body
@@ -101,6 +102,16 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+
+    #[test]
+    fn every_method_of_the_proto_is_a_procedure_or_a_streaming_method() {
+        let mut ours: Vec<String> =
+            PROCEDURES.iter().map(|p| p.name).chain(STREAMING).map(|n| format!("ssegate.v1.Publisher/{n}")).collect();
+        ours.sort();
+        let mut proto: Vec<String> = pb::METHODS.iter().map(|m| m.to_string()).collect();
+        proto.sort();
+        assert_eq!(ours, proto, "a method added to the proto needs a Connect procedure or a STREAMING entry");
+    }
 
     #[test]
     fn content_types() {
