@@ -12,6 +12,7 @@ mod client_tabs;
 mod cluster;
 mod cluster_retained;
 mod connect;
+mod console;
 mod control;
 mod docs;
 mod drain;

@@ -1,0 +1,230 @@
+//! The inspector: one user, group or topic as this replica sees it (its streams), as the
+//! cluster counts it (the `Presence` scatter/gather), its retained values, its recent events
+//! (`Router::history`) and whether a given event reached it.
+//!
+//! **"Reached"** is decided per stream of the subject on this replica, from the replay log's
+//! copy of the event (its target) and the stream's positions (`router::Positions`):
+//! - `sent`: the event is addressed to the stream, is after the point the stream started
+//!   from, and the stream's writer has taken events up to it or later off its queue (handed to
+//!   the socket; TCP delivery to the browser is not observable);
+//! - `queued`: addressed and after its start, queued but not yet taken by the writer;
+//! - `pending`: addressed and after its start, not yet queued (on its way through the shard);
+//! - `before_stream`: published before the stream started (it may have reached an earlier
+//!   stream of the subject: unknown);
+//! - `not_addressed`: the event's target does not include this stream.
+//!
+//! The verdict is `reached` if some stream was `sent` it, otherwise `unknown` with the reason
+//! (the log no longer holds the id, it is of another epoch, no stream is open here, ...).
+//! Streams on other replicas are not inspected: their count is shown, not their positions.
+
+use axum::{
+    extract::{Query, State},
+    response::Response,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Console, ConsoleError, json};
+use crate::{
+    backplane::cluster,
+    domain::{EventId, GroupId, Target, Topic, UserId},
+    event_stream::parse::name_and_data,
+    router::{EventLookup, StreamView, Subject},
+};
+
+/// Streams listed at most (a topic may have thousands; the count is always given).
+const MAX_STREAMS: usize = 200;
+/// Recent events listed by default, and at most.
+const RECENT: usize = 20;
+const MAX_RECENT: usize = 200;
+
+#[derive(Deserialize)]
+pub(super) struct Lookup {
+    kind: String,
+    id: String,
+    /// An event id to check.
+    event: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Parses a subject from its kind and id (the same rules as everywhere: `UserId::parse` ...).
+pub(super) fn subject(kind: &str, id: &str) -> Result<Subject, ConsoleError> {
+    let bad = |e: crate::domain::InvalidText| ConsoleError::BadRequest(format!("{kind} {e}"));
+    match kind {
+        "user" => UserId::parse(id).map(Subject::User).map_err(bad),
+        "group" => GroupId::parse(id).map(Subject::Group).map_err(bad),
+        "topic" => Topic::parse(id).map(Subject::Topic).map_err(bad),
+        other => Err(ConsoleError::BadRequest(format!("unknown kind `{other}` (expected user, group or topic)"))),
+    }
+}
+
+pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Lookup>) -> Result<Response, ConsoleError> {
+    let subject = subject(&q.kind, &q.id)?;
+    let event = match q.event.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
+        None => None,
+        Some(s) => Some(s.parse::<EventId>().map_err(|e| ConsoleError::BadRequest(format!("event id `{s}`: {e}")))?),
+    };
+    let c = &console.0;
+    let (streams, total) = c.router.streams(&subject, MAX_STREAMS);
+    let epoch = c.router.epoch();
+    let id = |seq: u64| EventId { epoch, seq }.to_string();
+    let history = c.router.history(&subject.target(), None, q.limit.unwrap_or(RECENT).clamp(1, MAX_RECENT));
+    let recent: Vec<Value> = history
+        .events
+        .iter()
+        .map(|e| {
+            let (name, data) = name_and_data(&e.frame.bytes);
+            json!({ "id": id(e.seq), "name": name, "data": data, "age_s": e.frame.published_at.elapsed().as_secs_f64() })
+        })
+        .collect();
+    let retained: Vec<Value> = c
+        .router
+        .retained_of(&subject)
+        .iter()
+        .map(|v| {
+            let (_, data) = name_and_data(&v.frame);
+            let expires_in = v.expires_at.and_then(|at| at.duration_since(std::time::SystemTime::now()).ok());
+            json!({
+                "name": v.name.as_ref().map_or("", |n| n.as_str()),
+                "set_by": id(v.seq),
+                "data": data,
+                "expires_in_s": expires_in.map(|d| d.as_secs()),
+            })
+        })
+        .collect();
+    let cluster = cluster_count(&console, &subject).await;
+    let reached = event.map(|e| reached(&console, &subject, &streams, e));
+    let streams: Vec<Value> = streams.iter().map(|s| stream_json(s, epoch)).collect();
+    Ok(json(&json!({
+        "subject": { "kind": subject.kind(), "id": subject.id() },
+        "this_replica": { "streams": streams, "total": total, "listed_max": MAX_STREAMS },
+        "cluster": cluster,
+        "retained": retained,
+        "recent": { "events": recent, "more": history.more, "log_evicted": history.evicted },
+        "reached": reached,
+    })))
+}
+
+/// The subject's connections on every replica, from the same query as the `Presence` call.
+async fn cluster_count(console: &Console, subject: &Subject) -> Value {
+    let (mut users, mut groups, mut topics) = (Vec::new(), Vec::new(), Vec::new());
+    match subject {
+        Subject::User(u) => users.push(u.clone()),
+        Subject::Group(g) => groups.push(g.clone()),
+        Subject::Topic(t) => topics.push(t.clone()),
+    }
+    let query = cluster::Query::Presence { users, groups, topics, online: None };
+    let g = console.0.backplane.gather(&console.0.router, &query).await;
+    let per_replica: Vec<u64> = g
+        .answers
+        .iter()
+        .map(|a| a.user_connections.iter().chain(&a.group_connections).chain(&a.topic_connections).sum())
+        .collect();
+    json!({
+        "connections": per_replica.iter().sum::<u64>(),
+        "per_replica": per_replica,
+        "replicas": g.answers.len(),
+        "partial": g.partial,
+    })
+}
+
+fn stream_json(s: &StreamView, epoch: u64) -> Value {
+    let id = |seq: u64| EventId { epoch, seq }.to_string();
+    let p = &s.positions;
+    json!({
+        "conn": s.conn,
+        "user": s.user.as_str(),
+        "groups": s.groups.iter().map(GroupId::as_str).collect::<Vec<_>>(),
+        "topics": s.topics.iter().map(Topic::as_str).collect::<Vec<_>>(),
+        "age_s": s.age.as_secs_f64(),
+        "protocol": s.meta.protocol.as_str(),
+        "peer": s.meta.peer.map(|p| p.to_string()),
+        "queued_frames": p.queued_frames,
+        "queued_bytes": p.queued_bytes,
+        "from_id": id(p.from_seq),
+        "last_queued_id": id(p.queued_seq),
+        "last_sent_id": id(p.sent_seq),
+    })
+}
+
+/// Whether event `event` reached `subject`'s streams here (see the module's definition).
+fn reached(console: &Console, subject: &Subject, streams: &[StreamView], event: EventId) -> Value {
+    let unknown = |reason: String| json!({ "event": event.to_string(), "verdict": "unknown", "reason": reason });
+    let logged = match console.0.router.find_event(event) {
+        EventLookup::Found(logged) => logged,
+        EventLookup::OtherEpoch => {
+            return unknown("the id is of another epoch (an earlier process or a recreated stream)".into());
+        }
+        EventLookup::NotYet => {
+            return json!({ "event": event.to_string(), "verdict": "not_yet",
+            "reason": "this replica has not received an event with this id (yet)" });
+        }
+        EventLookup::Evicted => return unknown("the replay log no longer holds this event".into()),
+        EventLookup::Absent => return unknown("no event has this id (a skipped sequence number)".into()),
+    };
+    let seq = logged.seq;
+    let per_stream: Vec<Value> = streams
+        .iter()
+        .map(|s| {
+            let p = &s.positions;
+            let state = if !s.is_addressed_by(&logged.target) {
+                "not_addressed"
+            } else if seq <= p.from_seq {
+                "before_stream"
+            } else if p.sent_seq >= seq {
+                "sent"
+            } else if p.queued_seq >= seq {
+                "queued"
+            } else {
+                "pending"
+            };
+            json!({ "conn": s.conn, "state": state })
+        })
+        .collect();
+    let any = |state: &str| per_stream.iter().any(|s| s["state"] == state);
+    let (verdict, reason) = if any("sent") {
+        ("reached", "handed to the socket of at least one of its streams on this replica".to_owned())
+    } else if any("queued") || any("pending") {
+        ("on_its_way", "queued for its stream, not yet written".to_owned())
+    } else if streams.is_empty() {
+        ("unknown", "no stream of it is open on this replica now (see the cluster count)".to_owned())
+    } else if any("before_stream") {
+        ("unknown", "published before its current streams started: an earlier stream may have had it".to_owned())
+    } else {
+        ("not_addressed", "the event's target does not include its streams".to_owned())
+    };
+    let (name, data) = name_and_data(&logged.frame.bytes);
+    json!({
+        "event": event.to_string(),
+        "verdict": verdict,
+        "reason": reason,
+        "target": target_text(&logged.target),
+        "addressed_to_subject": addressed(&logged.target, subject),
+        "name": name,
+        "data": data,
+        "streams": per_stream,
+    })
+}
+
+/// Whether `target` names `subject` itself (a user in its list, the group, the topic, or all).
+fn addressed(target: &Target, subject: &Subject) -> bool {
+    match (target, subject) {
+        (Target::Broadcast, _) => true,
+        (Target::Users(users), Subject::User(u)) => users.binary_search(u).is_ok(),
+        (Target::Group(a), Subject::Group(b)) => a == b,
+        (Target::Topic(a), Subject::Topic(b)) => a == b,
+        _ => false,
+    }
+}
+
+pub(super) fn target_text(target: &Target) -> String {
+    match target {
+        Target::Users(users) if users.len() <= 5 => {
+            format!("user {}", users.iter().map(UserId::as_str).collect::<Vec<_>>().join(", "))
+        }
+        Target::Users(users) => format!("{} users", users.len()),
+        Target::Group(g) => format!("group {g}"),
+        Target::Topic(t) => format!("topic {t}"),
+        Target::Broadcast => "broadcast".into(),
+    }
+}
