@@ -174,7 +174,7 @@ function renderOverview(o) {
   set('v-drops', `${fmt(r.slow_consumer_cutoffs)} / ${fmt(r.dropped)}`);
   $('card-drops').classList.toggle('bad', r.slow_consumer_cutoffs > 0 || r.dropped > 0);
   const rp = o.replay;
-  set('v-replay', rp.oldest_age_s == null ? 'empty' : secs(rp.oldest_age_s));
+  set('v-replay', rp.oldest_age_s == null ? 'empty' : `${secs(rp.oldest_age_s)} back`);
   set('v-replay-more', `${fmt(rp.events)} events, ${bytes(rp.bytes)}; oldest ${rp.oldest_id ?? '–'}, newest ${rp.newest_id}`);
   set('v-retained', fmt(o.retained.values));
   set('v-retained-bytes', bytes(o.retained.bytes));
