@@ -309,3 +309,50 @@ async fn console_streams_end_when_the_server_shuts_down() {
     let rest = tail.until_end().await;
     assert!(live.ended && tail.ended, "both streams ended; tail said: {rest:?}");
 }
+
+#[tokio::test]
+async fn each_action_is_one_audit_line_with_action_subject_peer_and_outcome() {
+    let file = token_file();
+    let mut server = crate::helpers::spawn_process(&["--console-token-file", file.path()], &[]).await;
+    let admin = server.admin;
+    let json = [("Authorization", BEARER), ("Content-Type", "application/json")];
+    let (status, ..) = request(admin, "POST", "/console/api/disconnect", &json, r#"{"user":"4711"}"#).await;
+    assert_eq!(status, 200);
+    let (status, ..) =
+        request(admin, "POST", "/console/api/publish", &json, r#"{"kind":"topic","id":"news","data":"x"}"#).await;
+    assert_eq!(status, 200);
+    let bad = [("Authorization", "Bearer wrong-token-0123456789"), ("Content-Type", "application/json")];
+    let (status, ..) = request(admin, "POST", "/console/api/disconnect", &bad, r#"{"user":"4711"}"#).await;
+    assert_eq!(status, 401);
+
+    let pid = server.child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exit = timeout_at(deadline(), server.child.wait()).await.expect("exits in time").unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let audit: Vec<Value> = server
+        .rest_of_logs()
+        .await
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "ssegate::audit")
+        .collect();
+    let fields: Vec<(String, String, String)> = audit
+        .iter()
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            assert!(s("peer").starts_with("127.0.0.1:"), "{v}");
+            (s("action"), s("subject"), s("outcome"))
+        })
+        .collect();
+    let expect = |a: &str, s: &str, o: &str| (a.to_owned(), s.to_owned(), o.to_owned());
+    assert_eq!(
+        fields,
+        [
+            expect("disconnect", "user 4711", "ok"),
+            expect("publish", "topic news", "ok"),
+            expect("disconnect", "-", "unauthorized"),
+        ],
+        "{audit:?}"
+    );
+    assert!(!audit.iter().any(|v| v.to_string().contains(TOKEN)), "no token in any audit line");
+}

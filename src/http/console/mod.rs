@@ -147,8 +147,10 @@ async fn guard(State(console): State<Console>, req: Request, next: Next) -> Resp
         Err(e) => {
             if req.method() == Method::POST {
                 let peer = actions::peer_of(req.extensions());
+                // The action's name as its successful line says it (`clear_retained`).
+                let action = req.uri().path().trim_start_matches("/console/api/").replace('-', "_");
                 tracing::warn!(
-                    target: "ssegate::audit", action = req.uri().path(), subject = "-", %peer,
+                    target: "ssegate::audit", action, subject = "-", %peer,
                     outcome = e.outcome(), reason = %e, "console action refused"
                 );
             }
