@@ -34,6 +34,16 @@ impl Subject {
         }
     }
 
+    /// Parses a subject from its kind (`user`, `group`, `topic`) and id; `None` for another kind.
+    pub fn parse(kind: &str, id: &str) -> Option<Result<Subject, crate::domain::InvalidText>> {
+        Some(match kind {
+            "user" => UserId::parse(id).map(Subject::User),
+            "group" => GroupId::parse(id).map(Subject::Group),
+            "topic" => Topic::parse(id).map(Subject::Topic),
+            _ => return None,
+        })
+    }
+
     pub fn id(&self) -> &str {
         match self {
             Subject::User(u) => u.as_str(),
@@ -57,7 +67,7 @@ impl Subject {
 }
 
 /// One open stream as the console shows it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamView {
     pub conn: ConnId,
     pub user: UserId,

@@ -115,7 +115,7 @@ impl Protocol {
 
 /// What the HTTP edge knows about a stream that the router does not need, kept for the admin
 /// console's inspector.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamMeta {
     pub peer: Option<std::net::SocketAddr>,
     pub protocol: Protocol,

@@ -356,3 +356,36 @@ async fn each_action_is_one_audit_line_with_action_subject_peer_and_outcome() {
     );
     assert!(!audit.iter().any(|v| v.to_string().contains(TOKEN)), "no token in any audit line");
 }
+
+#[tokio::test]
+async fn with_nats_the_inspector_lists_streams_on_every_replica_and_judges_reached_across_them() {
+    let nats = crate::broker::Broker::start().await;
+    let file = token_file();
+    let flags = ["--console-token-file", file.path()];
+    let (a, b) = (crate::broker::replica(&nats, &flags).await, crate::broker::replica(&nats, &flags).await);
+    let mut on_b = b.subscribe("user=4711").await;
+    on_b.cursor().await;
+    let sent = a.publish_users(&["4711"], "", "via a").await;
+    assert_eq!(on_b.next_event().await.data, "via a");
+    // Asked on a, where 4711 has no stream: b's stream is listed under b's id and got the event.
+    let end = deadline();
+    let r = loop {
+        let r = get_json(&a, &format!("/console/api/lookup?kind=user&id=4711&event={}", sent.event_id)).await;
+        // a may still be catching up with the stream, or b's hello not yet heard: ask again.
+        if r["reached"]["verdict"] == "reached" && r["cluster"]["replicas"] == 2 {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < end, "never reached across replicas: {r}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let streams = r["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 1, "{r}");
+    assert_ne!(streams[0]["replica"], "this", "the stream is on the other replica");
+    assert_eq!(r["this_replica"]["total"], 0);
+    assert_eq!(r["cluster"]["connections"], 1);
+    assert_eq!(r["reached"]["streams"][0]["state"], "sent");
+    // The disconnect action asked on a closes the stream on b.
+    let (status, d) = post_json(&a, "/console/api/disconnect", &serde_json::json!({"user": "4711"})).await;
+    assert_eq!((status, d["closed"].as_u64()), (200, Some(1)), "{d}");
+    assert_eq!(on_b.next_event().await.event_type, "ssegate.disconnect");
+}

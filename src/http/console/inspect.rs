@@ -1,6 +1,6 @@
-//! The inspector: one user, group or topic as this replica sees it (its streams), as the
-//! cluster counts it (the `Presence` scatter/gather), its retained values, its recent events
-//! (`Router::history`) and whether a given event reached it.
+//! The inspector: one user, group or topic: its streams on every replica (the cluster's
+//! `Streams` scatter/gather; in memory, this process's), its retained values, its recent
+//! events (`Router::history`) and whether a given event reached it.
 //!
 //! **"Reached"** is decided per stream of the subject on this replica, from the replay log's
 //! copy of the event (its target) and the stream's positions (`router::Positions`):
@@ -13,9 +13,12 @@
 //!   stream of the subject: unknown);
 //! - `not_addressed`: the event's target does not include this stream.
 //!
-//! The verdict is `reached` if some stream was `sent` it, otherwise `unknown` with the reason
-//! (the log no longer holds the id, it is of another epoch, no stream is open here, ...).
-//! Streams on other replicas are not inspected: their count is shown, not their positions.
+//! The verdict is `reached` if some stream (on any replica that answered) was `sent` it,
+//! otherwise `unknown` with the reason (the log no longer holds the id, it is of another epoch,
+//! no stream is open, ...). The event itself is looked up in this replica's replay log (every
+//! replica consumes the whole stream); sequence numbers are the shared stream's, so positions
+//! of streams on other replicas compare with it. A replica that did not answer in time is
+//! reported (`partial`), and its streams are missing from the verdict.
 
 use axum::{
     extract::{Query, State},
@@ -32,7 +35,7 @@ use crate::{
     router::{EventLookup, StreamView, Subject},
 };
 
-/// Streams listed at most (a topic may have thousands; the count is always given).
+/// Streams listed at most per replica (a topic may have thousands; the count is always given).
 const MAX_STREAMS: usize = 200;
 /// Recent events listed by default, and at most.
 const RECENT: usize = 20;
@@ -49,12 +52,10 @@ pub(super) struct Lookup {
 
 /// Parses a subject from its kind and id (the same rules as everywhere: `UserId::parse` ...).
 pub(super) fn subject(kind: &str, id: &str) -> Result<Subject, ConsoleError> {
-    let bad = |e: crate::domain::InvalidText| ConsoleError::BadRequest(format!("{kind} {e}"));
-    match kind {
-        "user" => UserId::parse(id).map(Subject::User).map_err(bad),
-        "group" => GroupId::parse(id).map(Subject::Group).map_err(bad),
-        "topic" => Topic::parse(id).map(Subject::Topic).map_err(bad),
-        other => Err(ConsoleError::BadRequest(format!("unknown kind `{other}` (expected user, group or topic)"))),
+    match Subject::parse(kind, id) {
+        Some(Ok(subject)) => Ok(subject),
+        Some(Err(e)) => Err(ConsoleError::BadRequest(format!("{kind} {e}"))),
+        None => Err(ConsoleError::BadRequest(format!("unknown kind `{kind}` (expected user, group or topic)"))),
     }
 }
 
@@ -65,7 +66,18 @@ pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Looku
         Some(s) => Some(s.parse::<EventId>().map_err(|e| ConsoleError::BadRequest(format!("event id `{s}`: {e}")))?),
     };
     let c = &console.0;
-    let (streams, total) = c.router.streams(&subject, MAX_STREAMS);
+    let gathered =
+        c.backplane.gather(&c.router, &cluster::Query::Streams { subject: subject.clone(), limit: MAX_STREAMS }).await;
+    let this_id = c.backplane.replica_id();
+    // This replica's answer first; in memory the only answer is this process's (no id).
+    let mut answers: Vec<(bool, cluster::Answer)> = gathered
+        .answers
+        .into_iter()
+        .map(|a| (a.replica.is_empty() || Some(a.replica.as_str()) == this_id, a))
+        .collect();
+    answers.sort_by_key(|(this, _)| !*this);
+    let streams: Vec<(bool, &str, &StreamView)> =
+        answers.iter().flat_map(|(this, a)| a.streams.iter().map(move |s| (*this, a.replica.as_str(), s))).collect();
     let epoch = c.router.epoch();
     let id = |seq: u64| EventId { epoch, seq }.to_string();
     let history = c.router.history(&subject.target(), None, q.limit.unwrap_or(RECENT).clamp(1, MAX_RECENT));
@@ -92,40 +104,40 @@ pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Looku
             })
         })
         .collect();
-    let cluster = cluster_count(&console, &subject).await;
-    let reached = event.map(|e| reached(&console, &subject, &streams, e));
-    let streams: Vec<Value> = streams.iter().map(|s| stream_json(s, epoch)).collect();
+    let views: Vec<(&str, &StreamView)> =
+        streams.iter().map(|(this, replica, s)| (if *this { "this" } else { *replica }, *s)).collect();
+    let reached = event.map(|e| reached(&console, &subject, &views, e));
+    let this_streams: Vec<Value> =
+        streams.iter().filter(|(this, ..)| *this).map(|(.., s)| stream_json(s, epoch)).collect();
+    let all_streams: Vec<Value> = streams
+        .iter()
+        .map(|(this, replica, s)| {
+            let mut v = stream_json(s, epoch);
+            v["replica"] = json!(if *this { "this" } else { replica });
+            v
+        })
+        .collect();
+    let per_replica: Vec<Value> = answers
+        .iter()
+        .map(
+            |(this, a)| json!({ "replica": if *this { "this" } else { a.replica.as_str() }, "total": a.streams_total }),
+        )
+        .collect();
+    let this_total: u64 = answers.iter().filter(|(this, _)| *this).map(|(_, a)| a.streams_total).sum();
     Ok(json(&json!({
         "subject": { "kind": subject.kind(), "id": subject.id() },
-        "this_replica": { "streams": streams, "total": total, "listed_max": MAX_STREAMS },
-        "cluster": cluster,
+        "streams": all_streams,
+        "this_replica": { "streams": this_streams, "total": this_total, "listed_max": MAX_STREAMS },
+        "cluster": {
+            "connections": answers.iter().map(|(_, a)| a.streams_total).sum::<u64>(),
+            "per_replica": per_replica,
+            "replicas": answers.len(),
+            "partial": gathered.partial,
+        },
         "retained": retained,
         "recent": { "events": recent, "more": history.more, "log_evicted": history.evicted },
         "reached": reached,
     })))
-}
-
-/// The subject's connections on every replica, from the same query as the `Presence` call.
-async fn cluster_count(console: &Console, subject: &Subject) -> Value {
-    let (mut users, mut groups, mut topics) = (Vec::new(), Vec::new(), Vec::new());
-    match subject {
-        Subject::User(u) => users.push(u.clone()),
-        Subject::Group(g) => groups.push(g.clone()),
-        Subject::Topic(t) => topics.push(t.clone()),
-    }
-    let query = cluster::Query::Presence { users, groups, topics, online: None };
-    let g = console.0.backplane.gather(&console.0.router, &query).await;
-    let per_replica: Vec<u64> = g
-        .answers
-        .iter()
-        .map(|a| a.user_connections.iter().chain(&a.group_connections).chain(&a.topic_connections).sum())
-        .collect();
-    json!({
-        "connections": per_replica.iter().sum::<u64>(),
-        "per_replica": per_replica,
-        "replicas": g.answers.len(),
-        "partial": g.partial,
-    })
 }
 
 fn stream_json(s: &StreamView, epoch: u64) -> Value {
@@ -148,7 +160,7 @@ fn stream_json(s: &StreamView, epoch: u64) -> Value {
 }
 
 /// Whether event `event` reached `subject`'s streams here (see the module's definition).
-fn reached(console: &Console, subject: &Subject, streams: &[StreamView], event: EventId) -> Value {
+fn reached(console: &Console, subject: &Subject, streams: &[(&str, &StreamView)], event: EventId) -> Value {
     let unknown = |reason: String| json!({ "event": event.to_string(), "verdict": "unknown", "reason": reason });
     let logged = match console.0.router.find_event(event) {
         EventLookup::Found(logged) => logged,
@@ -165,7 +177,7 @@ fn reached(console: &Console, subject: &Subject, streams: &[StreamView], event: 
     let seq = logged.seq;
     let per_stream: Vec<Value> = streams
         .iter()
-        .map(|s| {
+        .map(|(replica, s)| {
             let p = &s.positions;
             let state = if !s.is_addressed_by(&logged.target) {
                 "not_addressed"
@@ -178,16 +190,16 @@ fn reached(console: &Console, subject: &Subject, streams: &[StreamView], event: 
             } else {
                 "pending"
             };
-            json!({ "conn": s.conn, "state": state })
+            json!({ "replica": replica, "conn": s.conn, "state": state })
         })
         .collect();
     let any = |state: &str| per_stream.iter().any(|s| s["state"] == state);
     let (verdict, reason) = if any("sent") {
-        ("reached", "handed to the socket of at least one of its streams on this replica".to_owned())
+        ("reached", "handed to the socket of at least one of its streams".to_owned())
     } else if any("queued") || any("pending") {
         ("on_its_way", "queued for its stream, not yet written".to_owned())
     } else if streams.is_empty() {
-        ("unknown", "no stream of it is open on this replica now (see the cluster count)".to_owned())
+        ("unknown", "no stream of it is open now on the replicas that answered".to_owned())
     } else if any("before_stream") {
         ("unknown", "published before its current streams started: an earlier stream may have had it".to_owned())
     } else {

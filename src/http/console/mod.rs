@@ -13,9 +13,10 @@
 //!   sends an `Origin`, come from the console's own origin.
 //! - **Reuses what the gRPC API does**: publishes go through `Backplane::publish`, Disconnect
 //!   and the cluster figures through `Backplane::gather` (the same scatter/gather as the
-//!   `Disconnect`, `Presence` and `Stats` calls), recent events through `Router::history`.
-//! - **Per replica**: streams are listed for this replica only (the cluster query carries
-//!   counts, not streams); the page says so and shows the cluster-wide counts beside them.
+//!   `Disconnect` and `Stats` calls), recent events through `Router::history`.
+//! - **Every replica**: a subject's streams come from the cluster's `Streams` scatter/gather
+//!   (each replica lists its own, labelled with its id; this one's as `this`); a replica that
+//!   does not answer in time makes the answer `partial`, which the page says.
 //! - **Bounded**: at most `MAX_LIVE` overview streams and `MAX_TAILS` tails at once, each
 //!   ending at shutdown and after a maximum time.
 //! - **Audited**: each action is one `ssegate::audit` log line (action, subject, peer, outcome).

@@ -234,8 +234,9 @@ async function lookup(kind, id, event) {
   $('l-result').hidden = false;
   set('l-title', `${r.subject.kind} ${r.subject.id}`);
   const c = r.cluster;
-  set('l-cluster', `Cluster: ${c.connections} stream(s) on ${c.replicas} replica(s) [${c.per_replica.join(', ')}]${c.partial ? ', partial' : ''}. `
-    + 'Streams are listed for this replica only: the cluster query carries counts, not streams.');
+  const per = c.per_replica.map((p) => `${p.replica}: ${p.total}`).join(', ');
+  set('l-cluster', `${c.connections} stream(s) on ${c.replicas} replica(s) answering (${per})`
+    + `${c.partial ? '; PARTIAL: some replica did not answer, its streams are missing' : ''}.`);
   const reached = $('l-reached');
   reached.replaceChildren();
   if (r.reached) {
@@ -246,12 +247,12 @@ async function lookup(kind, id, event) {
   }
   const st = $('l-streams');
   st.replaceChildren();
-  for (const s of r.this_replica.streams) {
-    addRow(st, [cell(String(s.conn)), cell(secs(s.age_s)), cell(s.protocol), cell(s.peer || '–'),
+  for (const s of r.streams) {
+    addRow(st, [cell(s.replica), cell(String(s.conn)), cell(secs(s.age_s)), cell(s.protocol), cell(s.peer || '–'),
       cell(`${s.queued_frames} (${bytes(s.queued_bytes)})`), cell(s.from_id), cell(s.last_sent_id)]);
   }
-  if (!r.this_replica.streams.length) emptyRow(st, 7, 'No stream open on this replica.');
-  if (r.this_replica.total > r.this_replica.streams.length) emptyRow(st, 7, `… ${r.this_replica.total} in all`);
+  if (!r.streams.length) emptyRow(st, 8, 'No stream open.');
+  if (c.connections > r.streams.length) emptyRow(st, 8, `… ${c.connections} in all`);
   const rt = $('l-retained');
   rt.replaceChildren();
   for (const v of r.retained) {
