@@ -389,3 +389,86 @@ async fn with_nats_the_inspector_lists_streams_on_every_replica_and_judges_reach
     assert_eq!((status, d["closed"].as_u64()), (200, Some(1)), "{d}");
     assert_eq!(on_b.next_event().await.event_type, "ssegate.disconnect");
 }
+
+#[tokio::test]
+async fn console_streams_are_bounded_in_number() {
+    let file = token_file();
+    let app = console_app(&file).await;
+    let mut live = Vec::new();
+    for _ in 0..16 {
+        live.push(console_stream(&app, "/console/api/live").await);
+    }
+    let (status, _, body) = request(app.admin, "GET", "/console/api/live", &[("Authorization", BEARER)], "").await;
+    assert_eq!(status, 429, "{body}");
+    let mut tails = Vec::new();
+    for _ in 0..8 {
+        tails.push(console_stream(&app, "/console/api/tail?kind=topic&id=t").await);
+    }
+    let (status, ..) =
+        request(app.admin, "GET", "/console/api/tail?kind=topic&id=t", &[("Authorization", BEARER)], "").await;
+    assert_eq!(status, 429);
+    // A closed stream gives its place back.
+    drop(tails.pop());
+    let end = deadline();
+    loop {
+        let c = SseClient::connect(app.admin, "/console/api/tail?kind=topic&id=t", &[("Authorization", BEARER)]).await;
+        if c.status == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "the place never came back ({})", c.status);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn problems_are_listed_first_in_the_overview() {
+    let file = token_file();
+    let app = spawn_app(&["--console-token-file", file.path(), "--replay-capacity", "0"]).await;
+    let o = get_json(&app, "/console/api/overview").await;
+    let problems: Vec<&str> = o["problems"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(problems, ["the replay log is off (--replay-capacity 0): no client can resume"]);
+}
+
+#[tokio::test]
+async fn a_token_file_without_a_valid_token_stops_the_server_at_start() {
+    use clap::Parser;
+    for content in ["", "short\n"] {
+        let file = tempfile_lite::TempFile::with(content);
+        let argv = ["ssegate", "serve", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
+        let mut argv: Vec<&str> = argv.to_vec();
+        argv.extend(["--grpc-addr", "127.0.0.1:0", "--console-token-file", file.path()]);
+        let ssegate::config::Command::Serve(args) = ssegate::config::Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!()
+        };
+        let err = ssegate::startup::Application::build(*args).await.err().expect("refused");
+        assert!(err.to_string().starts_with("--console-token-file: "), "{err}");
+    }
+}
+
+#[test]
+fn the_readme_states_the_pages_weight() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/console/page/");
+    let size = |f: &str| std::fs::metadata(format!("{dir}{f}")).unwrap().len();
+    let with_commas = |n: u64| {
+        let s = n.to_string();
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    };
+    let (html, js, css) = (size("index.html"), size("console.js"), size("console.css"));
+    let want = format!(
+        "{} bytes (`index.html` {}, `console.js` {}, `console.css` {};",
+        with_commas(html + js + css),
+        with_commas(html),
+        with_commas(js),
+        with_commas(css)
+    );
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains(&want), "README.md should say: {want}");
+    assert!(html + js + css < 32 * 1024, "the console page stays light");
+}

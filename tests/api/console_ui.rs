@@ -98,6 +98,7 @@ async fn chromium_runs_the_console_overview_inspector_actions_and_live_tail() {
     ui.run("click #login-form>button").await;
     ui.wait("#conn", "^live$").await;
     ui.wait("#v-streams", "^0$").await;
+    ui.wait("#problems", "^No problems$").await;
     assert!(!ui.run("text body").await.contains(TOKEN), "the token is never shown");
 
     // Numbers move as a user connects and events are published.
