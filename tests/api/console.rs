@@ -472,3 +472,30 @@ fn the_readme_states_the_pages_weight() {
     assert!(readme.contains(&want), "README.md should say: {want}");
     assert!(html + js + css < 32 * 1024, "the console page stays light");
 }
+
+#[tokio::test]
+async fn a_tail_that_is_not_read_is_cut_off_not_buffered_without_bound() {
+    let file = token_file();
+    let app = spawn_app(&["--console-token-file", file.path(), "--replay-max-bytes", "268435456"]).await;
+    let mut tail = console_stream(&app, "/console/api/tail?kind=topic&id=big").await;
+    assert_eq!(tail.next_event().await.event_type, "start");
+    // Far more than the socket buffers and the tail's queue (512 events) hold while unread.
+    let data = "x".repeat(16 * 1024);
+    let published = 2000;
+    for _ in 0..published {
+        app.publish_topic("big", &data).await;
+    }
+    let mut events = 0;
+    let mut ended = None;
+    while let Some(e) = tail.next_event_or_end().await {
+        match e.event_type.as_str() {
+            "event" => events += 1,
+            "end" => ended = Some(e.data),
+            _ => {}
+        }
+    }
+    assert!(events < published, "cut off before the end: got {events} of {published}");
+    if let Some(end) = ended {
+        assert_eq!(end, r#"{"reason":"cutoff"}"#);
+    }
+}
