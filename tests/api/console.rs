@@ -385,6 +385,12 @@ async fn with_nats_the_inspector_lists_streams_on_every_replica_and_judges_reach
     assert_eq!(r["cluster"]["connections"], 1);
     assert_eq!(r["reached"]["streams"][0]["state"], "sent");
     // The disconnect action asked on a closes the stream on b.
+    // The overview lists both replicas, this one first.
+    let o = get_json(&a, "/console/api/overview").await;
+    let reps = o["cluster"]["per_replica"].as_array().unwrap();
+    assert_eq!(reps.len(), 2, "{o}");
+    assert_eq!((reps[0]["replica"].as_str(), reps[0]["streams"].as_u64()), (Some("this"), Some(0)));
+    assert_eq!(reps[1]["streams"], 1);
     let (status, d) = post_json(&a, "/console/api/disconnect", &serde_json::json!({"user": "4711"})).await;
     assert_eq!((status, d["closed"].as_u64()), (200, Some(1)), "{d}");
     assert_eq!(on_b.next_event().await.event_type, "ssegate.disconnect");

@@ -79,6 +79,20 @@ async fn overview(console: &Console, prev: Option<&Sample>) -> (Value, Sample) {
     };
     let gathered = c.backplane.gather(&c.router, &Query::Stats).await;
     let all: Vec<&Stats> = gathered.answers.iter().filter_map(|a| a.stats.as_ref()).collect();
+    let this_id = c.backplane.replica_id();
+    let mut per_replica: Vec<Value> = gathered
+        .answers
+        .iter()
+        .filter_map(|a| {
+            let s = a.stats.as_ref()?;
+            let this = a.replica.is_empty() || Some(a.replica.as_str()) == this_id;
+            Some(json!({
+                "replica": if this { "this" } else { a.replica.as_str() },
+                "streams": s.connections, "users": s.users, "delivered": s.events_delivered, "dropped": s.events_dropped,
+            }))
+        })
+        .collect();
+    per_replica.sort_by_key(|r| r["replica"] != "this");
     let total = |f: fn(&Stats) -> u64| all.iter().map(|s| f(s)).sum::<u64>();
     let (up, trouble) = (c.backplane.is_up(), c.backplane.store_trouble());
     let id = |seq: u64| format!("{:x}-{seq}", window.epoch);
@@ -126,6 +140,7 @@ async fn overview(console: &Console, prev: Option<&Sample>) -> (Value, Sample) {
             "users": total(|s| s.users),
             "delivered": total(|s| s.events_delivered),
             "dropped": total(|s| s.events_dropped),
+            "per_replica": per_replica,
         },
         "replay": {
             "events": window.events,

@@ -130,9 +130,11 @@ function spark(canvas, values, bad) {
   ctx.clearRect(0, 0, w, h);
   if (values.length < 2) return;
   const max = Math.max(1, ...values);
+  // The newest point at the right; at least 30 s wide, up to POINTS as they accumulate.
+  const span = Math.min(POINTS, Math.max(values.length, 30));
   ctx.beginPath();
   values.forEach((v, i) => {
-    const x = w - 1 - (values.length - 1 - i) * ((w - 2) / (POINTS - 1));
+    const x = w - 1 - (values.length - 1 - i) * ((w - 2) / (span - 1));
     const y = h - 2 - (v / max) * (h - 4);
     if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
   });
@@ -182,6 +184,12 @@ function renderOverview(o) {
   set('v-broker-more', o.broker.trouble || '');
   $('card-broker').classList.toggle('bad', !o.broker.up);
   set('v-scope', `This replica (up ${secs(r.uptime_s)}); cluster figures from ${c.replicas} replica(s). Updated ${new Date(o.at_ms).toLocaleTimeString()}.`);
+  const reps = $('v-replicas');
+  reps.replaceChildren();
+  for (const p of c.per_replica) {
+    addRow(reps, [cell(p.replica), cell(fmt(p.streams)), cell(fmt(p.users)), cell(fmt(p.delivered)),
+      cell(fmt(p.dropped), p.dropped > 0 ? 'bad' : '')]);
+  }
   push('streams', r.streams);
   push('pub', r.publishes_per_s);
   push('del', r.deliveries_per_s);
