@@ -23,6 +23,8 @@ pub enum ApiKeyError {
 
 /// The accepted keys, reloadable.
 pub struct ApiKeys {
+    /// What the keys are for, in log lines (`publisher API keys`, `console tokens`).
+    what: &'static str,
     file: Option<PathBuf>,
     from_env: Vec<String>,
     current: RwLock<Arc<Vec<String>>>,
@@ -38,9 +40,15 @@ fn parse(text: &str) -> Vec<String> {
 
 impl ApiKeys {
     pub fn load(file: Option<PathBuf>, env_list: Option<&str>) -> Result<Self, ApiKeyError> {
+        Self::load_for("publisher API keys", file, env_list)
+    }
+
+    /// Keys for `what` (named in log lines): the same rules and reloading as publisher keys.
+    /// The admin console's token file uses it.
+    pub fn load_for(what: &'static str, file: Option<PathBuf>, env_list: Option<&str>) -> Result<Self, ApiKeyError> {
         let from_env: Vec<String> =
             env_list.unwrap_or("").split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned).collect();
-        let keys = Self { file, from_env, current: RwLock::new(Arc::default()), modified: RwLock::new(None) };
+        let keys = Self { what, file, from_env, current: RwLock::new(Arc::default()), modified: RwLock::new(None) };
         keys.reload()?;
         Ok(keys)
     }
@@ -88,22 +96,22 @@ impl ApiKeys {
         let mut keys = match std::fs::read_to_string(path) {
             Ok(text) => parse(&text),
             Err(e) => {
-                tracing::error!(%file, error = %e, "publisher API key file unreadable: its keys are revoked");
+                tracing::error!(%file, error = %e, keys = self.what, "key file unreadable: its keys are revoked");
                 Vec::new()
             }
         };
         let before = keys.len();
         keys.retain(|k| k.len() >= MIN_KEY_LEN);
         if keys.len() < before {
-            tracing::error!(%file, ignored = before - keys.len(), min_len = MIN_KEY_LEN, "publisher API keys too short to be keys: ignored");
+            tracing::error!(%file, ignored = before - keys.len(), min_len = MIN_KEY_LEN, keys = self.what, "keys too short to be keys: ignored");
         }
         let from_file = keys.len();
         keys.extend(self.from_env.iter().cloned());
         if keys.is_empty() {
-            tracing::error!(%file, "no valid publisher API key left: every publish is refused until one is added");
+            tracing::error!(%file, keys = self.what, "no valid key left: every call is refused until one is added");
         }
         if self.install(keys, modified).is_ok() {
-            tracing::info!(%file, from_file, total = self.len(), "publisher API keys reloaded");
+            tracing::info!(%file, from_file, total = self.len(), keys = self.what, "keys reloaded");
         }
     }
 
@@ -115,7 +123,7 @@ impl ApiKeys {
         self.len() == 0
     }
 
-    fn accepts(&self, presented: &str) -> bool {
+    pub fn accepts(&self, presented: &str) -> bool {
         let keys = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
         // Compare with every key, each in constant time, so timing reveals neither which key
         // nor how much of it matched.

@@ -335,6 +335,14 @@ impl Backplane {
         }
     }
 
+    /// This replica's id in cluster answers (`None` in memory: the only replica).
+    pub fn replica_id(&self) -> Option<&str> {
+        match self {
+            Backplane::Memory(_) => None,
+            Backplane::Nats(n) => Some(n.cluster.id()),
+        }
+    }
+
     /// Asks every replica (or just this process, in memory) about its connections.
     pub async fn gather(&self, router: &Router, query: &cluster::Query) -> cluster::Gathered {
         match self {

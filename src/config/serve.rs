@@ -17,9 +17,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
-    /// Address of the admin port: `/metrics`, `/healthz`, `/readyz`.
+    /// Address of the admin port: `/metrics`, `/healthz`, `/readyz`, and `/console/`.
     #[arg(long, env = "SSEGATE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,
+
+    /// Turns the admin console (`/console/` on the admin port) on: its API and actions require
+    /// one of the tokens in this file (one per line, at least 16 characters, `#` comments) as
+    /// `Authorization: Bearer <token>`. Re-read when it changes. Without it the console is off.
+    #[arg(long, env = "SSEGATE_CONSOLE_TOKEN_FILE")]
+    pub console_token_file: Option<PathBuf>,
 
     /// Where published events go: `memory` (this process only) or `nats` (NATS JetStream,
     /// shared by every replica). Several replicas need `nats`.

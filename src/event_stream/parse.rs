@@ -24,6 +24,23 @@ pub struct ParsedEvent {
     pub last_event_id: String,
 }
 
+/// The name (empty when the event has none) and data of one encoded event as the server
+/// stores it (the replay log's and the retained store's frames): what `History` and the admin
+/// console show.
+pub fn name_and_data(frame: &[u8]) -> (String, String) {
+    let mut parsed = Vec::new();
+    Parser::new().feed(frame, &mut parsed);
+    // A retained value is stored without its closing id line, but with its blank line.
+    match parsed.into_iter().find_map(|i| match i {
+        Item::Event(e) => Some(e),
+        _ => None,
+    }) {
+        // The frame has an `event:` line only when the event has a name.
+        Some(e) => (if frame.starts_with(b"event:") { e.event_type } else { String::new() }, e.data),
+        None => (String::new(), String::new()),
+    }
+}
+
 /// Incremental parser: feed it bytes as they arrive, in chunks of any size.
 #[derive(Debug, Default)]
 pub struct Parser {

@@ -18,7 +18,7 @@ use crate::{
         cluster::{Answer, OnlinePage, Query},
     },
     domain::{EventId, GroupId, MalformedEventId, Target, Topic, UserId},
-    event_stream::parse::{Item, Parser},
+    event_stream::parse::name_and_data,
     presence::Hub,
     router::{Router, Stats},
     telemetry::metrics::EdgeMetrics,
@@ -464,17 +464,7 @@ impl pb::publisher_server::Publisher for PublisherService {
             .events
             .iter()
             .map(|logged| {
-                let bytes = &logged.frame.bytes;
-                let mut parsed = Vec::new();
-                Parser::new().feed(bytes, &mut parsed);
-                let (name, data) = match parsed.into_iter().find_map(|i| match i {
-                    Item::Event(e) => Some(e),
-                    _ => None,
-                }) {
-                    // The frame has an `event:` line only when the event has a name.
-                    Some(e) => (if bytes.starts_with(b"event:") { e.event_type } else { String::new() }, e.data),
-                    None => (String::new(), String::new()),
-                };
+                let (name, data) = name_and_data(&logged.frame.bytes);
                 pb::HistoryEvent { id: EventId { epoch, seq: logged.seq }.to_string(), name, data }
             })
             .collect();

@@ -1,5 +1,6 @@
-//! The admin port's routes: `/metrics`, `/healthz`, `/readyz` (see `crate::admin`), served
-//! with the same socket budget and deadlines as the other ports.
+//! The admin port's routes: `/metrics`, `/healthz`, `/readyz` (see `crate::admin`) and the
+//! console (`/console/`, see `console`), served with the same socket budget and deadlines as
+//! the other ports.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use http::{StatusCode, header};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use super::console::Console;
 use crate::{
     admin::Readiness,
     net::{Gate, Timeouts},
@@ -15,16 +17,18 @@ use crate::{
 };
 
 /// Serves the admin port until `shutdown` is cancelled.
+#[allow(clippy::too_many_arguments)] // each is a distinct part the admin port is made of
 pub async fn serve(
     listener: TcpListener,
     gate: Arc<Gate>,
     metrics: Arc<Metrics>,
     ready: Readiness,
+    console: Option<Console>,
     timeouts: Timeouts,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    super::hyper_conn::serve_plain(listener, gate, app(metrics, ready), timeouts, shutdown, tracker).await;
+    super::hyper_conn::serve_plain(listener, gate, app(metrics, ready, console), timeouts, shutdown, tracker).await;
 }
 
 #[derive(Clone)]
@@ -33,12 +37,13 @@ struct AdminState {
     ready: Readiness,
 }
 
-fn app(metrics: Arc<Metrics>, ready: Readiness) -> axum::Router {
+fn app(metrics: Arc<Metrics>, ready: Readiness, console: Option<Console>) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(AdminState { metrics, ready })
+        .merge(super::console::routes(console))
         .layer(axum::middleware::map_response(super::error::nosniff_on_errors))
 }
 

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     auth::Requested,
     domain::{EventId, GroupId, InvalidText, Topic, UserId},
-    router::{CloseReason, Start, Subscription},
+    router::{CloseReason, Protocol, Start, StreamMeta, Subscription},
 };
 
 /// What `GET /v1/events` asks for.
@@ -116,12 +116,21 @@ pub async fn subscribe(
     State(state): State<AppState>,
     conn: Option<Extension<ConnContext>>,
     fast: Option<Extension<FastPath>>,
+    version: http::Version,
     headers: HeaderMap,
     uri: http::Uri,
     RawQuery(query): RawQuery,
 ) -> Result<Response, HttpError> {
     let peer = conn.as_ref().map_or_else(|| "-".to_owned(), |c| c.peer.to_string());
-    admit(&state, conn, fast.is_some(), &headers, &uri, query.as_deref(), &peer)
+    let meta = StreamMeta {
+        peer: conn.as_ref().map(|c| c.peer),
+        protocol: match version {
+            http::Version::HTTP_2 => Protocol::Http2,
+            http::Version::HTTP_11 | http::Version::HTTP_10 => Protocol::Http1,
+            _ => Protocol::Unknown,
+        },
+    };
+    admit(&state, conn, fast.is_some(), &headers, &uri, query.as_deref(), (&peer, meta))
         .await
         .map_err(|refused| refuse(&state, &peer, refused))
 }
@@ -186,7 +195,7 @@ async fn admit(
     headers: &HeaderMap,
     uri: &http::Uri,
     query: Option<&str>,
-    peer: &str,
+    (peer, meta): (&str, StreamMeta),
 ) -> Result<Response, Refused> {
     // HTTP/1.1 requires Host (RFC 9112 §3.2); h2 carries the authority in the URI instead.
     if !headers.contains_key(header::HOST) && uri.authority().is_none() {
@@ -208,7 +217,7 @@ async fn admit(
     let abort = conn.and_then(|c| c.abort.clone());
     let (user, groups, topics) = (id.user.clone(), id.groups.len(), id.topics.len());
     let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
-    let reg = state.router.subscribe(subscription).map_err(|e| Refused {
+    let reg = state.router.subscribe_with(subscription, meta).map_err(|e| Refused {
         error: e.into(),
         user: Some(user.clone()),
         requested_user: None,

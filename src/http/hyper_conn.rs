@@ -116,11 +116,14 @@ pub async fn serve_plain(
         gate,
         shutdown,
         |_, _| {},
-        move |stream, _peer, admission| {
+        move |stream, peer, admission| {
             let io = Guarded::admitted(stream, timeouts, admission);
             let activity = io.activity().clone();
             let app = app.clone();
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            // The peer, for the console's audit lines.
+            let ctx = ConnContext { peer, abort: None };
+            let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                req.extensions_mut().insert(ctx.clone());
                 call(app.clone(), req, activity.begin())
             });
             let conn = h1.serve_connection(TokioIo::new(io), service);

@@ -4,6 +4,7 @@
 pub mod admin;
 mod assets;
 mod body;
+pub mod console;
 mod error;
 mod events;
 mod head;

@@ -88,6 +88,52 @@ pub struct Mailbox {
     /// the hyper fallback), whose body is never polled again once the client stops reading.
     /// Streams served by our own HTTP/1.1 writer watch `aborted` instead and need no token.
     abort: Option<CancellationToken>,
+    /// Who the stream is and since when, for the admin console's inspector (a few dozen bytes
+    /// per connection, never read on the event path).
+    meta: StreamMeta,
+    opened: Instant,
+}
+
+/// How a stream is carried, as the HTTP edge saw it: for the admin console.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Unknown,
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Unknown => "unknown",
+            Protocol::Http1 => "h1",
+            Protocol::Http2 => "h2",
+        }
+    }
+}
+
+/// What the HTTP edge knows about a stream that the router does not need, kept for the admin
+/// console's inspector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamMeta {
+    pub peer: Option<std::net::SocketAddr>,
+    pub protocol: Protocol,
+}
+
+/// A stream's queue and positions at one moment (`Mailbox::positions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// Frames and bytes (with their overhead) queued, not yet handed to the writer.
+    pub queued_frames: usize,
+    pub queued_bytes: usize,
+    /// The stream gets every event addressed to it with a sequence number above this: its
+    /// cursor when it opened fresh (or could not be resumed), its resume id when it was.
+    pub from_seq: u64,
+    /// The sequence number of the last event queued for it (its cursor until one is).
+    pub queued_seq: u64,
+    /// The sequence number of the last event its writer took from the queue to write.
+    pub sent_seq: u64,
 }
 
 #[derive(Default)]
@@ -105,6 +151,10 @@ struct Inner {
     active: bool,
     /// Room beyond the bounds for preloaded frames (a resume's replay), until first drained.
     allowance: Bounds,
+    /// See `Positions`: set under this lock, so they cost nothing more on the event path.
+    from_seq: u64,
+    queued_seq: u64,
+    sent_seq: u64,
 }
 
 impl Inner {
@@ -133,8 +183,41 @@ impl Inner {
 
 impl Mailbox {
     pub fn new(bounds: Bounds, abort: Option<CancellationToken>) -> Self {
+        Self::with_meta(bounds, abort, StreamMeta::default())
+    }
+
+    pub fn with_meta(bounds: Bounds, abort: Option<CancellationToken>, meta: StreamMeta) -> Self {
         let bounds = Bounds { frames: bounds.frames.max(1), bytes: bounds.bytes.max(1) };
-        Self { inner: Mutex::new(Inner::default()), bounds, abort }
+        Self { inner: Mutex::new(Inner::default()), bounds, abort, meta, opened: Instant::now() }
+    }
+
+    pub fn meta(&self) -> StreamMeta {
+        self.meta
+    }
+
+    /// When the stream was registered.
+    pub fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    /// Its queue and positions now (one short lock).
+    pub fn positions(&self) -> Positions {
+        let inner = self.lock();
+        Positions {
+            queued_frames: inner.queue.len(),
+            queued_bytes: inner.bytes,
+            from_seq: inner.from_seq,
+            queued_seq: inner.queued_seq,
+            sent_seq: inner.sent_seq,
+        }
+    }
+
+    /// Records where the stream starts (`Positions`): it gets events after `from`; its cursor
+    /// (the id its opening `ssegate.position` carries) is `cursor`.
+    pub fn start_at(&self, from: u64, cursor: u64) {
+        let mut inner = self.lock();
+        inner.from_seq = from;
+        inner.queued_seq = cursor;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -151,6 +234,20 @@ impl Mailbox {
         }
         let pushed = inner.enqueue(self.bounds, frame);
         inner.active |= pushed != Push::Full;
+        pushed
+    }
+
+    /// Queues event `seq` like `push`, recording it as the last event queued.
+    pub fn push_event(&self, frame: Frame, seq: u64) -> Push {
+        let mut inner = self.lock();
+        if inner.closed.is_some() {
+            return Push::Closed;
+        }
+        let pushed = inner.enqueue(self.bounds, frame);
+        if pushed != Push::Full {
+            inner.active = true;
+            inner.queued_seq = seq;
+        }
         pushed
     }
 
@@ -236,6 +333,7 @@ impl Mailbox {
         if !inner.queue.is_empty() {
             std::mem::swap(out, &mut inner.queue);
             inner.bytes = 0;
+            inner.sent_seq = inner.queued_seq;
             inner.allowance = Bounds::default();
             return Poll::Ready(Drained::Frames);
         }

@@ -15,6 +15,7 @@
 //! consumer, which is cut off (it can reconnect and resume).
 
 mod core;
+mod inspect;
 mod mailbox;
 mod publish;
 mod rebase;
@@ -35,7 +36,8 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 pub use core::History;
-pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Push};
+pub use inspect::{EventLookup, ReplayWindow, RetainedView, StreamView, Subject, Tail};
+pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Positions, Protocol, Push, StreamMeta};
 pub use rebase::{KeptValue, STREAM_RECREATED};
 pub use registration::Registration;
 pub use replay::{Logged, ReplayConfig};

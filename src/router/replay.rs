@@ -133,6 +133,39 @@ impl ReplayLog {
         (page, false)
     }
 
+    /// Up to `limit` events published to exactly `target` with a sequence number above
+    /// `after`, oldest first; and the sequence number to continue after: the last one looked
+    /// at (`None` when there was nothing after `after`).
+    pub fn after(&self, target: &Target, after: u64, limit: usize) -> (Vec<Arc<Logged>>, Option<u64>) {
+        let start = self.entries.partition_point(|e| e.seq <= after);
+        let (mut page, mut last) = (Vec::new(), None);
+        for e in self.entries.range(start..) {
+            if is_to(&e.logged.target, target) {
+                if page.len() == limit {
+                    break;
+                }
+                page.push(e.logged.clone());
+            }
+            last = Some(e.seq);
+        }
+        (page, last)
+    }
+
+    /// The event numbered `seq`, if the log holds it.
+    pub fn get(&self, seq: u64) -> Option<&Arc<Logged>> {
+        let i = self.entries.partition_point(|e| e.seq < seq);
+        self.entries.get(i).filter(|e| e.seq == seq).map(|e| &e.logged)
+    }
+
+    /// When the oldest event held was published.
+    pub fn oldest_published_at(&self) -> Option<Instant> {
+        self.entries.front().map(|e| e.logged.frame.published_at)
+    }
+
+    pub fn config(&self) -> &ReplayConfig {
+        &self.config
+    }
+
     /// The newest sequence number evicted so far (0 if none).
     pub fn evicted_through(&self) -> u64 {
         self.evicted_through

@@ -189,6 +189,23 @@ impl Retained {
         }
     }
 
+    /// The live values of `scope` itself, by event name (the unnamed one first).
+    pub fn of_scope(&self, scope: &Scope) -> Vec<super::RetainedView> {
+        let now = SystemTime::now();
+        // Keys sort by scope, then name (`None` first): one range holds the scope's values.
+        self.values
+            .range((scope.clone(), None)..)
+            .take_while(|((s, _), _)| s == scope)
+            .filter(|(_, v)| v.expires_at.is_none_or(|at| at > now))
+            .map(|((_, name), v)| super::RetainedView {
+                name: name.clone(),
+                seq: v.seq,
+                frame: v.frame.clone(),
+                expires_at: v.expires_at,
+            })
+            .collect()
+    }
+
     /// Drops every value (the stream they came from was recreated: `Router::rebase`).
     pub fn clear(&mut self) {
         *self = Self::new(self.config);

@@ -11,7 +11,7 @@ use std::{
 use super::{
     ConnId, MissReason, Registration, Router, RouterError, Start, Subscription,
     core::{Ahead, Core},
-    mailbox::{Frame, Mailbox},
+    mailbox::{Frame, Mailbox, StreamMeta},
     replay::Gap,
     shard::Cmd,
     tables::Conn,
@@ -32,12 +32,17 @@ impl Router {
     /// resumes from here even if no event arrives before it (retained events carry no id: they
     /// never move it backwards).
     pub fn subscribe(self: &Arc<Self>, sub: Subscription) -> Result<Registration, RouterError> {
+        self.subscribe_with(sub, StreamMeta::default())
+    }
+
+    /// `subscribe`, keeping what the edge knows of the stream (`meta`) for the console.
+    pub fn subscribe_with(self: &Arc<Self>, sub: Subscription, meta: StreamMeta) -> Result<Registration, RouterError> {
         let Subscription { user, mut groups, mut topics, abort, resume } = sub;
         groups.sort_unstable();
         groups.dedup();
         topics.sort_unstable();
         topics.dedup();
-        let mailbox = Arc::new(Mailbox::new(self.bounds, abort));
+        let mailbox = Arc::new(Mailbox::with_meta(self.bounds, abort, meta));
         let shard = self.shard_of(&user);
         let mut core = self.lock();
         if let Err(e) = self.admit(&core, &user) {
@@ -81,6 +86,12 @@ impl Router {
         let cursor = ahead.unwrap_or(newest);
         preload.push(Frame { bytes: event_stream::position(cursor), published_at: now, is_event: false });
         mailbox.preload(preload);
+        // A served resume gets every event after its id; any other start, those after its cursor.
+        let from = match (start, resume) {
+            (Start::Resumed { .. }, Some(last)) => last.seq,
+            _ => cursor.seq,
+        };
+        mailbox.start_at(from, cursor.seq);
         let id = core.join(&user, &groups, &topics);
         let (groups, topics): (Box<[GroupId]>, Box<[Topic]>) = (groups.into(), topics.into());
         if let Some(resume) = ahead {

@@ -187,7 +187,15 @@ impl Tables {
             if logged.seq <= conn.floor {
                 return;
             }
-            if !schedule(id, conn, conn.mailbox.push(logged.frame.clone()), window, now, &mut later, fx) {
+            if !schedule(
+                id,
+                conn,
+                conn.mailbox.push_event(logged.frame.clone(), logged.seq),
+                window,
+                now,
+                &mut later,
+                fx,
+            ) {
                 slow.push(id);
             }
         };
@@ -204,6 +212,41 @@ impl Tables {
         for id in slow {
             fx.cut.extend(self.remove(id).map(|c| (c, true)));
         }
+    }
+
+    /// Appends views of `subject`'s connections here (at most `limit` in `out`); returns how
+    /// many it has here.
+    pub fn views(
+        &self,
+        subject: &super::Subject,
+        limit: usize,
+        now: Instant,
+        out: &mut Vec<super::StreamView>,
+    ) -> usize {
+        use super::Subject;
+        let ids = match subject {
+            Subject::User(u) => self.users.get(u),
+            Subject::Group(g) => self.groups.get(g),
+            Subject::Topic(t) => self.topics.get(t),
+        };
+        let ids = ids.map_or(&[][..], Vec::as_slice);
+        for id in ids {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(c) = self.conns.get(id) {
+                out.push(super::StreamView {
+                    conn: *id,
+                    user: c.user.clone(),
+                    groups: c.groups.to_vec(),
+                    topics: c.topics.to_vec(),
+                    age: now.saturating_duration_since(c.mailbox.opened()),
+                    meta: c.mailbox.meta(),
+                    positions: c.mailbox.positions(),
+                });
+            }
+        }
+        ids.len()
     }
 
     /// Queues a heartbeat on the idle connections of one slot.

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::*;
-use crate::domain::{Event, EventName, Retain, Target};
+use crate::domain::{Event, EventId, EventName, Retain, Target};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Everything queued for a connection now (the writer takes the whole queue at once).
@@ -730,4 +730,63 @@ fn presence_changes_are_a_users_first_open_and_last_close_once_tracked() {
     assert_eq!(changes, [(u("a"), false, false), (u("b"), true, false)]);
     drop(before);
     assert_eq!(r.take_presence_changes(), [(u("early"), false, false)]);
+}
+
+#[test]
+fn the_inspector_sees_a_streams_positions_and_finds_events_in_the_log() {
+    let r = Router::new(RouterConfig {
+        epoch: Some(7),
+        replay: ReplayConfig { capacity: 3, max_bytes: 1 << 20, max_age: std::time::Duration::from_secs(60) },
+        ..RouterConfig::with_queue_capacity(16)
+    });
+    let first = r.publish(Target::users(vec![UserId::parse("a").unwrap()]), &ev("before")).unwrap();
+    let a = sub(&r, "a", &["g"], &[]);
+    let subject = Subject::User(UserId::parse("a").unwrap());
+    let (views, total) = r.streams(&subject, 10);
+    assert_eq!((views.len(), total), (1, 1));
+    assert_eq!(views[0].positions.from_seq, 1, "it receives events after its cursor");
+    assert_eq!(views[0].positions.sent_seq, 0, "nothing taken by its writer yet");
+
+    let to_group = r.publish(Target::Group(GroupId::parse("g").unwrap()), &ev("x")).unwrap();
+    let (views, _) = r.streams(&subject, 10);
+    let p = views[0].positions;
+    assert_eq!((p.queued_seq, p.sent_seq, p.queued_frames), (to_group.id.seq, 0, 2), "position + event queued");
+    let _ = drain(a.mailbox());
+    let (views, _) = r.streams(&subject, 10);
+    assert_eq!((views[0].positions.sent_seq, views[0].positions.queued_frames), (to_group.id.seq, 0));
+    assert!(views[0].is_addressed_by(&Target::Group(GroupId::parse("g").unwrap())));
+    assert!(!views[0].is_addressed_by(&Target::Topic(Topic::parse("t").unwrap())));
+    assert_eq!(r.streams(&Subject::Group(GroupId::parse("g").unwrap()), 10).1, 1);
+
+    assert!(matches!(r.find_event(to_group.id), EventLookup::Found(l) if l.seq == to_group.id.seq));
+    assert!(matches!(r.find_event(EventId { epoch: 8, seq: 1 }), EventLookup::OtherEpoch));
+    assert!(matches!(r.find_event(EventId { epoch: 7, seq: 99 }), EventLookup::NotYet));
+    for i in 0..3 {
+        r.publish(Target::Broadcast, &ev(&i.to_string())).unwrap();
+    }
+    assert!(matches!(r.find_event(first.id), EventLookup::Evicted), "the log holds 3 events");
+
+    // The tail's read: events of exactly the target after a position, and a gap once evicted.
+    let tail = r.events_after(&Target::Broadcast, to_group.id.seq, 10);
+    assert_eq!((tail.events.len(), tail.gap, tail.position), (3, false, r.last_seq()));
+    let tail = r.events_after(&Target::Broadcast, 0, 10);
+    assert!(tail.gap, "events after 0 were evicted");
+    let tail = r.events_after(&Target::Topic(Topic::parse("t").unwrap()), to_group.id.seq, 10);
+    assert_eq!((tail.events.len(), tail.position), (0, r.last_seq()), "nothing for it, but the position moves on");
+    let w = r.replay_window();
+    assert_eq!((w.events, w.capacity, w.oldest_seq, w.last_seq), (3, 3, Some(r.last_seq() - 2), r.last_seq()));
+}
+
+#[test]
+fn retained_values_of_one_scope_are_listed_by_name() {
+    let r = router(16);
+    let user = |u: &str| Target::users(vec![UserId::parse(u).unwrap()]);
+    let named = |n: &str, d: &str| Event { name: Some(EventName::parse(n).unwrap()), data: d.into() };
+    let set = Retain::Set { expires_at: None };
+    r.publish_with(user("a"), &named("status", "away"), set).unwrap();
+    r.publish_with(user("a"), &ev("plain"), set).unwrap();
+    r.publish_with(user("b"), &named("status", "busy"), set).unwrap();
+    let values = r.retained_of(&Subject::User(UserId::parse("a").unwrap()));
+    let names: Vec<_> = values.iter().map(|v| v.name.as_ref().map(|n| n.as_str().to_owned())).collect();
+    assert_eq!(names, [None, Some("status".to_owned())], "only a's, the unnamed first");
 }

@@ -11,7 +11,7 @@ use tokio_util::{
 
 use crate::{
     admin::Readiness,
-    auth::{ApiKeyError, PublisherAuth, jwt::KeyError},
+    auth::{ApiKeyError, ApiKeys, PublisherAuth, jwt::KeyError},
     backplane::{Backplane, nats::NatsError},
     config::ServeArgs,
     event_stream, grpc, http,
@@ -45,6 +45,8 @@ pub enum StartupError {
     Jwt(#[from] KeyError),
     #[error("publisher API keys: {0}")]
     ApiKeys(#[from] ApiKeyError),
+    #[error("--console-token-file: {0}")]
+    ConsoleTokens(ApiKeyError),
     #[error("{0}")]
     Conflict(&'static str),
     #[error(transparent)]
@@ -68,6 +70,8 @@ pub struct Application {
     app: http::App,
     metrics: Arc<Metrics>,
     publisher_auth: PublisherAuth,
+    /// The admin console's tokens (`--console-token-file`); the console is off without them.
+    console_tokens: Option<Arc<ApiKeys>>,
     /// The TLS certificate, watched for changes, if TLS is on.
     cert: Option<Arc<ReloadingCert>>,
     /// TLS acceptors for the HTTP and gRPC ports.
@@ -195,6 +199,12 @@ impl Application {
             }
         };
         let publisher_auth = publisher_auth(&settings.publisher)?;
+        let console_tokens = match &settings.console_token_file {
+            None => None,
+            Some(file) => Some(Arc::new(
+                ApiKeys::load_for("console tokens", Some(file.clone()), None).map_err(StartupError::ConsoleTokens)?,
+            )),
+        };
         let app = http::app(router.clone(), subscriber_auth, &settings.http, metrics.edge.clone())?;
         let http = bind(settings.http_addr, "http").await?;
         let grpc = bind(settings.grpc_addr, "grpc").await?;
@@ -208,6 +218,7 @@ impl Application {
             app,
             metrics,
             publisher_auth,
+            console_tokens,
             cert,
             tls,
             ready: {
@@ -246,6 +257,7 @@ impl Application {
             app,
             metrics,
             publisher_auth,
+            console_tokens,
             cert,
             tls,
             ready,
@@ -328,6 +340,18 @@ impl Application {
             let (backplane, router, stop) = (backplane.clone(), router.clone(), stop.clone());
             tracker.spawn(async move { backplane.maintain(&router, stop).await });
         }
+        let console = console_tokens.map(|tokens| {
+            tokens.clone().watch(settings.reload_every, &stop, &tracker);
+            tracing::info!(path = "/console/", admin = %admin_addr, "admin console on");
+            http::console::Console::new(
+                router.clone(),
+                backplane.clone(),
+                metrics.edge.clone(),
+                tokens,
+                settings.grpc.max_event_bytes,
+                stop.clone(),
+            )
+        });
         // The admin port outlives the drain (it stops last), so probes answer throughout.
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(http::admin::serve(
@@ -335,6 +359,7 @@ impl Application {
             admin_gate,
             metrics,
             ready.clone(),
+            console,
             timeouts,
             admin_stop.clone(),
             TaskTracker::new(),

@@ -128,6 +128,8 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The admin console's token file (`--console-token-file`); the console is off without it.
+    pub console_token_file: Option<PathBuf>,
     pub backplane: BackplaneSettings,
     /// The router's settings; `shards` and `epoch` are filled in at build (from the runtime and
     /// the backplane).
@@ -231,6 +233,7 @@ impl Settings {
             http_addr: a.http_addr,
             grpc_addr: a.grpc_addr,
             admin_addr: a.admin_addr,
+            console_token_file: a.console_token_file,
             backplane,
             router: RouterConfig {
                 queue_capacity: size(a.queue_capacity),

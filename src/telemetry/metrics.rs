@@ -141,6 +141,11 @@ impl EdgeMetrics {
         self.closed[reason as usize].fetch_add(1, Relaxed);
     }
 
+    /// Streams closed for `reason` since start.
+    pub fn closed_count(&self, reason: CloseReason) -> u64 {
+        self.closed[reason as usize].load(Relaxed)
+    }
+
     pub fn rejected(&self, why: Rejection) {
         self.rejected[why as usize].fetch_add(1, Relaxed);
     }

@@ -13,6 +13,8 @@ mod client_tabs;
 mod cluster;
 mod cluster_retained;
 mod connect;
+mod console;
+mod console_ui;
 mod control;
 mod docs;
 mod drain;

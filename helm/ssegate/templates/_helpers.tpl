@@ -66,6 +66,7 @@ the server refuses --data-dir there).
 {{/* Mount paths of the referenced Secrets. */}}
 {{- define "ssegate.jwtDir" -}}/etc/ssegate/jwt{{- end }}
 {{- define "ssegate.apiKeysDir" -}}/etc/ssegate/publisher{{- end }}
+{{- define "ssegate.consoleDir" -}}/etc/ssegate/console{{- end }}
 {{- define "ssegate.tlsDir" -}}/etc/ssegate/tls{{- end }}
 {{- define "ssegate.clientCaDir" -}}/etc/ssegate/client-ca{{- end }}
 {{- define "ssegate.natsCredsDir" -}}/etc/ssegate/nats-creds{{- end }}
@@ -98,6 +99,7 @@ jwt-issuer: jwt.issuer
 jwt-audience: jwt.audience
 publisher-api-keys-file: publisherApiKeys.existingSecret
 publisher-api-keys: extraEnv with valueFrom.secretKeyRef (never a secret in values)
+console-token-file: console.existingSecret
 tls-cert-file: tls.enabled + tls.existingSecret
 tls-key-file: tls.enabled + tls.existingSecret
 grpc-client-ca-file: tls.clientCa

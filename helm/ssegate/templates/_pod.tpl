@@ -6,7 +6,7 @@ the StatefulSet (memory backplane with persistence): everything below `template:
 {{- $v := .Values }}
 {{- $nats := eq $v.backplane.type "nats" }}
 {{- $persistent := include "ssegate.persistent" . }}
-{{- $anyVolume := or $persistent $v.jwt.existingSecret $v.publisherApiKeys.existingSecret $v.tls.enabled (and $nats $v.backplane.nats.credsSecret) (and $nats $v.backplane.nats.tlsCaSecret) -}}
+{{- $anyVolume := or $persistent $v.jwt.existingSecret $v.publisherApiKeys.existingSecret $v.console.existingSecret $v.tls.enabled (and $nats $v.backplane.nats.credsSecret) (and $nats $v.backplane.nats.tlsCaSecret) -}}
 metadata:
   annotations:
     # Rolls the pods when the configuration changes. Secrets are not hashed: the API keys
@@ -102,6 +102,12 @@ spec:
           mountPath: {{ include "ssegate.apiKeysDir" . }}
           readOnly: true
         {{- end }}
+        {{- if $v.console.existingSecret }}
+        # The admin console's token file: a directory mount too, so rotations reach it.
+        - name: console-token
+          mountPath: {{ include "ssegate.consoleDir" . }}
+          readOnly: true
+        {{- end }}
         {{- if $v.tls.enabled }}
         - name: tls
           mountPath: {{ include "ssegate.tlsDir" . }}
@@ -143,6 +149,12 @@ spec:
     - name: publisher-api-keys
       secret:
         secretName: {{ $v.publisherApiKeys.existingSecret }}
+        defaultMode: 0440
+    {{- end }}
+    {{- if $v.console.existingSecret }}
+    - name: console-token
+      secret:
+        secretName: {{ $v.console.existingSecret }}
         defaultMode: 0440
     {{- end }}
     {{- if $v.tls.enabled }}

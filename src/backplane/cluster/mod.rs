@@ -1,4 +1,5 @@
-//! Cluster-wide Presence, Stats and Disconnect: scatter/gather over core NATS request-reply.
+//! Cluster-wide Presence, Stats, Disconnect and (for the admin console) a subject's streams:
+//! scatter/gather over core NATS request-reply.
 //!
 //! Every replica answers queries on one control subject with what its own router knows, and
 //! announces itself on a hello subject every second, so that a querying replica knows how
@@ -25,7 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     domain::{GroupId, Topic, UserId},
-    router::{Router, Stats},
+    router::{Router, Stats, StreamView, Subject},
 };
 
 /// A question every replica answers about its own connections.
@@ -44,6 +45,12 @@ pub enum Query {
     Disconnect {
         user: UserId,
         reason: String,
+    },
+    /// The open streams of a user, group or topic (at most `limit` per replica), for the admin
+    /// console's inspector.
+    Streams {
+        subject: Subject,
+        limit: usize,
     },
 }
 
@@ -67,6 +74,11 @@ pub struct Answer {
     pub stats: Option<Stats>,
     /// Connections a Disconnect closed.
     pub closed: u64,
+    /// The streams a `Streams` query asked for (at most its limit) and how many there are.
+    pub streams: Vec<StreamView>,
+    pub streams_total: u64,
+    /// The answering replica's id (`Cluster::id`); empty when answered in process.
+    pub replica: String,
 }
 
 /// Answers `query` from this process's router.
@@ -88,6 +100,10 @@ pub fn answer(router: &Router, query: &Query) -> Answer {
         }
         Query::Stats => Answer { stats: Some(router.stats()), ..Default::default() },
         Query::Disconnect { user, reason } => Answer { closed: router.disconnect(user, reason), ..Default::default() },
+        Query::Streams { subject, limit } => {
+            let (streams, total) = router.streams(subject, *limit);
+            Answer { streams, streams_total: total as u64, ..Default::default() }
+        }
     }
 }
 
@@ -135,6 +151,7 @@ impl Cluster {
     ) -> Result<(), async_nats::Error> {
         let mut queries = self.client.subscribe(self.query_subject.clone()).await?;
         let client = self.client.clone();
+        let id = self.id.clone();
         let token = stop.clone();
         tracker.spawn(async move {
             loop {
@@ -160,7 +177,9 @@ impl Cluster {
                         continue;
                     }
                 };
-                let bytes = wire::encode_answer(&answer(&router, &query));
+                let mut answer = answer(&router, &query);
+                answer.replica.clone_from(&id);
+                let bytes = wire::encode_answer(&answer);
                 if let Err(e) = client.publish(reply, bytes.into()).await {
                     tracing::debug!(error = %e, "cluster answer not sent");
                 }
@@ -199,7 +218,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// This replica's id in the cluster (also its presence replica id).
+    /// This replica's id in the cluster (random per process): in presence messages and in
+    /// the answers of cluster queries.
     pub fn id(&self) -> &str {
         &self.id
     }

@@ -12,8 +12,8 @@
 //! writers before it was added); a reader reads every `v` the same tolerant way, and a later
 //! version may use it to read a field whose meaning changed. A field may be added with a
 //! default meaning "not known"; it must never be renamed or change type. A query is one
-//! externally tagged kind (`{"Presence":{..}}`, `{"Disconnect":{..}}`, or `"Stats"`, which has
-//! no body); a kind an older replica does not know gets no answer from it (the result is then
+//! externally tagged kind (`{"Presence":{..}}`, `{"Disconnect":{..}}`, `{"Streams":{..}}`, or
+//! `"Stats"`, which has no body); a kind an older replica does not know gets no answer from it (the result is then
 //! honestly `partial`).
 
 use std::borrow::Borrow;
@@ -23,17 +23,95 @@ use serde::{Deserialize, Serialize};
 use super::{Answer, OnlinePage, Query};
 use crate::{
     domain::{GroupId, InvalidText, Topic, UserId},
-    router::Stats,
+    router::{Positions, Protocol, Stats, StreamMeta, StreamView, Subject},
 };
 
 /// The version of the format this replica writes.
 pub const VERSION: u32 = 1;
+
+/// Most streams one replica lists in an answer, whatever the asker asks.
+const MAX_STREAMS: usize = 1000;
 
 #[derive(Serialize, Deserialize, Debug)]
 enum WireQuery {
     Presence(WirePresence),
     Stats,
     Disconnect(WireDisconnect),
+    Streams(WireStreams),
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+struct WireStreams {
+    v: u32,
+    /// `user`, `group` or `topic`.
+    kind: String,
+    id: String,
+    limit: usize,
+}
+
+/// `router::StreamView`: sequence numbers are the shared stream's, so comparable across
+/// replicas; the age in milliseconds; the peer as text (`None` if it does not parse).
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(default)]
+struct WireStream {
+    conn: u64,
+    user: String,
+    groups: Vec<String>,
+    topics: Vec<String>,
+    age_ms: u64,
+    peer: Option<String>,
+    protocol: String,
+    queued_frames: usize,
+    queued_bytes: usize,
+    from_seq: u64,
+    queued_seq: u64,
+    sent_seq: u64,
+}
+
+impl From<&StreamView> for WireStream {
+    fn from(s: &StreamView) -> Self {
+        let p = &s.positions;
+        WireStream {
+            conn: s.conn,
+            user: s.user.as_str().to_owned(),
+            groups: strings(&s.groups),
+            topics: strings(&s.topics),
+            age_ms: u64::try_from(s.age.as_millis()).unwrap_or(u64::MAX),
+            peer: s.meta.peer.map(|p| p.to_string()),
+            protocol: s.meta.protocol.as_str().to_owned(),
+            queued_frames: p.queued_frames,
+            queued_bytes: p.queued_bytes,
+            from_seq: p.from_seq,
+            queued_seq: p.queued_seq,
+            sent_seq: p.sent_seq,
+        }
+    }
+}
+
+impl WireStream {
+    fn parse(self) -> Result<StreamView, InvalidText> {
+        let protocol = match self.protocol.as_str() {
+            "h1" => Protocol::Http1,
+            "h2" => Protocol::Http2,
+            _ => Protocol::Unknown,
+        };
+        Ok(StreamView {
+            conn: self.conn,
+            user: UserId::parse(&self.user)?,
+            groups: parse_all(&self.groups, GroupId::parse)?,
+            topics: parse_all(&self.topics, Topic::parse)?,
+            age: std::time::Duration::from_millis(self.age_ms),
+            meta: StreamMeta { peer: self.peer.and_then(|p| p.parse().ok()), protocol },
+            positions: Positions {
+                queued_frames: self.queued_frames,
+                queued_bytes: self.queued_bytes,
+                from_seq: self.from_seq,
+                queued_seq: self.queued_seq,
+                sent_seq: self.sent_seq,
+            },
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -66,6 +144,9 @@ struct WireAnswer {
     more_online: bool,
     stats: Option<WireStats>,
     closed: u64,
+    streams: Vec<WireStream>,
+    streams_total: u64,
+    replica: String,
 }
 
 /// `router::Stats`, every field optional and per-kind counters as lists (a newer replica may
@@ -184,6 +265,12 @@ pub fn encode_query(query: &Query) -> Vec<u8> {
         Query::Disconnect { user, reason } => {
             WireQuery::Disconnect(WireDisconnect { v: VERSION, user: user.as_str().to_owned(), reason: reason.clone() })
         }
+        Query::Streams { subject, limit } => WireQuery::Streams(WireStreams {
+            v: VERSION,
+            kind: subject.kind().to_owned(),
+            id: subject.id().to_owned(),
+            limit: *limit,
+        }),
     };
     // Serialising strings, numbers and enums to JSON cannot fail.
     serde_json::to_vec(&wire).unwrap_or_default()
@@ -200,6 +287,14 @@ pub fn decode_query(bytes: &[u8]) -> Result<Query, DecodeError> {
         },
         WireQuery::Stats => Query::Stats,
         WireQuery::Disconnect(d) => Query::Disconnect { user: UserId::parse(&d.user)?, reason: d.reason },
+        WireQuery::Streams(q) => match Subject::parse(&q.kind, &q.id) {
+            Some(subject) => Query::Streams { subject: subject?, limit: q.limit.min(MAX_STREAMS) },
+            // A kind of subject from a newer version: not understood, as an unknown query kind.
+            None => {
+                let e = <serde_json::Error as serde::de::Error>::custom(format!("unknown subject kind {:?}", q.kind));
+                return Err(DecodeError::Json(e));
+            }
+        },
     })
 }
 
@@ -213,6 +308,9 @@ pub fn encode_answer(answer: &Answer) -> Vec<u8> {
         more_online: answer.more_online,
         stats: answer.stats.as_ref().map(WireStats::from),
         closed: answer.closed,
+        streams: answer.streams.iter().map(WireStream::from).collect(),
+        streams_total: answer.streams_total,
+        replica: answer.replica.clone(),
     };
     // Serialising strings, numbers and lists to JSON cannot fail.
     serde_json::to_vec(&wire).unwrap_or_default()
@@ -229,6 +327,9 @@ pub fn decode_answer(bytes: &[u8]) -> Result<Answer, DecodeError> {
         more_online: w.more_online,
         stats: w.stats.map(Stats::from),
         closed: w.closed,
+        streams: w.streams.into_iter().map(WireStream::parse).collect::<Result<_, _>>()?,
+        streams_total: w.streams_total,
+        replica: w.replica,
     })
 }
 
@@ -442,6 +543,7 @@ mod tests {
             },
             Query::Stats,
             Query::Disconnect { user: user("u"), reason: "bye".into() },
+            Query::Streams { subject: Subject::Topic(Topic::parse("t.*").unwrap()), limit: 50 },
         ];
         for q in queries {
             assert_eq!(decode_query(&encode_query(&q)).unwrap(), q);
@@ -449,5 +551,22 @@ mod tests {
         let stats = Stats { connections: 5, published_by_target: [1, 2, 3, 4], ..Default::default() };
         let a = Answer { closed: 2, online: vec![user("x")], stats: Some(stats), ..Default::default() };
         assert_eq!(decode_answer(&encode_answer(&a)).unwrap(), a);
+        let stream = StreamView {
+            conn: 9,
+            user: user("u"),
+            groups: vec![GroupId::parse("g").unwrap()],
+            topics: vec![],
+            age: std::time::Duration::from_millis(1500),
+            meta: StreamMeta { peer: "10.0.0.7:40000".parse().ok(), protocol: Protocol::Http2 },
+            positions: Positions { queued_frames: 1, queued_bytes: 80, from_seq: 3, queued_seq: 9, sent_seq: 8 },
+        };
+        let a = Answer { streams: vec![stream], streams_total: 1, replica: "r1".into(), ..Default::default() };
+        assert_eq!(decode_answer(&encode_answer(&a)).unwrap(), a);
+    }
+
+    #[test]
+    fn a_streams_query_of_an_unknown_subject_kind_is_not_understood() {
+        assert!(matches!(decode_query(br#"{"Streams":{"kind":"session","id":"x"}}"#), Err(DecodeError::Json(_))));
+        assert!(matches!(decode_query(br#"{"Streams":{"kind":"user","id":""}}"#), Err(DecodeError::Id(_))));
     }
 }
