@@ -505,3 +505,20 @@ async fn a_tail_that_is_not_read_is_cut_off_not_buffered_without_bound() {
         assert_eq!(end, r#"{"reason":"cutoff"}"#);
     }
 }
+
+#[tokio::test]
+async fn the_inspector_tells_h2_streams_from_h1() {
+    let file = token_file();
+    let app = console_app(&file).await;
+    let tcp = TcpStream::connect(app.http).await.unwrap();
+    let (client, conn) = h2::client::Builder::new().handshake::<_, bytes::Bytes>(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/v1/events?user=h2user", app.http)).body(()).unwrap();
+    let (resp, _) = client.ready().await.unwrap().send_request(req, true).unwrap();
+    let resp = timeout_at(deadline(), resp).await.expect("response in time").unwrap();
+    assert_eq!(resp.status(), 200);
+    app.wait_connections("h2user", 1).await;
+    let r = get_json(&app, "/console/api/lookup?kind=user&id=h2user").await;
+    assert_eq!(r["streams"][0]["protocol"], "h2", "{r}");
+    drop(resp);
+}

@@ -22,6 +22,8 @@ pub enum ConsoleError {
     BadRequest(String),
     #[error("too many console streams are open ({0} at most); close one and retry")]
     Busy(usize),
+    #[error("the server is shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Publish(#[from] BackplaneError),
 }
@@ -35,7 +37,7 @@ impl ConsoleError {
             ConsoleError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ConsoleError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ConsoleError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            ConsoleError::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ConsoleError::Publish(_) | ConsoleError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

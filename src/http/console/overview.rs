@@ -45,6 +45,9 @@ pub(super) async fn snapshot(State(console): State<Console>) -> Response {
 }
 
 pub(super) async fn live(State(console): State<Console>) -> Result<Response, ConsoleError> {
+    if console.0.stop.is_cancelled() {
+        return Err(ConsoleError::ShuttingDown);
+    }
     let permit = console.0.live.clone().try_acquire_owned().map_err(|_| ConsoleError::Busy(MAX_LIVE))?;
     let end = tokio::time::Instant::now() + LIVE_MAX;
     let mut tick = tokio::time::interval(LIVE_EVERY);

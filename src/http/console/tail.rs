@@ -39,6 +39,9 @@ pub(super) struct TailQuery {
 
 pub(super) async fn tail(State(console): State<Console>, Query(q): Query<TailQuery>) -> Result<Response, ConsoleError> {
     let subject = subject(&q.kind, &q.id)?;
+    if console.0.stop.is_cancelled() {
+        return Err(ConsoleError::ShuttingDown);
+    }
     let permit = console.0.tails.clone().try_acquire_owned().map_err(|_| ConsoleError::Busy(MAX_TAILS))?;
     let (tx, rx) = mpsc::channel::<Event>(QUEUE);
     let router = console.0.router.clone();
