@@ -56,8 +56,14 @@ pub async fn start(
                 },
             };
             let msg = match wire::decode_presence(&msg.payload) {
-                Ok(m) => m,
+                Ok((m, 0)) => m,
+                Ok((m, skipped)) => {
+                    // Ids another version accepts and this one refuses: left out.
+                    tracing::warn!(skipped, "presence message with user ids this version refuses; those left out");
+                    m
+                }
                 Err(e) => {
+                    // A kind from a newer replica: ignored (its state comes by the kinds we know).
                     tracing::debug!(error = %e, "presence message not understood; ignored");
                     continue;
                 }
