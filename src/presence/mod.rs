@@ -109,7 +109,15 @@ struct Peer {
     /// The sequence number of its last change applied (or announced by a heartbeat).
     seq: u64,
     seen: Instant,
+    /// Its whole set has reached the view (a `reset`, or every message from its first).
+    complete: bool,
 }
+
+/// After the hub starts, the whole sets of replicas met for the first time are the cluster's
+/// state being learned, not transitions: the webhook does not send them (every replica that
+/// starts would otherwise repeat `online` for its share of the users). Watchers still see them.
+/// Long enough to hear every live replica (`PEER_TTL`) and get its whole set.
+const WARM_UP: Duration = Duration::from_secs(6);
 
 /// One batch of this replica's own changes, in order: (user, has a stream here now). What the
 /// cluster link sends to the others (it numbers the messages it sends).
@@ -133,6 +141,8 @@ pub struct Hub {
     inner: Mutex<Inner>,
     /// Wakes the driver (`driver.rs`) when a grace may have started while it slept.
     wake: tokio::sync::Notify,
+    /// When the hub started (`WARM_UP`).
+    started: Instant,
     /// Watchers cut off because their queue was full (`ssegate_presence_watchers_cut_total`).
     pub cut_off: AtomicU64,
     /// Of those, the ones not logged yet: the driver logs them once it has let go of the lock.
@@ -153,6 +163,7 @@ impl Hub {
             }),
             config,
             wake: tokio::sync::Notify::new(),
+            started: Instant::now(),
             cut_off: AtomicU64::new(0),
             cuts_unlogged: AtomicU64::new(0),
         })
@@ -227,7 +238,7 @@ impl Hub {
                 told.push((user, false));
             }
         }
-        self.emit(inner, out);
+        self.emit(inner, out, true);
         (!told.is_empty()).then_some(told)
     }
 
@@ -247,16 +258,18 @@ impl Hub {
         let need_sync = {
             let mut guard = self.lock();
             let inner = &mut *guard;
-            let (replica, need_sync) = match inner.peers.get_key_value(from) {
+            let (replica, need_sync, complete) = match inner.peers.get_key_value(from) {
                 Some((id, p)) => {
                     if !reset && seq <= p.seq {
                         // Already part of a whole set we applied: stale.
                         return false;
                     }
-                    (id.clone(), !reset && seq > p.seq + 1)
+                    (id.clone(), !reset && seq > p.seq + 1, p.complete)
                 }
-                None => (ReplicaId::from(from), !reset && seq > 1),
+                None => (ReplicaId::from(from), !reset && seq > 1, seq == 1 && !reset),
             };
+            // Learning an existing replica's users at start: not transitions for the webhook.
+            let learning = reset && !complete && self.started.elapsed() < WARM_UP;
             let mut out = Vec::new();
             if reset {
                 inner.view.remove_replica(&replica, now);
@@ -268,8 +281,8 @@ impl Hub {
                     inner.view.remove(user, &replica, now);
                 }
             }
-            inner.peers.insert(replica, Peer { seq, seen: now });
-            self.emit(inner, out);
+            inner.peers.insert(replica, Peer { seq, seen: now, complete: complete || reset });
+            self.emit(inner, out, !learning);
             need_sync
         };
         // A grace may have started: the driver sleeps until the next deadline it knew.
@@ -293,7 +306,8 @@ impl Hub {
                 missed
             }
             None => {
-                inner.peers.insert(ReplicaId::from(from), Peer { seq, seen: now });
+                // Nothing sent yet: its (empty) whole set is known.
+                inner.peers.insert(ReplicaId::from(from), Peer { seq, seen: now, complete: seq == 0 });
                 seq > 0
             }
         }
@@ -350,7 +364,7 @@ impl Hub {
         let mut out = Vec::new();
         let mut inner = self.lock();
         inner.view.expire(Instant::now(), &mut out);
-        self.emit(&mut inner, out);
+        self.emit(&mut inner, out, true);
         inner.view.next_deadline()
     }
 
@@ -375,7 +389,7 @@ impl Hub {
 impl Hub {
     /// Hands the view's decisions to every watcher and the webhook, in order, never waiting:
     /// a watcher whose queue is full is cut off (its channel dropped, `End::FellBehind`).
-    fn emit(&self, inner: &mut Inner, changes: Vec<view::Change>) {
+    fn emit(&self, inner: &mut Inner, changes: Vec<view::Change>, webhook: bool) {
         if changes.is_empty() {
             return;
         }
@@ -383,7 +397,8 @@ impl Hub {
         let mut cut = 0;
         for (user, state) in changes {
             let t = Transition { user, state, at };
-            if let Some(out) = &inner.webhook
+            if webhook
+                && let Some(out) = &inner.webhook
                 && webhook::responsible(&self.me, inner.peers.keys(), t.user.as_str())
             {
                 out.push(&t);

@@ -28,6 +28,9 @@ use crate::{
 const CHUNK: usize = 1000;
 /// Batches of local changes queued for the sender at most; past it the whole set is sent.
 const QUEUE: usize = 1024;
+/// Longest wait for the NATS client to take a message: its buffer fills while the broker is
+/// away, and the sender (whose `Bye` ends a drain) must not wait for the broker.
+const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Subscribes to the presence subject and starts the receiver and the sender on `tracker`
 /// (ending with `stop`); returns where the hub's driver hands this replica's changes.
@@ -56,8 +59,14 @@ pub async fn start(
                 },
             };
             let msg = match wire::decode_presence(&msg.payload) {
-                Ok(m) => m,
+                Ok((m, 0)) => m,
+                Ok((m, skipped)) => {
+                    // Ids another version accepts and this one refuses: left out.
+                    tracing::warn!(skipped, "presence message with user ids this version refuses; those left out");
+                    m
+                }
                 Err(e) => {
+                    // A kind from a newer replica: ignored (its state comes by the kinds we know).
                     tracing::debug!(error = %e, "presence message not understood; ignored");
                     continue;
                 }
@@ -81,7 +90,8 @@ pub async fn start(
             if let Some(replica) = ask {
                 tracing::debug!(replica, "presence: asking a replica for its whole set");
                 let ask = PresenceMsg::Sync { from: me2.clone(), of: Some(replica.clone()) };
-                let _ = c.publish(s.clone(), wire::encode_presence(&ask).into()).await;
+                let _ =
+                    tokio::time::timeout(PUBLISH_WAIT, c.publish(s.clone(), wire::encode_presence(&ask).into())).await;
             }
         }
         let _ = sub.unsubscribe().await;
@@ -96,8 +106,11 @@ pub async fn start(
             let client = client.clone();
             let subject = subject.clone();
             async move {
-                if let Err(e) = client.publish(subject, wire::encode_presence(&msg).into()).await {
-                    tracing::debug!(error = %e, "presence message not sent");
+                match tokio::time::timeout(PUBLISH_WAIT, client.publish(subject, wire::encode_presence(&msg).into())).await {
+                    Ok(Ok(())) => {}
+                    // Lost like any core NATS message: the others see the gap and ask again.
+                    Ok(Err(e)) => tracing::debug!(error = %e, "presence message not sent"),
+                    Err(_) => tracing::debug!("presence message not sent: the NATS client is not taking messages"),
                 }
             }
         };

@@ -412,10 +412,14 @@ pub fn encode_presence(msg: &PresenceMsg) -> Vec<u8> {
     serde_json::to_vec(&wire).unwrap_or_default()
 }
 
-/// Reads (and re-validates) another replica's presence message; one with an id this version
-/// refuses is refused whole (its sender is then asked for its whole set by the gap that leaves).
-pub fn decode_presence(bytes: &[u8]) -> Result<PresenceMsg, DecodeError> {
-    Ok(match serde_json::from_slice::<WirePresenceMsg>(bytes)? {
+/// Reads (and re-validates) another replica's presence message, and says how many of its
+/// users had an id this version refuses. Unlike a query, a presence message is not refused
+/// whole for them: they are left out (no watcher could be told about such an id) and the rest
+/// is applied. Refusing it whole would leave a gap in the sender's numbers, and the whole set
+/// asked for then would be refused the same way, every second.
+pub fn decode_presence(bytes: &[u8]) -> Result<(PresenceMsg, usize), DecodeError> {
+    let mut skipped = 0;
+    let msg = match serde_json::from_slice::<WirePresenceMsg>(bytes)? {
         WirePresenceMsg::Changes(c) => PresenceMsg::Changes {
             replica: c.replica,
             seq: c.seq,
@@ -423,13 +427,20 @@ pub fn decode_presence(bytes: &[u8]) -> Result<PresenceMsg, DecodeError> {
             changes: c
                 .changes
                 .iter()
-                .map(|(u, on)| Ok((UserId::parse(u)?, *on)))
-                .collect::<Result<_, InvalidText>>()?,
+                .filter_map(|(u, on)| match UserId::parse(u) {
+                    Ok(u) => Some((u, *on)),
+                    Err(_) => {
+                        skipped += 1;
+                        None
+                    }
+                })
+                .collect(),
         },
         WirePresenceMsg::Heartbeat(h) => PresenceMsg::Heartbeat { replica: h.replica, seq: h.seq },
         WirePresenceMsg::Sync(s) => PresenceMsg::Sync { from: s.from, of: s.of },
         WirePresenceMsg::Bye(b) => PresenceMsg::Bye { replica: b.replica },
-    })
+    };
+    Ok((msg, skipped))
 }
 
 #[cfg(test)]
@@ -520,15 +531,17 @@ mod tests {
             PresenceMsg::Bye { replica: "r1".into() },
         ];
         for m in msgs {
-            assert_eq!(decode_presence(&encode_presence(&m)).unwrap(), m);
+            assert_eq!(decode_presence(&encode_presence(&m)).unwrap(), (m, 0));
         }
         let newer = br#"{"Heartbeat":{"v":2,"replica":"r","seq":3,"zone":"eu"}}"#;
-        assert_eq!(decode_presence(newer).unwrap(), PresenceMsg::Heartbeat { replica: "r".into(), seq: 3 });
+        assert_eq!(decode_presence(newer).unwrap(), (PresenceMsg::Heartbeat { replica: "r".into(), seq: 3 }, 0));
         let older = br#"{"Changes":{"replica":"r","seq":1}}"#;
         assert!(
-            matches!(decode_presence(older).unwrap(), PresenceMsg::Changes { reset: false, changes, .. } if changes.is_empty())
+            matches!(decode_presence(older).unwrap(), (PresenceMsg::Changes { reset: false, changes, .. }, 0) if changes.is_empty())
         );
-        assert!(matches!(decode_presence(br#"{"Changes":{"changes":[["",true]]}}"#), Err(DecodeError::Id(_))));
+        let (m, skipped) = decode_presence(br#"{"Changes":{"changes":[["",true],["ok",false]]}}"#).unwrap();
+        assert!(matches!(m, PresenceMsg::Changes { changes, .. } if changes == [(user("ok"), false)]));
+        assert_eq!(skipped, 1, "a refused id is left out, the rest applied");
         assert!(matches!(decode_presence(br#"{"Leaving":{"v":2}}"#), Err(DecodeError::Json(_))));
     }
 

@@ -92,7 +92,12 @@ async fn a_watcher_gets_the_snapshot_then_online_at_once_and_offline_after_the_g
     let app = spawn_app(&["--presence-grace", "300ms"]).await;
     let _carol = app.subscribe("user=carol").await;
     let _dave = app.subscribe("user=dave").await;
-    app.wait_connections("carol", 1).await;
+    // The hub takes the router's changes on its own task: wait until it has them.
+    let end = deadline();
+    while metric(&app, "ssegate_presence_online_users").await < 2.0 {
+        assert!(Instant::now() < end, "the hub never saw carol and dave");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut w = Watcher::open(&app).await;
     assert_eq!(w.snapshot().await, ["carol", "dave"]);
 

@@ -8,7 +8,7 @@ use tokio::time::{Instant, timeout_at};
 use super::{closed, metric};
 use crate::{
     broker::{Broker, replica},
-    helpers::{deadline, spawn_app},
+    helpers::{SseClient, TestApp, deadline, spawn_app},
 };
 
 /// A tiny webhook endpoint on a loopback port: answers the first `fail_first` POSTs 500 and
@@ -95,6 +95,44 @@ impl HookEndpoint {
     }
 }
 
+/// Each replica sends in order: once a marker user's event from each of the two replicas has
+/// arrived, so has everything they sent before (a repeat of any transition included). Opens
+/// marker users on `app` until both have sent one; returns their streams.
+async fn until_both_sent(
+    hook: &mut HookEndpoint,
+    app: &TestApp,
+    events: &mut Vec<(String, String, String)>,
+) -> Vec<SseClient> {
+    let markers_seen =
+        |events: &[(String, String, String)]| events.iter().filter(|(_, u, _)| u.starts_with("marker")).count();
+    let senders = |events: &[(String, String, String)]| -> std::collections::BTreeSet<String> {
+        events
+            .iter()
+            .filter(|(_, u, _)| u.starts_with("marker"))
+            .map(|(id, ..)| id.rsplit_once('-').unwrap().0.to_owned())
+            .collect()
+    };
+    let mut markers = Vec::new();
+    while senders(events).len() < 2 {
+        assert!(markers.len() < 64, "no marker user ever landed on both replicas");
+        let n = markers_seen(events);
+        markers.push(app.subscribe(&format!("user=marker-{}", markers.len())).await);
+        while markers_seen(events) == n {
+            events.extend(hook.accepted(1).await);
+        }
+    }
+    markers
+}
+
+/// Waits until both replicas hear each other (then they share the users).
+async fn hear_each_other(a: &TestApp, b: &TestApp) {
+    let end = deadline();
+    while metric(a, "ssegate_presence_replicas").await < 2.0 || metric(b, "ssegate_presence_replicas").await < 2.0 {
+        assert!(Instant::now() < end, "the replicas never heard each other");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn states(events: &[(String, String, String)], user: &str) -> Vec<String> {
     events.iter().filter(|(_, u, _)| u == user).map(|(_, _, s)| s.clone()).collect()
 }
@@ -143,12 +181,7 @@ async fn in_a_cluster_each_transition_reaches_the_webhook_once_from_the_replica_
     let nats = Broker::start().await;
     let flags = ["--presence-webhook", &hook.url, "--presence-grace", "300ms", "--presence-webhook-delay", "20ms"];
     let (a, b) = (replica(&nats, &flags).await, replica(&nats, &flags).await);
-    // They share the users once each hears the other.
-    let end = deadline();
-    while metric(&a, "ssegate_presence_replicas").await < 2.0 || metric(&b, "ssegate_presence_replicas").await < 2.0 {
-        assert!(Instant::now() < end, "the replicas never heard each other");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hear_each_other(&a, &b).await;
     let users: Vec<String> = (0..16).map(|i| format!("user-{i}")).collect();
     let mut streams = Vec::new();
     for (i, u) in users.iter().enumerate() {
@@ -162,22 +195,7 @@ async fn in_a_cluster_each_transition_reaches_the_webhook_once_from_the_replica_
     let mut events = hook.accepted(2 * users.len()).await;
     // Each replica sends in order: once a marker from each has arrived, so has everything it
     // sent before (a repeat of any transition included).
-    let senders = |events: &[(String, String, String)]| -> std::collections::BTreeSet<String> {
-        events
-            .iter()
-            .filter(|(_, u, _)| u.starts_with("marker"))
-            .map(|(id, ..)| id.rsplit_once('-').unwrap().0.to_owned())
-            .collect()
-    };
-    let mut markers = Vec::new();
-    while senders(&events).len() < 2 {
-        assert!(markers.len() < 64, "no marker user ever landed on both replicas");
-        markers.push(a.subscribe(&format!("user=marker-{}", markers.len())).await);
-        let n = events.iter().filter(|(_, u, _)| u.starts_with("marker")).count();
-        while events.iter().filter(|(_, u, _)| u.starts_with("marker")).count() == n {
-            events.extend(hook.accepted(1).await);
-        }
-    }
+    let _markers = until_both_sent(&mut hook, &a, &mut events).await;
     for u in &users {
         assert_eq!(states(&events, u), ["online", "offline"], "{u}: once each, in order: {events:?}");
     }
@@ -187,4 +205,27 @@ async fn in_a_cluster_each_transition_reaches_the_webhook_once_from_the_replica_
         .map(|(id, ..)| id.rsplit_once('-').unwrap().0)
         .collect();
     assert_eq!(by.len(), 2, "the users are shared between the replicas: {events:?}");
+}
+
+#[tokio::test]
+async fn a_replica_that_starts_does_not_repeat_to_the_webhook_the_users_already_online() {
+    let mut hook = HookEndpoint::start(0).await;
+    let nats = Broker::start().await;
+    let url = hook.url.clone();
+    let flags = ["--presence-webhook", &url, "--presence-webhook-delay", "20ms"];
+    let a = replica(&nats, &flags).await;
+    let users: Vec<String> = (0..16).map(|i| format!("user-{i}")).collect();
+    let mut streams = Vec::new();
+    for u in &users {
+        streams.push(a.subscribe(&format!("user={u}")).await);
+    }
+    let mut events = hook.accepted(users.len()).await;
+    // b learns them (a's whole set) as it starts: the cluster's state, not transitions.
+    let b = replica(&nats, &flags).await;
+    hear_each_other(&a, &b).await;
+    let _markers = until_both_sent(&mut hook, &a, &mut events).await;
+    for u in &users {
+        assert_eq!(states(&events, u), ["online"], "{u}: told once: {events:?}");
+    }
+    drop(streams);
 }
