@@ -294,6 +294,13 @@ fn pending_appends_are_bounded_and_written_once_a_ticket_is_polled() {
     let dir = TempDir::new("backlog");
     let options = Options { max_pending_bytes: 10_000, ..Options::default() };
     let (store, _) = open(dir.path(), options);
+    // The committer writes whatever is pending when it first looks, unasked: wait until it is
+    // waiting for a kick (a loaded machine may start its thread after the appends below).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.shared.idle.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "the committer never went idle");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // Nothing polls these tickets yet, so nothing wakes the writer: they pile up.
     let mut tickets = Vec::new();
     let refused = loop {
