@@ -14,7 +14,8 @@ the broker: its CPU (user and system, from /proc/<pid>/stat) per event for
   store+rp+4   four replicas subscribed to the target (four sockets).
 
 It also checks what the design relies on: the republished copy carries Nats-Sequence and
-Nats-Last-Sequence, the latter per subject. Loopback only.
+Nats-Last-Sequence, the latter per subject; and direct get by subject (`next_by_subj`) lists one
+target's events after a sequence without a consumer. Loopback only.
 
     python3 scripts/bench-nats-republish.py --nats-pid PID [--port 14222] [--events 100000]
 """
@@ -219,6 +220,37 @@ def check_headers(args):
         raise SystemExit(f"republished copies differ from what the design relies on: {seen}")
 
 
+def check_direct_get(args):
+    """A user's events after a sequence, by subject, without a consumer: direct get with
+    `next_by_subj` (the stream's `allow_direct`), as a resume for a user a replica did not follow
+    would read them."""
+    c = Conn(args.port, "direct")
+    c.request("$JS.API.STREAM.DELETE.RPDIRECT", "")
+    config = {"name": "RPDIRECT", "subjects": ["rpd.to.>"], "storage": "file", "num_replicas": 1,
+              "allow_direct": True}
+    answer = c.request("$JS.API.STREAM.CREATE.RPDIRECT", json.dumps(config))
+    if "error" in answer:
+        raise SystemExit(f"stream with allow_direct refused: {answer['error']}")
+    for target in ["u.a", "u.b", "u.a", "u.b", "u.a"]:
+        publish(c, f"rpd.to.{target}", 1)
+    c.send("SUB _INBOX.direct 77\r\n")
+    seq, got = 2, []
+    while len(got) < 10:
+        body = json.dumps({"seq": seq, "next_by_subj": "rpd.to.u.a"})
+        c.send(f"PUB $JS.API.DIRECT.GET.RPDIRECT _INBOX.direct {len(body)}\r\n{body}\r\n")
+        _, hdr, _ = c.next_msg()
+        found = headers(hdr).get("Nats-Sequence")
+        if found is None:  # 404: nothing more on that subject
+            break
+        got.append(int(found))
+        seq = int(found) + 1
+    print(json.dumps({"scenario": "nats-republish", "run": "direct-get", "after": 1, "subject": "u.a",
+                      "sequences": got, "as_expected": got == [3, 5]}))
+    c.request("$JS.API.STREAM.DELETE.RPDIRECT", "")
+    if got != [3, 5]:
+        raise SystemExit(f"direct get by subject returned {got}, not [3, 5]")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nats-pid", type=int, required=True)
@@ -226,6 +258,7 @@ def main():
     p.add_argument("--events", type=int, default=100_000)
     args = p.parse_args()
     check_headers(args)
+    check_direct_get(args)
     run(args, "store", republish=False, subscribers=0, to_subscribed=False)
     run(args, "store+rp (no interest)", republish=True, subscribers=1, to_subscribed=False)
     run(args, "store+rp+1", republish=True, subscribers=1, to_subscribed=True)
