@@ -3,17 +3,11 @@
 //! events and whether an event reached them; its actions do what the gRPC calls do; the live
 //! overview and the live tail stream JSON over SSE.
 
-use std::net::SocketAddr;
-
 use serde_json::Value;
 use ssegate::grpc::pb;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::timeout_at,
-};
+use tokio::{net::TcpStream, time::timeout_at};
 
-use crate::helpers::{SseClient, TestApp, deadline, ev, parse_response, spawn_app};
+use crate::helpers::{SseClient, TestApp, deadline, ev, http_request_with_body, spawn_app};
 
 pub const TOKEN: &str = "console-token-0123456789abcdef";
 
@@ -27,31 +21,11 @@ pub async fn console_app(file: &tempfile_lite::TempFile) -> TestApp {
     spawn_app(&["--console-token-file", file.path()]).await
 }
 
-/// One HTTP/1.1 request with an optional body; (status, headers, body).
-pub async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, Vec<(String, String)>, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout_at(deadline(), stream.read_to_end(&mut raw)).await.expect("response in time").unwrap();
-    parse_response(&raw)
-}
-
 const BEARER: &str = "Bearer console-token-0123456789abcdef";
 
 /// `GET` an API path with the token; asserts 200 and returns the JSON.
 pub async fn get_json(app: &TestApp, path: &str) -> Value {
-    let (status, _, body) = request(app.admin, "GET", path, &[("Authorization", BEARER)], "").await;
+    let (status, _, body) = http_request_with_body(app.admin, "GET", path, &[("Authorization", BEARER)], "").await;
     assert_eq!(status, 200, "GET {path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -59,7 +33,7 @@ pub async fn get_json(app: &TestApp, path: &str) -> Value {
 /// `POST` JSON to an API path with the token; (status, JSON).
 pub async fn post_json(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
     let headers = [("Authorization", BEARER), ("Content-Type", "application/json")];
-    let (status, _, text) = request(app.admin, "POST", path, &headers, &body.to_string()).await;
+    let (status, _, text) = http_request_with_body(app.admin, "POST", path, &headers, &body.to_string()).await;
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
@@ -116,12 +90,12 @@ const ACTIONS: [(&str, &str); 3] = [
 async fn the_console_is_off_with_a_reason_without_a_token_file() {
     let app = spawn_app(&[]).await;
     for path in ["/console", "/console/", "/console/console.js", DATA_ENDPOINTS[0]] {
-        let (status, _, body) = request(app.admin, "GET", path, &[("Authorization", BEARER)], "").await;
+        let (status, _, body) = http_request_with_body(app.admin, "GET", path, &[("Authorization", BEARER)], "").await;
         assert_eq!(status, 404, "{path}");
         assert!(body.contains("--console-token-file"), "{path}: the reason names the flag: {body}");
         assert_eq!(body.lines().count(), 1, "one line: {body}");
     }
-    let (status, ..) = request(app.admin, "GET", "/metrics", &[], "").await;
+    let (status, ..) = http_request_with_body(app.admin, "GET", "/metrics", &[], "").await;
     assert_eq!(status, 200, "the rest of the admin port is unchanged");
 }
 
@@ -129,7 +103,7 @@ async fn the_console_is_off_with_a_reason_without_a_token_file() {
 async fn every_data_endpoint_and_action_is_refused_without_the_token_or_with_a_wrong_one() {
     let file = token_file();
     let app = console_app(&file).await;
-    let (status, headers, body) = request(app.admin, "GET", "/console/", &[], "").await;
+    let (status, headers, body) = http_request_with_body(app.admin, "GET", "/console/", &[], "").await;
     assert_eq!(status, 200, "the page itself (no data) needs no token");
     assert!(headers.iter().any(|(k, v)| k == "content-security-policy" && v.contains("default-src 'none'")));
     assert!(!body.contains(TOKEN));
@@ -137,7 +111,7 @@ async fn every_data_endpoint_and_action_is_refused_without_the_token_or_with_a_w
     for auth in [None, Some(wrong), Some("Basic Y29uc29sZQ=="), Some(TOKEN)] {
         let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
         for path in DATA_ENDPOINTS {
-            let (status, h, body) = request(app.admin, "GET", path, &headers, "").await;
+            let (status, h, body) = http_request_with_body(app.admin, "GET", path, &headers, "").await;
             assert_eq!(status, 401, "GET {path} with {auth:?}: {body}");
             assert!(h.iter().any(|(k, v)| k == "www-authenticate" && v == "Bearer"));
             assert!(!body.contains(TOKEN), "no secret in the answer");
@@ -145,7 +119,7 @@ async fn every_data_endpoint_and_action_is_refused_without_the_token_or_with_a_w
         for (path, json) in ACTIONS {
             let mut headers = headers.clone();
             headers.push(("Content-Type", "application/json"));
-            let (status, _, body) = request(app.admin, "POST", path, &headers, json).await;
+            let (status, _, body) = http_request_with_body(app.admin, "POST", path, &headers, json).await;
             assert_eq!(status, 401, "POST {path} with {auth:?}: {body}");
         }
     }
@@ -163,14 +137,14 @@ async fn a_cross_origin_or_non_json_post_is_refused() {
     let app = console_app(&file).await;
     let body = ACTIONS[0].1;
     let evil = [("Authorization", BEARER), ("Content-Type", "application/json"), ("Origin", "http://evil.example")];
-    let (status, _, text) = request(app.admin, "POST", "/console/api/publish", &evil, body).await;
+    let (status, _, text) = http_request_with_body(app.admin, "POST", "/console/api/publish", &evil, body).await;
     assert_eq!(status, 403, "{text}");
     let form = [("Authorization", BEARER), ("Content-Type", "text/plain")];
-    let (status, _, text) = request(app.admin, "POST", "/console/api/publish", &form, body).await;
+    let (status, _, text) = http_request_with_body(app.admin, "POST", "/console/api/publish", &form, body).await;
     assert_eq!(status, 415, "{text}");
     let origin = format!("http://{}", app.admin);
     let ours = [("Authorization", BEARER), ("Content-Type", "application/json"), ("Origin", origin.as_str())];
-    let (status, _, text) = request(app.admin, "POST", "/console/api/publish", &ours, body).await;
+    let (status, _, text) = http_request_with_body(app.admin, "POST", "/console/api/publish", &ours, body).await;
     assert_eq!(status, 200, "from its own origin: {text}");
     assert_eq!(app.stats().await.events_published, 1, "only the same-origin publish went out");
 }
@@ -211,7 +185,8 @@ async fn the_inspector_shows_a_users_stream_its_events_and_whether_one_reached_i
     assert_eq!(r["this_replica"]["total"], 1);
     // A bad id is a 400 with the reason.
     let (status, _, body) =
-        request(app.admin, "GET", "/console/api/lookup?kind=user&id=", &[("Authorization", BEARER)], "").await;
+        http_request_with_body(app.admin, "GET", "/console/api/lookup?kind=user&id=", &[("Authorization", BEARER)], "")
+            .await;
     assert_eq!(status, 400, "{body}");
 
     // The publish action: same path as a gRPC publish; the inspector then shows it reached.
@@ -316,13 +291,21 @@ async fn each_action_is_one_audit_line_with_action_subject_peer_and_outcome() {
     let mut server = crate::helpers::spawn_process(&["--console-token-file", file.path()], &[]).await;
     let admin = server.admin;
     let json = [("Authorization", BEARER), ("Content-Type", "application/json")];
-    let (status, ..) = request(admin, "POST", "/console/api/disconnect", &json, r#"{"user":"4711"}"#).await;
-    assert_eq!(status, 200);
     let (status, ..) =
-        request(admin, "POST", "/console/api/publish", &json, r#"{"kind":"topic","id":"news","data":"x"}"#).await;
+        http_request_with_body(admin, "POST", "/console/api/disconnect", &json, r#"{"user":"4711"}"#).await;
+    assert_eq!(status, 200);
+    let (status, ..) = http_request_with_body(
+        admin,
+        "POST",
+        "/console/api/publish",
+        &json,
+        r#"{"kind":"topic","id":"news","data":"x"}"#,
+    )
+    .await;
     assert_eq!(status, 200);
     let bad = [("Authorization", "Bearer wrong-token-0123456789"), ("Content-Type", "application/json")];
-    let (status, ..) = request(admin, "POST", "/console/api/disconnect", &bad, r#"{"user":"4711"}"#).await;
+    let (status, ..) =
+        http_request_with_body(admin, "POST", "/console/api/disconnect", &bad, r#"{"user":"4711"}"#).await;
     assert_eq!(status, 401);
 
     let pid = server.child.id().expect("running").to_string();
@@ -404,14 +387,16 @@ async fn console_streams_are_bounded_in_number() {
     for _ in 0..16 {
         live.push(console_stream(&app, "/console/api/live").await);
     }
-    let (status, _, body) = request(app.admin, "GET", "/console/api/live", &[("Authorization", BEARER)], "").await;
+    let (status, _, body) =
+        http_request_with_body(app.admin, "GET", "/console/api/live", &[("Authorization", BEARER)], "").await;
     assert_eq!(status, 429, "{body}");
     let mut tails = Vec::new();
     for _ in 0..8 {
         tails.push(console_stream(&app, "/console/api/tail?kind=topic&id=t").await);
     }
     let (status, ..) =
-        request(app.admin, "GET", "/console/api/tail?kind=topic&id=t", &[("Authorization", BEARER)], "").await;
+        http_request_with_body(app.admin, "GET", "/console/api/tail?kind=topic&id=t", &[("Authorization", BEARER)], "")
+            .await;
     assert_eq!(status, 429);
     // A closed stream gives its place back.
     drop(tails.pop());

@@ -5,48 +5,19 @@
 //! answers that may quote the request carry `X-Content-Type-Options: nosniff`; the memory
 //! backplane's forgotten keys are exported.
 
-use std::{
-    net::SocketAddr,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use http::uri::PathAndQuery;
 use serde_json::{Value, json};
 use ssegate::grpc::pb::{self, publish_stream_request::Target};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::timeout_at,
-};
+use tokio::time::timeout_at;
 use tonic::{Code, transport::Endpoint};
 
 use crate::{
     broker::{Broker, replica},
-    helpers::{SseClient, TestApp, deadline, ev, http_request, parse_response, spawn_app, spawn_app_with},
+    helpers::{SseClient, TestApp, deadline, ev, http_request, http_request_with_body, spawn_app, spawn_app_with},
 };
-
-/// Sends one HTTP/1.1 request with a body and reads the whole answer: (status, lower-cased
-/// headers, body).
-async fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, Vec<(String, String)>, String) {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(req.as_bytes()).await.expect("send");
-    let mut raw = Vec::new();
-    timeout_at(deadline(), tcp.read_to_end(&mut raw)).await.expect("answer in time").expect("read");
-    assert!(!raw.is_empty(), "{method} {path}: the server closed the connection without an answer");
-    parse_response(&raw)
-}
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
@@ -91,8 +62,14 @@ async fn bad_keys_are_invalid_argument_and_publish_nothing(app: &TestApp) {
 
     // Connect/JSON: the same refusal, as a Connect error.
     let body = json!({"userIds": ["alice"], "event": {"data": "refused"}, "idempotencyKey": CR_LF_KEY}).to_string();
-    let (status, headers, text) =
-        send(app.grpc, "POST", "/ssegate.v1.Publisher/Publish", &[("Content-Type", "application/json")], &body).await;
+    let (status, headers, text) = http_request_with_body(
+        app.grpc,
+        "POST",
+        "/ssegate.v1.Publisher/Publish",
+        &[("Content-Type", "application/json")],
+        &body,
+    )
+    .await;
     assert_eq!(status, 400, "{text}");
     let v: Value = serde_json::from_str(&text).expect("a Connect error body");
     assert_eq!((v["code"].as_str(), v["message"].as_str()), (Some("invalid_argument"), Some(CR_LF_REFUSED)));
@@ -149,7 +126,7 @@ async fn requests_on_the_grpc_port_that_are_neither_grpc_nor_connect_get_a_plain
         ("POST", "/grpc.health.v1.Health/Check", vec![("Content-Type", "application/json")], "{}"),
     ];
     for (method, path, headers, body) in cases {
-        let (status, h, text) = send(app.grpc, method, path, &headers, body).await;
+        let (status, h, text) = http_request_with_body(app.grpc, method, path, &headers, body).await;
         assert_eq!(status, 404, "{method} {path}: {h:?} {text:?}");
         assert_eq!(header(&h, "content-type"), Some("text/plain; charset=utf-8"), "{method} {path}");
         assert_eq!(header(&h, "x-content-type-options"), Some("nosniff"), "{method} {path}");
@@ -161,8 +138,14 @@ async fn requests_on_the_grpc_port_that_are_neither_grpc_nor_connect_get_a_plain
     }
 
     // An unknown method with a Connect content type: Connect's `unimplemented`.
-    let (status, h, text) =
-        send(app.grpc, "POST", "/ssegate.v1.Publisher/Nope", &[("Content-Type", "application/json")], "{}").await;
+    let (status, h, text) = http_request_with_body(
+        app.grpc,
+        "POST",
+        "/ssegate.v1.Publisher/Nope",
+        &[("Content-Type", "application/json")],
+        "{}",
+    )
+    .await;
     assert_eq!(status, 501, "{text}");
     assert_eq!(header(&h, "content-type"), Some("application/json"));
     let v: Value = serde_json::from_str(&text).unwrap();

@@ -395,6 +395,28 @@ pub async fn http_request(
     parse_response(&raw)
 }
 
+/// Sends one HTTP/1.1 request with a body (`Content-Length` set) and reads the whole answer:
+/// (status, lower-cased headers, body). Fails if the server closes without answering.
+pub async fn http_request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    timeout_at(deadline(), tcp.read_to_end(&mut raw)).await.expect("answer in time").expect("read");
+    assert!(!raw.is_empty(), "{method} {path}: the server closed the connection without an answer");
+    parse_response(&raw)
+}
+
 /// A whole HTTP/1.1 response read to its end: status, lower-cased headers, body as text.
 pub fn parse_response(raw: &[u8]) -> (u16, Vec<(String, String)>, String) {
     let text = String::from_utf8_lossy(raw).into_owned();
