@@ -228,17 +228,15 @@ impl Mailbox {
 
     /// Queues a frame without waiting and without waking the consumer (see `take_waker`).
     pub fn push(&self, frame: Frame) -> Push {
-        let mut inner = self.lock();
-        if inner.closed.is_some() {
-            return Push::Closed;
-        }
-        let pushed = inner.enqueue(self.bounds, frame);
-        inner.active |= pushed != Push::Full;
-        pushed
+        self.enqueue(frame, None)
     }
 
     /// Queues event `seq` like `push`, recording it as the last event queued.
     pub fn push_event(&self, frame: Frame, seq: u64) -> Push {
+        self.enqueue(frame, Some(seq))
+    }
+
+    fn enqueue(&self, frame: Frame, seq: Option<u64>) -> Push {
         let mut inner = self.lock();
         if inner.closed.is_some() {
             return Push::Closed;
@@ -246,7 +244,9 @@ impl Mailbox {
         let pushed = inner.enqueue(self.bounds, frame);
         if pushed != Push::Full {
             inner.active = true;
-            inner.queued_seq = seq;
+            if let Some(seq) = seq {
+                inner.queued_seq = seq;
+            }
         }
         pushed
     }
