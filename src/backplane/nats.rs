@@ -29,8 +29,11 @@
 //! - Tasks (consumer, probe, cluster responder) run on the application's `TaskTracker` and end
 //!   when its `CancellationToken` is cancelled.
 
+mod follow;
 mod identity;
+mod merge;
 mod publish;
+mod subjects;
 mod tasks;
 
 use std::{
@@ -73,6 +76,9 @@ pub struct NatsSettings {
     pub cluster_wait: Duration,
     /// Copies of the stream the NATS cluster keeps (`num_replicas`, 1 to 5).
     pub stream_replicas: usize,
+    /// `--nats-delivery interest`: a stream this replica creates republishes per-user live
+    /// subjects, and on such a stream the replica follows only its users (`follow.rs`).
+    pub interest: bool,
 }
 
 /// How often the broker is probed (one JetStream stream-info request per replica), and how long
@@ -131,6 +137,16 @@ pub struct NatsBackplane {
     up: watch::Sender<bool>,
     /// Runs the probe now (a publish found no stream to store its event).
     kick: Notify,
+    /// The subjects of interest delivery.
+    subjects: subjects::Subjects,
+    /// The stream republishes per-user live subjects and this replica follows only its users
+    /// (decided at connect from the stream's configuration).
+    interest: bool,
+    /// Bumped on every (re)connection and every slow-consumer notice: interest delivery then
+    /// reads what its subscriptions may have missed.
+    generation: Arc<watch::Sender<u64>>,
+    /// Interest delivery's users (once started).
+    follower: std::sync::OnceLock<Arc<follow::Follower>>,
 }
 
 impl NatsBackplane {
@@ -140,14 +156,20 @@ impl NatsBackplane {
         let connect_err = |reason: String| NatsError::Connect { urls: urls.clone(), reason };
         let reconnected = Arc::new(Notify::new());
         let notify = reconnected.clone();
+        let generation = Arc::new(watch::channel(0u64).0);
+        let bump = generation.clone();
         let mut options =
             ConnectOptions::new().name("ssegate").max_reconnects(None).ping_interval(PING_INTERVAL).event_callback(
                 move |event| {
                     let notify = notify.clone();
+                    let bump = bump.clone();
                     async move {
                         tracing::info!(%event, "NATS connection event");
                         if matches!(event, async_nats::Event::Connected) {
                             notify.notify_waiters();
+                        }
+                        if matches!(event, async_nats::Event::Connected | async_nats::Event::SlowConsumer(_)) {
+                            bump.send_modify(|g| *g += 1);
                         }
                     }
                 },
@@ -185,8 +207,17 @@ impl NatsBackplane {
         }
         let epoch = identity::epoch_of(&info);
         let last_seq_at_start = info.state.last_sequence;
+        let subjects = subjects::Subjects::new(&settings.subject);
+        let interest = settings.interest && identity::interest_capable(&info, &subjects);
+        if settings.interest && !interest {
+            tracing::warn!(stream = %settings.stream,
+                "the stream was created without interest delivery (by --nats-delivery stream, or an older version; \
+                 nats-server cannot add it to an existing stream): every event is read by every replica. \
+                 To change that, delete the stream once every replica runs this version (clients are told to \
+                 refetch: stream_recreated)");
+        }
         tracing::info!(stream = %settings.stream, subject = %settings.subject, last_seq = last_seq_at_start,
-            "NATS JetStream backplane connected");
+            delivery = if interest { "interest" } else { "stream" }, "NATS JetStream backplane connected");
         let retained = RetainedKv::open(
             &js,
             &settings.stream,
@@ -213,6 +244,10 @@ impl NatsBackplane {
             probe_ok: AtomicBool::new(true),
             up,
             kick: Notify::new(),
+            subjects,
+            interest,
+            generation,
+            follower: std::sync::OnceLock::new(),
         })
     }
 
@@ -270,6 +305,17 @@ impl NatsBackplane {
         self.retained.failures()
     }
 
+    /// Users whose events this replica follows under interest delivery (`None`: it reads
+    /// every event).
+    pub fn followed_users(&self) -> Option<usize> {
+        self.follower.get().map(|f| f.followed())
+    }
+
+    /// Where an event of `target` is published: its own subject under interest delivery.
+    fn publish_subject(&self, target: &crate::domain::Target, retain: crate::domain::Retain) -> String {
+        if self.interest { self.subjects.publish_to(target, retain) } else { self.settings.subject.clone() }
+    }
+
     /// Times the stream's identity changed (it was recreated) while this replica ran.
     pub fn epoch_changes(&self) -> u64 {
         self.identity.changes()
@@ -318,6 +364,19 @@ impl NatsBackplane {
         tracker.spawn(this.probe(router.clone(), stop.clone()));
         let target = self.last_seq_at_start;
         let first = target.saturating_sub(replay_capacity) + 1;
+        if self.interest {
+            let task = tokio::time::timeout_at(
+                deadline,
+                follow::Task::start(self.clone(), router.clone(), first, replay_capacity as usize),
+            )
+            .await
+            .map_err(|_| NatsError::CatchUp { at: router.last_seq(), target })??;
+            let follower = task.follower();
+            let _ = self.follower.set(follower.clone());
+            router.set_interest(Arc::new(follow::Handle(follower)));
+            tracker.spawn(task.run(stop.clone()));
+            return Ok(());
+        }
         // Everything before `first` counts as caught up (with no replay, that is the whole stream).
         let (progress_tx, mut progress) = watch::channel(first - 1);
         let this = self.clone();

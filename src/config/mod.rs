@@ -38,6 +38,16 @@ pub enum BackplaneKind {
     Nats,
 }
 
+/// How the events of a NATS stream reach each replica (`--nats-delivery`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsDelivery {
+    /// Only the events its connections need: per-user live subjects, on streams created with
+    /// them (an older stream is read whole, as with `stream`).
+    Interest,
+    /// Every replica reads the whole stream.
+    Stream,
+}
+
 /// How ssegate calls the backend's `ssegate.v1.Authorizer` (`--authorizer-protocol`).
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthorizerProtocol {

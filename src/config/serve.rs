@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use super::{AuthorizerProtocol, BackplaneKind, LogFormat, duration};
+use super::{AuthorizerProtocol, BackplaneKind, LogFormat, NatsDelivery, duration};
 use crate::store::SyncPolicy;
 
 #[derive(Args, Debug, Clone)]
@@ -92,6 +92,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_NATS_STREAM_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_stream_replicas: u8,
+
+    /// How events reach each replica: `interest` (only those its connections need: the stream,
+    /// when this replica creates it, republishes each event on a live subject per user, and a
+    /// replica subscribes to the users it serves) or `stream` (every replica reads every
+    /// event). A stream created without interest delivery is read whole either way; all
+    /// replicas must run a version that knows `interest` before such a stream is created.
+    #[arg(long, env = "SSEGATE_NATS_DELIVERY", value_enum, default_value = "interest")]
+    pub nats_delivery: NatsDelivery,
 
     /// WatchPresence: a user with no stream anywhere in the cluster for this long goes offline;
     /// a reconnect within it emits nothing.

@@ -63,7 +63,8 @@ impl HttpError {
                 | Rejection::Disabled
                 | Rejection::DescriptorBudget
                 | Rejection::PendingConnections
-                | Rejection::AuthorizerUnavailable,
+                | Rejection::AuthorizerUnavailable
+                | Rejection::BrokerUnavailable,
             ) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -83,6 +84,7 @@ impl HttpError {
             HttpError::Router(RouterError::ShuttingDown) => Rejection::ShuttingDown,
             HttpError::Router(RouterError::TooManyConnections { .. }) => Rejection::MaxConnections,
             HttpError::Router(RouterError::TooManyForUser { .. }) => Rejection::MaxConnectionsPerUser,
+            HttpError::Router(RouterError::BrokerUnavailable(_)) => Rejection::BrokerUnavailable,
             HttpError::Auth(
                 AuthError::MissingToken { .. }
                 | AuthError::MalformedAuthorization

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     auth::Requested,
     domain::{EventId, GroupId, InvalidText, Topic, UserId},
-    router::{CloseReason, Protocol, Start, StreamMeta, Subscription},
+    router::{CloseReason, Protocol, RouterError, Start, StreamMeta, Subscription},
 };
 
 /// What `GET /v1/events` asks for.
@@ -216,12 +216,15 @@ async fn admit(
     let resume = resume_id(headers, q.last_event_id.as_deref());
     let abort = conn.and_then(|c| c.abort.clone());
     let (user, groups, topics) = (id.user.clone(), id.groups.len(), id.topics.len());
+    let refused = |e: RouterError| Refused { error: e.into(), user: Some(user.clone()), requested_user: None };
+    // With interest delivery, the user's events must reach this replica first (a subscription
+    // on the broker, and the events after `resume` in the replay log).
+    let held = state.router.follow(&id.user, resume).await.map_err(refused)?;
     let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
-    let reg = state.router.subscribe_with(subscription, meta).map_err(|e| Refused {
-        error: e.into(),
-        user: Some(user.clone()),
-        requested_user: None,
-    })?;
+    let mut reg = state.router.subscribe_with(subscription, meta).map_err(refused)?;
+    if let Some(held) = held {
+        reg.hold(held);
+    }
     // Plain values, never Debug text of Rust enums: `resume` is the id asked for (absent on a
     // fresh start); `start` is `fresh`, `resumed` (with `replayed`, the missed events re-sent)
     // or `missed` (with `missed`, why: `expired`, `unknown` or `other_epoch`).

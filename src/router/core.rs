@@ -239,6 +239,15 @@ impl Router {
         core.last_seq = core.last_seq.max(seq);
     }
 
+    /// The newest sequence number the replay log evicted (0 if none): a resume from before it
+    /// gets `ssegate.missed`.
+    pub fn replay_evicted_through(&self) -> u64 {
+        let now = Instant::now();
+        let mut core = self.lock();
+        core.log.expire(now);
+        core.log.evicted_through()
+    }
+
     /// The oldest sequence number the replay log still holds (the last + 1 when it holds
     /// nothing): records below it serve no resume.
     pub fn replay_floor(&self) -> u64 {
@@ -309,6 +318,28 @@ impl Router {
         self.run_shard(shard);
         tracing::info!(user = %user, closed, "user disconnected");
         closed
+    }
+
+    /// Cuts off the connections of `user` (all of them: `None`) so that they resume from their
+    /// last id: events they missed live were added to the replay log since. Returns how many.
+    pub fn reopen(&self, user: Option<&UserId>) -> u64 {
+        let core = self.lock();
+        let (count, shards): (u64, Vec<usize>) = match user {
+            Some(u) => (core.user_count(u), vec![self.shard_of(u)]),
+            None => (core.connections(), (0..self.shards.len()).collect()),
+        };
+        if count > 0 {
+            for &i in &shards {
+                self.shards[i].submit(Cmd::Reopen(user.cloned()));
+            }
+        }
+        drop(core);
+        if count > 0 {
+            for i in shards {
+                self.run_shard(i);
+            }
+        }
+        count
     }
 
     /// Refuses new connections and publishes from now on, and closes every connection after

@@ -29,7 +29,9 @@ mod tables;
 mod timer;
 
 use std::{
-    sync::{Arc, Mutex},
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -50,6 +52,22 @@ use stats::Counters;
 use tables::Effects;
 
 use crate::domain::{EventId, GroupId, Topic, UserId};
+
+/// What a connection holds while it is open, for whoever made its events reach this router
+/// (`Interest::follow`); dropped after the connection unregisters.
+pub type Held = Box<dyn Send + Sync>;
+
+/// Makes a user's events reach this router before one of its connections registers: a broker
+/// backplane with interest delivery subscribes this replica to the user's events and puts
+/// those after `after` (the connection's resume point) in the replay log. `None` = the
+/// router sees every event anyway.
+pub trait Interest: Send + Sync {
+    fn follow<'a>(
+        &'a self,
+        user: &'a UserId,
+        after: Option<EventId>,
+    ) -> Pin<Box<dyn Future<Output = Result<Held, String>> + Send + 'a>>;
+}
 
 /// Identifies one connection inside this process.
 pub type ConnId = u64;
@@ -193,6 +211,8 @@ pub enum RouterError {
     TooManyConnections { limit: usize },
     #[error("this user already has {limit} connections, the limit (--max-connections-per-user)")]
     TooManyForUser { limit: usize },
+    #[error("this user's events cannot be followed on the broker now ({0}); retry later")]
+    BrokerUnavailable(String),
 }
 
 /// The router refused a publish; nothing was changed.
@@ -238,6 +258,8 @@ pub struct Router {
     max_connections_per_user: usize,
     counters: Counters,
     started: Instant,
+    /// Set once by a backplane with interest delivery (`set_interest`).
+    interest: OnceLock<Arc<dyn Interest>>,
 }
 
 impl Router {
@@ -258,7 +280,23 @@ impl Router {
             max_connections_per_user: config.max_connections_per_user,
             counters: Counters::default(),
             started: Instant::now(),
+            interest: OnceLock::new(),
         })
+    }
+
+    /// Connections of a user are followed by `interest` before they register (see `Interest`).
+    pub fn set_interest(&self, interest: Arc<dyn Interest>) {
+        let _ = self.interest.set(interest);
+    }
+
+    /// Makes the events of `user` after `after` reach this router (see `Interest`), before a
+    /// connection of it subscribes; what it returns is held by that connection
+    /// (`Registration::hold`). Nothing to do without interest delivery.
+    pub async fn follow(&self, user: &UserId, after: Option<EventId>) -> Result<Option<Held>, RouterError> {
+        match self.interest.get() {
+            None => Ok(None),
+            Some(i) => i.follow(user, after).await.map(Some).map_err(RouterError::BrokerUnavailable),
+        }
     }
 
     /// Time since the router was created.

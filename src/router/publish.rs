@@ -121,6 +121,26 @@ impl Router {
         Some(self.sequence(core, seq, target, event.name.as_ref(), retain, encoded, age))
     }
 
+    /// Logs an event older than the last one applied (interest delivery: a followed user's
+    /// event fetched from the broker, or one whose live copy was lost), in its place in the
+    /// replay log, without handing it to any connection: those that need it resume from the
+    /// log. A retained update in it applies only if it is newer than the value held. An event
+    /// not older than the last one is published as usual. Returns whether it was added.
+    pub fn insert_sequenced(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> bool {
+        let encoded = Encoded::new(event, retain);
+        let mut core = self.lock();
+        if seq > core.last_seq {
+            self.sequence(core, seq, target, event.name.as_ref(), retain, encoded, None);
+            return true;
+        }
+        if retain != Retain::No {
+            core.retained.apply(seq, &target, event.name.as_ref(), retain, encoded.retained.as_ref());
+        }
+        let id = EventId { epoch: core.epoch, seq };
+        let frame = Frame { bytes: encoded.partial.finish(id), published_at: Instant::now(), is_event: true };
+        core.log.insert(seq, Arc::new(Logged { seq, target, frame }))
+    }
+
     /// Loads a retained value kept by a broker (at start, before the stream is consumed): it
     /// stands until an event later than `seq` replaces or clears it.
     pub fn load_retained(&self, seq: u64, target: &Target, event: &Event, retain: Retain) {

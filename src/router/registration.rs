@@ -17,11 +17,13 @@ pub struct Registration {
     shard: usize,
     mailbox: Arc<Mailbox>,
     start: Start,
+    /// Kept until the connection is gone (`hold`).
+    held: Option<super::Held>,
 }
 
 impl Registration {
     pub(super) fn new(router: Arc<Router>, id: ConnId, shard: usize, mailbox: Arc<Mailbox>, start: Start) -> Self {
-        Self { router, id, shard, mailbox, start }
+        Self { router, id, shard, mailbox, start, held: None }
     }
 
     pub fn id(&self) -> ConnId {
@@ -30,6 +32,11 @@ impl Registration {
 
     pub fn start(&self) -> Start {
         self.start
+    }
+
+    /// Keeps `held` (what `Router::follow` returned) until this connection is gone.
+    pub fn hold(&mut self, held: super::Held) {
+        self.held = Some(held);
     }
 
     /// Ends this connection's stream gracefully: what is queued still goes out, nothing new

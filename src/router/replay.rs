@@ -69,6 +69,26 @@ impl ReplayLog {
         }
     }
 
+    /// Puts an older event (`seq` below the newest) in its place, unless the log has it or
+    /// already evicted past it: a replica with interest delivery fetches a user's events it did
+    /// not follow live (a resume, a lost copy) from the broker and adds them here before the
+    /// connections that need them register. Returns whether it was added.
+    pub fn insert(&mut self, seq: u64, logged: Arc<Logged>) -> bool {
+        if self.config.capacity == 0 || seq <= self.evicted_through {
+            return false;
+        }
+        let at = self.entries.partition_point(|e| e.seq < seq);
+        if self.entries.get(at).is_some_and(|e| e.seq == seq) {
+            return false;
+        }
+        self.bytes += logged.frame.bytes.len();
+        self.entries.insert(at, Entry { seq, logged });
+        while self.entries.len() > self.config.capacity || self.bytes > self.config.max_bytes {
+            self.evict_oldest();
+        }
+        true
+    }
+
     /// Forgets every event and every eviction: the ids start again (a new epoch).
     pub fn clear(&mut self) {
         *self = Self::new(self.config.clone());

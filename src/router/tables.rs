@@ -151,6 +151,15 @@ impl Tables {
                     }
                 }
             }
+            Cmd::Reopen(user) => {
+                let ids: Vec<ConnId> = match &user {
+                    Some(user) => self.users.get(user).cloned().unwrap_or_default().into_iter().collect(),
+                    None => self.conns.keys().copied().collect(),
+                };
+                for id in ids {
+                    fx.cut.extend(self.remove(id).map(|c| (c, false)));
+                }
+            }
             Cmd::CloseAll(reason, last) => {
                 let all = std::mem::take(self);
                 let frame = |bytes| Frame { bytes, published_at: now, is_event: false };

@@ -227,6 +227,7 @@ impl Settings {
                 publish_timeout: a.nats_publish_timeout,
                 cluster_wait: a.nats_cluster_wait,
                 stream_replicas: usize::from(a.nats_stream_replicas),
+                interest: a.nats_delivery == crate::config::NatsDelivery::Interest,
             }),
         };
         Ok(Self {

@@ -41,9 +41,11 @@ pub enum Rejection {
     /// The backend's authorizer gave no valid answer (timeout, error, invalid, overload,
     /// breaker open).
     AuthorizerUnavailable = 10,
+    /// Interest delivery could not follow the user's events on the broker.
+    BrokerUnavailable = 11,
 }
 
-pub(super) const REJECTIONS: [&str; 11] = [
+pub(super) const REJECTIONS: [&str; 12] = [
     "max_connections",
     "max_connections_per_user",
     "shutting_down",
@@ -55,6 +57,7 @@ pub(super) const REJECTIONS: [&str; 11] = [
     "descriptor_budget",
     "pending_connections",
     "authorizer_unavailable",
+    "broker_unavailable",
 ];
 
 /// Why a publish failed, for `ssegate_events_published_total{outcome}`.

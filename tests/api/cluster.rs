@@ -257,9 +257,10 @@ async fn a_resume_on_a_replica_behind_the_client_neither_repeats_nor_moves_the_i
     let behind_url = format!("nats://127.0.0.1:{}", proxy.port);
     let b = spawn_app(&["--backplane", "nats", "--nats-url", &behind_url, "--nats-publish-timeout", "2s"]).await;
     let one = a.publish_users(&["u"], "", "one").await.event_id;
-    // B has consumed it once a fresh stream on B opens at its id.
+    // B has consumed it once a fresh stream of the user on B opens at its id (with interest
+    // delivery B follows the user from then on, for a minute after its last stream).
     let end = deadline();
-    while b.subscribe("user=probe").await.cursor().await != one {
+    while b.subscribe("user=u").await.cursor().await != one {
         assert!(Instant::now() < end, "replica B never consumed the first event");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -348,7 +349,7 @@ async fn history_on_any_replica_lists_what_was_published_on_any_other_and_its_po
     }
     // b has read them back from the stream once a stream opened on it starts at the last one.
     let end = deadline();
-    while b.subscribe("user=probe").await.cursor().await != ids[2] {
+    while b.subscribe("user=u").await.cursor().await != ids[2] {
         assert!(Instant::now() < end, "replica b never consumed {}", ids[2]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -51,11 +51,13 @@ async fn to_all(app: &TestApp, name: &str, data: &str) -> String {
     app.client.clone().broadcast(req).await.expect("broadcast").into_inner().event_id
 }
 
-/// Waits until `app` has consumed the stream up to `id` (a fresh stream opens at it).
-async fn wait_consumed(app: &TestApp, id: &str) {
+/// Waits until `app` has consumed the stream up to `id`, an event of `user` or of everyone (a
+/// fresh stream of `user` opens at it: with interest delivery a replica receives a user's
+/// events once a stream of the user is open there).
+async fn wait_consumed(app: &TestApp, user: &str, id: &str) {
     let end = deadline();
     loop {
-        let cursor = app.subscribe("user=probe").await.cursor().await;
+        let cursor = app.subscribe(&format!("user={user}")).await.cursor().await;
         if cursor == id {
             return;
         }
@@ -106,7 +108,7 @@ async fn a_retained_value_published_on_one_replica_is_sent_on_connect_at_another
     let (a, b) = (replica(&nats, &[]).await, replica(&nats, &[]).await);
     to_users(&a, &["u", "a.b"], "badge", "3", keep()).await;
     let last = to_group(&a, "g", "status", "busy").await;
-    wait_consumed(&b, &last).await;
+    wait_consumed(&b, "nobody", &last).await;
 
     assert_eq!(sent_on_connect(&b, "u", "&group=g").await, pairs(&[("badge", "3"), ("status", "busy")]));
     assert_eq!(sent_on_connect(&b, "a.b", "").await, pairs(&[("badge", "3")]), "one value per user of a list");
@@ -128,8 +130,8 @@ async fn retained_values_survive_a_restart_of_every_replica_and_cleared_ones_sta
     for i in 0..3 {
         last = to_users(&a, &["nobody"], "", &i.to_string(), None).await;
     }
-    wait_consumed(&a, &last).await;
-    wait_consumed(&b, &last).await;
+    wait_consumed(&a, "nobody", &last).await;
+    wait_consumed(&b, "nobody", &last).await;
     let u_sees = pairs(&[("status", "busy"), ("motd", "hello"), ("badge", "4")]);
     let v_sees = pairs(&[("badge", "3"), ("motd", "hello")]);
     assert_eq!(sent_on_connect(&a, "u", "&group=g").await, u_sees, "before the restart");
@@ -148,7 +150,7 @@ async fn retained_values_survive_a_restart_of_every_replica_and_cleared_ones_sta
     }
     // A value set after the restart replaces the loaded one everywhere.
     let five = to_users(&a, &["u"], "badge", "5", keep()).await;
-    wait_consumed(&b, &five).await;
+    wait_consumed(&b, "u", &five).await;
     assert_eq!(sent_on_connect(&b, "u", "").await, pairs(&[("motd", "hello"), ("badge", "5")]));
 }
 
@@ -260,7 +262,7 @@ async fn the_values_of_a_recreated_stream_replace_those_of_the_old_one() {
     let new = to_users(&a, &["u"], "badge", "new", keep()).await;
     // Acknowledged once stored; the replica applies it once it has read it back from the
     // stream (a stream opened before then gets "old", then "new" live).
-    wait_consumed(&a, &new).await;
+    wait_consumed(&a, "u", &new).await;
     assert_eq!(sent_on_connect(&a, "u", "").await, pairs(&[("badge", "new")]));
     a.stop().await;
 

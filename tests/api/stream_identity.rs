@@ -247,13 +247,20 @@ async fn a_publish_stored_in_a_stream_recreated_behind_the_replica_gets_the_new_
     for i in 0..3 {
         publish_when_up(&a, to_user("u", "", &i.to_string(), false)).await;
     }
-    // Recreated by someone else, just now: the replica's probe has most likely not run since,
+    // Recreated by someone else (another replica of this version: interest delivery's
+    // subjects and republish), just now: the replica's probe has most likely not run since,
     // and the publish's sequence (1) is one the old stream had used.
     let js = async_nats::jetstream::new(async_nats::connect(broker.url()).await.expect("the test connects to NATS"));
     js.delete_stream("SSEGATE").await.expect("the event stream is deleted");
     let config = async_nats::jetstream::stream::Config {
         name: "SSEGATE".into(),
-        subjects: vec!["ssegate.events".into()],
+        subjects: vec!["ssegate.events".into(), "ssegate.events.to.>".into()],
+        republish: Some(async_nats::jetstream::stream::Republish {
+            source: "ssegate.events.to.>".into(),
+            destination: "ssegate.events.live.>".into(),
+            headers_only: false,
+        }),
+        allow_direct: true,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     };

@@ -15,18 +15,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use async_nats::jetstream::{
     Context,
-    stream::{self, Config, DiscardPolicy, StorageType},
+    stream::{self, Config, DiscardPolicy, Republish, StorageType},
 };
 use tokio::sync::watch;
 
-use super::NatsSettings;
+use super::{NatsSettings, subjects::Subjects};
 
 /// The configuration every replica creates the event stream with (the same everywhere, so
 /// that creating it is idempotent when several replicas race to do it).
 pub(super) fn stream_config(settings: &NatsSettings) -> Config {
+    let subjects = Subjects::new(&settings.subject);
+    // Interest delivery: `<subject>.to.>` republished on `<subject>.live.>` (`subjects.rs`),
+    // and message-gets by subject answered by any replica of the stream as well.
+    let (extra, republish) = if settings.interest {
+        let republish =
+            Republish { source: subjects.to_any.clone(), destination: subjects.live_any.clone(), headers_only: false };
+        (Some(subjects.to_any), Some(republish))
+    } else {
+        (None, None)
+    };
     Config {
         name: settings.stream.clone(),
-        subjects: vec![settings.subject.clone()],
+        subjects: std::iter::once(settings.subject.clone()).chain(extra).collect(),
+        republish,
+        allow_direct: settings.interest,
         max_age: settings.max_age,
         max_bytes: settings.max_bytes,
         duplicate_window: settings.duplicate_window,
@@ -35,6 +47,18 @@ pub(super) fn stream_config(settings: &NatsSettings) -> Config {
         num_replicas: settings.stream_replicas,
         ..Default::default()
     }
+}
+
+/// Whether a stream republishes its events for interest delivery as this version sets it up
+/// (a republish cannot be added to an existing stream on nats-server 2.9: a stream created
+/// without it is read whole).
+pub(super) fn interest_capable(info: &stream::Info, subjects: &Subjects) -> bool {
+    info.config.subjects.contains(&subjects.to_any)
+        && info
+            .config
+            .republish
+            .as_ref()
+            .is_some_and(|r| r.source == subjects.to_any && r.destination == subjects.live_any && !r.headers_only)
 }
 
 /// The epoch of ids made from the stream's sequence numbers: its creation time in Unix

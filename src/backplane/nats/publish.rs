@@ -69,6 +69,7 @@ impl NatsBackplane {
         if !self.is_up() {
             return Err(BackplaneError::Unavailable("NATS JetStream is not answering".into()));
         }
+        let subject = self.publish_subject(&target, retain);
         let mut msg = PublishMessage::build().payload(wire::encode(&target, &event, retain).into());
         if let Some(key) = idempotency_key {
             msg = msg.message_id(key.as_str());
@@ -77,15 +78,14 @@ impl NatsBackplane {
         let (epoch, seen) = self.identity.position();
         // Handing the message to the connection: until this completes nothing was sent (a
         // cancelled channel send sends nothing), so every failure here is a plain refusal.
-        let ack =
-            match tokio::time::timeout_at(deadline, self.js.send_publish(self.settings.subject.clone(), msg)).await {
-                Err(_) => return Err(BackplaneError::Unavailable("the NATS connection is not taking messages".into())),
-                Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                    return Err(BackplaneError::Refused(format!("the broker refused the size: {e}")));
-                }
-                Ok(Err(e)) => return Err(BackplaneError::Unavailable(e.to_string())),
-                Ok(Ok(ack)) => ack,
-            };
+        let ack = match tokio::time::timeout_at(deadline, self.js.send_publish(subject, msg)).await {
+            Err(_) => return Err(BackplaneError::Unavailable("the NATS connection is not taking messages".into())),
+            Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                return Err(BackplaneError::Refused(format!("the broker refused the size: {e}")));
+            }
+            Ok(Err(e)) => return Err(BackplaneError::Unavailable(e.to_string())),
+            Ok(Ok(ack)) => ack,
+        };
         let retained = (retain != Retain::No).then_some((target, event, retain));
         Ok(HandedOver { ack, deadline, epoch, seen, retained })
     }

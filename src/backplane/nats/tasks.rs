@@ -167,7 +167,9 @@ impl NatsBackplane {
         };
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
-                filter_subject: self.settings.subject.clone(),
+                // Every subject of the stream: `<subject>`, and `<subject>.to.>` on a stream
+                // made for interest delivery by another replica.
+                filter_subject: String::new(),
                 deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from.max(1) },
                 ..Default::default()
             })
@@ -238,7 +240,7 @@ impl NatsBackplane {
     /// did not already see it), the retained-values bucket is opened again (created if it is
     /// gone) and read, and the router rebases on the new epoch with those values, telling every
     /// connection. An error leaves the router as it was; the next consumer start tries again.
-    async fn resync(&self, router: &Router, epoch: u64) -> Result<(), NatsError> {
+    pub(super) async fn resync(&self, router: &Router, epoch: u64) -> Result<(), NatsError> {
         self.identity.begin(epoch, Source::Consumer);
         self.refresh_up();
         self.retained.reopen(&self.js, epoch).await?;
@@ -253,7 +255,7 @@ impl NatsBackplane {
 
     /// The router follows stream `epoch` up to where it was when the consumer started: publishes
     /// are taken again.
-    fn caught_up(&self, router: &Router, epoch: u64) {
+    pub(super) fn caught_up(&self, router: &Router, epoch: u64) {
         if self.identity.synced(epoch) {
             self.refresh_up();
             tracing::info!(stream = %self.settings.stream, epoch = format_args!("{epoch:x}"), last_seq = router.last_seq(),
