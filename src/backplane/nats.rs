@@ -79,6 +79,8 @@ pub struct NatsSettings {
     /// `--nats-delivery interest`: a stream this replica creates republishes per-user live
     /// subjects, and on such a stream the replica follows only its users (`follow.rs`).
     pub interest: bool,
+    /// How long a user stays followed after its last connection here (`--nats-interest-linger`).
+    pub linger: Duration,
 }
 
 /// How often the broker is probed (one JetStream stream-info request per replica), and how long

@@ -101,6 +101,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_NATS_DELIVERY", value_enum, default_value = "interest")]
     pub nats_delivery: NatsDelivery,
 
+    /// Interest delivery: how long a replica keeps receiving a user's events after the user's
+    /// last stream on it closed, so that reloads and reconnects do not churn the broker's
+    /// subscriptions (and a reconnect within it is served from the replica's log at once).
+    #[arg(long, env = "SSEGATE_NATS_INTEREST_LINGER", default_value = "60s", value_parser = duration)]
+    pub nats_interest_linger: Duration,
+
     /// WatchPresence: a user with no stream anywhere in the cluster for this long goes offline;
     /// a reconnect within it emits nothing.
     #[arg(long, env = "SSEGATE_PRESENCE_GRACE", default_value = "5s", value_parser = duration)]

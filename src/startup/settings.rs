@@ -228,6 +228,7 @@ impl Settings {
                 cluster_wait: a.nats_cluster_wait,
                 stream_replicas: usize::from(a.nats_stream_replicas),
                 interest: a.nats_delivery == crate::config::NatsDelivery::Interest,
+                linger: a.nats_interest_linger,
             }),
         };
         Ok(Self {

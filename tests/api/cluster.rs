@@ -367,3 +367,79 @@ async fn history_on_any_replica_lists_what_was_published_on_any_other_and_its_po
     let e = stream.next_event().await;
     assert_eq!((e.data.as_str(), e.last_event_id.as_str()), ("next", next.as_str()));
 }
+
+/// The subjects a replica's NATS connection (the one named `ssegate` with the most
+/// subscriptions matching `prefix`, or none) is subscribed to, from the broker's monitor.
+async fn live_subscriptions(nats: &Broker, prefix: &str) -> Vec<Vec<String>> {
+    let connz = nats.monitor("/connz?subs=true").await;
+    connz["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            c["subscriptions_list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str())
+                .filter(|s| s.starts_with(prefix))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_replica_that_gains_a_users_first_stream_resumes_it_from_the_stream_in_order_and_without_loss() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, &[]).await;
+    let b = replica(&nats, &[]).await;
+    // Interleaved: events of u alone (its own subject, which b does not follow) and broadcasts
+    // (which every replica follows).
+    let first = a.publish_users(&["u"], "", "u1").await.event_id;
+    a.broadcast("all1").await;
+    a.publish_users(&["u"], "", "u2").await;
+    a.publish_users(&["v"], "", "v1").await;
+    a.publish_users(&["u"], "", "u3").await;
+    let last = a.broadcast("all2").await.event_id;
+    // b is not subscribed to u's live subject: nothing of u has reached it.
+    let subs = live_subscriptions(&nats, "ssegate.events.live.").await;
+    assert_eq!(subs.iter().filter(|s| s.iter().any(|s| s.contains(".live.u."))).count(), 0, "{subs:?}");
+    // The browser moves from a to b after its first event.
+    let mut moved = b.resume("user=u", &first).await;
+    assert_eq!(moved.next_data(4).await, ["all1", "u2", "u3", "all2"], "in stream order, nothing lost");
+    assert_eq!(moved.cursor().await, last, "then the cursor at the newest");
+    // From now on b follows u live.
+    a.publish_users(&["u"], "", "u4").await;
+    a.publish_users(&["v"], "", "v2").await;
+    a.broadcast("all3").await;
+    assert_eq!(moved.next_data(2).await, ["u4", "all3"], "and nothing of v");
+}
+
+#[tokio::test]
+async fn a_replica_stops_receiving_a_users_events_once_its_last_stream_is_gone_and_the_linger_is_over() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, &[]).await;
+    let b = replica(&nats, &["--nats-interest-linger", "300ms"]).await;
+    let mut sub = b.subscribe("user=u").await;
+    sub.cursor().await;
+    let user_subject = "ssegate.events.live.u.dQ"; // "u" in unpadded base64url
+    let followers = || async { live_subscriptions(&nats, user_subject).await.iter().filter(|s| !s.is_empty()).count() };
+    assert_eq!(followers().await, 1, "b follows u while u has a stream there");
+    a.publish_users(&["u"], "", "live").await;
+    assert_eq!(sub.next_data(1).await, ["live"]);
+    drop(sub);
+    let end = deadline();
+    while followers().await != 0 {
+        assert!(Instant::now() < end, "b still follows u after its last stream closed and the linger passed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The events of u reach no replica now; a new stream on b follows u again, resuming
+    // from the last id it had, and gets what was published meanwhile.
+    let missed = a.publish_users(&["u"], "", "meanwhile").await.event_id;
+    let mut back = b.subscribe("user=u").await;
+    let cursor = back.cursor().await;
+    assert_eq!(cursor, missed, "a fresh stream on b opens at the newest event of u");
+    a.publish_users(&["u"], "", "again").await;
+    assert_eq!(back.next_data(1).await, ["again"]);
+}

@@ -5,7 +5,7 @@
 //! - every event is stored by the stream and republished by it on a live subject
 //!   (`subjects.rs`): one per user for an event to one user, `live.all` for the rest;
 //! - this replica subscribes (core NATS) to `live.all` and to the live subject of each user
-//!   with a connection here (`follow`, before the connection registers), kept for `LINGER`
+//!   with a connection here (`follow`, before the connection registers), kept for a linger
 //!   after the user's last connection, so that reloads and reconnects do not churn the
 //!   broker's interest;
 //! - one task (`Task`) owns every subscription and is the only one feeding the router: it
@@ -52,14 +52,12 @@ use crate::{
     router::{Held, Interest, Router},
 };
 
-/// How long a user's live subject stays subscribed after its last connection here closed.
-pub const LINGER: Duration = Duration::from_secs(60);
 /// Longest wait for a user's subscription and its events before the connection is refused
 /// (503, retry).
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reads of the stream by subject in flight at once (a reconnect storm queues behind them).
 const FILLS_IN_FLIGHT: usize = 64;
-/// How often lingering subscriptions are looked at.
+/// How often lingering subscriptions are looked at (at most).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// What the edge and the task share: the users followed here.
@@ -286,7 +284,8 @@ impl Task {
         generation.borrow_and_update();
         let mut identity = self.bp.identity.watch();
         identity.borrow_and_update();
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        let linger = self.bp.settings.linger;
+        let mut sweep = tokio::time::interval((linger / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
         loop {
             let step = tokio::select! {
                 biased;
@@ -308,7 +307,7 @@ impl Task {
                     generation.borrow_and_update();
                     self.recover().await;
                 }
-                Step::Sweep => self.sweep(),
+                Step::Sweep => self.sweep(linger),
             }
         }
     }
@@ -512,8 +511,8 @@ impl Task {
         }
     }
 
-    /// Drops the subscriptions of users with no connection here for `LINGER`.
-    fn sweep(&mut self) {
+    /// Drops the subscriptions of users with no connection here for `linger`.
+    fn sweep(&mut self, linger: Duration) {
         let now = Instant::now();
         let gone: Vec<UserId> = {
             let mut users = self.follower.lock();
@@ -521,7 +520,7 @@ impl Task {
                 .iter()
                 .filter(|(u, f)| {
                     f.conns == 0
-                        && f.idle_since.is_none_or(|t| now.duration_since(t) >= LINGER)
+                        && f.idle_since.is_none_or(|t| now.duration_since(t) >= linger)
                         && !self.live.get(*u).is_some_and(|l| l.filling || !l.waiters.is_empty())
                 })
                 .map(|(u, _)| u.clone())

@@ -25,6 +25,8 @@ pub enum ConsoleError {
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
     Publish(#[from] BackplaneError),
 }
 
@@ -37,7 +39,9 @@ impl ConsoleError {
             ConsoleError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ConsoleError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ConsoleError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            ConsoleError::Publish(_) | ConsoleError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ConsoleError::Publish(_) | ConsoleError::ShuttingDown | ConsoleError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
