@@ -367,12 +367,9 @@ impl NatsBackplane {
         let target = self.last_seq_at_start;
         let first = target.saturating_sub(replay_capacity) + 1;
         if self.interest {
-            let task = tokio::time::timeout_at(
-                deadline,
-                follow::Task::start(self.clone(), router.clone(), first, replay_capacity as usize),
-            )
-            .await
-            .map_err(|_| NatsError::CatchUp { at: router.last_seq(), target })??;
+            let task = tokio::time::timeout_at(deadline, follow::Task::start(self.clone(), router.clone(), first))
+                .await
+                .map_err(|_| NatsError::CatchUp { at: router.last_seq(), target })??;
             let follower = task.follower();
             let _ = self.follower.set(follower.clone());
             router.set_interest(Arc::new(follow::Handle(follower)));

@@ -320,28 +320,6 @@ impl Router {
         closed
     }
 
-    /// Cuts off the connections of `user` (all of them: `None`) so that they resume from their
-    /// last id: events they missed live were added to the replay log since. Returns how many.
-    pub fn reopen(&self, user: Option<&UserId>) -> u64 {
-        let core = self.lock();
-        let (count, shards): (u64, Vec<usize>) = match user {
-            Some(u) => (core.user_count(u), vec![self.shard_of(u)]),
-            None => (core.connections(), (0..self.shards.len()).collect()),
-        };
-        if count > 0 {
-            for &i in &shards {
-                self.shards[i].submit(Cmd::Reopen(user.cloned()));
-            }
-        }
-        drop(core);
-        if count > 0 {
-            for i in shards {
-                self.run_shard(i);
-            }
-        }
-        count
-    }
-
     /// Refuses new connections and publishes from now on, and closes every connection after
     /// queuing the frame `last` makes for it. Returns how many were closed.
     pub fn close_all(&self, reason: CloseReason, last: impl Fn() -> Option<Bytes> + Send + Sync + 'static) -> usize {

@@ -236,12 +236,26 @@ impl Mailbox {
         self.enqueue(frame, Some(seq))
     }
 
+    /// Queues event `seq` like `push_event` only if no later event was queued (an event that
+    /// reached this replica behind later ones: `Router::publish_late`); `None` if one was.
+    pub fn push_event_in_order(&self, frame: Frame, seq: u64) -> Option<Push> {
+        let mut inner = self.lock();
+        if inner.queued_seq >= seq {
+            return None;
+        }
+        Some(Self::enqueue_locked(&mut inner, self.bounds, frame, Some(seq)))
+    }
+
     fn enqueue(&self, frame: Frame, seq: Option<u64>) -> Push {
         let mut inner = self.lock();
+        Self::enqueue_locked(&mut inner, self.bounds, frame, seq)
+    }
+
+    fn enqueue_locked(inner: &mut Inner, bounds: Bounds, frame: Frame, seq: Option<u64>) -> Push {
         if inner.closed.is_some() {
             return Push::Closed;
         }
-        let pushed = inner.enqueue(self.bounds, frame);
+        let pushed = inner.enqueue(bounds, frame);
         if pushed != Push::Full {
             inner.active = true;
             if let Some(seq) = seq {

@@ -122,11 +122,24 @@ impl Router {
     }
 
     /// Logs an event older than the last one applied (interest delivery: a followed user's
-    /// event fetched from the broker, or one whose live copy was lost), in its place in the
+    /// event fetched from the broker before its connections register), in its place in the
     /// replay log, without handing it to any connection: those that need it resume from the
     /// log. A retained update in it applies only if it is newer than the value held. An event
     /// not older than the last one is published as usual. Returns whether it was added.
     pub fn insert_sequenced(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> bool {
+        self.behind(seq, target, event, retain, false)
+    }
+
+    /// An event older than the last one applied that was not applied yet (interest delivery:
+    /// its live copy arrived behind later ones): logged in its place, and queued for each
+    /// addressed connection that has not been sent a later event; the others get
+    /// `ssegate.missed` (`late`). Returns false if the log already had it (a duplicate).
+    pub fn publish_late(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> bool {
+        self.behind(seq, target, event, retain, true)
+    }
+
+    /// `insert_sequenced` (`deliver` false) and `publish_late` (true).
+    fn behind(&self, seq: u64, target: Target, event: &Event, retain: Retain, deliver: bool) -> bool {
         let encoded = Encoded::new(event, retain);
         let mut core = self.lock();
         if seq > core.last_seq {
@@ -136,9 +149,23 @@ impl Router {
         if retain != Retain::No {
             core.retained.apply(seq, &target, event.name.as_ref(), retain, encoded.retained.as_ref());
         }
-        let id = EventId { epoch: core.epoch, seq };
-        let frame = Frame { bytes: encoded.partial.finish(id), published_at: Instant::now(), is_event: true };
-        core.log.insert(seq, Arc::new(Logged { seq, target, frame }))
+        let epoch = core.epoch;
+        let bytes = encoded.partial.finish(EventId { epoch, seq });
+        let shards = self.shards_for(&target);
+        let logged =
+            Arc::new(Logged { seq, target, frame: Frame { bytes, published_at: Instant::now(), is_event: true } });
+        let inserted = core.log.insert(seq, logged.clone());
+        if !deliver || (!inserted && core.log.has(seq)) {
+            return inserted;
+        }
+        for i in shards.iter() {
+            self.shards[i].submit(Cmd::Late(logged.clone(), epoch));
+        }
+        drop(core);
+        for i in shards.iter() {
+            self.run_shard(i);
+        }
+        true
     }
 
     /// Loads a retained value kept by a broker (at start, before the stream is consumed): it
@@ -228,8 +255,54 @@ mod tests {
     use super::*;
     use crate::{
         domain::UserId,
-        router::{RouterConfig, Subscription},
+        router::{Registration, RouterConfig, Subscription},
     };
+
+    #[test]
+    fn a_late_event_reaches_in_order_whoever_has_not_passed_it_and_the_others_are_told_missed() {
+        let router = Router::new(RouterConfig {
+            epoch: Some(9),
+            shared_sequence: true,
+            ..RouterConfig::with_queue_capacity(16)
+        });
+        let group = crate::domain::GroupId::parse("g").unwrap();
+        let open = |user: &str| {
+            router
+                .subscribe(Subscription {
+                    user: UserId::parse(user).unwrap(),
+                    groups: vec![group.clone()],
+                    topics: vec![],
+                    abort: None,
+                    resume: None,
+                })
+                .unwrap()
+        };
+        let (ahead, behind) = (open("a"), open("b"));
+        let event = |data: &str| Event { name: None, data: data.into() };
+        router.publish_sequenced(5, Target::users(vec![UserId::parse("a").unwrap()]), &event("five"), Retain::No);
+        assert!(router.publish_late(3, Target::Group(group.clone()), &event("three"), Retain::No));
+        assert!(!router.publish_late(3, Target::Group(group.clone()), &event("three"), Retain::No), "a duplicate");
+        let text = |reg: &Registration| {
+            let mut out = VecDeque::new();
+            let _ = reg.mailbox().poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);
+            out.iter().map(|f| String::from_utf8_lossy(&f.bytes).into_owned()).collect::<String>()
+        };
+        let (a, b) = (text(&ahead), text(&behind));
+        assert!(a.contains("data: five") && !a.contains("data: three"), "{a}");
+        assert!(a.contains("event: ssegate.missed") && a.contains(r#""reason":"late""#) && a.contains("9-5"), "{a}");
+        assert!(b.contains("data: three\nid: 9-3") && !b.contains("ssegate.missed"), "{b}");
+        // The log has it in its place: a resume from before it gets it in order.
+        let resumed = router
+            .subscribe(Subscription {
+                user: UserId::parse("c").unwrap(),
+                groups: vec![group],
+                topics: vec![],
+                abort: None,
+                resume: Some(EventId { epoch: 9, seq: 1 }),
+            })
+            .unwrap();
+        assert!(text(&resumed).contains("data: three\nid: 9-3"));
+    }
 
     #[test]
     fn a_journal_that_refuses_publishes_nothing_and_one_that_accepts_sees_the_events_sequence() {

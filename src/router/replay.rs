@@ -89,6 +89,12 @@ impl ReplayLog {
         true
     }
 
+    /// Whether the log holds event `seq`.
+    pub fn has(&self, seq: u64) -> bool {
+        let at = self.entries.partition_point(|e| e.seq < seq);
+        self.entries.get(at).is_some_and(|e| e.seq == seq)
+    }
+
     /// Forgets every event and every eviction: the ids start again (a new epoch).
     pub fn clear(&mut self) {
         *self = Self::new(self.config.clone());

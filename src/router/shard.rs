@@ -41,10 +41,10 @@ pub(super) enum Cmd {
     /// Close every connection of the user, each after the given frame.
     Disconnect(UserId, Frame),
     CloseAll(CloseReason, LastFrame),
-    /// Cut off the connections of one user (every connection: `None`), so that they resume from
-    /// their last id (the path of a slow consumer): they may have missed an event that was
-    /// added to the replay log afterwards.
-    Reopen(Option<UserId>),
+    /// An event that reached this replica behind later ones (epoch given): queued for each
+    /// addressed connection that has not been sent a later event; the others are told
+    /// `ssegate.missed` (`late`), since it can no longer reach them in order.
+    Late(Arc<Logged>, u64),
     /// Queue these control frames for one connection (its `ssegate.missed`, retained values and
     /// cursor, `ssegate.position`) and deliver it every event from now on (its floor is lifted).
     Tell(ConnId, Vec<Frame>),

@@ -151,15 +151,7 @@ impl Tables {
                     }
                 }
             }
-            Cmd::Reopen(user) => {
-                let ids: Vec<ConnId> = match &user {
-                    Some(user) => self.users.get(user).cloned().unwrap_or_default().into_iter().collect(),
-                    None => self.conns.keys().copied().collect(),
-                };
-                for id in ids {
-                    fx.cut.extend(self.remove(id).map(|c| (c, false)));
-                }
-            }
+            Cmd::Late(logged, epoch) => self.fan_out_late(&logged, epoch, now, fx),
             Cmd::CloseAll(reason, last) => {
                 let all = std::mem::take(self);
                 let frame = |bytes| Frame { bytes, published_at: now, is_event: false };
@@ -217,6 +209,41 @@ impl Tables {
             Target::Group(g) => visit(conns, groups.get(g).map_or(&[], Vec::as_slice), &mut deliver),
             Target::Topic(t) => visit(conns, topics.get(t).map_or(&[], Vec::as_slice), &mut deliver),
             Target::Broadcast => conns.iter_mut().for_each(|(id, c)| deliver(*id, c)),
+        }
+        for id in slow {
+            fx.cut.extend(self.remove(id).map(|c| (c, true)));
+        }
+    }
+
+    /// `fan_out` of an event that arrived behind later ones (`Cmd::Late`): in order where it
+    /// still can be, `ssegate.missed` (`late`, with the connection's last id) where not.
+    fn fan_out_late(&mut self, logged: &Logged, epoch: u64, now: Instant, fx: &mut Effects) {
+        let mut ids: Vec<ConnId> = match &logged.target {
+            Target::Users(list) => list.iter().filter_map(|u| self.users.get(u)).flatten().copied().collect(),
+            Target::Group(g) => self.groups.get(g).cloned().unwrap_or_default(),
+            Target::Topic(t) => self.topics.get(t).cloned().unwrap_or_default(),
+            Target::Broadcast => self.conns.keys().copied().collect(),
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        let Self { conns, deferred, flush_at, .. } = self;
+        let mut later = Deferred { list: deferred, at: flush_at };
+        let mut slow = Vec::new();
+        for id in ids {
+            let Some(conn) = conns.get_mut(&id) else { continue };
+            if logged.seq <= conn.floor {
+                continue;
+            }
+            let pushed = match conn.mailbox.push_event_in_order(logged.frame.clone(), logged.seq) {
+                Some(pushed) => pushed,
+                None => {
+                    let last = crate::domain::EventId { epoch, seq: conn.mailbox.positions().queued_seq };
+                    conn.mailbox.push(super::subscribe::missed_frame("late", last, now))
+                }
+            };
+            if !schedule(id, conn, pushed, Duration::ZERO, now, &mut later, fx) {
+                slow.push(id);
+            }
         }
         for id in slow {
             fx.cut.extend(self.remove(id).map(|c| (c, true)));

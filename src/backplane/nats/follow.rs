@@ -24,7 +24,7 @@
 //!   and reads the new stream from its first event.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
@@ -41,7 +41,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    NatsBackplane, NatsError,
+    HEALTH_TIMEOUT, NatsBackplane, NatsError,
     identity::{self, Source},
     merge::{Batch, Merge},
     subjects::Subjects,
@@ -79,8 +79,10 @@ struct Followed {
 
 struct Request {
     user: UserId,
-    from: u64,
-    done: oneshot::Sender<Result<(), String>>,
+    /// The resume point, or `None` for a fresh stream (it needs no earlier event, only a
+    /// cursor past every event of the user already stored).
+    from: Option<u64>,
+    done: Answer,
 }
 
 /// A connection's hold on its user's subscription.
@@ -132,8 +134,8 @@ impl Follower {
         // A resume of another epoch is told `ssegate.missed` and starts fresh; one the log
         // evicted past gets `ssegate.missed` as well: no need to read further back.
         let from = match after {
-            Some(id) if id.epoch == epoch => id.seq.max(router.replay_evicted_through()),
-            _ => router.last_seq(),
+            Some(id) if id.epoch == epoch => Some(id.seq.max(router.replay_evicted_through())),
+            _ => None,
         };
         drop(router);
         let guard = {
@@ -146,7 +148,7 @@ impl Follower {
             });
             f.conns += 1;
             f.idle_since = None;
-            let ready = f.ready && f.since <= from;
+            let ready = f.ready && from.is_none_or(|from| f.since <= from);
             drop(users);
             let guard = Following { follower: self.clone(), user: user.clone() };
             if ready {
@@ -181,13 +183,17 @@ struct Item {
     event: Decoded,
 }
 
-/// The result of reading a subject of the stream after `from`.
+/// What is read of a user's subject: its events after a resume point, or its last one.
+#[derive(Clone, Copy, Debug)]
+enum Read {
+    After(u64),
+    Last,
+}
+
+/// The result of reading a user's subject of the stream.
 struct Filled {
-    key: Key,
-    from: u64,
-    /// A gap in the live copies (or a lost subscription): the connections that may have missed
-    /// an event are cut off once it is in the log.
-    gap: bool,
+    user: UserId,
+    read: Read,
     result: Result<Vec<(u64, Decoded)>, String>,
 }
 
@@ -196,11 +202,19 @@ struct Live {
     slot: usize,
     /// The highest sequence of the user's events applied or logged here.
     last: u64,
-    /// A read of the user's subject is in flight: its copies are applied but not checked for
-    /// gaps (the read covers them).
+    /// A read of the user's subject is in flight: its copies are not checked for a missing
+    /// predecessor (the read covers them).
     filling: bool,
-    waiters: Vec<(u64, oneshot::Sender<Result<(), String>>)>,
+    waiters: Vec<(Option<u64>, Answer)>,
 }
+
+/// Where a follow request's outcome goes.
+type Answer = oneshot::Sender<Result<(), String>>;
+
+/// How long copies wait for a missing predecessor on their subject (copies of one subject can
+/// reach a replica out of order when the broker catches up after a stall) before it is read
+/// from the stream.
+const GAP_WAIT: Duration = Duration::from_millis(100);
 
 /// The one task feeding the router under interest delivery.
 pub struct Task {
@@ -213,11 +227,19 @@ pub struct Task {
     live: HashMap<UserId, Live>,
     /// The highest sequence of a `live.all` event applied or logged here.
     all_last: u64,
+    /// Received and not applied yet, in sequence order: everything after a copy whose
+    /// predecessor on its subject has not arrived waits for it (`blocked`).
+    held: BTreeMap<u64, Item>,
+    /// The subject whose predecessor is missing, the last sequence this replica has of it, and
+    /// until when it is waited for before it is read from the stream.
+    blocked: Option<(Key, u64, u64, tokio::time::Instant)>,
+    /// Users whose read is done, with the point their events are complete from, waiting until
+    /// the events read (up to the last sequence) are applied (`release_deferred`).
+    deferred: Vec<(UserId, u64, u64)>,
     requests: mpsc::UnboundedReceiver<Request>,
     fills_tx: mpsc::UnboundedSender<Filled>,
     fills: mpsc::UnboundedReceiver<Filled>,
     in_flight: Arc<Semaphore>,
-    limit: usize,
 }
 
 /// What woke the task.
@@ -228,6 +250,7 @@ enum Step {
     Filled(Filled),
     Reconnected,
     Identity,
+    Gap,
     Sweep,
 }
 
@@ -239,12 +262,7 @@ impl Task {
     /// Subscribes to `live.all`, then reads the stream's `to.all` events from `first` (the
     /// replay log's worth) into the router: after this the replica is ready. The task runs
     /// with `run`.
-    pub async fn start(
-        bp: Arc<NatsBackplane>,
-        router: Arc<Router>,
-        first: u64,
-        replay_capacity: usize,
-    ) -> Result<Self, NatsError> {
+    pub async fn start(bp: Arc<NatsBackplane>, router: Arc<Router>, first: u64) -> Result<Self, NatsError> {
         let subjects = bp.subjects.clone();
         let name = bp.settings.stream.clone();
         let stream_err = |reason: String| NatsError::Stream { stream: name.clone(), reason };
@@ -265,11 +283,13 @@ impl Task {
             merge,
             live: HashMap::new(),
             all_last: first.saturating_sub(1),
+            held: BTreeMap::new(),
+            blocked: None,
+            deferred: Vec::new(),
             requests,
             fills_tx,
             fills,
             in_flight: Arc::new(Semaphore::new(FILLS_IN_FLIGHT)),
-            limit: replay_capacity.max(1),
         };
         task.scan(first, Some(task.subjects.to_all.clone())).await.map_err(stream_err)?;
         Ok(task)
@@ -287,11 +307,14 @@ impl Task {
         let linger = self.bp.settings.linger;
         let mut sweep = tokio::time::interval((linger / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
         loop {
+            let gap_at = self.blocked.as_ref().map(|b| b.3);
             let step = tokio::select! {
                 biased;
                 () = stop.cancelled() => Step::Stop,
                 r = generation.changed() => if r.is_ok() { Step::Reconnected } else { Step::Stop },
                 r = identity.changed() => if r.is_ok() { Step::Identity } else { Step::Stop },
+                () = async { tokio::time::sleep_until(gap_at.unwrap_or_else(tokio::time::Instant::now)).await },
+                    if gap_at.is_some() => Step::Gap,
                 Some(f) = self.fills.recv() => Step::Filled(f),
                 Some(r) = self.requests.recv() => Step::Request(r),
                 b = self.merge.next_batch() => Step::Copies(b),
@@ -299,9 +322,10 @@ impl Task {
             };
             match step {
                 Step::Stop => return,
-                Step::Copies(batch) => self.apply(batch, Vec::new()),
+                Step::Copies(batch) => self.take(batch, Vec::new()),
                 Step::Request(r) => self.on_request(r).await,
                 Step::Filled(f) => self.on_filled(f),
+                Step::Gap => self.read_gap().await,
                 Step::Reconnected | Step::Identity => {
                     identity.borrow_and_update();
                     generation.borrow_and_update();
@@ -312,15 +336,22 @@ impl Task {
         }
     }
 
-    /// Applies live copies and fetched events in sequence order. A copy that shows a missed
-    /// event on its subject starts a read of it; an event behind the router's last one (one
-    /// that was missed live) goes into the log and the connections that needed it are cut
-    /// off, to resume from the log.
-    fn apply(&mut self, batch: Batch<Key>, fetched: Vec<Item>) {
+    /// The last sequence this replica has of `key`'s subject, if it follows it.
+    fn last_of(&mut self, key: &Key) -> Option<&mut u64> {
+        match key {
+            Key::All => Some(&mut self.all_last),
+            Key::User(u) => self.live.get_mut(u).map(|l| &mut l.last),
+        }
+    }
+
+    /// Takes live copies and fetched events, and applies what is in order.
+    fn take(&mut self, batch: Batch<Key>, fetched: Vec<Item>) {
         for key in batch.closed {
             tracing::warn!(?key, "a NATS subscription ended; following it again after the next reconnect");
         }
-        let mut items = fetched;
+        for item in fetched {
+            self.held.insert(item.seq, item);
+        }
         for (key, msg) in batch.copies {
             let Message { headers, payload, subject, .. } = msg;
             let Some(seq) = sequence_of(headers.as_ref(), "Nats-Sequence") else {
@@ -329,88 +360,120 @@ impl Task {
             };
             match wire::decode(&payload) {
                 Ok(event) => {
-                    items.push(Item { seq, key, previous: sequence_of(headers.as_ref(), "Nats-Last-Sequence"), event })
+                    let previous = sequence_of(headers.as_ref(), "Nats-Last-Sequence");
+                    self.held.entry(seq).or_insert(Item { seq, key, previous, event });
                 }
                 Err(e) => tracing::error!(seq, error = %e, "undecodable event in the stream skipped"),
             }
         }
-        items.sort_by_key(|i| i.seq);
-        let mut reopen_all = false;
-        let mut reopen = Vec::new();
-        let mut gaps = Vec::new();
-        let epoch = self.router.epoch();
-        for Item { seq, key, previous, event } in items {
-            // Gaps: a copy whose subject had an event after the last one this replica has.
-            let filling = matches!(&key, Key::User(u) if self.live.get(u).is_some_and(|l| l.filling));
-            let last = match &key {
-                Key::All => Some(&mut self.all_last),
-                Key::User(u) => self.live.get_mut(u).map(|l| &mut l.last),
-            };
-            if let Some(last) = last {
-                if previous.is_some_and(|p| p > *last) && !filling {
-                    gaps.push((key.clone(), *last));
-                }
-                *last = (*last).max(seq);
-            }
-            let Decoded { target, event, retain } = event;
-            let user = match &target {
-                Target::Users(u) if u.len() == 1 => Some(u[0].clone()),
-                _ => None,
-            };
-            if self.router.publish_sequenced(seq, target.clone(), &event, retain).is_none()
-                && self.router.insert_sequenced(seq, target, &event, retain)
-            {
-                // Behind the last one applied and not in the log: missed live.
-                tracing::info!(
-                    seq,
-                    epoch = format_args!("{epoch:x}"),
-                    "an event arrived behind later ones: logged, its connections resume"
-                );
-                self.bp.kick.notify_one();
-                match (key, user) {
-                    (Key::User(_), Some(u)) => reopen.push(u),
-                    _ => reopen_all = true,
-                }
-            }
-            self.bp.identity.saw(epoch, seq);
-        }
-        for (key, after) in gaps {
-            tracing::info!(?key, after, "live copies missed an event: reading it from the stream");
-            self.fill(key, after, true);
-        }
-        if reopen_all {
-            self.router.reopen(None);
-        } else {
-            for u in reopen {
-                self.router.reopen(Some(&u));
-            }
-        }
+        self.apply_held();
     }
 
-    /// Reads the events of `key`'s subject after `after` in the background (`Filled`).
-    fn fill(&mut self, key: Key, after: u64, gap: bool) {
-        if let Key::User(u) = &key
-            && let Some(l) = self.live.get_mut(u)
-        {
-            l.filling = true;
+    /// Applies the held events in sequence order, up to the first copy whose predecessor on
+    /// its subject is neither applied nor held: everything after it waits (`blocked`) until
+    /// it arrives, or is read from the stream after `GAP_WAIT`.
+    fn apply_held(&mut self) {
+        while let Some((&seq, item)) = self.held.first_key_value() {
+            let filling = matches!(&item.key, Key::User(u) if self.live.get(u).is_some_and(|l| l.filling));
+            let (key, previous) = (item.key.clone(), item.previous);
+            if let (Some(p), false) = (previous, filling)
+                && let Some(last) = self.last_of(&key).map(|l| *l)
+                && p > last
+            {
+                if self.blocked.as_ref().is_none_or(|b| b.0 != key || b.2 != p) {
+                    self.blocked = Some((key, last, p, tokio::time::Instant::now() + GAP_WAIT));
+                }
+                self.release_deferred();
+                return;
+            }
+            let Some((_, item)) = self.held.pop_first() else { break };
+            if let Some(last) = self.last_of(&key) {
+                *last = (*last).max(seq);
+            }
+            self.apply_one(item);
         }
+        self.blocked = None;
+        self.release_deferred();
+    }
+
+    fn apply_one(&mut self, Item { seq, event, .. }: Item) {
+        let Decoded { target, event, retain } = event;
+        let epoch = self.router.epoch();
+        if self.router.publish_sequenced(seq, target.clone(), &event, retain).is_none()
+            && self.router.publish_late(seq, target, &event, retain)
+        {
+            // Behind a later one on another subject: logged in its place; connections past it
+            // are told `ssegate.missed` (late). Also a sign of a recreated stream: probe now.
+            tracing::info!(seq, epoch = format_args!("{epoch:x}"), "an event arrived behind later ones");
+            self.bp.kick.notify_one();
+        }
+        self.bp.identity.saw(epoch, seq);
+    }
+
+    /// The predecessor of a held copy did not arrive within `GAP_WAIT`: read its subject from
+    /// the last sequence this replica has of it, and apply in order.
+    async fn read_gap(&mut self) {
+        let Some((key, after, missing, _)) = self.blocked.take() else { return };
         let subject = match &key {
             Key::All => self.subjects.to_all.clone(),
             Key::User(u) => self.subjects.to_user(u),
         };
-        let (stream, tx, sem, limit) = (self.stream.clone(), self.fills_tx.clone(), self.in_flight.clone(), self.limit);
+        tracing::info!(?key, after, missing, "a live copy's predecessor did not arrive: reading it from the stream");
+        let fetched = tokio::time::timeout(HEALTH_TIMEOUT, fetch(&self.stream, &subject, after)).await;
+        let items = match fetched {
+            Ok(Ok(events)) => events,
+            Ok(Err(e)) => {
+                tracing::warn!(?key, error = %e, "reading the stream by subject failed; going on without it");
+                Vec::new()
+            }
+            Err(_) => {
+                tracing::warn!(?key, "reading the stream by subject timed out; going on without it");
+                Vec::new()
+            }
+        };
+        if !items.iter().any(|(s, _)| *s == missing) {
+            tracing::warn!(?key, missing, "the missing event is not in the stream any more (limits): skipped");
+        }
+        // Whatever happened, the wait ends here: the subject is taken as complete up to it.
+        if let Some(last) = self.last_of(&key) {
+            *last = (*last).max(missing);
+        }
+        let batch = self.merge.drain_now();
+        let items =
+            items.into_iter().map(|(seq, event)| Item { seq, key: key.clone(), previous: None, event }).collect();
+        self.take(batch, items);
+    }
+
+    /// Reads `user`'s subject in the background (`Filled`), within `HEALTH_TIMEOUT`.
+    fn fill(&mut self, user: UserId, read: Read) {
+        if let Some(l) = self.live.get_mut(&user) {
+            l.filling = true;
+        }
+        let subject = self.subjects.to_user(&user);
+        let (stream, tx, sem) = (self.stream.clone(), self.fills_tx.clone(), self.in_flight.clone());
         tokio::spawn(async move {
             let result = match sem.acquire_owned().await {
-                Ok(_permit) => fetch(&stream, &subject, after, limit).await,
+                Ok(_permit) => {
+                    let reading = async {
+                        match read {
+                            Read::After(after) => fetch(&stream, &subject, after).await,
+                            Read::Last => fetch_last(&stream, &subject).await,
+                        }
+                    };
+                    match tokio::time::timeout(HEALTH_TIMEOUT, reading).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("no answer within {HEALTH_TIMEOUT:?}")),
+                    }
+                }
                 Err(_) => Err("stopping".to_owned()),
             };
-            let _ = tx.send(Filled { key, from: after, gap, result });
+            let _ = tx.send(Filled { user, read, result });
         });
     }
 
     async fn on_request(&mut self, Request { user, from, done }: Request) {
         let ready_since = self.follower.lock().get(&user).filter(|f| f.ready).map(|f| f.since);
-        if ready_since.is_some_and(|since| since <= from) {
+        if ready_since.is_some_and(|since| from.is_none_or(|from| since <= from)) {
             let _ = done.send(Ok(()));
             return;
         }
@@ -423,91 +486,103 @@ impl Task {
                 }
             };
             let slot = self.merge.add(Key::User(user.clone()), sub);
-            self.live.insert(user.clone(), Live { slot, last: from, filling: false, waiters: Vec::new() });
+            let last = from.unwrap_or_else(|| self.router.last_seq());
+            self.live.insert(user.clone(), Live { slot, last, filling: false, waiters: Vec::new() });
         }
         let Some(live) = self.live.get_mut(&user) else { return };
         live.waiters.push((from, done));
         if !live.filling {
             // The read is sent after the subscription on the same connection, so it sees every
             // event stored before the subscription took effect; later ones arrive as copies.
-            self.fill(Key::User(user), from, false);
+            self.fill(user, from.map_or(Read::Last, Read::After));
         }
     }
 
-    fn on_filled(&mut self, Filled { key, from, gap, result }: Filled) {
+    fn on_filled(&mut self, Filled { user, read, result }: Filled) {
         // Every copy stored before the read was answered arrived before its answer: take them
         // so that the read's newer events are applied in order with them.
         let batch = self.merge.drain_now();
         let events = match result {
             Ok(events) => events,
             Err(e) => {
-                tracing::warn!(?key, from, error = %e, "reading the stream by subject failed");
-                if let Key::User(u) = &key
-                    && let Some(l) = self.live.get_mut(u)
-                {
+                tracing::warn!(user = %user, ?read, error = %e, "reading a user's events from the stream failed");
+                if let Some(l) = self.live.get_mut(&user) {
                     l.filling = false;
                     for (_, done) in l.waiters.drain(..) {
                         let _ = done.send(Err(e.clone()));
                     }
                 }
-                self.apply(batch, Vec::new());
-                if gap {
-                    // Cut off whoever may have missed something: their resume reads again.
-                    match &key {
-                        Key::All => self.router.reopen(None),
-                        Key::User(u) => self.router.reopen(Some(u)),
-                    };
-                }
+                self.take(batch, Vec::new());
                 return;
             }
         };
         let newest = events.last().map(|(s, _)| *s);
+        // The log holds every event of the user after `complete` once these are applied: after
+        // the resume point, or after the last one (nothing newer was stored before the
+        // subscription took effect; later ones arrive as copies).
+        let complete = match read {
+            Read::After(from) => from,
+            Read::Last => newest.unwrap_or(0),
+        };
         let last_seq = self.router.last_seq();
-        let mut older = 0;
         let mut items = Vec::new();
         for (seq, event) in events {
             if seq <= last_seq {
+                // Before the connections that asked for it registered: the log serves them.
                 let Decoded { target, event, retain } = event;
-                older += usize::from(self.router.insert_sequenced(seq, target, &event, retain));
+                self.router.insert_sequenced(seq, target, &event, retain);
             } else {
-                items.push(Item { seq, key: key.clone(), previous: None, event });
+                items.push(Item { seq, key: Key::User(user.clone()), previous: None, event });
             }
         }
-        self.apply(batch, items);
-        match &key {
-            Key::All => {
-                self.all_last = self.all_last.max(newest.unwrap_or(0));
-                if gap && older > 0 {
-                    self.router.reopen(None);
-                }
+        if let Some(l) = self.live.get_mut(&user) {
+            l.last = l.last.max(newest.unwrap_or(0));
+            l.filling = false;
+        }
+        let upto = newest.filter(|n| *n > last_seq);
+        // Its connections register once the events read are applied (a fresh one's cursor is
+        // then past them): later if they wait behind a missing copy (`blocked`).
+        self.deferred.push((user, complete, upto.unwrap_or(0)));
+        self.take(batch, items);
+    }
+
+    /// Marks the users whose read events are all applied as followed from their point, and
+    /// answers their requests.
+    fn release_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let first_held = self.held.first_key_value().map(|(k, _)| *k);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|(_, _, upto)| first_held.is_none_or(|h| h > *upto));
+        self.deferred = waiting;
+        for (user, complete, _) in ready {
+            let since = {
+                let mut users = self.follower.lock();
+                let Some(f) = users.get_mut(&user) else { continue };
+                f.since = if f.ready { f.since.min(complete) } else { complete };
+                f.ready = true;
+                f.since
+            };
+            self.answer(&user, since);
+        }
+    }
+
+    /// Answers the requests of `user` that the log now serves; reads again for the others.
+    fn answer(&mut self, user: &UserId, since: u64) {
+        let Some(l) = self.live.get_mut(user) else { return };
+        let mut rest = Vec::new();
+        for (wanted, done) in l.waiters.drain(..) {
+            if wanted.is_none_or(|w| w >= since) {
+                let _ = done.send(Ok(()));
+            } else {
+                rest.push((wanted, done));
             }
-            Key::User(u) => {
-                if gap && older > 0 {
-                    self.router.reopen(Some(u));
-                }
-                let since = {
-                    let mut users = self.follower.lock();
-                    let Some(f) = users.get_mut(u) else { return };
-                    f.since = if f.ready { f.since.min(from) } else { from };
-                    f.ready = true;
-                    f.since
-                };
-                let Some(l) = self.live.get_mut(u) else { return };
-                l.last = l.last.max(newest.unwrap_or(0));
-                l.filling = false;
-                let mut rest = Vec::new();
-                for (wanted, done) in l.waiters.drain(..) {
-                    if wanted >= since {
-                        let _ = done.send(Ok(()));
-                    } else {
-                        rest.push((wanted, done));
-                    }
-                }
-                if let Some(earliest) = rest.iter().map(|(w, _)| *w).min() {
-                    l.waiters = rest;
-                    self.fill(key.clone(), earliest, false);
-                }
-            }
+        }
+        if let Some(earliest) = rest.iter().filter_map(|(w, _)| *w).min() {
+            l.waiters = rest;
+            self.fill(user.clone(), Read::After(earliest));
         }
     }
 
@@ -554,14 +629,23 @@ impl Task {
     }
 
     async fn try_recover(&mut self) -> Result<(), String> {
-        let batch = self.merge.drain_now();
-        self.apply(batch, Vec::new());
         let stream = self.bp.stream_now(Source::Consumer).await?;
         let epoch = identity::epoch_of(stream.cached_info());
         let from = if epoch == self.router.epoch() {
+            // What is held waits for nothing now: the read below covers every gap after it.
+            let batch = self.merge.drain_now();
+            self.take(batch, Vec::new());
+            self.blocked = None;
+            for item in std::mem::take(&mut self.held).into_values() {
+                self.apply_one(item);
+            }
+            self.release_deferred();
             self.router.last_seq() + 1
         } else {
             self.bp.resync(&self.router, epoch).await.map_err(|e| e.to_string())?;
+            self.held.clear();
+            self.blocked = None;
+            self.release_deferred();
             self.all_last = 0;
             for l in self.live.values_mut() {
                 l.last = 0;
@@ -573,14 +657,8 @@ impl Task {
         };
         self.scan(from, None).await?;
         self.bp.caught_up(&self.router, epoch);
-        // Copies lost to a slow consumer are not behind a reconnect: read every subject again.
-        self.fill(Key::All, self.all_last, true);
-        let users: Vec<(UserId, u64)> = self.live.iter().map(|(u, l)| (u.clone(), l.last)).collect();
-        for (u, last) in users {
-            if !self.live.get(&u).is_some_and(|l| l.filling) {
-                self.fill(Key::User(u), last, true);
-            }
-        }
+        let batch = self.merge.drain_now();
+        self.take(batch, Vec::new());
         Ok(())
     }
 
@@ -606,8 +684,13 @@ impl Task {
         }
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         let epoch = self.router.epoch();
-        while let Some(msg) = messages.next().await {
-            let msg = msg.map_err(|e| e.to_string())?;
+        loop {
+            let next = tokio::time::timeout(SCAN_STALL, messages.next()).await;
+            let msg = match next {
+                Ok(Some(msg)) => msg.map_err(|e| e.to_string())?,
+                Ok(None) => return Err("the stream's consumer ended".to_owned()),
+                Err(_) => return Err(format!("no message from the stream for {SCAN_STALL:?}")),
+            };
             let info = msg.info().map_err(|e| e.to_string())?;
             let (seq, pending) = (info.stream_sequence, info.pending);
             let key = if msg.subject.as_str() == self.subjects.to_all || msg.subject.as_str() == self.subjects.base {
@@ -624,13 +707,8 @@ impl Task {
                         _ => None,
                     });
                     if let Some(key) = key {
-                        match &key {
-                            Key::All => self.all_last = self.all_last.max(seq),
-                            Key::User(u) => {
-                                if let Some(l) = self.live.get_mut(u) {
-                                    l.last = l.last.max(seq);
-                                }
-                            }
+                        if let Some(last) = self.last_of(&key) {
+                            *last = (*last).max(seq);
                         }
                         self.router.publish_sequenced(seq, d.target, &d.event, d.retain);
                     }
@@ -639,24 +717,28 @@ impl Task {
             }
             self.bp.identity.saw(epoch, seq);
             if pending == 0 || seq >= target {
-                break;
+                return Ok(());
             }
         }
-        Ok(())
     }
 }
 
-/// The events of `subject` after `after`, oldest first, at most `limit`: one direct get per
-/// event (`next_by_subj`; the stream allows direct gets). On one server it sees every event
-/// acknowledged before it. On a NATS cluster any replica of the stream may answer, and one
-/// that lags may not have the newest yet: the next live copy of the subject then shows the
-/// gap (`Nats-Last-Sequence`) and it is read again. (The leader-only message-get with
-/// `next_by_subj` gets no answer from a clustered stream on nats-server 2.9.10: checked.)
-async fn fetch(stream: &Stream<()>, subject: &str, after: u64, limit: usize) -> Result<Vec<(u64, Decoded)>, String> {
+/// A scan gives up (and is retried) when no message came for this long.
+const SCAN_STALL: Duration = Duration::from_secs(5);
+
+/// The events of `subject` after `after`, oldest first: one direct get per event
+/// (`next_by_subj`; the stream allows direct gets), bounded in time by the caller. On one
+/// server it sees every event acknowledged before it. On a NATS cluster any replica of the
+/// stream may answer, and one that lags may not have the newest yet: the next live copy of the
+/// subject then shows the gap (`Nats-Last-Sequence`) and it is read again. (The leader-only
+/// message-get with `next_by_subj` gets no answer from a clustered stream on nats-server
+/// 2.9.10: checked.) No count bound: a resume needs every event after its point, and the
+/// replay log's own bounds then evict the oldest (the router tells such a resume `missed`).
+async fn fetch(stream: &Stream<()>, subject: &str, after: u64) -> Result<Vec<(u64, Decoded)>, String> {
     let mut out = Vec::new();
     // An id past every sequence (a resume "ahead" of the stream): nothing after it.
     let Some(mut next) = after.checked_add(1) else { return Ok(out) };
-    while out.len() < limit {
+    loop {
         match stream.direct_get_next_for_subject(subject, Some(next)).await {
             Ok(m) => {
                 next = m.sequence + 1;
@@ -665,9 +747,23 @@ async fn fetch(stream: &Stream<()>, subject: &str, after: u64, limit: usize) -> 
                     Err(e) => tracing::error!(seq = m.sequence, error = %e, "undecodable event in the stream skipped"),
                 }
             }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(e.to_string()),
         }
     }
-    Ok(out)
+}
+
+/// The last event of `subject`, if any: one direct get (`last_by_subj`).
+async fn fetch_last(stream: &Stream<()>, subject: &str) -> Result<Vec<(u64, Decoded)>, String> {
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => match wire::decode(&m.payload) {
+            Ok(d) => Ok(vec![(m.sequence, d)]),
+            Err(e) => {
+                tracing::error!(seq = m.sequence, error = %e, "undecodable event in the stream skipped");
+                Ok(Vec::new())
+            }
+        },
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.to_string()),
+    }
 }
