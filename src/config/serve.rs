@@ -94,8 +94,8 @@ pub struct ServeArgs {
     pub nats_stream_replicas: u8,
 
     /// How events reach each replica: `interest` (only those its connections need: the stream,
-    /// when this replica creates it, republishes each event on a live subject per user, and a
-    /// replica subscribes to the users it serves) or `stream` (every replica reads every
+    /// when this replica creates it, republishes each event on a live subject per user or group,
+    /// and a replica subscribes to the users and groups it serves) or `stream` (every replica reads every
     /// event). A stream created without interest delivery is read whole either way; all
     /// replicas must run a version that knows `interest` before such a stream is created.
     #[arg(long, env = "SSEGATE_NATS_DELIVERY", value_enum, default_value = "interest")]

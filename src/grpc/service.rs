@@ -458,15 +458,16 @@ impl pb::publisher_server::Publisher for PublisherService {
                 Some(id.seq)
             }
         };
-        // With interest delivery this replica holds a user's own events only while following
-        // it: follow it (its events in the replay window are read into the log) for this page.
-        let _held = match &target {
-            Target::Users(users) if users.len() == 1 => {
-                let all = EventId { epoch: self.router.epoch(), seq: 0 };
-                self.router.follow(&users[0], Some(all)).await.map_err(|e| ApiError::Unavailable(e.to_string()))?
-            }
-            _ => None,
+        // With interest delivery this replica holds a user's or group's own events only while
+        // following it: follow it (its events in the replay window are read into the log) for
+        // this page.
+        let all = Some(EventId { epoch: self.router.epoch(), seq: 0 });
+        let followed = match &target {
+            Target::Users(users) if users.len() == 1 => self.router.follow(Some(&users[0]), &[], all).await,
+            Target::Group(group) => self.router.follow(None, std::slice::from_ref(group), all).await,
+            _ => Ok(None),
         };
+        let _held = followed.map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let page = self.router.history(&target, before, limit as usize);
         let epoch = page.position.epoch;
         let events: Vec<pb::HistoryEvent> = page

@@ -217,9 +217,9 @@ async fn admit(
     let abort = conn.and_then(|c| c.abort.clone());
     let (user, groups, topics) = (id.user.clone(), id.groups.len(), id.topics.len());
     let refused = |e: RouterError| Refused { error: e.into(), user: Some(user.clone()), requested_user: None };
-    // With interest delivery, the user's events must reach this replica first (a subscription
-    // on the broker, and the events after `resume` in the replay log).
-    let held = state.router.follow(&id.user, resume).await.map_err(refused)?;
+    // With interest delivery, the events of the user and its groups must reach this replica
+    // first (subscriptions on the broker, and the events after `resume` in the replay log).
+    let held = state.router.follow(Some(&id.user), &id.groups, resume).await.map_err(refused)?;
     let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
     let mut reg = state.router.subscribe_with(subscription, meta).map_err(refused)?;
     if let Some(held) = held {

@@ -57,14 +57,15 @@ use crate::domain::{EventId, GroupId, Topic, UserId};
 /// (`Interest::follow`); dropped after the connection unregisters.
 pub type Held = Box<dyn Send + Sync>;
 
-/// Makes a user's events reach this router before one of its connections registers: a broker
-/// backplane with interest delivery subscribes this replica to the user's events and puts
-/// those after `after` (the connection's resume point) in the replay log. `None` = the
-/// router sees every event anyway.
+/// Makes the events of a user and of groups reach this router before a connection of theirs
+/// registers: a broker backplane with interest delivery subscribes this replica to their
+/// events and puts those after `after` (the connection's resume point) in the replay log.
+/// Without one, the router sees every event anyway.
 pub trait Interest: Send + Sync {
     fn follow<'a>(
         &'a self,
-        user: &'a UserId,
+        user: Option<&'a UserId>,
+        groups: &'a [GroupId],
         after: Option<EventId>,
     ) -> Pin<Box<dyn Future<Output = Result<Held, String>> + Send + 'a>>;
 }
@@ -211,7 +212,7 @@ pub enum RouterError {
     TooManyConnections { limit: usize },
     #[error("this user already has {limit} connections, the limit (--max-connections-per-user)")]
     TooManyForUser { limit: usize },
-    #[error("this user's events cannot be followed on the broker now ({0}); retry later")]
+    #[error("this stream's events cannot be followed on the broker now ({0}); retry later")]
     BrokerUnavailable(String),
 }
 
@@ -289,13 +290,18 @@ impl Router {
         let _ = self.interest.set(interest);
     }
 
-    /// Makes the events of `user` after `after` reach this router (see `Interest`), before a
-    /// connection of it subscribes; what it returns is held by that connection
-    /// (`Registration::hold`). Nothing to do without interest delivery.
-    pub async fn follow(&self, user: &UserId, after: Option<EventId>) -> Result<Option<Held>, RouterError> {
+    /// Makes the events of `user` and `groups` after `after` reach this router (see
+    /// `Interest`), before a connection of theirs subscribes; what it returns is held by that
+    /// connection (`Registration::hold`). Nothing to do without interest delivery.
+    pub async fn follow(
+        &self,
+        user: Option<&UserId>,
+        groups: &[GroupId],
+        after: Option<EventId>,
+    ) -> Result<Option<Held>, RouterError> {
         match self.interest.get() {
             None => Ok(None),
-            Some(i) => i.follow(user, after).await.map(Some).map_err(RouterError::BrokerUnavailable),
+            Some(i) => i.follow(user, groups, after).await.map(Some).map_err(RouterError::BrokerUnavailable),
         }
     }
 

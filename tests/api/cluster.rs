@@ -443,3 +443,31 @@ async fn a_replica_stops_receiving_a_users_events_once_its_last_stream_is_gone_a
     a.publish_users(&["u"], "", "again").await;
     assert_eq!(back.next_data(1).await, ["again"]);
 }
+
+#[tokio::test]
+async fn a_groups_events_reach_only_replicas_with_a_stream_in_it_and_a_resume_there_reads_them_in_order() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, &[]).await;
+    let b = replica(&nats, &[]).await;
+    let mut on_a = a.subscribe("user=x&group=team").await;
+    on_a.cursor().await;
+    let first = a.publish_group("team", "g1").await.event_id;
+    a.publish_users(&["y"], "", "y1").await;
+    a.broadcast("all1").await;
+    a.publish_group("team", "g2").await;
+    assert_eq!(on_a.next_data(3).await, ["g1", "all1", "g2"]);
+    // Only a follows the group's live subject (the subject is the group id in base64url).
+    let group_subject = "ssegate.events.live.g.dGVhbQ";
+    let subs = live_subscriptions(&nats, group_subject).await;
+    assert_eq!(subs.iter().filter(|s| !s.is_empty()).count(), 1, "{subs:?}");
+    // A member moves to b after the first event: b reads the group's events from the stream
+    // and serves them in order with the broadcast, then live.
+    let mut moved = b.resume("user=y&group=team", &first).await;
+    assert_eq!(moved.next_data(3).await, ["y1", "all1", "g2"], "in stream order, nothing lost");
+    a.publish_group("team", "g3").await;
+    a.publish_group("other", "o1").await;
+    a.publish_group("team", "g4").await;
+    assert_eq!(moved.next_data(2).await, ["g3", "g4"], "live, and nothing of another group");
+    let subs = live_subscriptions(&nats, group_subject).await;
+    assert_eq!(subs.iter().filter(|s| !s.is_empty()).count(), 2, "both follow it now: {subs:?}");
+}

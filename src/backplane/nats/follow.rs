@@ -48,7 +48,7 @@ use super::{
 };
 use crate::{
     backplane::wire::{self, Decoded},
-    domain::{EventId, Target, UserId},
+    domain::{EventId, GroupId, Target, UserId},
     router::{Held, Interest, Router},
 };
 
@@ -60,9 +60,9 @@ const FILLS_IN_FLIGHT: usize = 64;
 /// How often lingering subscriptions are looked at (at most).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// What the edge and the task share: the users followed here.
+/// What the edge and the task share: the users and groups followed here.
 pub struct Follower {
-    users: Mutex<HashMap<UserId, Followed>>,
+    users: Mutex<HashMap<Key, Followed>>,
     requests: mpsc::UnboundedSender<Request>,
     router: Weak<Router>,
 }
@@ -78,37 +78,40 @@ struct Followed {
 }
 
 struct Request {
-    user: UserId,
+    key: Key,
     /// The resume point, or `None` for a fresh stream (it needs no earlier event, only a
     /// cursor past every event of the user already stored).
     from: Option<u64>,
     done: Answer,
 }
 
-/// A connection's hold on its user's subscription.
+/// A connection's hold on the subscriptions of its user and groups.
 struct Following {
     follower: Arc<Follower>,
-    user: UserId,
+    keys: Vec<Key>,
 }
 
 impl Drop for Following {
     fn drop(&mut self) {
         let mut users = self.follower.lock();
-        if let Some(f) = users.get_mut(&self.user) {
-            f.conns = f.conns.saturating_sub(1);
-            if f.conns == 0 {
-                f.idle_since = Some(Instant::now());
+        let now = Instant::now();
+        for key in &self.keys {
+            if let Some(f) = users.get_mut(key) {
+                f.conns = f.conns.saturating_sub(1);
+                if f.conns == 0 {
+                    f.idle_since = Some(now);
+                }
             }
         }
     }
 }
 
 impl Follower {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Followed>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Followed>> {
         self.users.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Users followed now (subscribed or lingering).
+    /// Users and groups followed now (subscribed or lingering).
     pub fn followed(&self) -> usize {
         self.lock().len()
     }
@@ -120,15 +123,18 @@ pub struct Handle(pub Arc<Follower>);
 impl Interest for Handle {
     fn follow<'a>(
         &'a self,
-        user: &'a UserId,
+        user: Option<&'a UserId>,
+        groups: &'a [GroupId],
         after: Option<EventId>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<Held, String>> + Send + 'a>> {
-        Box::pin(self.0.clone().follow(user.clone(), after))
+        let keys =
+            user.map(|u| Key::User(u.clone())).into_iter().chain(groups.iter().cloned().map(Key::Group)).collect();
+        Box::pin(self.0.clone().follow(keys, after))
     }
 }
 
 impl Follower {
-    async fn follow(self: Arc<Self>, user: UserId, after: Option<EventId>) -> Result<Held, String> {
+    async fn follow(self: Arc<Self>, keys: Vec<Key>, after: Option<EventId>) -> Result<Held, String> {
         let router = self.router.upgrade().ok_or("the server is shutting down")?;
         let epoch = router.epoch();
         // A resume of another epoch is told `ssegate.missed` and starts fresh; one the log
@@ -138,32 +144,41 @@ impl Follower {
             _ => None,
         };
         drop(router);
-        let guard = {
+        let missing: Vec<Key> = {
             let mut users = self.lock();
-            let f = users.entry(user.clone()).or_insert(Followed {
-                conns: 0,
-                ready: false,
-                since: u64::MAX,
-                idle_since: None,
-            });
-            f.conns += 1;
-            f.idle_since = None;
-            let ready = f.ready && from.is_none_or(|from| f.since <= from);
-            drop(users);
-            let guard = Following { follower: self.clone(), user: user.clone() };
-            if ready {
-                return Ok(Box::new(guard));
-            }
-            guard
+            keys.iter()
+                .filter(|key| {
+                    let f = users.entry((*key).clone()).or_insert(Followed {
+                        conns: 0,
+                        ready: false,
+                        since: u64::MAX,
+                        idle_since: None,
+                    });
+                    f.conns += 1;
+                    f.idle_since = None;
+                    !(f.ready && from.is_none_or(|from| f.since <= from))
+                })
+                .cloned()
+                .collect()
         };
-        let (done, answer) = oneshot::channel();
-        self.requests.send(Request { user, from, done }).map_err(|_| "the follower stopped")?;
-        match tokio::time::timeout(FOLLOW_TIMEOUT, answer).await {
-            Ok(Ok(Ok(()))) => Ok(Box::new(guard)),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err("the follower stopped".to_owned()),
-            Err(_) => Err(format!("no answer from NATS within {FOLLOW_TIMEOUT:?}")),
+        let guard = Following { follower: self.clone(), keys };
+        if missing.is_empty() {
+            return Ok(Box::new(guard));
         }
+        let mut answers = Vec::with_capacity(missing.len());
+        for key in missing {
+            let (done, answer) = oneshot::channel();
+            self.requests.send(Request { key, from, done }).map_err(|_| "the follower stopped")?;
+            answers.push(answer);
+        }
+        let all = futures_util::future::join_all(answers);
+        let answers = tokio::time::timeout(FOLLOW_TIMEOUT, all)
+            .await
+            .map_err(|_| format!("no answer from NATS within {FOLLOW_TIMEOUT:?}"))?;
+        for answer in answers {
+            answer.map_err(|_| "the follower stopped".to_owned())??;
+        }
+        Ok(Box::new(guard))
     }
 }
 
@@ -172,6 +187,7 @@ impl Follower {
 pub enum Key {
     All,
     User(UserId),
+    Group(GroupId),
 }
 
 /// An event from the stream, in its place (`seq`); `previous` is the sequence of the one
@@ -183,7 +199,8 @@ struct Item {
     event: Decoded,
 }
 
-/// What is read of a user's subject: its events after a resume point, or its last one.
+/// What is read of a user's or group's subject: its events after a resume point, or its last
+/// one.
 #[derive(Clone, Copy, Debug)]
 enum Read {
     After(u64),
@@ -192,7 +209,7 @@ enum Read {
 
 /// The result of reading a user's subject of the stream.
 struct Filled {
-    user: UserId,
+    key: Key,
     read: Read,
     result: Result<Vec<(u64, Decoded)>, String>,
 }
@@ -224,7 +241,7 @@ pub struct Task {
     stream: Stream<()>,
     subjects: Subjects,
     merge: Merge<Key>,
-    live: HashMap<UserId, Live>,
+    live: HashMap<Key, Live>,
     /// The highest sequence of a `live.all` event applied or logged here.
     all_last: u64,
     /// Received and not applied yet, in sequence order: everything after a copy whose
@@ -235,7 +252,7 @@ pub struct Task {
     blocked: Option<(Key, u64, u64, tokio::time::Instant)>,
     /// Users whose read is done, with the point their events are complete from, waiting until
     /// the events read (up to the last sequence) are applied (`release_deferred`).
-    deferred: Vec<(UserId, u64, u64)>,
+    deferred: Vec<(Key, u64, u64)>,
     requests: mpsc::UnboundedReceiver<Request>,
     fills_tx: mpsc::UnboundedSender<Filled>,
     fills: mpsc::UnboundedReceiver<Filled>,
@@ -340,7 +357,16 @@ impl Task {
     fn last_of(&mut self, key: &Key) -> Option<&mut u64> {
         match key {
             Key::All => Some(&mut self.all_last),
-            Key::User(u) => self.live.get_mut(u).map(|l| &mut l.last),
+            _ => self.live.get_mut(key).map(|l| &mut l.last),
+        }
+    }
+
+    /// Where `key`'s events are stored, and where their live copies arrive.
+    fn subjects_of(&self, key: &Key) -> (String, String) {
+        match key {
+            Key::All => (self.subjects.to_all.clone(), self.subjects.live_all.clone()),
+            Key::User(u) => (self.subjects.to_user(u), self.subjects.live_user(u)),
+            Key::Group(g) => (self.subjects.to_group(g), self.subjects.live_group(g)),
         }
     }
 
@@ -374,7 +400,7 @@ impl Task {
     /// it arrives, or is read from the stream after `GAP_WAIT`.
     fn apply_held(&mut self) {
         while let Some((&seq, item)) = self.held.first_key_value() {
-            let filling = matches!(&item.key, Key::User(u) if self.live.get(u).is_some_and(|l| l.filling));
+            let filling = self.live.get(&item.key).is_some_and(|l| l.filling);
             let (key, previous) = (item.key.clone(), item.previous);
             if let (Some(p), false) = (previous, filling)
                 && let Some(last) = self.last_of(&key).map(|l| *l)
@@ -414,10 +440,7 @@ impl Task {
     /// the last sequence this replica has of it, and apply in order.
     async fn read_gap(&mut self) {
         let Some((key, after, missing, _)) = self.blocked.take() else { return };
-        let subject = match &key {
-            Key::All => self.subjects.to_all.clone(),
-            Key::User(u) => self.subjects.to_user(u),
-        };
+        let subject = self.subjects_of(&key).0;
         tracing::info!(?key, after, missing, "a live copy's predecessor did not arrive: reading it from the stream");
         let fetched = tokio::time::timeout(HEALTH_TIMEOUT, fetch(&self.stream, &subject, after)).await;
         let items = match fetched {
@@ -444,12 +467,12 @@ impl Task {
         self.take(batch, items);
     }
 
-    /// Reads `user`'s subject in the background (`Filled`), within `HEALTH_TIMEOUT`.
-    fn fill(&mut self, user: UserId, read: Read) {
-        if let Some(l) = self.live.get_mut(&user) {
+    /// Reads `key`'s subject in the background (`Filled`), within `HEALTH_TIMEOUT`.
+    fn fill(&mut self, key: Key, read: Read) {
+        if let Some(l) = self.live.get_mut(&key) {
             l.filling = true;
         }
-        let subject = self.subjects.to_user(&user);
+        let subject = self.subjects_of(&key).0;
         let (stream, tx, sem) = (self.stream.clone(), self.fills_tx.clone(), self.in_flight.clone());
         tokio::spawn(async move {
             let result = match sem.acquire_owned().await {
@@ -467,46 +490,46 @@ impl Task {
                 }
                 Err(_) => Err("stopping".to_owned()),
             };
-            let _ = tx.send(Filled { user, read, result });
+            let _ = tx.send(Filled { key, read, result });
         });
     }
 
-    async fn on_request(&mut self, Request { user, from, done }: Request) {
-        let ready_since = self.follower.lock().get(&user).filter(|f| f.ready).map(|f| f.since);
+    async fn on_request(&mut self, Request { key, from, done }: Request) {
+        let ready_since = self.follower.lock().get(&key).filter(|f| f.ready).map(|f| f.since);
         if ready_since.is_some_and(|since| from.is_none_or(|from| since <= from)) {
             let _ = done.send(Ok(()));
             return;
         }
-        if !self.live.contains_key(&user) {
-            let sub = match self.bp.client.subscribe(self.subjects.live_user(&user)).await {
+        if !self.live.contains_key(&key) {
+            let sub = match self.bp.client.subscribe(self.subjects_of(&key).1).await {
                 Ok(sub) => sub,
                 Err(e) => {
                     let _ = done.send(Err(format!("cannot subscribe: {e}")));
                     return;
                 }
             };
-            let slot = self.merge.add(Key::User(user.clone()), sub);
+            let slot = self.merge.add(key.clone(), sub);
             let last = from.unwrap_or_else(|| self.router.last_seq());
-            self.live.insert(user.clone(), Live { slot, last, filling: false, waiters: Vec::new() });
+            self.live.insert(key.clone(), Live { slot, last, filling: false, waiters: Vec::new() });
         }
-        let Some(live) = self.live.get_mut(&user) else { return };
+        let Some(live) = self.live.get_mut(&key) else { return };
         live.waiters.push((from, done));
         if !live.filling {
             // The read is sent after the subscription on the same connection, so it sees every
             // event stored before the subscription took effect; later ones arrive as copies.
-            self.fill(user, from.map_or(Read::Last, Read::After));
+            self.fill(key, from.map_or(Read::Last, Read::After));
         }
     }
 
-    fn on_filled(&mut self, Filled { user, read, result }: Filled) {
+    fn on_filled(&mut self, Filled { key, read, result }: Filled) {
         // Every copy stored before the read was answered arrived before its answer: take them
         // so that the read's newer events are applied in order with them.
         let batch = self.merge.drain_now();
         let events = match result {
             Ok(events) => events,
             Err(e) => {
-                tracing::warn!(user = %user, ?read, error = %e, "reading a user's events from the stream failed");
-                if let Some(l) = self.live.get_mut(&user) {
+                tracing::warn!(?key, ?read, error = %e, "reading a subject's events from the stream failed");
+                if let Some(l) = self.live.get_mut(&key) {
                     l.filling = false;
                     for (_, done) in l.waiters.drain(..) {
                         let _ = done.send(Err(e.clone()));
@@ -532,17 +555,17 @@ impl Task {
                 let Decoded { target, event, retain } = event;
                 self.router.insert_sequenced(seq, target, &event, retain);
             } else {
-                items.push(Item { seq, key: Key::User(user.clone()), previous: None, event });
+                items.push(Item { seq, key: key.clone(), previous: None, event });
             }
         }
-        if let Some(l) = self.live.get_mut(&user) {
+        if let Some(l) = self.live.get_mut(&key) {
             l.last = l.last.max(newest.unwrap_or(0));
             l.filling = false;
         }
         let upto = newest.filter(|n| *n > last_seq);
         // Its connections register once the events read are applied (a fresh one's cursor is
         // then past them): later if they wait behind a missing copy (`blocked`).
-        self.deferred.push((user, complete, upto.unwrap_or(0)));
+        self.deferred.push((key, complete, upto.unwrap_or(0)));
         self.take(batch, items);
     }
 
@@ -557,21 +580,21 @@ impl Task {
             .into_iter()
             .partition(|(_, _, upto)| first_held.is_none_or(|h| h > *upto));
         self.deferred = waiting;
-        for (user, complete, _) in ready {
+        for (key, complete, _) in ready {
             let since = {
                 let mut users = self.follower.lock();
-                let Some(f) = users.get_mut(&user) else { continue };
+                let Some(f) = users.get_mut(&key) else { continue };
                 f.since = if f.ready { f.since.min(complete) } else { complete };
                 f.ready = true;
                 f.since
             };
-            self.answer(&user, since);
+            self.answer(&key, since);
         }
     }
 
-    /// Answers the requests of `user` that the log now serves; reads again for the others.
-    fn answer(&mut self, user: &UserId, since: u64) {
-        let Some(l) = self.live.get_mut(user) else { return };
+    /// Answers the requests of `key` that the log now serves; reads again for the others.
+    fn answer(&mut self, key: &Key, since: u64) {
+        let Some(l) = self.live.get_mut(key) else { return };
         let mut rest = Vec::new();
         for (wanted, done) in l.waiters.drain(..) {
             if wanted.is_none_or(|w| w >= since) {
@@ -582,16 +605,16 @@ impl Task {
         }
         if let Some(earliest) = rest.iter().filter_map(|(w, _)| *w).min() {
             l.waiters = rest;
-            self.fill(user.clone(), Read::After(earliest));
+            self.fill(key.clone(), Read::After(earliest));
         }
     }
 
-    /// Drops the subscriptions of users with no connection here for `linger`.
+    /// Drops the subscriptions of users and groups with no connection here for `linger`.
     fn sweep(&mut self, linger: Duration) {
         let now = Instant::now();
-        let gone: Vec<UserId> = {
+        let gone: Vec<Key> = {
             let mut users = self.follower.lock();
-            let gone: Vec<UserId> = users
+            let gone: Vec<Key> = users
                 .iter()
                 .filter(|(u, f)| {
                     f.conns == 0
@@ -700,11 +723,13 @@ impl Task {
             };
             match wire::decode(&msg.payload) {
                 Ok(d) => {
-                    let key = key.or_else(|| match &d.target {
-                        Target::Users(u) if u.len() == 1 && self.live.contains_key(&u[0]) => {
-                            Some(Key::User(u[0].clone()))
-                        }
-                        _ => None,
+                    let key = key.or_else(|| {
+                        let key = match &d.target {
+                            Target::Users(u) if u.len() == 1 => Key::User(u[0].clone()),
+                            Target::Group(g) => Key::Group(g.clone()),
+                            _ => return None,
+                        };
+                        self.live.contains_key(&key).then_some(key)
                     });
                     if let Some(key) = key {
                         if let Some(last) = self.last_of(&key) {

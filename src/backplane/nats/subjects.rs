@@ -1,8 +1,9 @@
 //! The subjects of interest delivery (`--nats-delivery interest`, see ARCHITECTURE.md, "The
 //! cluster at scale"). An event for one user, setting no retained value, is published to
-//! `<subject>.to.u.<user in unpadded base64url>`; every other event (groups, topics,
-//! broadcast, several users, and every retained update, so that every replica's retained
-//! store stays whole) to `<subject>.to.all`. The stream takes `<subject>` and `<subject>.to.>`
+//! `<subject>.to.u.<user in unpadded base64url>`; one for a group, likewise, to
+//! `<subject>.to.g.<group>`; every other event (topics, which subscriptions may match by
+//! pattern, broadcast, several users, and every retained update, so that every replica's
+//! retained store stays whole) to `<subject>.to.all`. The stream takes `<subject>` and `<subject>.to.>`
 //! and republishes each stored `<subject>.to.X` on `<subject>.live.X` (core NATS, with the
 //! stream sequence in `Nats-Sequence` and the previous sequence on the same subject in
 //! `Nats-Last-Sequence`), so the NATS servers route a live copy only to replicas subscribed
@@ -13,7 +14,7 @@
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use crate::domain::{Retain, Target, UserId};
+use crate::domain::{GroupId, Retain, Target, UserId};
 
 #[derive(Clone, Debug)]
 pub struct Subjects {
@@ -44,6 +45,7 @@ impl Subjects {
     pub fn publish_to(&self, target: &Target, retain: Retain) -> String {
         match target {
             Target::Users(users) if users.len() == 1 && retain == Retain::No => self.to_user(&users[0]),
+            Target::Group(group) if retain == Retain::No => self.to_group(group),
             _ => self.to_all.clone(),
         }
     }
@@ -56,6 +58,16 @@ impl Subjects {
     /// `<subject>.live.u.<user>`: where their live copies arrive.
     pub fn live_user(&self, user: &UserId) -> String {
         format!("{}.live.u.{}", self.base, URL_SAFE_NO_PAD.encode(user.as_str()))
+    }
+
+    /// `<subject>.to.g.<group>`: where the events of `group` are stored.
+    pub fn to_group(&self, group: &GroupId) -> String {
+        format!("{}.to.g.{}", self.base, URL_SAFE_NO_PAD.encode(group.as_str()))
+    }
+
+    /// `<subject>.live.g.<group>`: where their live copies arrive.
+    pub fn live_group(&self, group: &GroupId) -> String {
+        format!("{}.live.g.{}", self.base, URL_SAFE_NO_PAD.encode(group.as_str()))
     }
 }
 
@@ -75,6 +87,10 @@ mod tests {
         let two = Target::Users(vec![alice, UserId::parse("bob").unwrap()]);
         assert_eq!(s.publish_to(&two, Retain::No), "ssegate.events.to.all");
         assert_eq!(s.publish_to(&Target::Broadcast, Retain::No), "ssegate.events.to.all");
+        let g = GroupId::parse("team.a").unwrap();
+        assert_eq!(s.publish_to(&Target::Group(g.clone()), Retain::No), "ssegate.events.to.g.dGVhbS5h");
+        assert_eq!(s.live_group(&g), "ssegate.events.live.g.dGVhbS5h");
+        assert_eq!(s.publish_to(&Target::Group(g), Retain::Clear), "ssegate.events.to.all");
         assert_eq!((s.to_any.as_str(), s.live_any.as_str()), ("ssegate.events.to.>", "ssegate.events.live.>"));
     }
 }

@@ -66,15 +66,15 @@ pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Looku
         Some(s) => Some(s.parse::<EventId>().map_err(|e| ConsoleError::BadRequest(format!("event id `{s}`: {e}")))?),
     };
     let c = &console.0;
-    // With interest delivery a replica holds a user's own events only while following it:
-    // follow it for this answer (its events in the replay window are read into the log).
-    let _held = match &subject {
-        Subject::User(user) => {
-            let all = EventId { epoch: c.router.epoch(), seq: 0 };
-            c.router.follow(user, Some(all)).await.map_err(|e| ConsoleError::Unavailable(e.to_string()))?
-        }
-        _ => None,
+    // With interest delivery a replica holds a user's or group's own events only while
+    // following it: follow it for this answer (its events in the replay window are read in).
+    let all = Some(EventId { epoch: c.router.epoch(), seq: 0 });
+    let followed = match &subject {
+        Subject::User(user) => c.router.follow(Some(user), &[], all).await,
+        Subject::Group(group) => c.router.follow(None, std::slice::from_ref(group), all).await,
+        Subject::Topic(_) => Ok(None),
     };
+    let _held = followed.map_err(|e| ConsoleError::Unavailable(e.to_string()))?;
     let gathered =
         c.backplane.gather(&c.router, &cluster::Query::Streams { subject: subject.clone(), limit: MAX_STREAMS }).await;
     let this_id = c.backplane.replica_id();
