@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub use core::History;
 pub use inspect::{EventLookup, ReplayWindow, RetainedView, StreamView, Subject, Tail};
 pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Positions, Protocol, Push, StreamMeta};
+pub use publish::Applied;
 pub use rebase::{KeptValue, STREAM_RECREATED};
 pub use registration::Registration;
 pub use replay::{Logged, ReplayConfig};

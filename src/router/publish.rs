@@ -18,6 +18,18 @@ use crate::{
     event_stream,
 };
 
+/// How `Router::publish_late` applied an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Newer than the last one: published as usual.
+    InOrder,
+    /// Older than the last one and new to the log: logged in its place and delivered where it
+    /// still could be in order (`ssegate.missed`, `late`, elsewhere).
+    Late,
+    /// The log had it already (a copy of an event read from the stream before).
+    Duplicate,
+}
+
 /// An event encoded outside the lock: for the live stream (its id appended under the lock),
 /// and, when it sets a retained value, once more without an id.
 pub(super) struct Encoded {
@@ -127,24 +139,25 @@ impl Router {
     /// log. A retained update in it applies only if it is newer than the value held. An event
     /// not older than the last one is published as usual. Returns whether it was added.
     pub fn insert_sequenced(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> bool {
-        self.behind(seq, target, event, retain, false)
+        self.behind(seq, target, event, retain, false) != Applied::Duplicate
     }
 
     /// An event older than the last one applied that was not applied yet (interest delivery:
     /// its live copy arrived behind later ones): logged in its place, and queued for each
     /// addressed connection that has not been sent a later event; the others get
     /// `ssegate.missed` (`late`). Returns false if the log already had it (a duplicate).
-    pub fn publish_late(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> bool {
+    /// An event newer than the last one is published as usual (`Applied::InOrder`).
+    pub fn publish_late(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> Applied {
         self.behind(seq, target, event, retain, true)
     }
 
     /// `insert_sequenced` (`deliver` false) and `publish_late` (true).
-    fn behind(&self, seq: u64, target: Target, event: &Event, retain: Retain, deliver: bool) -> bool {
+    fn behind(&self, seq: u64, target: Target, event: &Event, retain: Retain, deliver: bool) -> Applied {
         let encoded = Encoded::new(event, retain);
         let mut core = self.lock();
         if seq > core.last_seq {
             self.sequence(core, seq, target, event.name.as_ref(), retain, encoded, None);
-            return true;
+            return Applied::InOrder;
         }
         if retain != Retain::No {
             core.retained.apply(seq, &target, event.name.as_ref(), retain, encoded.retained.as_ref());
@@ -155,8 +168,11 @@ impl Router {
         let logged =
             Arc::new(Logged { seq, target, frame: Frame { bytes, published_at: Instant::now(), is_event: true } });
         let inserted = core.log.insert(seq, logged.clone());
-        if !deliver || (!inserted && core.log.has(seq)) {
-            return inserted;
+        if !inserted && core.log.has(seq) {
+            return Applied::Duplicate;
+        }
+        if !deliver {
+            return if inserted { Applied::Late } else { Applied::Duplicate };
         }
         for i in shards.iter() {
             self.shards[i].submit(Cmd::Late(logged.clone(), epoch));
@@ -165,7 +181,7 @@ impl Router {
         for i in shards.iter() {
             self.run_shard(i);
         }
-        true
+        Applied::Late
     }
 
     /// Loads a retained value kept by a broker (at start, before the stream is consumed): it
@@ -280,8 +296,9 @@ mod tests {
         let (ahead, behind) = (open("a"), open("b"));
         let event = |data: &str| Event { name: None, data: data.into() };
         router.publish_sequenced(5, Target::users(vec![UserId::parse("a").unwrap()]), &event("five"), Retain::No);
-        assert!(router.publish_late(3, Target::Group(group.clone()), &event("three"), Retain::No));
-        assert!(!router.publish_late(3, Target::Group(group.clone()), &event("three"), Retain::No), "a duplicate");
+        assert_eq!(router.publish_late(3, Target::Group(group.clone()), &event("three"), Retain::No), Applied::Late);
+        let again = router.publish_late(3, Target::Group(group.clone()), &event("three"), Retain::No);
+        assert_eq!(again, Applied::Duplicate);
         let text = |reg: &Registration| {
             let mut out = VecDeque::new();
             let _ = reg.mailbox().poll_drain(&mut Context::from_waker(Waker::noop()), &mut out);

@@ -49,7 +49,7 @@ use super::{
 use crate::{
     backplane::wire::{self, Decoded},
     domain::{EventId, GroupId, Target, UserId},
-    router::{Held, Interest, Router},
+    router::{Applied, Held, Interest, Router},
 };
 
 /// Longest wait for a user's subscription and its events before the connection is refused
@@ -399,35 +399,46 @@ impl Task {
     /// its subject is neither applied nor held: everything after it waits (`blocked`) until
     /// it arrives, or is read from the stream after `GAP_WAIT`.
     fn apply_held(&mut self) {
-        while let Some((&seq, item)) = self.held.first_key_value() {
-            let filling = self.live.get(&item.key).is_some_and(|l| l.filling);
-            let (key, previous) = (item.key.clone(), item.previous);
-            if let (Some(p), false) = (previous, filling)
-                && let Some(last) = self.last_of(&key).map(|l| *l)
-                && p > last
-            {
+        let epoch = self.router.epoch();
+        loop {
+            let Some(entry) = self.held.first_entry() else { break };
+            let item = entry.get();
+            // The last this replica has of the copy's subject, if its predecessor is beyond it
+            // (a read of the subject in flight covers it: no check then).
+            let behind = match (&item.key, item.previous) {
+                (_, None) => None,
+                (Key::All, Some(p)) => (p > self.all_last).then_some((self.all_last, p)),
+                (key, Some(p)) => match self.live.get(key) {
+                    Some(l) if !l.filling && p > l.last => Some((l.last, p)),
+                    _ => None,
+                },
+            };
+            if let Some((last, p)) = behind {
+                let key = item.key.clone();
                 if self.blocked.as_ref().is_none_or(|b| b.0 != key || b.2 != p) {
                     self.blocked = Some((key, last, p, tokio::time::Instant::now() + GAP_WAIT));
                 }
                 self.release_deferred();
                 return;
             }
-            let Some((_, item)) = self.held.pop_first() else { break };
-            if let Some(last) = self.last_of(&key) {
-                *last = (*last).max(seq);
+            let item = entry.remove();
+            match &item.key {
+                Key::All => self.all_last = self.all_last.max(item.seq),
+                key => {
+                    if let Some(l) = self.live.get_mut(key) {
+                        l.last = l.last.max(item.seq);
+                    }
+                }
             }
-            self.apply_one(item);
+            self.apply_one(item, epoch);
         }
         self.blocked = None;
         self.release_deferred();
     }
 
-    fn apply_one(&mut self, Item { seq, event, .. }: Item) {
+    fn apply_one(&mut self, Item { seq, event, .. }: Item, epoch: u64) {
         let Decoded { target, event, retain } = event;
-        let epoch = self.router.epoch();
-        if self.router.publish_sequenced(seq, target.clone(), &event, retain).is_none()
-            && self.router.publish_late(seq, target, &event, retain)
-        {
+        if self.router.publish_late(seq, target, &event, retain) == Applied::Late {
             // Behind a later one on another subject: logged in its place; connections past it
             // are told `ssegate.missed` (late). Also a sign of a recreated stream: probe now.
             tracing::info!(seq, epoch = format_args!("{epoch:x}"), "an event arrived behind later ones");
@@ -660,7 +671,7 @@ impl Task {
             self.take(batch, Vec::new());
             self.blocked = None;
             for item in std::mem::take(&mut self.held).into_values() {
-                self.apply_one(item);
+                self.apply_one(item, epoch);
             }
             self.release_deferred();
             self.router.last_seq() + 1
