@@ -400,8 +400,7 @@ impl Task {
     /// it arrives, or is read from the stream after `GAP_WAIT`.
     fn apply_held(&mut self) {
         let epoch = self.router.epoch();
-        loop {
-            let Some(entry) = self.held.first_entry() else { break };
+        while let Some(entry) = self.held.first_entry() {
             let item = entry.get();
             // The last this replica has of the copy's subject, if its predecessor is beyond it
             // (a read of the subject in flight covers it: no check then).
