@@ -147,8 +147,6 @@ pub struct NatsBackplane {
     /// Bumped on every (re)connection and every slow-consumer notice: interest delivery then
     /// reads what its subscriptions may have missed.
     generation: Arc<watch::Sender<u64>>,
-    /// Interest delivery's users (once started).
-    follower: std::sync::OnceLock<Arc<follow::Follower>>,
 }
 
 impl NatsBackplane {
@@ -249,7 +247,6 @@ impl NatsBackplane {
             subjects,
             interest,
             generation,
-            follower: std::sync::OnceLock::new(),
         })
     }
 
@@ -305,12 +302,6 @@ impl NatsBackplane {
     /// Values of the retained-values bucket that could not be written.
     pub fn retained_persist_failures(&self) -> u64 {
         self.retained.failures()
-    }
-
-    /// Users whose events this replica follows under interest delivery (`None`: it reads
-    /// every event).
-    pub fn followed_users(&self) -> Option<usize> {
-        self.follower.get().map(|f| f.followed())
     }
 
     /// Where an event of `target` is published: its own subject under interest delivery.
@@ -370,9 +361,7 @@ impl NatsBackplane {
             let task = tokio::time::timeout_at(deadline, follow::Task::start(self.clone(), router.clone(), first))
                 .await
                 .map_err(|_| NatsError::CatchUp { at: router.last_seq(), target })??;
-            let follower = task.follower();
-            let _ = self.follower.set(follower.clone());
-            router.set_interest(Arc::new(follow::Handle(follower)));
+            router.set_interest(Arc::new(follow::Handle(task.follower())));
             tracker.spawn(task.run(stop.clone()));
             return Ok(());
         }

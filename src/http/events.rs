@@ -219,6 +219,8 @@ async fn admit(
     let refused = |e: RouterError| Refused { error: e.into(), user: Some(user.clone()), requested_user: None };
     // With interest delivery, the events of the user and its groups must reach this replica
     // first (subscriptions on the broker, and the events after `resume` in the replay log).
+    // Refused at the limits before that, so a refused connection costs the broker nothing.
+    state.router.admits(&id.user).map_err(refused)?;
     let held = state.router.follow(Some(&id.user), &id.groups, resume).await.map_err(refused)?;
     let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
     let mut reg = state.router.subscribe_with(subscription, meta).map_err(refused)?;

@@ -11,7 +11,12 @@ use std::{
 use bytes::Bytes;
 
 use super::{
-    PublishError, Published, Router, core::Core, mailbox::Frame, replay::Logged, shard::Cmd, stats::target_index,
+    PublishError, Published, Router,
+    core::Core,
+    mailbox::Frame,
+    replay::{Inserted, Logged},
+    shard::Cmd,
+    stats::target_index,
 };
 use crate::{
     domain::{Event, EventId, EventName, Retain, Target},
@@ -137,16 +142,16 @@ impl Router {
     /// event fetched from the broker before its connections register), in its place in the
     /// replay log, without handing it to any connection: those that need it resume from the
     /// log. A retained update in it applies only if it is newer than the value held. An event
-    /// not older than the last one is published as usual. Returns whether it was added.
-    pub fn insert_sequenced(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> bool {
-        self.behind(seq, target, event, retain, false) != Applied::Duplicate
+    /// not older than the last one is published as usual.
+    pub fn insert_sequenced(&self, seq: u64, target: Target, event: &Event, retain: Retain) {
+        self.behind(seq, target, event, retain, false);
     }
 
     /// An event older than the last one applied that was not applied yet (interest delivery:
     /// its live copy arrived behind later ones): logged in its place, and queued for each
     /// addressed connection that has not been sent a later event; the others get
-    /// `ssegate.missed` (`late`). Returns false if the log already had it (a duplicate).
-    /// An event newer than the last one is published as usual (`Applied::InOrder`).
+    /// `ssegate.missed` (`late`); nothing if the log already had it (`Applied::Duplicate`). An
+    /// event newer than the last one is published as usual (`Applied::InOrder`).
     pub fn publish_late(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> Applied {
         self.behind(seq, target, event, retain, true)
     }
@@ -167,12 +172,12 @@ impl Router {
         let shards = self.shards_for(&target);
         let logged =
             Arc::new(Logged { seq, target, frame: Frame { bytes, published_at: Instant::now(), is_event: true } });
-        let inserted = core.log.insert(seq, logged.clone());
-        if !inserted && core.log.has(seq) {
+        // Evicted past it: no resume is served from before it, but a connection may still get it.
+        if core.log.insert(seq, logged.clone()) == Inserted::Present {
             return Applied::Duplicate;
         }
         if !deliver {
-            return if inserted { Applied::Late } else { Applied::Duplicate };
+            return Applied::Late;
         }
         for i in shards.iter() {
             self.shards[i].submit(Cmd::Late(logged.clone(), epoch));

@@ -35,6 +35,16 @@ struct Entry {
     logged: Arc<Logged>,
 }
 
+/// What `ReplayLog::insert` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    Added,
+    /// The log holds that event already.
+    Present,
+    /// The log keeps nothing, or evicted past it (a resume from before gets `ssegate.missed`).
+    Evicted,
+}
+
 /// Why a resume could not be served from the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gap {
@@ -72,27 +82,21 @@ impl ReplayLog {
     /// Puts an older event (`seq` below the newest) in its place, unless the log has it or
     /// already evicted past it: a replica with interest delivery fetches a user's events it did
     /// not follow live (a resume, a lost copy) from the broker and adds them here before the
-    /// connections that need them register. Returns whether it was added.
-    pub fn insert(&mut self, seq: u64, logged: Arc<Logged>) -> bool {
+    /// connections that need them register.
+    pub fn insert(&mut self, seq: u64, logged: Arc<Logged>) -> Inserted {
         if self.config.capacity == 0 || seq <= self.evicted_through {
-            return false;
+            return Inserted::Evicted;
         }
         let at = self.entries.partition_point(|e| e.seq < seq);
         if self.entries.get(at).is_some_and(|e| e.seq == seq) {
-            return false;
+            return Inserted::Present;
         }
         self.bytes += logged.frame.bytes.len();
         self.entries.insert(at, Entry { seq, logged });
         while self.entries.len() > self.config.capacity || self.bytes > self.config.max_bytes {
             self.evict_oldest();
         }
-        true
-    }
-
-    /// Whether the log holds event `seq`.
-    pub fn has(&self, seq: u64) -> bool {
-        let at = self.entries.partition_point(|e| e.seq < seq);
-        self.entries.get(at).is_some_and(|e| e.seq == seq)
+        Inserted::Added
     }
 
     /// Forgets every event and every eviction: the ids start again (a new epoch).

@@ -197,6 +197,16 @@ impl Router {
         told
     }
 
+    /// Whether one more connection of `user` may open now: checked again by `subscribe`; the
+    /// edge asks first so that a refused connection costs the broker nothing (`follow`).
+    pub fn admits(&self, user: &UserId) -> Result<(), RouterError> {
+        let admitted = self.admit(&self.lock(), user);
+        if admitted.is_err() {
+            self.counters.rejected.fetch_add(1, Relaxed);
+        }
+        admitted
+    }
+
     /// Whether one more connection of `user` may open now.
     fn admit(&self, core: &Core, user: &UserId) -> Result<(), RouterError> {
         if core.closing {

@@ -141,7 +141,7 @@ impl Tables {
 
     pub fn apply(&mut self, cmd: Cmd, window: Duration, now: Instant, fx: &mut Effects) {
         match cmd {
-            Cmd::Event(logged) => self.fan_out(&logged, window, now, fx),
+            Cmd::Event(logged) => self.fan_out(&logged, None, window, now, fx),
             Cmd::Register(id, conn) => self.insert(id, conn),
             Cmd::Unregister(id) => fx.gone.extend(self.remove(id)),
             Cmd::Disconnect(user, last) => {
@@ -151,7 +151,7 @@ impl Tables {
                     }
                 }
             }
-            Cmd::Late(logged, epoch) => self.fan_out_late(&logged, epoch, now, fx),
+            Cmd::Late(logged, epoch) => self.fan_out(&logged, Some(epoch), window, now, fx),
             Cmd::CloseAll(reason, last) => {
                 let all = std::mem::take(self);
                 let frame = |bytes| Frame { bytes, published_at: now, is_event: false };
@@ -179,8 +179,10 @@ impl Tables {
     }
 
     /// Queues the event for every connection it addresses here, each at most once (a user
-    /// list is deduplicated, and a group or topic holds a connection once).
-    fn fan_out(&mut self, logged: &Logged, window: Duration, now: Instant, fx: &mut Effects) {
+    /// list is deduplicated, and a group or topic holds a connection once). An event that
+    /// arrived behind later ones (`late`: the epoch, `Cmd::Late`) is queued only where no later
+    /// event was; the other connections get `ssegate.missed` (`late`, with their last id).
+    fn fan_out(&mut self, logged: &Logged, late: Option<u64>, window: Duration, now: Instant, fx: &mut Effects) {
         let Self { conns, users, groups, topics, deferred, flush_at } = self;
         let mut later = Deferred { list: deferred, at: flush_at };
         let mut slow = Vec::new();
@@ -188,15 +190,17 @@ impl Tables {
             if logged.seq <= conn.floor {
                 return;
             }
-            if !schedule(
-                id,
-                conn,
-                conn.mailbox.push_event(logged.frame.clone(), logged.seq),
-                window,
-                now,
-                &mut later,
-                fx,
-            ) {
+            let pushed = match late {
+                None => conn.mailbox.push_event(logged.frame.clone(), logged.seq),
+                Some(epoch) => match conn.mailbox.push_event_in_order(logged.frame.clone(), logged.seq) {
+                    Ok(pushed) => pushed,
+                    Err(queued) => {
+                        let last = crate::domain::EventId { epoch, seq: queued };
+                        conn.mailbox.push(super::subscribe::missed_frame("late", last, now))
+                    }
+                },
+            };
+            if !schedule(id, conn, pushed, window, now, &mut later, fx) {
                 slow.push(id);
             }
         };
@@ -209,41 +213,6 @@ impl Tables {
             Target::Group(g) => visit(conns, groups.get(g).map_or(&[], Vec::as_slice), &mut deliver),
             Target::Topic(t) => visit(conns, topics.get(t).map_or(&[], Vec::as_slice), &mut deliver),
             Target::Broadcast => conns.iter_mut().for_each(|(id, c)| deliver(*id, c)),
-        }
-        for id in slow {
-            fx.cut.extend(self.remove(id).map(|c| (c, true)));
-        }
-    }
-
-    /// `fan_out` of an event that arrived behind later ones (`Cmd::Late`): in order where it
-    /// still can be, `ssegate.missed` (`late`, with the connection's last id) where not.
-    fn fan_out_late(&mut self, logged: &Logged, epoch: u64, now: Instant, fx: &mut Effects) {
-        let mut ids: Vec<ConnId> = match &logged.target {
-            Target::Users(list) => list.iter().filter_map(|u| self.users.get(u)).flatten().copied().collect(),
-            Target::Group(g) => self.groups.get(g).cloned().unwrap_or_default(),
-            Target::Topic(t) => self.topics.get(t).cloned().unwrap_or_default(),
-            Target::Broadcast => self.conns.keys().copied().collect(),
-        };
-        ids.sort_unstable();
-        ids.dedup();
-        let Self { conns, deferred, flush_at, .. } = self;
-        let mut later = Deferred { list: deferred, at: flush_at };
-        let mut slow = Vec::new();
-        for id in ids {
-            let Some(conn) = conns.get_mut(&id) else { continue };
-            if logged.seq <= conn.floor {
-                continue;
-            }
-            let pushed = match conn.mailbox.push_event_in_order(logged.frame.clone(), logged.seq) {
-                Some(pushed) => pushed,
-                None => {
-                    let last = crate::domain::EventId { epoch, seq: conn.mailbox.positions().queued_seq };
-                    conn.mailbox.push(super::subscribe::missed_frame("late", last, now))
-                }
-            };
-            if !schedule(id, conn, pushed, Duration::ZERO, now, &mut later, fx) {
-                slow.push(id);
-            }
         }
         for id in slow {
             fx.cut.extend(self.remove(id).map(|c| (c, true)));

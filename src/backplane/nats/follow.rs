@@ -110,11 +110,6 @@ impl Follower {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Followed>> {
         self.users.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// Users and groups followed now (subscribed or lingering).
-    pub fn followed(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 /// `Follower` as the router's `Interest`.
