@@ -237,14 +237,13 @@ impl Mailbox {
     }
 
     /// Queues event `seq` like `push_event` only if no later event was queued (an event that
-    /// reached this replica behind later ones: `Router::publish_late`); if one was, the last
-    /// event queued.
-    pub fn push_event_in_order(&self, frame: Frame, seq: u64) -> Result<Push, u64> {
+    /// reached this replica behind later ones: `Router::publish_late`); `None` if one was.
+    pub fn push_event_in_order(&self, frame: Frame, seq: u64) -> Option<Push> {
         let mut inner = self.lock();
         if inner.queued_seq >= seq {
-            return Err(inner.queued_seq);
+            return None;
         }
-        Ok(Self::enqueue_locked(&mut inner, self.bounds, frame, Some(seq)))
+        Some(Self::enqueue_locked(&mut inner, self.bounds, frame, Some(seq)))
     }
 
     fn enqueue(&self, frame: Frame, seq: Option<u64>) -> Push {

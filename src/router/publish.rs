@@ -150,7 +150,7 @@ impl Router {
     /// An event older than the last one applied that was not applied yet (interest delivery:
     /// its live copy arrived behind later ones): logged in its place, and queued for each
     /// addressed connection that has not been sent a later event; the others get
-    /// `ssegate.missed` (`late`); nothing if the log already had it (`Applied::Duplicate`). An
+    /// `ssegate.missed` (`late`, with the id before it); nothing if the log already had it (`Applied::Duplicate`). An
     /// event newer than the last one is published as usual (`Applied::InOrder`).
     pub fn publish_late(&self, seq: u64, target: Target, event: &Event, retain: Retain) -> Applied {
         self.behind(seq, target, event, retain, true)
@@ -311,7 +311,12 @@ mod tests {
         };
         let (a, b) = (text(&ahead), text(&behind));
         assert!(a.contains("data: five") && !a.contains("data: three"), "{a}");
-        assert!(a.contains("event: ssegate.missed") && a.contains(r#""reason":"late""#) && a.contains("9-5"), "{a}");
+        assert!(
+            a.contains("event: ssegate.missed")
+                && a.contains(r#""reason":"late""#)
+                && a.contains(r#""last_event_id":"9-2""#),
+            "{a}"
+        );
         assert!(b.contains("data: three\nid: 9-3") && !b.contains("ssegate.missed"), "{b}");
         // The log has it in its place: a resume from before it gets it in order.
         let resumed = router

@@ -181,7 +181,8 @@ impl Tables {
     /// Queues the event for every connection it addresses here, each at most once (a user
     /// list is deduplicated, and a group or topic holds a connection once). An event that
     /// arrived behind later ones (`late`: the epoch, `Cmd::Late`) is queued only where no later
-    /// event was; the other connections get `ssegate.missed` (`late`, with their last id).
+    /// event was; the other connections get `ssegate.missed` (`late`, with the id before it: what
+    /// they missed starts there).
     fn fan_out(&mut self, logged: &Logged, late: Option<u64>, window: Duration, now: Instant, fx: &mut Effects) {
         let Self { conns, users, groups, topics, deferred, flush_at } = self;
         let mut later = Deferred { list: deferred, at: flush_at };
@@ -193,9 +194,10 @@ impl Tables {
             let pushed = match late {
                 None => conn.mailbox.push_event(logged.frame.clone(), logged.seq),
                 Some(epoch) => match conn.mailbox.push_event_in_order(logged.frame.clone(), logged.seq) {
-                    Ok(pushed) => pushed,
-                    Err(queued) => {
-                        let last = crate::domain::EventId { epoch, seq: queued };
+                    Some(pushed) => pushed,
+                    None => {
+                        // What it missed comes right after the id before this event.
+                        let last = crate::domain::EventId { epoch, seq: logged.seq - 1 };
                         conn.mailbox.push(super::subscribe::missed_frame("late", last, now))
                     }
                 },

@@ -660,14 +660,11 @@ impl Task {
         let stream = self.bp.stream_now(Source::Consumer).await?;
         let epoch = identity::epoch_of(stream.cached_info());
         let from = if epoch == self.router.epoch() {
-            // What is held waits for nothing now: the read below covers every gap after it.
-            let batch = self.merge.drain_now();
-            self.take(batch, Vec::new());
+            // What is held stays held: it may wait for an event lost with the connection, and
+            // applying it first would move the router past that event. The read below starts
+            // after the last one applied, so it covers every gap; the held copies follow it
+            // (those it applied are duplicates then).
             self.blocked = None;
-            for item in std::mem::take(&mut self.held).into_values() {
-                self.apply_one(item, epoch);
-            }
-            self.release_deferred();
             self.router.last_seq() + 1
         } else {
             self.bp.resync(&self.router, epoch).await.map_err(|e| e.to_string())?;
