@@ -67,6 +67,13 @@ stop_server() {
   fi
 }
 
+# stop_pids PID...: stops background processes a scenario started itself (TERM, then waits).
+stop_pids() {
+  local pid
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+
 # start_nats: a fresh JetStream server (empty store) for the nats backplane.
 start_nats() {
   command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] \

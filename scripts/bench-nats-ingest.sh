@@ -15,6 +15,18 @@ CONNS=${CONNS:-1000}
 DURATION=${DURATION:-10s}
 REPEATS=${REPEATS:-2}
 build
+# The broker's CPU seconds (user, system) from /proc: each run logs the broker's share of the
+# server core, which the load generator's report (ssegate's process only) does not include.
+broker_cpu() { awk '{printf "%.2f %.2f", $14 / 100, $15 / 100}' "/proc/$NATS_PID/stat"; }
+broker_bench() {
+  local before after
+  before=$(broker_cpu)
+  bench "$@"
+  after=$(broker_cpu)
+  # shellcheck disable=SC2086
+  set -- $before $after
+  log "broker CPU during the run: $(awk -v a="$1" -v b="$2" -v c="$3" -v d="$4" 'BEGIN { printf "user %.2f s, system %.2f s", c - a, d - b }')"
+}
 raw() {
   log "raw-nats (the broker's own figure)"
   if ! taskset -c "$CLIENT_CPU" "$BIN/ssegate-bench" raw-nats --nats-url "$NATS_URL" --broker-pid "$NATS_PID" \
@@ -25,13 +37,13 @@ raw() {
 ssegate_runs() {
   local suffix=$1
   start_server ssegate
-  bench ssegate "ingest-unary-64$suffix" --connections "$CONNS" --to user --rate max --api unary \
+  broker_bench ssegate "ingest-unary-64$suffix" --connections "$CONNS" --to user --rate max --api unary \
     --concurrency 64 --duration "$DURATION"
   start_server ssegate
-  bench ssegate "ingest-stream-1x64$suffix" --connections "$CONNS" --to user --rate max --api stream \
+  broker_bench ssegate "ingest-stream-1x64$suffix" --connections "$CONNS" --to user --rate max --api stream \
     --concurrency 1 --window 64 --duration "$DURATION"
   start_server ssegate
-  bench ssegate "ingest-stream-4x1024$suffix" --connections "$CONNS" --to user --rate max --api stream \
+  broker_bench ssegate "ingest-stream-4x1024$suffix" --connections "$CONNS" --to user --rate max --api stream \
     --concurrency 4 --window 1024 --duration "$DURATION"
 }
 for rep in $(seq 1 "$REPEATS"); do

@@ -24,8 +24,7 @@ build
 
 REPLICA_PIDS=()
 stop_replicas() {
-  for pid in "${REPLICA_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${REPLICA_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_pids "${REPLICA_PIDS[@]}"
   REPLICA_PIDS=()
 }
 trap 'stop_replicas; cleanup' EXIT
