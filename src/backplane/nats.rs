@@ -33,6 +33,7 @@ mod follow;
 mod identity;
 mod merge;
 mod publish;
+mod reorder;
 mod subjects;
 mod tasks;
 

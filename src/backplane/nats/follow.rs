@@ -9,7 +9,7 @@
 //!   after the user's last connection, so that reloads and reconnects do not churn the
 //!   broker's interest;
 //! - one task (`Task`) owns every subscription and is the only one feeding the router: it
-//!   merges the live copies back into stream order (`merge.rs`) and applies them;
+//!   merges the live copies (`merge.rs`) back into stream order (`reorder.rs`) and applies them;
 //! - a user's events before its subscription (the connection's resume point up to now) are
 //!   read from the stream by subject (`fill`: a message-get per event, answered by the stream
 //!   leader, no consumer per resume) and put in the replay log, so the resume is served from
@@ -24,7 +24,7 @@
 //!   and reads the new stream from its first event.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
@@ -44,6 +44,7 @@ use super::{
     HEALTH_TIMEOUT, NatsBackplane, NatsError,
     identity::{self, Source},
     merge::{Batch, Merge},
+    reorder::{Blocked, Entry, Reorder},
     subjects::Subjects,
 };
 use crate::{
@@ -185,14 +186,9 @@ pub enum Key {
     Group(GroupId),
 }
 
-/// An event from the stream, in its place (`seq`); `previous` is the sequence of the one
-/// before it on its subject, for a live copy.
-struct Item {
-    seq: u64,
-    key: Key,
-    previous: Option<u64>,
-    event: Decoded,
-}
+/// An event from the stream in its place, with its subject and, for a live copy, the
+/// previous sequence on that subject.
+type Item = Entry<Key, Decoded>;
 
 /// What is read of a user's or group's subject: its events after a resume point, or its last
 /// one.
@@ -240,11 +236,8 @@ pub struct Task {
     /// The highest sequence of a `live.all` event applied or logged here.
     all_last: u64,
     /// Received and not applied yet, in sequence order: everything after a copy whose
-    /// predecessor on its subject has not arrived waits for it (`blocked`).
-    held: BTreeMap<u64, Item>,
-    /// The subject whose predecessor is missing, the last sequence this replica has of it, and
-    /// until when it is waited for before it is read from the stream.
-    blocked: Option<(Key, u64, u64, tokio::time::Instant)>,
+    /// predecessor on its subject has not arrived waits for it (`reorder.rs`).
+    reorder: Reorder<Key, Decoded>,
     /// Users whose read is done, with the point their events are complete from, waiting until
     /// the events read (up to the last sequence) are applied (`release_deferred`).
     deferred: Vec<(Key, u64, u64)>,
@@ -295,8 +288,7 @@ impl Task {
             merge,
             live: HashMap::new(),
             all_last: first.saturating_sub(1),
-            held: BTreeMap::new(),
-            blocked: None,
+            reorder: Reorder::new(),
             deferred: Vec::new(),
             requests,
             fills_tx,
@@ -319,7 +311,7 @@ impl Task {
         let linger = self.bp.settings.linger;
         let mut sweep = tokio::time::interval((linger / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
         loop {
-            let gap_at = self.blocked.as_ref().map(|b| b.3);
+            let gap_at = self.reorder.blocked().map(|b| b.until);
             let step = tokio::select! {
                 biased;
                 () = stop.cancelled() => Step::Stop,
@@ -371,7 +363,7 @@ impl Task {
             tracing::warn!(?key, "a NATS subscription ended; following it again after the next reconnect");
         }
         for item in fetched {
-            self.held.insert(item.seq, item);
+            self.reorder.hold(item);
         }
         for (key, msg) in batch.copies {
             let Message { headers, payload, subject, .. } = msg;
@@ -382,7 +374,7 @@ impl Task {
             match wire::decode(&payload) {
                 Ok(event) => {
                     let previous = sequence_of(headers.as_ref(), "Nats-Last-Sequence");
-                    self.held.entry(seq).or_insert(Item { seq, key, previous, event });
+                    self.reorder.hold(Item { seq, key, previous, value: event });
                 }
                 Err(e) => tracing::error!(seq, error = %e, "undecodable event in the stream skipped"),
             }
@@ -395,27 +387,16 @@ impl Task {
     /// it arrives, or is read from the stream after `GAP_WAIT`.
     fn apply_held(&mut self) {
         let epoch = self.router.epoch();
-        while let Some(entry) = self.held.first_entry() {
-            let item = entry.get();
-            // The last this replica has of the copy's subject, if its predecessor is beyond it
-            // (a read of the subject in flight covers it: no check then).
-            let behind = match (&item.key, item.previous) {
-                (_, None) => None,
-                (Key::All, Some(p)) => (p > self.all_last).then_some((self.all_last, p)),
-                (key, Some(p)) => match self.live.get(key) {
-                    Some(l) if !l.filling && p > l.last => Some((l.last, p)),
-                    _ => None,
-                },
+        let deadline = tokio::time::Instant::now() + GAP_WAIT;
+        loop {
+            // The last this replica has of a copy's subject; not checked while a read of the
+            // subject is in flight (it covers the predecessors).
+            let (all_last, live) = (self.all_last, &self.live);
+            let last_of = |key: &Key| match key {
+                Key::All => Some(all_last),
+                key => live.get(key).filter(|l| !l.filling).map(|l| l.last),
             };
-            if let Some((last, p)) = behind {
-                let key = item.key.clone();
-                if self.blocked.as_ref().is_none_or(|b| b.0 != key || b.2 != p) {
-                    self.blocked = Some((key, last, p, tokio::time::Instant::now() + GAP_WAIT));
-                }
-                self.release_deferred();
-                return;
-            }
-            let item = entry.remove();
+            let Some(item) = self.reorder.pop(last_of, deadline) else { break };
             match &item.key {
                 Key::All => self.all_last = self.all_last.max(item.seq),
                 key => {
@@ -426,11 +407,10 @@ impl Task {
             }
             self.apply_one(item, epoch);
         }
-        self.blocked = None;
         self.release_deferred();
     }
 
-    fn apply_one(&mut self, Item { seq, event, .. }: Item, epoch: u64) {
+    fn apply_one(&mut self, Item { seq, value: event, .. }: Item, epoch: u64) {
         let Decoded { target, event, retain } = event;
         if self.router.publish_late(seq, target, &event, retain) == Applied::Late {
             // Behind a later one on another subject: logged in its place; connections past it
@@ -444,7 +424,7 @@ impl Task {
     /// The predecessor of a held copy did not arrive within `GAP_WAIT`: read its subject from
     /// the last sequence this replica has of it, and apply in order.
     async fn read_gap(&mut self) {
-        let Some((key, after, missing, _)) = self.blocked.take() else { return };
+        let Some(Blocked { key, after, missing, .. }) = self.reorder.take_blocked() else { return };
         let subject = self.subjects_of(&key).0;
         tracing::info!(?key, after, missing, "a live copy's predecessor did not arrive: reading it from the stream");
         let fetched = tokio::time::timeout(HEALTH_TIMEOUT, fetch(&self.stream, &subject, after)).await;
@@ -468,7 +448,7 @@ impl Task {
         }
         let batch = self.merge.drain_now();
         let items =
-            items.into_iter().map(|(seq, event)| Item { seq, key: key.clone(), previous: None, event }).collect();
+            items.into_iter().map(|(seq, value)| Item { seq, key: key.clone(), previous: None, value }).collect();
         self.take(batch, items);
     }
 
@@ -560,7 +540,7 @@ impl Task {
                 let Decoded { target, event, retain } = event;
                 self.router.insert_sequenced(seq, target, &event, retain);
             } else {
-                items.push(Item { seq, key: key.clone(), previous: None, event });
+                items.push(Item { seq, key: key.clone(), previous: None, value: event });
             }
         }
         if let Some(l) = self.live.get_mut(&key) {
@@ -580,7 +560,7 @@ impl Task {
         if self.deferred.is_empty() {
             return;
         }
-        let first_held = self.held.first_key_value().map(|(k, _)| *k);
+        let first_held = self.reorder.first();
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
             .into_iter()
             .partition(|(_, _, upto)| first_held.is_none_or(|h| h > *upto));
@@ -664,12 +644,11 @@ impl Task {
             // applying it first would move the router past that event. The read below starts
             // after the last one applied, so it covers every gap; the held copies follow it
             // (those it applied are duplicates then).
-            self.blocked = None;
+            self.reorder.take_blocked();
             self.router.last_seq() + 1
         } else {
             self.bp.resync(&self.router, epoch).await.map_err(|e| e.to_string())?;
-            self.held.clear();
-            self.blocked = None;
+            self.reorder.clear();
             self.release_deferred();
             self.all_last = 0;
             for l in self.live.values_mut() {
