@@ -15,11 +15,18 @@
 # $RESULTS.
 #
 #   ./scripts/bench-nats-replicas.sh        # REPLICAS=4 CONNS=1000 RATE=5000 DURATION=20s
+#   TO=topic ./scripts/bench-nats-replicas.sh   # events to TOPICS (100) topics instead of users:
+#                                           # all-on-one only (topic names are shared, so the
+#                                           # spread layout would not be disjoint)
 source "$(dirname "$0")/bench-common.sh"
 REPLICAS=${REPLICAS:-4}
 CONNS=${CONNS:-1000}
 RATE=${RATE:-5000}
 DURATION=${DURATION:-20s}
+TO=${TO:-user}
+TOPICS=${TOPICS:-100}
+TO_FLAGS=(--to "$TO")
+[ "$TO" = topic ] && TO_FLAGS+=(--topics "$TOPICS")
 build
 
 REPLICA_PIDS=()
@@ -41,6 +48,9 @@ start_replicas() {
     REPLICA_PIDS+=($!)
   done
   for i in $(seq 0 $((REPLICAS - 1))); do wait_port "127.0.0.1:1808$i"; wait_port "127.0.0.1:1505$i"; done
+  # A topic's events get their own subject once every replica has heard the others for 3 s
+  # (an older replica could be there unheard before); before that they go to every replica.
+  if [ "$TO" = topic ]; then sleep 4; fi
 }
 
 # cpu PID: "user_ticks system_ticks"
@@ -79,12 +89,17 @@ log "all-on-one: $CONNS subscribers on replica 0 of $REPLICAS, $RATE/s for $DURA
 start_replicas
 mapfile -t BEFORE < <(sample)
 taskset -c "$CLIENT_CPU" "$BIN/ssegate-bench" run --label all-on-one --http-addr 127.0.0.1:18080 \
-  --grpc-addr 127.0.0.1:15050 --connections "$CONNS" --to user --rate "$RATE" --api stream --concurrency 1 \
+  --grpc-addr 127.0.0.1:15050 --connections "$CONNS" "${TO_FLAGS[@]}" --rate "$RATE" --api stream --concurrency 1 \
   --window 64 --duration "$DURATION" --json-only >"$SCRATCH/one.json" || FAILED_RUNS+=(all-on-one)
 mapfile -t AFTER < <(sample)
 published=$(field "$SCRATCH/one.json" published)
 report all-on-one "$published" "$(field "$SCRATCH/one.json" delivered)"
 
+if [ "$TO" != user ]; then
+  stop_replicas
+  finish
+  exit 0
+fi
 log "spread: $((CONNS / REPLICAS)) subscribers on each of $REPLICAS replicas, $((RATE / REPLICAS))/s each"
 start_replicas
 mapfile -t BEFORE < <(sample)

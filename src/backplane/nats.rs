@@ -307,7 +307,12 @@ impl NatsBackplane {
 
     /// Where an event of `target` is published: its own subject under interest delivery.
     fn publish_subject(&self, target: &crate::domain::Target, retain: crate::domain::Retain) -> String {
-        if self.interest { self.subjects.publish_to(target, retain) } else { self.settings.subject.clone() }
+        if !self.interest {
+            return self.settings.subject.clone();
+        }
+        // A topic's own subject only once no replica that does not follow topics is around.
+        let topics = matches!(target, crate::domain::Target::Topic(_)) && self.cluster.everyone_follows_topics();
+        self.subjects.publish_to(target, retain, topics)
     }
 
     /// Times the stream's identity changed (it was recreated) while this replica ran.

@@ -458,13 +458,14 @@ impl pb::publisher_server::Publisher for PublisherService {
                 Some(id.seq)
             }
         };
-        // With interest delivery this replica holds a user's or group's own events only while
-        // following it: follow it (its events in the replay window are read into the log) for
+        // With interest delivery this replica holds a user's, group's or topic's own events only
+        // while following it: follow it (its events in the replay window are read into the log) for
         // this page.
         let all = Some(EventId { epoch: self.router.epoch(), seq: 0 });
         let followed = match &target {
-            Target::Users(users) if users.len() == 1 => self.router.follow(Some(&users[0]), &[], all).await,
-            Target::Group(group) => self.router.follow(None, std::slice::from_ref(group), all).await,
+            Target::Users(users) if users.len() == 1 => self.router.follow(Some(&users[0]), &[], &[], all).await,
+            Target::Group(group) => self.router.follow(None, std::slice::from_ref(group), &[], all).await,
+            Target::Topic(topic) => self.router.follow(None, &[], std::slice::from_ref(topic), all).await,
             _ => Ok(None),
         };
         let _held = followed.map_err(|e| ApiError::Unavailable(e.to_string()))?;

@@ -58,7 +58,7 @@ use crate::domain::{EventId, GroupId, Topic, UserId};
 /// (`Interest::follow`); dropped after the connection unregisters.
 pub type Held = Box<dyn Send + Sync>;
 
-/// Makes the events of a user and of groups reach this router before a connection of theirs
+/// Makes the events of a user, groups and topics reach this router before a connection of theirs
 /// registers: a broker backplane with interest delivery subscribes this replica to their
 /// events and puts those after `after` (the connection's resume point) in the replay log.
 /// Without one, the router sees every event anyway.
@@ -67,6 +67,7 @@ pub trait Interest: Send + Sync {
         &'a self,
         user: Option<&'a UserId>,
         groups: &'a [GroupId],
+        topics: &'a [Topic],
         after: Option<EventId>,
     ) -> Pin<Box<dyn Future<Output = Result<Held, String>> + Send + 'a>>;
 }
@@ -291,18 +292,19 @@ impl Router {
         let _ = self.interest.set(interest);
     }
 
-    /// Makes the events of `user` and `groups` after `after` reach this router (see
+    /// Makes the events of `user`, `groups` and `topics` after `after` reach this router (see
     /// `Interest`), before a connection of theirs subscribes; what it returns is held by that
     /// connection (`Registration::hold`). Nothing to do without interest delivery.
     pub async fn follow(
         &self,
         user: Option<&UserId>,
         groups: &[GroupId],
+        topics: &[Topic],
         after: Option<EventId>,
     ) -> Result<Option<Held>, RouterError> {
         match self.interest.get() {
             None => Ok(None),
-            Some(i) => i.follow(user, groups, after).await.map(Some).map_err(RouterError::BrokerUnavailable),
+            Some(i) => i.follow(user, groups, topics, after).await.map(Some).map_err(RouterError::BrokerUnavailable),
         }
     }
 

@@ -471,3 +471,92 @@ async fn a_groups_events_reach_only_replicas_with_a_stream_in_it_and_a_resume_th
     let subs = live_subscriptions(&nats, group_subject).await;
     assert_eq!(subs.iter().filter(|s| !s.is_empty()).count(), 2, "both follow it now: {subs:?}");
 }
+
+/// The subject the stream stored the event `id` (`<epoch>-<seq>`) under, read from the
+/// stream by sequence.
+async fn stored_subject(nats: &Broker, id: &str) -> String {
+    let seq: u64 = id.rsplit('-').next().and_then(|s| s.parse().ok()).expect("an id ends with its sequence");
+    let client = async_nats::connect(nats.url()).await.expect("raw NATS client");
+    let stream = async_nats::jetstream::new(client).get_stream("SSEGATE").await.expect("the stream");
+    stream.direct_get(seq).await.expect("the event in the stream").subject.to_string()
+}
+
+/// Publishes `data` to `topic` through `app` until the stream stores it under `subject`
+/// (whether a topic gets its own subject depends on the replicas heard from: condition, with
+/// a deadline). Each publish reaches `sub`, a stream on the topic. Returns the last id.
+async fn publish_topic_until_stored_on(
+    nats: &Broker,
+    app: &crate::helpers::TestApp,
+    sub: &mut SseClient,
+    topic: &str,
+    subject: &str,
+) -> String {
+    let end = deadline();
+    loop {
+        let id = app.publish_topic(topic, "probe").await.event_id;
+        assert_eq!(sub.next_data(1).await, ["probe"], "every probe is delivered, wherever it is stored");
+        let stored = stored_subject(nats, &id).await;
+        if stored == subject {
+            return id;
+        }
+        assert!(Instant::now() < end, "topic events still stored under {stored}, not {subject}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const PRICES_TOPIC_SUBJECT: &str = "ssegate.events.to.t.cHJpY2Vz"; // "prices" in base64url
+
+#[tokio::test]
+async fn a_topics_events_reach_only_replicas_with_a_stream_on_it_and_a_resume_there_reads_them_in_order() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, &[]).await;
+    let b = replica(&nats, &[]).await;
+    let mut on_a = a.subscribe("user=x&topic=prices").await;
+    on_a.cursor().await;
+    // A topic gets its own subject once each replica has heard the others for a while (an
+    // older replica, which would not follow it, could be there unheard before).
+    let first = publish_topic_until_stored_on(&nats, &a, &mut on_a, "prices", PRICES_TOPIC_SUBJECT).await;
+    // Only a follows the topic's live subject: b never receives its events.
+    let live = "ssegate.events.live.t.cHJpY2Vz";
+    let subs = live_subscriptions(&nats, live).await;
+    assert_eq!(subs.iter().filter(|s| !s.is_empty()).count(), 1, "{subs:?}");
+    a.publish_users(&["y"], "", "y1").await;
+    let p1 = a.publish_topic("prices", "p1").await.event_id;
+    assert_eq!(stored_subject(&nats, &p1).await, PRICES_TOPIC_SUBJECT);
+    a.broadcast("all1").await;
+    a.publish_topic("prices", "p2").await;
+    assert_eq!(on_a.next_data(3).await, ["p1", "all1", "p2"]);
+    // A reader of the topic moves to b: b reads the topic's events from the stream and serves
+    // them in order with the user's and the broadcast, then live, and nothing of another topic.
+    let mut moved = b.resume("user=y&topic=prices", &first).await;
+    assert_eq!(moved.next_data(4).await, ["y1", "p1", "all1", "p2"], "in stream order, nothing lost");
+    a.publish_topic("prices", "p3").await;
+    a.publish_topic("other", "o1").await;
+    a.publish_topic("prices", "p4").await;
+    assert_eq!(moved.next_data(2).await, ["p3", "p4"], "live, and nothing of another topic");
+    let subs = live_subscriptions(&nats, live).await;
+    assert_eq!(subs.iter().filter(|s| !s.is_empty()).count(), 2, "both follow it now: {subs:?}");
+}
+
+#[tokio::test]
+async fn topics_stay_on_the_shared_subject_while_a_replica_that_does_not_follow_them_is_around() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, &[]).await;
+    let mut on_a = a.subscribe("user=x&topic=prices").await;
+    on_a.cursor().await;
+    publish_topic_until_stored_on(&nats, &a, &mut on_a, "prices", PRICES_TOPIC_SUBJECT).await;
+    // A replica of the previous version joins (a rollback, or a rolling upgrade's first
+    // step): its hello is its id alone, and it reads topics from the shared subject only.
+    let client = async_nats::connect(nats.url()).await.expect("raw NATS client");
+    let older = tokio::spawn(async move {
+        let mut hello = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            hello.tick().await;
+            let _ = client.publish("ssegate.events.ctl.hello", "00000000older000".into()).await;
+        }
+    });
+    publish_topic_until_stored_on(&nats, &a, &mut on_a, "prices", "ssegate.events.to.all").await;
+    // Once it is gone (no hello for a few seconds), topics get their own subject again.
+    older.abort();
+    publish_topic_until_stored_on(&nats, &a, &mut on_a, "prices", PRICES_TOPIC_SUBJECT).await;
+}

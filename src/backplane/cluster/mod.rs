@@ -117,6 +117,19 @@ pub struct Gathered {
 /// How long a replica counts as alive after its last hello.
 const PEER_TTL: Duration = Duration::from_secs(3);
 const HELLO_EVERY: Duration = Duration::from_secs(1);
+/// A hello is the replica's id, then what it can do, space-separated. This word says that it
+/// receives a topic's events from the topic's own subject (interest delivery follows topics,
+/// and a replica reading the whole stream reads every subject). Older replicas send the id
+/// alone, and read a newer hello whole as an id: it still counts as one replica there.
+const FOLLOWS_TOPICS: &str = "topics";
+
+/// The id and whether the replica follows topics, from a hello.
+fn parse_hello(payload: &[u8]) -> (String, bool) {
+    let text = String::from_utf8_lossy(payload);
+    let mut words = text.split(' ');
+    let id = words.next().unwrap_or_default().to_owned();
+    (id, words.any(|w| w == FOLLOWS_TOPICS))
+}
 
 pub struct Cluster {
     client: Client,
@@ -125,7 +138,11 @@ pub struct Cluster {
     hello_subject: String,
     presence_subject: String,
     wait: Duration,
-    peers: Mutex<HashMap<String, Instant>>,
+    /// Replicas heard from, when last, and whether they follow topics.
+    peers: Mutex<HashMap<String, (Instant, bool)>>,
+    /// Since when hellos are listened to: before a whole `PEER_TTL` of them, an older replica
+    /// may be there unheard.
+    listening_since: std::sync::OnceLock<Instant>,
 }
 
 impl Cluster {
@@ -138,6 +155,7 @@ impl Cluster {
             presence_subject: format!("{prefix}.ctl.presence"),
             wait,
             peers: Mutex::new(HashMap::new()),
+            listening_since: std::sync::OnceLock::new(),
         })
     }
 
@@ -187,6 +205,7 @@ impl Cluster {
             let _ = queries.unsubscribe().await;
         });
         let mut hellos = self.client.subscribe(self.hello_subject.clone()).await?;
+        let _ = self.listening_since.set(Instant::now());
         let this = self.clone();
         let token = stop.clone();
         tracker.spawn(async move {
@@ -198,8 +217,8 @@ impl Cluster {
                         None => break,
                     },
                 };
-                let id = String::from_utf8_lossy(&msg.payload).into_owned();
-                this.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Instant::now());
+                let (id, topics) = parse_hello(&msg.payload);
+                this.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (Instant::now(), topics));
             }
             let _ = hellos.unsubscribe().await;
         });
@@ -212,7 +231,8 @@ impl Cluster {
                     () = token.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let _ = this.client.publish(this.hello_subject.clone(), this.id.clone().into()).await;
+                let hello = format!("{} {FOLLOWS_TOPICS}", this.id);
+                let _ = this.client.publish(this.hello_subject.clone(), hello.into()).await;
             }
         });
         Ok(())
@@ -237,9 +257,20 @@ impl Cluster {
     /// Replicas heard from recently (this one included).
     fn alive(&self) -> usize {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.retain(|_, seen| seen.elapsed() < PEER_TTL);
-        peers.insert(self.id.clone(), Instant::now());
+        peers.retain(|_, (seen, _)| seen.elapsed() < PEER_TTL);
+        peers.insert(self.id.clone(), (Instant::now(), true));
         peers.len()
+    }
+
+    /// Whether every replica alive follows topics (hellos heard for at least `PEER_TTL`, and
+    /// none of them from a replica without `FOLLOWS_TOPICS`): then a topic's events may go to
+    /// its own subject, which only replicas with a stream on the topic receive.
+    pub fn everyone_follows_topics(&self) -> bool {
+        if self.listening_since.get().is_none_or(|t| t.elapsed() < PEER_TTL) {
+            return false;
+        }
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.values().all(|(seen, topics)| *topics || seen.elapsed() >= PEER_TTL)
     }
 
     /// Asks every replica; waits for as many answers as there are live replicas, at most the
@@ -275,5 +306,20 @@ impl Cluster {
         .await;
         let partial = answers.len() < expected;
         Ok(Gathered { answers, partial })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_says_the_id_and_whether_the_replica_follows_topics() {
+        assert_eq!(parse_hello(b"0123456789abcdef topics"), ("0123456789abcdef".to_owned(), true));
+        // An older replica: the id alone.
+        assert_eq!(parse_hello(b"0123456789abcdef"), ("0123456789abcdef".to_owned(), false));
+        // A newer one with more words, in any order.
+        assert_eq!(parse_hello(b"0123456789abcdef zones topics"), ("0123456789abcdef".to_owned(), true));
+        assert_eq!(parse_hello(b""), (String::new(), false));
     }
 }

@@ -3,9 +3,10 @@
 //! scale"); in short:
 //!
 //! - every event is stored by the stream and republished by it on a live subject
-//!   (`subjects.rs`): one per user for an event to one user, `live.all` for the rest;
-//! - this replica subscribes (core NATS) to `live.all` and to the live subject of each user
-//!   with a connection here (`follow`, before the connection registers), kept for a linger
+//!   (`subjects.rs`): one per user, group or topic for an event to one of them, `live.all` for
+//!   the rest;
+//! - this replica subscribes (core NATS) to `live.all` and to the live subject of each user,
+//!   group and topic (each a `Key`) with a connection here (`follow`, before the connection registers), kept for a linger
 //!   after the user's last connection, so that reloads and reconnects do not churn the
 //!   broker's interest;
 //! - one task (`Task`) owns every subscription and is the only one feeding the router: it
@@ -49,7 +50,7 @@ use super::{
 };
 use crate::{
     backplane::wire::{self, Decoded},
-    domain::{EventId, GroupId, Target, UserId},
+    domain::{EventId, GroupId, Target, Topic, UserId},
     router::{Applied, Held, Interest, Router},
 };
 
@@ -121,10 +122,15 @@ impl Interest for Handle {
         &'a self,
         user: Option<&'a UserId>,
         groups: &'a [GroupId],
+        topics: &'a [Topic],
         after: Option<EventId>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<Held, String>> + Send + 'a>> {
-        let keys =
-            user.map(|u| Key::User(u.clone())).into_iter().chain(groups.iter().cloned().map(Key::Group)).collect();
+        let keys = user
+            .map(|u| Key::User(u.clone()))
+            .into_iter()
+            .chain(groups.iter().cloned().map(Key::Group))
+            .chain(topics.iter().cloned().map(Key::Topic))
+            .collect();
         Box::pin(self.0.clone().follow(keys, after))
     }
 }
@@ -184,6 +190,7 @@ pub enum Key {
     All,
     User(UserId),
     Group(GroupId),
+    Topic(Topic),
 }
 
 /// An event from the stream in its place, with its subject and, for a live copy, the
@@ -354,6 +361,7 @@ impl Task {
             Key::All => (self.subjects.to_all.clone(), self.subjects.live_all.clone()),
             Key::User(u) => (self.subjects.to_user(u), self.subjects.live_user(u)),
             Key::Group(g) => (self.subjects.to_group(g), self.subjects.live_group(g)),
+            Key::Topic(t) => (self.subjects.to_topic(t), self.subjects.live_topic(t)),
         }
     }
 
@@ -708,6 +716,7 @@ impl Task {
                         let key = match &d.target {
                             Target::Users(u) if u.len() == 1 => Key::User(u[0].clone()),
                             Target::Group(g) => Key::Group(g.clone()),
+                            Target::Topic(t) => Key::Topic(t.clone()),
                             _ => return None,
                         };
                         self.live.contains_key(&key).then_some(key)

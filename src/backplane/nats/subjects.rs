@@ -1,9 +1,10 @@
 //! The subjects of interest delivery (`--nats-delivery interest`, see ARCHITECTURE.md, "The
 //! cluster at scale"). An event for one user, setting no retained value, is published to
 //! `<subject>.to.u.<user in unpadded base64url>`; one for a group, likewise, to
-//! `<subject>.to.g.<group>`; every other event (topics, which subscriptions may match by
-//! pattern, broadcast, several users, and every retained update, so that every replica's
-//! retained store stays whole) to `<subject>.to.all`. The stream takes `<subject>` and `<subject>.to.>`
+//! `<subject>.to.g.<group>`; one for a topic to `<subject>.to.t.<topic>` once every replica
+//! follows topics (`Cluster::everyone_follows_topics`: an older replica would miss them);
+//! every other event (broadcast, several users, and every retained update, so that every
+//! replica's retained store stays whole) to `<subject>.to.all`. The stream takes `<subject>` and `<subject>.to.>`
 //! and republishes each stored `<subject>.to.X` on `<subject>.live.X` (core NATS, with the
 //! stream sequence in `Nats-Sequence` and the previous sequence on the same subject in
 //! `Nats-Last-Sequence`), so the NATS servers route a live copy only to replicas subscribed
@@ -14,7 +15,7 @@
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use crate::domain::{GroupId, Retain, Target, UserId};
+use crate::domain::{GroupId, Retain, Target, Topic, UserId};
 
 #[derive(Clone, Debug)]
 pub struct Subjects {
@@ -41,13 +42,25 @@ impl Subjects {
         }
     }
 
-    /// Where an event of `target` is published with interest delivery.
-    pub fn publish_to(&self, target: &Target, retain: Retain) -> String {
+    /// Where an event of `target` is published with interest delivery; a topic's own subject
+    /// only if `topics` (every replica follows topics).
+    pub fn publish_to(&self, target: &Target, retain: Retain, topics: bool) -> String {
         match target {
             Target::Users(users) if users.len() == 1 && retain == Retain::No => self.to_user(&users[0]),
             Target::Group(group) if retain == Retain::No => self.to_group(group),
+            Target::Topic(topic) if retain == Retain::No && topics => self.to_topic(topic),
             _ => self.to_all.clone(),
         }
+    }
+
+    /// `<subject>.to.t.<topic>`: where the events of `topic` are stored.
+    pub fn to_topic(&self, topic: &Topic) -> String {
+        format!("{}.to.t.{}", self.base, URL_SAFE_NO_PAD.encode(topic.as_str()))
+    }
+
+    /// `<subject>.live.t.<topic>`: where their live copies arrive.
+    pub fn live_topic(&self, topic: &Topic) -> String {
+        format!("{}.live.t.{}", self.base, URL_SAFE_NO_PAD.encode(topic.as_str()))
     }
 
     /// `<subject>.to.u.<user>`: where the events of `user` alone are stored.
@@ -80,17 +93,29 @@ mod tests {
         let s = Subjects::new("ssegate.events");
         let alice = UserId::parse("alice.smith@example.com").unwrap();
         let one = Target::Users(vec![alice.clone()]);
-        assert_eq!(s.publish_to(&one, Retain::No), "ssegate.events.to.u.YWxpY2Uuc21pdGhAZXhhbXBsZS5jb20");
+        assert_eq!(s.publish_to(&one, Retain::No, true), "ssegate.events.to.u.YWxpY2Uuc21pdGhAZXhhbXBsZS5jb20");
         assert_eq!(s.live_user(&alice), "ssegate.events.live.u.YWxpY2Uuc21pdGhAZXhhbXBsZS5jb20");
-        assert_eq!(s.publish_to(&one, Retain::Set { expires_at: None }), "ssegate.events.to.all");
-        assert_eq!(s.publish_to(&one, Retain::Clear), "ssegate.events.to.all");
+        assert_eq!(s.publish_to(&one, Retain::Set { expires_at: None }, true), "ssegate.events.to.all");
+        assert_eq!(s.publish_to(&one, Retain::Clear, true), "ssegate.events.to.all");
         let two = Target::Users(vec![alice, UserId::parse("bob").unwrap()]);
-        assert_eq!(s.publish_to(&two, Retain::No), "ssegate.events.to.all");
-        assert_eq!(s.publish_to(&Target::Broadcast, Retain::No), "ssegate.events.to.all");
+        assert_eq!(s.publish_to(&two, Retain::No, true), "ssegate.events.to.all");
+        assert_eq!(s.publish_to(&Target::Broadcast, Retain::No, true), "ssegate.events.to.all");
         let g = GroupId::parse("team.a").unwrap();
-        assert_eq!(s.publish_to(&Target::Group(g.clone()), Retain::No), "ssegate.events.to.g.dGVhbS5h");
+        assert_eq!(s.publish_to(&Target::Group(g.clone()), Retain::No, true), "ssegate.events.to.g.dGVhbS5h");
         assert_eq!(s.live_group(&g), "ssegate.events.live.g.dGVhbS5h");
-        assert_eq!(s.publish_to(&Target::Group(g), Retain::Clear), "ssegate.events.to.all");
+        assert_eq!(s.publish_to(&Target::Group(g), Retain::Clear, true), "ssegate.events.to.all");
         assert_eq!((s.to_any.as_str(), s.live_any.as_str()), ("ssegate.events.to.>", "ssegate.events.live.>"));
+    }
+
+    #[test]
+    fn a_topic_has_its_own_subject_only_once_every_replica_follows_topics() {
+        let s = Subjects::new("ssegate.events");
+        // Dots, stars and `>` in a topic stay inside one subject token.
+        let t = Topic::parse("orders.>*").unwrap();
+        let topic = Target::Topic(t.clone());
+        assert_eq!(s.publish_to(&topic, Retain::No, true), "ssegate.events.to.t.b3JkZXJzLj4q");
+        assert_eq!(s.live_topic(&t), "ssegate.events.live.t.b3JkZXJzLj4q");
+        assert_eq!(s.publish_to(&topic, Retain::No, false), "ssegate.events.to.all", "an older replica is there");
+        assert_eq!(s.publish_to(&topic, Retain::Set { expires_at: None }, true), "ssegate.events.to.all");
     }
 }

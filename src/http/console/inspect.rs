@@ -66,13 +66,14 @@ pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Looku
         Some(s) => Some(s.parse::<EventId>().map_err(|e| ConsoleError::BadRequest(format!("event id `{s}`: {e}")))?),
     };
     let c = &console.0;
-    // With interest delivery a replica holds a user's or group's own events only while
-    // following it: follow it for this answer (its events in the replay window are read in).
+    // With interest delivery a replica holds a user's, group's or topic's own events only
+    // while following it: follow it for this answer (its events in the replay window are read
+    // in).
     let all = Some(EventId { epoch: c.router.epoch(), seq: 0 });
     let followed = match &subject {
-        Subject::User(user) => c.router.follow(Some(user), &[], all).await,
-        Subject::Group(group) => c.router.follow(None, std::slice::from_ref(group), all).await,
-        Subject::Topic(_) => Ok(None),
+        Subject::User(user) => c.router.follow(Some(user), &[], &[], all).await,
+        Subject::Group(group) => c.router.follow(None, std::slice::from_ref(group), &[], all).await,
+        Subject::Topic(topic) => c.router.follow(None, &[], std::slice::from_ref(topic), all).await,
     };
     let _held = followed.map_err(|e| ConsoleError::Unavailable(e.to_string()))?;
     let gathered =
