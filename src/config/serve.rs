@@ -94,15 +94,15 @@ pub struct ServeArgs {
     pub nats_stream_replicas: u8,
 
     /// How events reach each replica: `interest` (only those its connections need: the stream,
-    /// when this replica creates it, republishes each event on a live subject per user or group,
-    /// and a replica subscribes to the users and groups it serves) or `stream` (every replica reads every
-    /// event). A stream created without interest delivery is read whole either way; all
+    /// when this replica creates it, republishes each event on a live subject per user, group
+    /// or topic, and a replica subscribes to the users, groups and topics it serves) or `stream`
+    /// (every replica reads every event). A stream created without interest delivery is read whole either way; all
     /// replicas must run a version that knows `interest` before such a stream is created.
     #[arg(long, env = "SSEGATE_NATS_DELIVERY", value_enum, default_value = "interest")]
     pub nats_delivery: NatsDelivery,
 
-    /// Interest delivery: how long a replica keeps receiving a user's events after the user's
-    /// last stream on it closed, so that reloads and reconnects do not churn the broker's
+    /// Interest delivery: how long a replica keeps receiving a user's (group's, topic's) events
+    /// after its last stream on it closed, so that reloads and reconnects do not churn the broker's
     /// subscriptions (and a reconnect within it is served from the replica's log at once).
     #[arg(long, env = "SSEGATE_NATS_INTEREST_LINGER", default_value = "60s", value_parser = duration)]
     pub nats_interest_linger: Duration,

@@ -231,6 +231,14 @@ type Answer = oneshot::Sender<Result<(), String>>;
 /// from the stream.
 const GAP_WAIT: Duration = Duration::from_millis(100);
 
+/// While the broker is not answering (the probe), and for `SETTLE_FOR` after it answers again
+/// or after a reconnect, each copy is held `SETTLE_HOLD` before it is applied: right after a
+/// stall the broker was seen to send a copy ~10 ms behind later copies of other subjects, which
+/// nothing in them shows (`reorder.rs`), and an event applied after a later one reaches only
+/// the connections that are not past it. Outside these moments copies are applied at once.
+const SETTLE_HOLD: Duration = Duration::from_millis(50);
+const SETTLE_FOR: Duration = Duration::from_secs(2);
+
 /// The one task feeding the router under interest delivery.
 pub struct Task {
     bp: Arc<NatsBackplane>,
@@ -245,6 +253,10 @@ pub struct Task {
     /// Received and not applied yet, in sequence order: everything after a copy whose
     /// predecessor on its subject has not arrived waits for it (`reorder.rs`).
     reorder: Reorder<Key, Decoded>,
+    /// Copies are held `SETTLE_HOLD` until then (`None`: not settling); `broker_down` while
+    /// the probe says the broker does not answer.
+    settle_until: Option<tokio::time::Instant>,
+    broker_down: bool,
     /// Users whose read is done, with the point their events are complete from, waiting until
     /// the events read (up to the last sequence) are applied (`release_deferred`).
     deferred: Vec<(Key, u64, u64)>,
@@ -256,6 +268,8 @@ pub struct Task {
 
 /// What woke the task.
 enum Step {
+    Up(bool),
+    Release,
     Stop,
     Copies(Batch<Key>),
     Request(Request),
@@ -296,6 +310,8 @@ impl Task {
             live: HashMap::new(),
             all_last: first.saturating_sub(1),
             reorder: Reorder::new(),
+            settle_until: None,
+            broker_down: false,
             deferred: Vec::new(),
             requests,
             fills_tx,
@@ -315,15 +331,27 @@ impl Task {
         generation.borrow_and_update();
         let mut identity = self.bp.identity.watch();
         identity.borrow_and_update();
+        let mut up = self.bp.watch_up();
+        self.broker_down = !*up.borrow_and_update();
         let linger = self.bp.settings.linger;
         let mut sweep = tokio::time::interval((linger / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
         loop {
             let gap_at = self.reorder.blocked().map(|b| b.until);
+            // Held copies not waiting for a predecessor: released once past the settling hold,
+            // or at once when the settling ended with some still held.
+            let release_at = match (self.reorder.front_held_at(), self.reorder.blocked()) {
+                (Some(at), None) if self.settle_cutoff().is_some() => Some(at + SETTLE_HOLD),
+                (Some(_), None) => Some(tokio::time::Instant::now()),
+                _ => None,
+            };
             let step = tokio::select! {
                 biased;
                 () = stop.cancelled() => Step::Stop,
                 r = generation.changed() => if r.is_ok() { Step::Reconnected } else { Step::Stop },
                 r = identity.changed() => if r.is_ok() { Step::Identity } else { Step::Stop },
+                r = up.changed() => if r.is_ok() { Step::Up(*up.borrow_and_update()) } else { Step::Stop },
+                () = async { tokio::time::sleep_until(release_at.unwrap_or_else(tokio::time::Instant::now)).await },
+                    if release_at.is_some() => Step::Release,
                 () = async { tokio::time::sleep_until(gap_at.unwrap_or_else(tokio::time::Instant::now)).await },
                     if gap_at.is_some() => Step::Gap,
                 Some(f) = self.fills.recv() => Step::Filled(f),
@@ -340,11 +368,27 @@ impl Task {
                 Step::Reconnected | Step::Identity => {
                     identity.borrow_and_update();
                     generation.borrow_and_update();
+                    self.settle_until = Some(tokio::time::Instant::now() + SETTLE_FOR);
                     self.recover().await;
+                    self.settle_until = Some(tokio::time::Instant::now() + SETTLE_FOR);
                 }
+                Step::Up(true) => {
+                    self.broker_down = false;
+                    self.settle_until = Some(tokio::time::Instant::now() + SETTLE_FOR);
+                }
+                Step::Up(false) => self.broker_down = true,
+                Step::Release => self.apply_held(),
                 Step::Sweep => self.sweep(linger),
             }
         }
+    }
+
+    /// While settling (see `SETTLE_HOLD`), the latest time a copy may have arrived to be
+    /// applied now.
+    fn settle_cutoff(&self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let settling = self.broker_down || self.settle_until.is_some_and(|t| now < t);
+        settling.then(|| now.checked_sub(SETTLE_HOLD).unwrap_or(now))
     }
 
     /// The last sequence this replica has of `key`'s subject, if it follows it.
@@ -370,8 +414,9 @@ impl Task {
         for key in batch.closed {
             tracing::warn!(?key, "a NATS subscription ended; following it again after the next reconnect");
         }
+        let now = tokio::time::Instant::now();
         for item in fetched {
-            self.reorder.hold(item);
+            self.reorder.hold(item, now);
         }
         for (key, msg) in batch.copies {
             let Message { headers, payload, subject, .. } = msg;
@@ -382,7 +427,7 @@ impl Task {
             match wire::decode(&payload) {
                 Ok(event) => {
                     let previous = sequence_of(headers.as_ref(), "Nats-Last-Sequence");
-                    self.reorder.hold(Item { seq, key, previous, value: event });
+                    self.reorder.hold(Item { seq, key, previous, value: event }, now);
                 }
                 Err(e) => tracing::error!(seq, error = %e, "undecodable event in the stream skipped"),
             }
@@ -396,6 +441,7 @@ impl Task {
     fn apply_held(&mut self) {
         let epoch = self.router.epoch();
         let deadline = tokio::time::Instant::now() + GAP_WAIT;
+        let cutoff = self.settle_cutoff();
         loop {
             // The last this replica has of a copy's subject; not checked while a read of the
             // subject is in flight (it covers the predecessors).
@@ -404,7 +450,7 @@ impl Task {
                 Key::All => Some(all_last),
                 key => live.get(key).filter(|l| !l.filling).map(|l| l.last),
             };
-            let Some(item) = self.reorder.pop(last_of, deadline) else { break };
+            let Some(item) = self.reorder.pop(last_of, deadline, cutoff) else { break };
             match &item.key {
                 Key::All => self.all_last = self.all_last.max(item.seq),
                 key => {

@@ -8,11 +8,19 @@
 //! or reorders events without any error.
 //!
 //! The rule: entries are held in sequence order and taken from the front. Each live copy names
-//! the previous sequence on its subject (`Nats-Last-Sequence`); a front entry whose predecessor
-//! is beyond the last sequence the replica has of that subject (neither applied nor held: a
-//! held one would be in front of it) stops the taking. Everything behind it waits, since
-//! applying a later event first would move the router past the missing one. The caller waits
-//! for the predecessor until `Blocked::until`, then reads the subject from the stream.
+//! the previous sequence on its subject (`Nats-Last-Sequence`). A predecessor that is neither
+//! held nor within what the replica has of that subject is *missing*, and nothing after the
+//! missing sequence is taken: not the copy that named it, and not the entries of other subjects
+//! between the two, since applying a later event first would move the router past the missing
+//! one (which could then only be announced as `late`). The caller waits for it until
+//! `Blocked::until`, then reads the subject from the stream.
+//!
+//! Copies of *different* subjects carry nothing that shows one missing, and right after the
+//! broker comes back from a stall or a restart it was seen to send them out of order (chaos
+//! runs: an event's copy 10 ms behind later ones of other subjects). So the caller may also
+//! give a `cutoff`: entries that arrived after it stay held, so that a late copy that arrives
+//! meanwhile still takes its place (`follow::Task` holds each entry `SETTLE_HOLD` while the
+//! broker is down and for `SETTLE_FOR` after it answers again).
 
 use std::collections::BTreeMap;
 
@@ -43,42 +51,76 @@ pub struct Blocked<K> {
 /// Entries held in sequence order, and what the front waits for.
 #[derive(Debug)]
 pub struct Reorder<K, T> {
-    held: BTreeMap<u64, Entry<K, T>>,
+    /// Each entry with when it was held.
+    held: BTreeMap<u64, (Instant, Entry<K, T>)>,
+    /// Predecessors named by held copies and not held themselves, with their subjects.
+    expected: BTreeMap<u64, K>,
     blocked: Option<Blocked<K>>,
 }
 
 impl<K: Clone + PartialEq, T> Reorder<K, T> {
     pub fn new() -> Self {
-        Self { held: BTreeMap::new(), blocked: None }
+        Self { held: BTreeMap::new(), expected: BTreeMap::new(), blocked: None }
     }
 
-    /// Holds an entry; a second one with the same sequence (a copy and a read of one event)
-    /// is dropped.
-    pub fn hold(&mut self, entry: Entry<K, T>) {
-        self.held.entry(entry.seq).or_insert(entry);
+    /// Holds an entry (arrived `now`); a second one with the same sequence (a copy and a read
+    /// of one event) is dropped.
+    pub fn hold(&mut self, entry: Entry<K, T>, now: Instant) {
+        if self.held.contains_key(&entry.seq) {
+            return;
+        }
+        self.expected.remove(&entry.seq);
+        if let Some(p) = entry.previous
+            && !self.held.contains_key(&p)
+        {
+            self.expected.insert(p, entry.key.clone());
+        }
+        self.held.insert(entry.seq, (now, entry));
     }
 
     /// The next entry to apply, or `None`: nothing is held (and nothing is waited for any
     /// more), or the front waits for a missing predecessor (`blocked`). `last_of` gives the last
     /// sequence the replica has of a subject, or `None` if that subject's predecessors are not
     /// checked (not followed, or a read of it is in flight that covers them). A new wait ends
-    /// at `deadline`; a wait for the same event keeps its end.
-    pub fn pop(&mut self, last_of: impl Fn(&K) -> Option<u64>, deadline: Instant) -> Option<Entry<K, T>> {
+    /// at `deadline`; a wait for the same event keeps its end. With a `cutoff`, an entry held
+    /// after it is not taken yet (`None`, not a wait).
+    pub fn pop(
+        &mut self,
+        last_of: impl Fn(&K) -> Option<u64>,
+        deadline: Instant,
+        cutoff: Option<Instant>,
+    ) -> Option<Entry<K, T>> {
         let Some(front) = self.held.first_entry() else {
+            self.expected.clear();
             self.blocked = None;
             return None;
         };
-        let entry = front.get();
-        if let Some(p) = entry.previous
-            && let Some(last) = last_of(&entry.key)
-            && p > last
+        let seq = *front.key();
+        // The lowest missing predecessor before the front stops it.
+        while let Some(entry) = self.expected.first_entry()
+            && *entry.key() < seq
         {
-            if self.blocked.as_ref().is_none_or(|b| b.key != entry.key || b.missing != p) {
-                self.blocked = Some(Blocked { key: entry.key.clone(), after: last, missing: p, until: deadline });
+            let (p, key) = (*entry.key(), entry.get());
+            match last_of(key) {
+                Some(last) if p > last => {
+                    if self.blocked.as_ref().is_none_or(|b| b.key != *key || b.missing != p) {
+                        self.blocked = Some(Blocked { key: key.clone(), after: last, missing: p, until: deadline });
+                    }
+                    return None;
+                }
+                // Applied, read, or not checked (a read of the subject in flight covers it).
+                _ => _ = entry.remove(),
             }
+        }
+        if cutoff.is_some_and(|c| front.get().0 > c) {
             return None;
         }
-        Some(front.remove())
+        Some(front.remove().1)
+    }
+
+    /// When the front entry was held (a `cutoff` releases it once past this).
+    pub fn front_held_at(&self) -> Option<Instant> {
+        self.held.first_key_value().map(|(_, (at, _))| *at)
     }
 
     /// What the front waits for, if anything.
@@ -99,6 +141,7 @@ impl<K: Clone + PartialEq, T> Reorder<K, T> {
     /// Drops everything held (a recreated stream: the held sequences name the old one).
     pub fn clear(&mut self) {
         self.held.clear();
+        self.expected.clear();
         self.blocked = None;
     }
 }
@@ -129,11 +172,11 @@ mod tests {
         }
 
         fn copy(&mut self, seq: u64, key: &'static str, previous: u64) {
-            self.reorder.hold(Entry { seq, key, previous: Some(previous), value: () });
+            self.reorder.hold(Entry { seq, key, previous: Some(previous), value: () }, Instant::now());
         }
 
         fn read(&mut self, seq: u64, key: &'static str) {
-            self.reorder.hold(Entry { seq, key, previous: None, value: () });
+            self.reorder.hold(Entry { seq, key, previous: None, value: () }, Instant::now());
         }
 
         /// Applies what can be applied, as `follow::Task::apply_held` does.
@@ -141,7 +184,7 @@ mod tests {
             loop {
                 let (last, unchecked) = (&self.last, &self.unchecked);
                 let of = |k: &&'static str| (!unchecked.contains(k)).then(|| last.get(k).copied().unwrap_or(0));
-                let Some(e) = self.reorder.pop(of, deadline) else { break };
+                let Some(e) = self.reorder.pop(of, deadline, None) else { break };
                 let l = self.last.entry(e.key).or_insert(0);
                 *l = (*l).max(e.seq);
                 self.applied.push(e.seq);
@@ -178,6 +221,25 @@ mod tests {
         r.apply(now);
         assert_eq!(r.applied, [4, 5, 6]);
         assert!(r.reorder.blocked().is_none(), "the wait ends once everything is applied");
+    }
+
+    #[test]
+    fn nothing_after_a_missing_predecessor_is_applied_on_any_subject() {
+        let now = Instant::now();
+        let mut r = Replica::new(&[("a", 3)]);
+        // Copy 7 of a names 5 as its predecessor; 4 and 6 (subject b) are held too. 4 may go;
+        // 6 may not: applying it would move the router past 5, which could then only be
+        // announced as late.
+        r.copy(4, "b", 0);
+        r.copy(6, "b", 4);
+        r.copy(7, "a", 5);
+        r.apply(now);
+        assert_eq!(r.applied, [4]);
+        let b = r.reorder.blocked().cloned().expect("waiting");
+        assert_eq!((b.key, b.after, b.missing), ("a", 3, 5));
+        r.copy(5, "a", 3);
+        r.apply(now);
+        assert_eq!(r.applied, [4, 5, 6, 7]);
     }
 
     #[test]
@@ -251,6 +313,23 @@ mod tests {
         r.read(1, "a");
         r.apply(now);
         assert_eq!(r.applied, [1]);
+    }
+
+    #[test]
+    fn with_a_cutoff_what_arrived_after_it_waits_and_a_late_copy_of_another_subject_takes_its_place() {
+        let start = Instant::now();
+        let later = start + Duration::from_millis(10);
+        let mut r: Reorder<&str, ()> = Reorder::new();
+        let none = |_: &&str| None;
+        r.hold(Entry { seq: 654, key: "b", previous: None, value: () }, start);
+        // Not yet past the hold: nothing taken, and nothing waited for either.
+        assert!(r.pop(none, start, Some(start - Duration::from_millis(1))).is_none());
+        assert!(r.blocked().is_none());
+        assert_eq!(r.front_held_at(), Some(start));
+        // 653, of another subject, arrives 10 ms later: it goes first once released.
+        r.hold(Entry { seq: 653, key: "a", previous: None, value: () }, later);
+        assert_eq!(r.pop(none, later, Some(later)).map(|e| e.seq), Some(653));
+        assert_eq!(r.pop(none, later, Some(later)).map(|e| e.seq), Some(654));
     }
 
     #[test]
