@@ -37,8 +37,6 @@ ensure_chromium() {
 
 ensure_browser_driver_deps() {
   [ -d tests/browser/node_modules/playwright-core ] && return 0
-  command -v node >/dev/null 2>&1 || die "node is not installed (needed by tests/browser/driver.mjs)"
-  command -v npm >/dev/null 2>&1 || die "npm is not installed (needed to install tests/browser dependencies)"
   log "installing browser driver dependencies (npm ci in tests/browser)"
   quietly "npm ci in tests/browser" bash -c 'cd tests/browser && npm ci --no-audit --no-fund --loglevel=error'
   [ -d tests/browser/node_modules/playwright-core ] \
@@ -53,6 +51,7 @@ ensure_nats_server() {
 }
 
 ensure_chromium
+ensure_node_toolchain
 ensure_browser_driver_deps
 ensure_nats_server
 

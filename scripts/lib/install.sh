@@ -61,14 +61,23 @@ ensure_venv() {
   cp "$requirements" "$stamp"
 }
 
+# ensure_node_toolchain: node and npm, from Debian's packages when either is missing.
+ensure_node_toolchain() {
+  if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    return 0
+  fi
+  apt_install nodejs npm
+  command -v node >/dev/null 2>&1 || die "nodejs was installed but node is still missing"
+  command -v npm >/dev/null 2>&1 || die "npm was installed but is still missing"
+}
+
 # ensure_npm_ci DIR WHAT: `npm ci` in DIR, again only when its package-lock.json changed since.
 ensure_npm_ci() {
   local dir="$1" what="$2" stamp="$1/node_modules/.ssegate-installed-lock.json"
-  command -v node >/dev/null 2>&1 || die "node is not installed"
   if cmp -s "$dir/package-lock.json" "$stamp"; then
     return 0
   fi
-  command -v npm >/dev/null 2>&1 || die "npm is not installed"
+  ensure_node_toolchain
   log "installing $what (npm ci in $dir)"
   quietly "npm ci in $dir" bash -c "cd '$dir' && npm ci --no-audit --no-fund --loglevel=error"
   cp "$dir/package-lock.json" "$stamp"
