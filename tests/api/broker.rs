@@ -59,6 +59,11 @@ impl Broker {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// A JetStream context on a new connection of the test's own.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(async_nats::connect(self.url()).await.expect("the test connects to NATS"))
+    }
+
     pub fn pid(&self) -> String {
         self.child.as_ref().and_then(Child::id).expect("nats-server runs").to_string()
     }

@@ -476,8 +476,7 @@ async fn a_groups_events_reach_only_replicas_with_a_stream_in_it_and_a_resume_th
 /// stream by sequence.
 async fn stored_subject(nats: &Broker, id: &str) -> String {
     let seq: u64 = id.rsplit('-').next().and_then(|s| s.parse().ok()).expect("an id ends with its sequence");
-    let client = async_nats::connect(nats.url()).await.expect("raw NATS client");
-    let stream = async_nats::jetstream::new(client).get_stream("SSEGATE").await.expect("the stream");
+    let stream = nats.jetstream().await.get_stream("SSEGATE").await.expect("the stream");
     stream.direct_get(seq).await.expect("the event in the stream").subject.to_string()
 }
 

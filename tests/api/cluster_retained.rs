@@ -98,10 +98,6 @@ async fn persist_failures(app: &TestApp) -> f64 {
     line.trim_start_matches(name).parse().expect("a number")
 }
 
-async fn jetstream(nats: &Broker) -> async_nats::jetstream::Context {
-    async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("the test connects to NATS"))
-}
-
 #[tokio::test]
 async fn a_retained_value_published_on_one_replica_is_sent_on_connect_at_another() {
     let nats = Broker::start().await;
@@ -160,7 +156,7 @@ async fn a_failed_write_to_the_bucket_does_not_fail_the_publish_and_is_counted()
     let a = replica(&nats, &[]).await;
     let mut live = a.subscribe("user=u").await;
     live.cursor().await;
-    jetstream(&nats).await.delete_stream(format!("KV_{BUCKET}")).await.expect("the bucket's stream is deleted");
+    nats.jetstream().await.delete_stream(format!("KV_{BUCKET}")).await.expect("the bucket's stream is deleted");
 
     to_users(&a, &["u", "v"], "badge", "7", keep()).await;
     let e = live.next_event().await;
@@ -175,7 +171,7 @@ async fn entries_of_the_bucket_this_version_cannot_read_are_skipped_and_the_rest
     let mut a = replica(&nats, &[]).await;
     to_users(&a, &["u"], "badge", "1", keep()).await;
     a.stop().await;
-    let kv = jetstream(&nats).await.get_key_value(BUCKET).await.expect("the bucket exists");
+    let kv = nats.jetstream().await.get_key_value(BUCKET).await.expect("the bucket exists");
     // A key of another shape, a value that is not JSON (user "u", no name), and a value of a
     // later version with fields this one does not know (group "g", no name).
     kv.put("session.czE._", "{}".into()).await.unwrap();
@@ -231,7 +227,7 @@ async fn an_expired_value_is_not_loaded_and_is_deleted_from_the_bucket() {
 
     let a = replica(&nats, &["--replay-capacity", "0"]).await;
     assert_eq!(sent_on_connect(&a, "u", "").await, pairs(&[("badge", "1")]));
-    let kv = jetstream(&nats).await.get_key_value(BUCKET).await.unwrap();
+    let kv = nats.jetstream().await.get_key_value(BUCKET).await.unwrap();
     let key = "u.dQ.Zmxhc2g"; // user "u", name "flash"
     let end = deadline();
     loop {
@@ -254,7 +250,7 @@ async fn the_values_of_a_recreated_stream_replace_those_of_the_old_one() {
     }
     to_users(&a, &["u"], "badge", "old", keep()).await; // sequence 4 of the old stream
     a.stop().await;
-    jetstream(&nats).await.delete_stream("SSEGATE").await.expect("the event stream is deleted");
+    nats.jetstream().await.delete_stream("SSEGATE").await.expect("the event stream is deleted");
 
     // A new stream (a new epoch, sequences from 1): the old value is still sent until replaced.
     let mut a = replica(&nats, &[]).await;

@@ -92,7 +92,7 @@ async fn counter(app: &TestApp, name: &str) -> f64 {
 }
 
 async fn delete_stream(broker: &Broker) {
-    let js = async_nats::jetstream::new(async_nats::connect(broker.url()).await.expect("the test connects to NATS"));
+    let js = broker.jetstream().await;
     js.delete_stream("SSEGATE").await.expect("the event stream is deleted");
 }
 
@@ -250,7 +250,7 @@ async fn a_publish_stored_in_a_stream_recreated_behind_the_replica_gets_the_new_
     // Recreated by someone else (another replica of this version: interest delivery's
     // subjects and republish), just now: the replica's probe has most likely not run since,
     // and the publish's sequence (1) is one the old stream had used.
-    let js = async_nats::jetstream::new(async_nats::connect(broker.url()).await.expect("the test connects to NATS"));
+    let js = broker.jetstream().await;
     js.delete_stream("SSEGATE").await.expect("the event stream is deleted");
     let config = async_nats::jetstream::stream::Config {
         name: "SSEGATE".into(),

@@ -6,9 +6,9 @@
 //!   (`subjects.rs`): one per user, group or topic for an event to one of them, `live.all` for
 //!   the rest;
 //! - this replica subscribes (core NATS) to `live.all` and to the live subject of each user,
-//!   group and topic (each a `Key`) with a connection here (`follow`, before the connection registers), kept for a linger
-//!   after the user's last connection, so that reloads and reconnects do not churn the
-//!   broker's interest;
+//!   group and topic (each a `Key`) with a connection here (`follow`, before the connection
+//!   registers), kept for a linger after its last connection, so that reloads and reconnects
+//!   do not churn the broker's interest;
 //! - one task (`Task`) owns every subscription and is the only one feeding the router: it
 //!   merges the live copies (`merge.rs`) back into stream order (`reorder.rs`) and applies them;
 //! - a user's events before its subscription (the connection's resume point up to now) are
@@ -62,7 +62,7 @@ const FILLS_IN_FLIGHT: usize = 64;
 /// How often lingering subscriptions are looked at (at most).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// What the edge and the task share: the users and groups followed here.
+/// What the edge and the task share: the users, groups and topics followed here.
 pub struct Follower {
     users: Mutex<HashMap<Key, Followed>>,
     requests: mpsc::UnboundedSender<Request>,
@@ -87,7 +87,7 @@ struct Request {
     done: Answer,
 }
 
-/// A connection's hold on the subscriptions of its user and groups.
+/// A connection's hold on the subscriptions of its user, groups and topics.
 struct Following {
     follower: Arc<Follower>,
     keys: Vec<Key>,
@@ -197,15 +197,14 @@ pub enum Key {
 /// previous sequence on that subject.
 type Item = Entry<Key, Decoded>;
 
-/// What is read of a user's or group's subject: its events after a resume point, or its last
-/// one.
+/// What is read of a key's subject: its events after a resume point, or its last one.
 #[derive(Clone, Copy, Debug)]
 enum Read {
     After(u64),
     Last,
 }
 
-/// The result of reading a user's subject of the stream.
+/// The result of reading a key's subject of the stream.
 struct Filled {
     key: Key,
     read: Read,
@@ -435,9 +434,9 @@ impl Task {
         self.apply_held();
     }
 
-    /// Applies the held events in sequence order, up to the first copy whose predecessor on
-    /// its subject is neither applied nor held: everything after it waits (`blocked`) until
-    /// it arrives, or is read from the stream after `GAP_WAIT`.
+    /// Applies the held events in sequence order, up to a missing predecessor named by a held
+    /// copy (everything after it waits until it arrives, or is read from the stream after
+    /// `GAP_WAIT`) or, while settling, up to the copies held less than `SETTLE_HOLD`.
     fn apply_held(&mut self) {
         let epoch = self.router.epoch();
         let deadline = tokio::time::Instant::now() + GAP_WAIT;
@@ -451,13 +450,8 @@ impl Task {
                 key => live.get(key).filter(|l| !l.filling).map(|l| l.last),
             };
             let Some(item) = self.reorder.pop(last_of, deadline, cutoff) else { break };
-            match &item.key {
-                Key::All => self.all_last = self.all_last.max(item.seq),
-                key => {
-                    if let Some(l) = self.live.get_mut(key) {
-                        l.last = l.last.max(item.seq);
-                    }
-                }
+            if let Some(last) = self.last_of(&item.key) {
+                *last = (*last).max(item.seq);
             }
             self.apply_one(item, epoch);
         }
@@ -648,7 +642,7 @@ impl Task {
         }
     }
 
-    /// Drops the subscriptions of users and groups with no connection here for `linger`.
+    /// Drops the subscriptions of keys with no connection here for `linger`.
     fn sweep(&mut self, linger: Duration) {
         let now = Instant::now();
         let gone: Vec<Key> = {
