@@ -248,6 +248,8 @@ fn worker_args(args: &RunArgs, layout: &Layout, first: u64, count: u64) -> Vec<S
         &s.http_addr.to_string(),
         "--users",
         &layout.users.to_string(),
+        "--first-user",
+        &layout.first_user.to_string(),
         "--groups",
         &s.groups.to_string(),
         "--topics",
@@ -305,13 +307,14 @@ mod tests {
 
     #[test]
     fn workers_get_the_run_layout() {
-        let cli = crate::args::Cli::try_parse_from(["b", "run", "--connections", "20", "--topics", "2"]).unwrap();
+        let cli = crate::args::Cli::try_parse_from(["b", "run", "--connections", "20", "--topics", "2", "--first-user", "7"]).unwrap();
         let crate::args::Command::Run(args) = cli.command else { panic!() };
         let layout = args.sub.layout(args.connections);
         let argv = worker_args(&args, &layout, 10, 10);
         let cli = crate::args::Cli::try_parse_from(std::iter::once("b".to_string()).chain(argv)).unwrap();
         let crate::args::Command::Worker(w) = cli.command else { panic!() };
         assert_eq!((w.first, w.count), (10, 10));
+        assert_eq!(layout.name(0), "u7", "users from --first-user, in the workers too");
         assert_eq!(w.sub.layout(w.first + w.count), layout);
         assert_eq!(w.sub.layout(1), layout, "independent of what the worker can see");
     }
