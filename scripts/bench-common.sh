@@ -67,6 +67,29 @@ stop_server() {
   fi
 }
 
+# Several ssegate replicas on one fresh nats-server (the NATS scenarios). Replica i listens on
+# 1808i (SSE), 1505i (gRPC), 1909i (admin); its log is $SCRATCH/replica<i>.log.
+REPLICA_PIDS=()
+stop_replicas() {
+  stop_pids "${REPLICA_PIDS[@]}"
+  REPLICA_PIDS=()
+}
+# start_nats_replicas COUNT [FLAG...]: stops what ran, starts the broker and COUNT replicas
+# (with the extra flags), and waits for their ports.
+start_nats_replicas() {
+  local count=$1 i; shift
+  stop_replicas
+  stop_server
+  start_nats
+  for i in $(seq 0 $((count - 1))); do
+    RUST_LOG=warn taskset -c "$SERVER_CPU" "${SSEGATE_BIN:-$BIN/ssegate}" serve --http-addr "127.0.0.1:1808$i" \
+      --grpc-addr "127.0.0.1:1505$i" --admin-addr "127.0.0.1:1909$i" --insecure-dev-identity \
+      --insecure-open-publish --backplane nats --nats-url "$NATS_URL" "$@" >"$SCRATCH/replica$i.log" 2>&1 &
+    REPLICA_PIDS+=($!)
+  done
+  for i in $(seq 0 $((count - 1))); do wait_port "127.0.0.1:1808$i"; wait_port "127.0.0.1:1505$i"; done
+}
+
 # stop_pids PID...: stops background processes a scenario started itself (TERM, then waits).
 stop_pids() {
   local pid

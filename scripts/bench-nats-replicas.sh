@@ -29,25 +29,10 @@ TO_FLAGS=(--to "$TO")
 [ "$TO" = topic ] && TO_FLAGS+=(--topics "$TOPICS")
 build
 
-REPLICA_PIDS=()
-stop_replicas() {
-  stop_pids "${REPLICA_PIDS[@]}"
-  REPLICA_PIDS=()
-}
 trap 'stop_replicas; cleanup' EXIT
 
-# Replica i listens on 1808i (SSE), 1505i (gRPC), 1909i (admin).
 start_replicas() {
-  stop_replicas
-  stop_server
-  start_nats
-  for i in $(seq 0 $((REPLICAS - 1))); do
-    RUST_LOG=warn taskset -c "$SERVER_CPU" "${SSEGATE_BIN:-$BIN/ssegate}" serve --http-addr "127.0.0.1:1808$i" \
-      --grpc-addr "127.0.0.1:1505$i" --admin-addr "127.0.0.1:1909$i" --insecure-dev-identity \
-      --insecure-open-publish --backplane nats --nats-url "$NATS_URL" >"$SCRATCH/replica$i.log" 2>&1 &
-    REPLICA_PIDS+=($!)
-  done
-  for i in $(seq 0 $((REPLICAS - 1))); do wait_port "127.0.0.1:1808$i"; wait_port "127.0.0.1:1505$i"; done
+  start_nats_replicas "$REPLICAS"
   # A topic's events get their own subject once every replica has heard the others for 3 s
   # (an older replica could be there unheard before); before that they go to every replica.
   if [ "$TO" = topic ]; then sleep 4; fi

@@ -307,7 +307,9 @@ mod tests {
 
     #[test]
     fn workers_get_the_run_layout() {
-        let cli = crate::args::Cli::try_parse_from(["b", "run", "--connections", "20", "--topics", "2", "--first-user", "7"]).unwrap();
+        let cli =
+            crate::args::Cli::try_parse_from(["b", "run", "--connections", "20", "--topics", "2", "--first-user", "7"])
+                .unwrap();
         let crate::args::Command::Run(args) = cli.command else { panic!() };
         let layout = args.sub.layout(args.connections);
         let argv = worker_args(&args, &layout, 10, 10);

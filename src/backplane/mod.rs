@@ -430,6 +430,14 @@ impl Backplane {
         }
     }
 
+    /// How live copies arrived against the stream's order (NATS interest delivery only).
+    pub fn order_stats(&self) -> Option<&nats::OrderStats> {
+        match self {
+            Backplane::Memory(_) => None,
+            Backplane::Nats(n) => Some(&n.order),
+        }
+    }
+
     /// Retained values the NATS backplane could not write to its bucket (0 in memory, which
     /// keeps them in the router only).
     pub fn retained_persist_failures(&self) -> u64 {

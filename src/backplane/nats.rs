@@ -41,7 +41,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -58,7 +58,20 @@ use super::{
     cluster::Cluster,
     retained_kv::{self, RetainedKv},
 };
-use crate::router::Router;
+use crate::{router::Router, telemetry::histogram::Histogram};
+
+/// Whether a nats-server of this version processes a client's publish to a single-server stream
+/// on that client's own thread and queues the republished copy after releasing the stream
+/// (nats-server before 2.9.16; from 2.9.16 every publish goes through one queue per stream), so
+/// copies of events published over different connections can leave it out of sequence order. A
+/// replicated stream (R > 1) applies its Raft log on one thread and is not affected.
+fn inline_publishes(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u64>().ok());
+    match (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor), Some(patch)) => (major, minor, patch) < (2, 9, 16),
+        _ => false,
+    }
+}
 
 /// The `--nats-*` flags.
 #[derive(Clone, Debug)]
@@ -148,6 +161,21 @@ pub struct NatsBackplane {
     /// Bumped on every (re)connection and every slow-consumer notice: interest delivery then
     /// reads what its subscriptions may have missed.
     generation: Arc<watch::Sender<u64>>,
+    /// How live copies arrived against the stream's order (interest delivery).
+    pub order: OrderStats,
+}
+
+/// How live copies arrived against the stream's order (interest delivery, `follow.rs`), for
+/// `/metrics`.
+#[derive(Debug)]
+pub struct OrderStats {
+    /// Events applied behind a later one of another subject: connections already past them were
+    /// told `ssegate.missed` (late) instead (`ssegate_backplane_late_events_total`).
+    pub late: AtomicU64,
+    /// For each live copy that arrived after a copy with a higher sequence had arrived in an
+    /// earlier batch: how long after (`ssegate_backplane_copy_reorder_seconds`). What a hold must
+    /// cover to put it back in its place.
+    pub reordered: Histogram,
 }
 
 impl NatsBackplane {
@@ -217,6 +245,14 @@ impl NatsBackplane {
                  To change that, delete the stream once every replica runs this version (clients are told to \
                  refetch: stream_recreated)");
         }
+        let version = client.server_info().version;
+        if interest && info.config.num_replicas <= 1 && inline_publishes(&version) {
+            tracing::warn!(server_version = %version,
+                "this nats-server stores publishes on each client's own thread and republishes after \
+                 letting go of the stream (fixed in 2.9.16): under load a live copy can reach a replica \
+                 behind a later one, whose connections already past it then get ssegate.missed (late); \
+                 upgrade nats-server (ssegate_backplane_late_events_total counts them)");
+        }
         tracing::info!(stream = %settings.stream, subject = %settings.subject, last_seq = last_seq_at_start,
             delivery = if interest { "interest" } else { "stream" }, "NATS JetStream backplane connected");
         let retained = RetainedKv::open(
@@ -248,6 +284,7 @@ impl NatsBackplane {
             subjects,
             interest,
             generation,
+            order: OrderStats { late: AtomicU64::new(0), reordered: Histogram::latency() },
         })
     }
 
@@ -392,5 +429,20 @@ impl NatsBackplane {
             return Err(NatsError::CatchUp { at: *progress.borrow(), target });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::inline_publishes;
+
+    #[test]
+    fn brokers_before_2_9_16_publish_inline() {
+        for v in ["2.9.10", "v2.9.15", "2.8.4", "1.4.0"] {
+            assert!(inline_publishes(v), "{v}");
+        }
+        for v in ["2.9.16", "2.10.0", "v2.11.3", "3.0.0-beta", "", "unknown"] {
+            assert!(!inline_publishes(v), "{v}");
+        }
     }
 }

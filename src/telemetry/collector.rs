@@ -199,6 +199,21 @@ impl Collector for ServerCollector {
             C,
             self.backplane.epoch_changes() as f64,
         )?;
+        if let Some(order) = self.backplane.order_stats() {
+            single(
+                &mut enc,
+                "ssegate_backplane_late_events",
+                "Events a live copy brought behind a later event of another subject (NATS interest delivery): connections already past them were told ssegate.missed (late)",
+                C,
+                order.late.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            )?;
+            histogram(
+                &mut enc,
+                "ssegate_backplane_copy_reorder_seconds",
+                "How long after a live copy with a higher sequence an earlier one arrived (NATS interest delivery; copies of one batch are sorted and not counted)",
+                &order.reordered,
+            )?;
+        }
         single(
             &mut enc,
             "ssegate_idempotency_evicted",

@@ -106,6 +106,11 @@ async fn a_killed_broker_keeps_readyz_ready_and_turns_publisher_health_and_backp
     sub.cursor().await;
     assert_eq!(publisher_health(&a).await, ServingStatus::Serving);
     assert_eq!(backplane_up(&a).await, 1.0);
+    // Interest delivery counts copies that came out of the stream's order (none here).
+    let (_, _, metrics) = crate::helpers::http_request(a.admin, "GET", "/metrics", &[]).await;
+    for line in ["ssegate_backplane_late_events_total 0.0", "ssegate_backplane_copy_reorder_seconds_count 0"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} exported:\n{metrics}");
+    }
 
     broker.kill().await;
     wait_health(&a, ServingStatus::NotServing).await;

@@ -256,6 +256,8 @@ pub struct Task {
     /// the probe says the broker does not answer.
     settle_until: Option<tokio::time::Instant>,
     broker_down: bool,
+    /// The highest sequence of a live copy received, and when (`OrderStats::reordered`).
+    newest_copy: Option<(u64, tokio::time::Instant)>,
     /// Users whose read is done, with the point their events are complete from, waiting until
     /// the events read (up to the last sequence) are applied (`release_deferred`).
     deferred: Vec<(Key, u64, u64)>,
@@ -311,6 +313,7 @@ impl Task {
             reorder: Reorder::new(),
             settle_until: None,
             broker_down: false,
+            newest_copy: None,
             deferred: Vec::new(),
             requests,
             fills_tx,
@@ -423,6 +426,7 @@ impl Task {
                 tracing::warn!(%subject, "a live copy without Nats-Sequence ignored");
                 continue;
             };
+            self.note_arrival(seq, now);
             match wire::decode(&payload) {
                 Ok(event) => {
                     let previous = sequence_of(headers.as_ref(), "Nats-Last-Sequence");
@@ -432,6 +436,19 @@ impl Task {
             }
         }
         self.apply_held();
+    }
+
+    /// Records how far behind a copy arrived, if one with a higher sequence came in an earlier
+    /// batch (copies of one batch are sorted before they are applied).
+    fn note_arrival(&mut self, seq: u64, now: tokio::time::Instant) {
+        match self.newest_copy {
+            Some((newest, at)) if seq < newest => {
+                if at < now {
+                    self.bp.order.reordered.observe(now - at);
+                }
+            }
+            _ => self.newest_copy = Some((seq, now)),
+        }
     }
 
     /// Applies the held events in sequence order, up to a missing predecessor named by a held
@@ -464,6 +481,7 @@ impl Task {
             // Behind a later one on another subject: logged in its place; connections past it
             // are told `ssegate.missed` (late). Also a sign of a recreated stream: probe now.
             tracing::info!(seq, epoch = format_args!("{epoch:x}"), "an event arrived behind later ones");
+            self.bp.order.late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.bp.kick.notify_one();
         }
         self.bp.identity.saw(epoch, seq);
