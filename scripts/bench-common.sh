@@ -90,6 +90,9 @@ start_nats_replicas() {
   for i in $(seq 0 $((count - 1))); do wait_port "127.0.0.1:1808$i"; wait_port "127.0.0.1:1505$i"; done
 }
 
+# field FILE KEY: a value from the last JSON line of a load generator's output.
+field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])[sys.argv[2]])" "$1" "$2"; }
+
 # stop_pids PID...: stops background processes a scenario started itself (TERM, then waits).
 stop_pids() {
   local pid

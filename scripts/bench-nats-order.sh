@@ -8,11 +8,12 @@
 #
 # It prints, from replica 0's /metrics: the copies that arrived after a later one and how long
 # after (`ssegate_backplane_copy_reorder_seconds`), the events applied behind a later one
-# (`ssegate_backplane_late_events_total`) and the reorder hold in force. JSON lines go to
-# $RESULTS.
+# (`ssegate_backplane_late_events_total`), with the load generators' loss and latency. JSON
+# lines go to $RESULTS.
 #
 #   ./scripts/bench-nats-order.sh     # PUBLISHERS=3 CONNS=1000 RATE=3000 DURATION=20s REPEATS=1
-#   SSEGATE_ARGS="--nats-reorder-hold 0s" ./scripts/bench-nats-order.sh   # without the hold
+#   RATE=10000 DURATION=15s ./scripts/bench-nats-order.sh      # saturating this machine's server core
+#   SSEGATE_ARGS="--nats-interest-linger 5s" ./scripts/bench-nats-order.sh   # extra replica flags
 source "$(dirname "$0")/bench-common.sh"
 PUBLISHERS=${PUBLISHERS:-3}
 CONNS=${CONNS:-1000}
@@ -23,9 +24,6 @@ read -r -a EXTRA <<<"${SSEGATE_ARGS:-}"
 build
 
 trap 'stop_replicas; cleanup' EXIT
-
-# field FILE KEY: a number from a load generator's JSON line.
-field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])[sys.argv[2]])" "$1" "$2"; }
 
 for run in $(seq 1 "$REPEATS"); do
   log "run $run: $PUBLISHERS publishers × $RATE/s to $CONNS users each, all subscribers on replica 0, $DURATION"

@@ -67,8 +67,6 @@ PY
 
 sample() { local out=() p; for p in "${REPLICA_PIDS[@]}" "$NATS_PID"; do out+=("$(cpu "$p")"); done; printf '%s\n' "${out[@]}"; }
 
-# field FILE KEY: a number from a load generator's JSON line.
-field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])[sys.argv[2]])" "$1" "$2"; }
 
 log "all-on-one: $CONNS subscribers on replica 0 of $REPLICAS, $RATE/s for $DURATION"
 start_replicas
