@@ -22,13 +22,13 @@ use futures_util::{FutureExt, future::BoxFuture};
 
 use crate::{
     domain::{Event, EventId, IdempotencyKey, Retain, Target},
-    router::{PublishError, Published, Router},
+    router::{Partitions, PublishError, Published, Router},
     store::{Health, Recovered, Store, StoreError, Ticket},
 };
 
 pub enum Backplane {
     Memory(Memory),
-    Nats(Arc<nats::NatsBackplane>),
+    Nats(Arc<nats::NatsStreams>),
 }
 
 /// The single-process backplane: idempotency keys, and the data dir if `--data-dir` is set.
@@ -285,6 +285,12 @@ pub enum BackplaneError {
          still be stored and delivered: retry with the same idempotency_key"
     )]
     NoAck { timeout: std::time::Duration },
+    /// Stored in some of the partitions an event is written to, not in all (`--nats-partitions`).
+    #[error(
+        "outcome partial: stored in {stored} of the {of} partitions it is written to, not in the others ({reason}); \
+         retry with the same idempotency_key to complete it"
+    )]
+    Partial { stored: usize, of: usize, reason: String },
     /// Sent, then the connection failed before an acknowledgement arrived.
     #[error(
         "outcome unknown: the NATS connection failed before JetStream acknowledged ({0}); the event may still be \
@@ -306,15 +312,38 @@ fn broker_admits(router: &Router, target: &Target, event: &Event, retain: Retain
 }
 
 /// The order of the publishes one caller starts with `Backplane::start_publish`: with a broker,
-/// the hand-over of the last one started, which the next one waits for.
+/// for each partition, the hand-over of the last one started there, which the next one there
+/// waits for.
 #[derive(Default)]
-pub struct PublishOrder(Option<tokio::sync::oneshot::Receiver<()>>);
+pub struct PublishOrder(Vec<Option<tokio::sync::oneshot::Receiver<()>>>);
+
+/// One partition's part of a pipelined publish (`Backplane::start_publish`).
+struct InPartition {
+    k: usize,
+    target: Target,
+    /// `broker_admits` for that partition's router.
+    checked: Result<(), PublishError>,
+    /// The previous publish's hand-over in that partition, and this one's.
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    handed_over: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PublishOrder {
+    /// The hand-over to wait for in partition `k`, replaced by the one that follows it.
+    fn next(&mut self, k: usize) -> (Option<tokio::sync::oneshot::Receiver<()>>, tokio::sync::oneshot::Sender<()>) {
+        if self.0.len() <= k {
+            self.0.resize_with(k + 1, || None);
+        }
+        let (handed_over, next) = tokio::sync::oneshot::channel::<()>();
+        (self.0[k].replace(next), handed_over)
+    }
+}
 
 impl Backplane {
     /// Publishes; with NATS, returns once JetStream has stored the event.
     pub async fn publish(
         &self,
-        router: &Router,
+        routers: &Partitions,
         target: Target,
         event: Event,
         retain: Retain,
@@ -322,14 +351,13 @@ impl Backplane {
     ) -> Result<Accepted, BackplaneError> {
         match self {
             Backplane::Memory(memory) => {
-                let started = memory.start(router, target, &event, retain, idempotency_key)?;
+                let started = memory.start(routers.first(), target, &event, retain, idempotency_key)?;
                 memory.finish(idempotency_key, started).await
             }
             Backplane::Nats(nats) => {
-                broker_admits(router, &target, &event, retain)?;
                 // The id names the stream that stored it (its epoch may be newer than the router's
                 // for a moment, while this replica catches up with a recreated stream).
-                let id = nats.publish(target, event, retain, idempotency_key).await?;
+                let id = nats.publish(routers, target, event, retain, idempotency_key).await?;
                 Ok(Accepted { id, recipients: None })
             }
         }
@@ -344,15 +372,15 @@ impl Backplane {
     }
 
     /// Asks every replica (or just this process, in memory) about its connections.
-    pub async fn gather(&self, router: &Router, query: &cluster::Query) -> cluster::Gathered {
+    pub async fn gather(&self, routers: &Partitions, query: &cluster::Query) -> cluster::Gathered {
         match self {
-            Backplane::Memory(_) => cluster::Gathered { answers: vec![cluster::answer(router, query)], partial: false },
+            Backplane::Memory(_) => cluster::Gathered { answers: vec![cluster::answer(routers, query)], partial: false },
             Backplane::Nats(n) => match n.cluster.gather(query).await {
                 Ok(g) => g,
                 Err(e) => {
                     // The broker is away: answer for this replica, and say it is partial.
                     tracing::warn!(error = %e, "cluster query failed; answering for this replica only");
-                    cluster::Gathered { answers: vec![cluster::answer(router, query)], partial: true }
+                    cluster::Gathered { answers: vec![cluster::answer(routers, query)], partial: true }
                 }
             },
         }
@@ -367,7 +395,7 @@ impl Backplane {
     /// acknowledgement while later ones are handed over.
     pub fn start_publish(
         self: &Arc<Self>,
-        router: &Router,
+        routers: &Partitions,
         target: Target,
         event: Event,
         retain: Retain,
@@ -377,7 +405,7 @@ impl Backplane {
         let this = self.clone();
         match &**self {
             Backplane::Memory(memory) => {
-                let started = memory.start(router, target, &event, retain, key.as_ref());
+                let started = memory.start(routers.first(), target, &event, retain, key.as_ref());
                 async move {
                     // Always the memory backplane (matched above; a backplane never changes kind).
                     let Backplane::Memory(memory) = &*this else { return Err(PublishError::ShuttingDown.into()) };
@@ -386,22 +414,36 @@ impl Backplane {
                 .boxed()
             }
             Backplane::Nats(_) => {
-                let checked = broker_admits(router, &target, &event, retain);
-                let previous = order.0.take();
-                let (handed_over, next) = tokio::sync::oneshot::channel::<()>();
-                order.0 = Some(next);
+                // Each partition the event is written to keeps the caller's order on its own.
+                let parts: Vec<InPartition> = routers
+                    .split(target)
+                    .into_iter()
+                    .map(|(k, target)| {
+                        let checked = broker_admits(&routers.all()[k], &target, &event, retain);
+                        let (previous, handed_over) = order.next(k);
+                        InPartition { k, target, checked, previous, handed_over }
+                    })
+                    .collect();
                 async move {
                     let Backplane::Nats(nats) = &*this else { return Err(PublishError::ShuttingDown.into()) };
-                    if let Some(previous) = previous {
-                        // Sent or dropped once the previous publish was handed over (or failed).
-                        let _ = previous.await;
-                    }
-                    let handed = match checked {
-                        Ok(()) => nats.hand_over(target, event, retain, key.as_ref()).await,
-                        Err(e) => Err(e.into()),
+                    let one = |p: InPartition| {
+                        let (event, key) = (event.clone(), key.clone());
+                        async move {
+                            if let Some(previous) = p.previous {
+                                // Sent or dropped once the previous publish was handed over (or failed).
+                                let _ = previous.await;
+                            }
+                            let part = nats.part(p.k);
+                            let handed = match p.checked {
+                                Ok(()) => part.hand_over(p.target, event, retain, key.as_ref()).await,
+                                Err(e) => Err(e.into()),
+                            };
+                            drop(p.handed_over);
+                            part.finish(handed?).await
+                        }
                     };
-                    drop(handed_over);
-                    let id = nats.finish(handed?).await?;
+                    let outcomes = futures_util::future::join_all(parts.into_iter().map(one)).await;
+                    let id = nats::combine(outcomes)?;
                     Ok(Accepted { id, recipients: None })
                 }
                 .boxed()
@@ -434,7 +476,7 @@ impl Backplane {
     pub fn order_stats(&self) -> Option<&nats::OrderStats> {
         match self {
             Backplane::Memory(_) => None,
-            Backplane::Nats(n) => Some(&n.order),
+            Backplane::Nats(n) => Some(n.order_stats()),
         }
     }
 

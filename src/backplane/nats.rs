@@ -34,6 +34,7 @@ mod identity;
 mod merge;
 mod publish;
 mod reorder;
+mod streams;
 mod subjects;
 mod tasks;
 
@@ -53,6 +54,8 @@ use async_nats::{
 };
 use tokio::sync::{Notify, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use streams::{MAX_PARTITIONS, NatsStreams, combine};
 
 use super::{
     cluster::Cluster,
@@ -95,6 +98,27 @@ pub struct NatsSettings {
     pub interest: bool,
     /// How long a user stays followed after its last connection here (`--nats-interest-linger`).
     pub linger: Duration,
+    /// How many partitions the events are spread over (`--nats-partitions`), each its own stream.
+    pub partitions: usize,
+    /// Which one these settings name (0 for the unpartitioned stream).
+    pub partition: usize,
+}
+
+impl NatsSettings {
+    /// The settings of partition `k`: partition 0 keeps `--nats-stream` and `--nats-subject`, so
+    /// one partition is exactly the unpartitioned stream; partition k > 0 is the stream
+    /// `<stream>-p<k>` on the subject `<subject>.p<k>`, which no other partition's subjects
+    /// (`<subject>`, `<subject>.to.>`) match. The retained-values bucket follows the stream's
+    /// name, the control subjects stay `<subject>.ctl.*` (one cluster).
+    pub fn for_partition(&self, k: usize) -> Self {
+        let mut s = self.clone();
+        s.partition = k;
+        if k > 0 {
+            s.stream = format!("{}-p{k}", self.stream);
+            s.subject = format!("{}.p{k}", self.subject);
+        }
+        s
+    }
 }
 
 /// How often the broker is probed (one JetStream stream-info request per replica), and how long
@@ -126,6 +150,11 @@ pub enum NatsError {
     RetainedTimeout { bucket: String, after: Duration },
     #[error("cannot subscribe to the presence subject: {0}")]
     Presence(String),
+    #[error(
+        "the stream `{stream}` was made for {found} partition(s), not --nats-partitions {flag}: every replica must use \
+         the same count; to change it, stop every replica and delete the streams (or use another --nats-stream)"
+    )]
+    Partitions { stream: String, found: usize, flag: usize },
 }
 
 pub struct NatsBackplane {
@@ -161,8 +190,9 @@ pub struct NatsBackplane {
     /// Bumped on every (re)connection and every slow-consumer notice: interest delivery then
     /// reads what its subscriptions may have missed.
     generation: Arc<watch::Sender<u64>>,
-    /// How live copies arrived against the stream's order (interest delivery).
-    pub order: OrderStats,
+    /// How live copies arrived against the stream's order (interest delivery; shared by the
+    /// partitions).
+    pub order: Arc<OrderStats>,
 }
 
 /// How live copies arrived against the stream's order (interest delivery, `follow.rs`), for
@@ -178,9 +208,17 @@ pub struct OrderStats {
     pub reordered: Histogram,
 }
 
-impl NatsBackplane {
-    /// Connects, and creates the stream or checks that the existing one fits.
-    pub async fn connect(settings: NatsSettings) -> Result<Self, NatsError> {
+/// The connection to the broker, shared by every partition's backplane.
+struct Link {
+    client: Client,
+    /// Signalled on every (re)connection.
+    reconnected: Arc<Notify>,
+    /// Bumped on every (re)connection and every slow-consumer notice.
+    generation: Arc<watch::Sender<u64>>,
+}
+
+impl Link {
+    async fn connect(settings: &NatsSettings) -> Result<Self, NatsError> {
         let urls = settings.urls.join(",");
         let connect_err = |reason: String| NatsError::Connect { urls: urls.clone(), reason };
         let reconnected = Arc::new(Notify::new());
@@ -216,6 +254,22 @@ impl NatsBackplane {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| connect_err(e.to_string()))?;
         let client = options.connect(addrs).await.map_err(|e| connect_err(e.to_string()))?;
+        Ok(Self { client, reconnected, generation })
+    }
+}
+
+impl NatsBackplane {
+    /// Creates partition `settings.partition`'s stream or checks that the existing one fits, on
+    /// the shared connection.
+    async fn open(
+        link: &Link,
+        settings: NatsSettings,
+        cluster: Arc<Cluster>,
+        order: Arc<OrderStats>,
+    ) -> Result<Self, NatsError> {
+        let client = link.client.clone();
+        let reconnected = link.reconnected.clone();
+        let generation = link.generation.clone();
         let mut js = jetstream::new(client.clone());
         // The acknowledgement wait of a publish is the context's timeout; `publish` bounds the
         // whole call by --nats-publish-timeout itself, so this only must not be shorter.
@@ -226,6 +280,10 @@ impl NatsBackplane {
         let mut info = stream.info().await.map_err(|e| stream_err(e.to_string()))?.clone();
         if info.config.num_replicas != settings.stream_replicas {
             info = Self::change_replicas(&js, info, settings.stream_replicas).await;
+        }
+        let made_for = identity::partitions_of(&info);
+        if made_for != settings.partitions {
+            return Err(NatsError::Partitions { stream: settings.stream.clone(), found: made_for, flag: settings.partitions });
         }
         if !info.config.subjects.contains(&settings.subject) {
             return Err(NatsError::Conflict {
@@ -264,7 +322,6 @@ impl NatsBackplane {
             settings.duplicate_window,
         )
         .await?;
-        let cluster = Cluster::new(client.clone(), &settings.subject, settings.cluster_wait);
         let (up, _) = watch::channel(true);
         let identity = identity::Tracked::new(settings.stream.clone(), epoch, last_seq_at_start);
         Ok(Self {
@@ -284,7 +341,7 @@ impl NatsBackplane {
             subjects,
             interest,
             generation,
-            order: OrderStats { late: AtomicU64::new(0), reordered: Histogram::latency() },
+            order,
         })
     }
 
@@ -369,7 +426,7 @@ impl NatsBackplane {
     }
 
     /// Loads the retained values kept in the bucket into `router`, then starts the tasks on
-    /// `tracker`, each ending when `stop` is cancelled: the cluster responder, the broker probe,
+    /// `tracker`, each ending when `stop` is cancelled: the broker probe,
     /// and the consumer feeding `router` from the stream, beginning early enough to fill the
     /// replay log. Waits (both steps within `catch_up`) until the consumer has caught up with
     /// the stream as it was at connect time.
@@ -381,10 +438,6 @@ impl NatsBackplane {
         stop: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<(), NatsError> {
-        self.cluster.start(router.clone(), stop, tracker).await.map_err(|e| NatsError::Stream {
-            stream: self.settings.stream.clone(),
-            reason: format!("cannot subscribe to the control subjects: {e}"),
-        })?;
         let deadline = tokio::time::Instant::now() + catch_up;
         // Before the consumer starts: the events it catches up on then only replace older values.
         let mut loaded = tokio::time::timeout_at(deadline, self.retained.load()).await.map_err(|_| {

@@ -107,6 +107,16 @@ pub struct ServeArgs {
     #[arg(long, env = "SSEGATE_NATS_INTEREST_LINGER", default_value = "60s", value_parser = duration)]
     pub nats_interest_linger: Duration,
 
+    /// Spread the events over this many JetStream streams (partitions), whose leaders a NATS
+    /// cluster places on different servers, so that the cluster stores more events per second
+    /// than one stream's leader can. An event for users goes to each user's partition (a hash of
+    /// the user id), any other event (broadcast, group, topic) to every partition; a browser's
+    /// stream reads its user's partition only, so ids keep their form. Every replica must use
+    /// the same count; to change it, stop every replica and delete the streams.
+    #[arg(long, env = "SSEGATE_NATS_PARTITIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub nats_partitions: u8,
+
     /// WatchPresence: a user with no stream anywhere in the cluster for this long goes offline;
     /// a reconnect within it emits nothing.
     #[arg(long, env = "SSEGATE_PRESENCE_GRACE", default_value = "5s", value_parser = duration)]

@@ -51,7 +51,7 @@ impl From<BackplaneError> for ApiError {
             BackplaneError::Router(r) => ApiError::Router(r),
             BackplaneError::Unavailable(_) | BackplaneError::Refused(_) => ApiError::Unavailable(e.to_string()),
             BackplaneError::NoAck { .. } => ApiError::DeadlineExceeded(e.to_string()),
-            BackplaneError::Lost(_) => ApiError::OutcomeUnknown(e.to_string()),
+            BackplaneError::Lost(_) | BackplaneError::Partial { .. } => ApiError::OutcomeUnknown(e.to_string()),
         }
     }
 }

@@ -46,7 +46,7 @@ use crate::{
     auth::PublisherAuth,
     backplane::Backplane,
     net::{self, Gate, Guarded, Registry, Timeouts},
-    router::Router,
+    router::Partitions,
     telemetry::{grpc_layer::GrpcTelemetryLayer, metrics::EdgeMetrics},
 };
 
@@ -71,7 +71,7 @@ pub struct GrpcSettings {
 /// cancelled; in-flight calls are answered before it returns. Connection tasks run on `tracker`.
 pub async fn serve(
     listener: TcpListener,
-    router: Arc<Router>,
+    routers: Arc<Partitions>,
     settings: GrpcSettings,
     health: (Health, HealthService),
     shutdown: CancellationToken,
@@ -80,7 +80,7 @@ pub async fn serve(
     let (health, HealthService(health_service)) = health;
     let GrpcSettings { limits, auth, metrics, tls, backplane, presence, gate, timeouts } = settings;
     let max_message_bytes = limits.max_message_bytes;
-    let service = PublisherService::new(router, backplane, presence, limits, metrics.clone());
+    let service = PublisherService::new(routers, backplane, presence, limits, metrics.clone());
     // Read messages up to twice the limit, so that a `PublishStream` item over it is refused
     // alone (the service checks the limit); beyond that the call ends (`layers::Oversize`).
     let publisher = pb::publisher_server::PublisherServer::new(service)

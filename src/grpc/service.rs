@@ -20,7 +20,7 @@ use crate::{
     domain::{EventId, GroupId, MalformedEventId, Target, Topic, UserId},
     event_stream::parse::name_and_data,
     presence::Hub,
-    router::{Router, Stats},
+    router::{Partitions, Stats},
     telemetry::metrics::EdgeMetrics,
 };
 
@@ -59,7 +59,7 @@ const DEFAULT_ONLINE_PAGE: u32 = 1_000;
 
 #[derive(Clone)]
 pub struct PublisherService {
-    router: Arc<Router>,
+    routers: Arc<Partitions>,
     backplane: Arc<Backplane>,
     presence: Arc<Hub>,
     pub(super) limits: Arc<Limits>,
@@ -74,13 +74,13 @@ impl PublisherService {
     }
 
     pub fn new(
-        router: Arc<Router>,
+        routers: Arc<Partitions>,
         backplane: Arc<Backplane>,
         presence: Arc<Hub>,
         limits: Limits,
         metrics: Arc<EdgeMetrics>,
     ) -> Self {
-        Self { router, backplane, presence, limits: Arc::new(limits), metrics }
+        Self { routers, backplane, presence, limits: Arc::new(limits), metrics }
     }
 
     /// Publishes to `target` (of kind `kind`: user, group, topic or broadcast, known even when
@@ -98,7 +98,7 @@ impl PublisherService {
             let event = convert::event(event, &self.limits)?;
             let retain = convert::retain(retain)?;
             let key = convert::idempotency_key(&idempotency_key)?;
-            let accepted = self.backplane.publish(&self.router, target, event, retain, key.as_ref()).await?;
+            let accepted = self.backplane.publish(&self.routers, target, event, retain, key.as_ref()).await?;
             let span = tracing::Span::current();
             span.record("event_id", tracing::field::display(accepted.id));
             if let Some(n) = accepted.recipients {
@@ -130,7 +130,7 @@ impl PublisherService {
             let event = convert::event(req.event, &self.limits)?;
             let retain = convert::retain(req.retain)?;
             let key = convert::idempotency_key(&req.idempotency_key)?;
-            Ok::<_, ApiError>(self.backplane.start_publish(&self.router, target, event, retain, key, order))
+            Ok::<_, ApiError>(self.backplane.start_publish(&self.routers, target, event, retain, key, order))
         });
         let metrics = self.metrics.clone();
         let answer = async move {
@@ -347,7 +347,7 @@ impl pb::publisher_server::Publisher for PublisherService {
             return Err(ApiError::OverBound { field: "reason", value, max: 1024 }.into());
         }
         let query = Query::Disconnect { user, reason: req.reason };
-        let g = self.backplane.gather(&self.router, &query).await;
+        let g = self.backplane.gather(&self.routers, &query).await;
         let closed = g.answers.iter().map(|a| a.closed).sum();
         Ok(Response::new(pb::DisconnectResponse { closed, partial: g.partial, replicas: g.answers.len() as u32 }))
     }
@@ -378,7 +378,7 @@ impl pb::publisher_server::Publisher for PublisherService {
         };
         let page_limit = online.as_ref().map(|p| p.limit);
         let query = Query::Presence { users, groups, topics, online };
-        let g = self.backplane.gather(&self.router, &query).await;
+        let g = self.backplane.gather(&self.routers, &query).await;
         let sum = |n: usize, pick: fn(&Answer) -> &Vec<u64>| -> Vec<u64> {
             (0..n).map(|i| g.answers.iter().map(|a| pick(a).get(i).copied().unwrap_or(0)).sum()).collect()
         };
@@ -443,33 +443,42 @@ impl pb::publisher_server::Publisher for PublisherService {
         };
         let before = match req.before.as_str() {
             "" => None,
-            s => {
-                let id: EventId = s
-                    .parse()
-                    .map_err(|e: MalformedEventId| ApiError::Malformed { field: "before", reason: e.to_string() })?;
-                if id.epoch != self.router.epoch() {
-                    return Err(ApiError::Stale(format!(
-                        "before: {id} is an id of an earlier server process or stream (epoch {:x} now); start again \
-                         from the newest (an empty before)",
-                        self.router.epoch()
-                    ))
-                    .into());
-                }
-                Some(id.seq)
+            s => Some(
+                s.parse::<EventId>()
+                    .map_err(|e: MalformedEventId| ApiError::Malformed { field: "before", reason: e.to_string() })?,
+            ),
+        };
+        // A user's events are in its partition; a group's, topic's or everyone's in every one,
+        // each with its own ids: the partition `before` names, or the first.
+        let router = match (&target, before) {
+            (Target::Users(users), _) if users.len() == 1 => self.routers.of_user(&users[0]),
+            (_, Some(id)) => self.routers.of_epoch(id.epoch).map_or(self.routers.first(), |k| &self.routers.all()[k]),
+            _ => self.routers.first(),
+        };
+        let before = match before {
+            None => None,
+            Some(id) if id.epoch != router.epoch() => {
+                return Err(ApiError::Stale(format!(
+                    "before: {id} is an id of an earlier server process or stream (epoch {:x} now); start again \
+                     from the newest (an empty before)",
+                    router.epoch()
+                ))
+                .into());
             }
+            Some(id) => Some(id.seq),
         };
         // With interest delivery this replica holds a user's, group's or topic's own events only
         // while following it: follow it (its events in the replay window are read into the log) for
         // this page.
-        let all = Some(EventId { epoch: self.router.epoch(), seq: 0 });
+        let all = Some(EventId { epoch: router.epoch(), seq: 0 });
         let followed = match &target {
-            Target::Users(users) if users.len() == 1 => self.router.follow(Some(&users[0]), &[], &[], all).await,
-            Target::Group(group) => self.router.follow(None, std::slice::from_ref(group), &[], all).await,
-            Target::Topic(topic) => self.router.follow(None, &[], std::slice::from_ref(topic), all).await,
+            Target::Users(users) if users.len() == 1 => router.follow(Some(&users[0]), &[], &[], all).await,
+            Target::Group(group) => router.follow(None, std::slice::from_ref(group), &[], all).await,
+            Target::Topic(topic) => router.follow(None, &[], std::slice::from_ref(topic), all).await,
             _ => Ok(None),
         };
         let _held = followed.map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        let page = self.router.history(&target, before, limit as usize);
+        let page = router.history(&target, before, limit as usize);
         let epoch = page.position.epoch;
         let events: Vec<pb::HistoryEvent> = page
             .events
@@ -490,7 +499,7 @@ impl pb::publisher_server::Publisher for PublisherService {
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
-        let g = self.backplane.gather(&self.router, &Query::Stats).await;
+        let g = self.backplane.gather(&self.routers, &Query::Stats).await;
         let all: Vec<&Stats> = g.answers.iter().filter_map(|a| a.stats.as_ref()).collect();
         let total = |f: fn(&Stats) -> u64| all.iter().map(|s| f(s)).sum::<u64>();
         // Every replica consumes the whole stream and keeps its own replay log: these are the
@@ -505,7 +514,7 @@ impl pb::publisher_server::Publisher for PublisherService {
             events_delivered: total(|s| s.events_delivered),
             events_dropped: total(|s| s.events_dropped),
             connections_opened: total(|s| s.connections_opened),
-            uptime_seconds: self.router.uptime().as_secs(),
+            uptime_seconds: self.routers.uptime().as_secs(),
             events_replayed: total(|s| s.events_replayed),
             resumes_missed: total(|s| s.resumes_missed),
             connections_rejected: total(|s| s.connections_rejected),

@@ -220,10 +220,11 @@ async fn admit(
     // With interest delivery, the events of the user and its groups must reach this replica
     // first (subscriptions on the broker, and the events after `resume` in the replay log).
     // Refused at the limits before that, so a refused connection costs the broker nothing.
-    state.router.admits(&id.user).map_err(refused)?;
-    let held = state.router.follow(Some(&id.user), &id.groups, &id.topics, resume).await.map_err(refused)?;
+    let router = state.routers.of_user(&id.user);
+    router.admits(&id.user).map_err(refused)?;
+    let held = router.follow(Some(&id.user), &id.groups, &id.topics, resume).await.map_err(refused)?;
     let subscription = Subscription { user: id.user, groups: id.groups, topics: id.topics, abort, resume };
-    let mut reg = state.router.subscribe_with(subscription, meta).map_err(refused)?;
+    let mut reg = router.subscribe_with(subscription, meta).map_err(refused)?;
     if let Some(held) = held {
         reg.hold(held);
     }

@@ -23,7 +23,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 pub use error::HttpError;
 pub use events::parse_query;
 
-use crate::{auth::SubscriberAuth, event_stream, router::Router, telemetry::metrics::EdgeMetrics};
+use crate::{auth::SubscriberAuth, event_stream, router::Partitions, telemetry::metrics::EdgeMetrics};
 
 /// Settings of the HTTP edge.
 #[derive(Clone, Debug)]
@@ -42,7 +42,8 @@ pub struct HttpSettings {
 
 #[derive(Clone)]
 pub struct AppState {
-    router: Arc<Router>,
+    /// A connection registers with its user's partition's router.
+    routers: Arc<Partitions>,
     auth: Arc<SubscriberAuth>,
     settings: Arc<HttpSettings>,
     /// `settings.retry` as the `retry:` field, encoded once.
@@ -64,13 +65,13 @@ pub type App = axum::Router;
 
 /// Builds the application: routes, state and CORS.
 pub fn app(
-    router: Arc<Router>,
+    routers: Arc<Partitions>,
     auth: SubscriberAuth,
     settings: &HttpSettings,
     metrics: Arc<EdgeMetrics>,
 ) -> Result<axum::Router, InvalidOrigin> {
     let state = AppState {
-        router,
+        routers,
         auth: Arc::new(auth),
         metrics,
         retry_field: event_stream::retry(u64::try_from(settings.retry.as_millis()).unwrap_or(u64::MAX)),

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{Hub, Local};
-use crate::{domain::UserId, router::Router};
+use crate::{domain::UserId, router::Partitions};
 
 /// Where the driver hands this replica's batches of changes for the other replicas: a bounded
 /// queue, and the signal to send the whole set instead when it is full.
@@ -28,18 +28,21 @@ impl Outbox {
     }
 }
 
-/// Drives the hub on this replica until `stop`: takes the router's changes as they are
+/// Drives the hub on this replica until `stop`: takes the routers' changes as they are
 /// signalled (handing each batch to `send`, the cluster link, if any) and ends graces on
-/// time. Closes every watch when it stops.
+/// time. Closes every watch when it stops. (A user's connections are all in one partition's
+/// router, so the partitions' changes never concern the same user.)
 pub fn start(
     hub: Arc<Hub>,
-    router: Arc<Router>,
+    routers: &Arc<Partitions>,
     send: Option<Outbox>,
     stop: &CancellationToken,
     tracker: &TaskTracker,
 ) {
     // Users already online (none at start, but the order of start-up need not matter).
-    let now: Vec<(UserId, bool, bool)> = router.track_presence().into_iter().map(|u| (u, true, true)).collect();
+    let now: Vec<(UserId, bool, bool)> =
+        routers.all().iter().flat_map(|r| r.track_presence()).map(|u| (u, true, true)).collect();
+    let routers = routers.clone();
     let first = hub.local(now);
     let stop = stop.clone();
     tracker.spawn(async move {
@@ -56,8 +59,9 @@ pub fn start(
             };
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = router.presence_changed() => {
-                    if let Some(local) = hub.local(router.take_presence_changes())
+                _ = futures_util::future::select_all(routers.all().iter().map(|r| Box::pin(r.presence_changed()))) => {
+                    let changes = routers.all().iter().flat_map(|r| r.take_presence_changes()).collect();
+                    if let Some(local) = hub.local(changes)
                         && let Some(send) = &send
                     {
                         send.send(local);

@@ -17,6 +17,7 @@
 mod core;
 mod inspect;
 mod mailbox;
+mod partitions;
 mod publish;
 mod rebase;
 mod registration;
@@ -40,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 pub use core::History;
 pub use inspect::{EventLookup, ReplayWindow, RetainedView, StreamView, Subject, Tail};
 pub use mailbox::{Bounds, Drained, FRAME_OVERHEAD, Frame, Mailbox, Positions, Protocol, Push, StreamMeta};
+pub use partitions::{Partitions, partition_of};
 pub use publish::Applied;
 pub use rebase::{KeptValue, STREAM_RECREATED};
 pub use registration::Registration;

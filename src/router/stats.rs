@@ -41,6 +41,54 @@ pub struct Stats {
     pub resumes_by_outcome: [u64; 4],
 }
 
+impl Stats {
+    /// Adds `other`'s figures to these (the partitions of one replica).
+    pub fn add(&mut self, other: &Stats) {
+        let Stats {
+            connections,
+            users,
+            groups,
+            topics,
+            events_published,
+            events_delivered,
+            events_dropped,
+            connections_opened,
+            events_replayed,
+            resumes_missed,
+            connections_rejected,
+            replay_log_events,
+            replay_log_bytes,
+            retained_values,
+            retained_bytes,
+            retained_sent,
+            published_by_target,
+            resumes_by_outcome,
+        } = other;
+        self.connections += connections;
+        self.users += users;
+        self.groups += groups;
+        self.topics += topics;
+        self.events_published += events_published;
+        self.events_delivered += events_delivered;
+        self.events_dropped += events_dropped;
+        self.connections_opened += connections_opened;
+        self.events_replayed += events_replayed;
+        self.resumes_missed += resumes_missed;
+        self.connections_rejected += connections_rejected;
+        self.replay_log_events += replay_log_events;
+        self.replay_log_bytes += replay_log_bytes;
+        self.retained_values += retained_values;
+        self.retained_bytes += retained_bytes;
+        self.retained_sent += retained_sent;
+        for (a, b) in self.published_by_target.iter_mut().zip(published_by_target) {
+            *a += b;
+        }
+        for (a, b) in self.resumes_by_outcome.iter_mut().zip(resumes_by_outcome) {
+            *a += b;
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Counters {
     pub published: AtomicU64,

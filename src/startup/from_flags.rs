@@ -7,7 +7,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::{ApiKeys, PublisherAuth, SubscriberAuth, authorizer::Authorizer, jwt::ReloadingVerifier},
-    backplane::{Backplane, nats::NatsBackplane},
+    backplane::{Backplane, nats::NatsStreams},
     grpc::authorizer::Transport,
     store::{Options, Recovered, Store, StoreError},
     telemetry::metrics::EdgeMetrics,
@@ -21,8 +21,9 @@ use super::{
 /// The backplane from the flags, as `build` needs it.
 pub(super) struct Connected {
     pub backplane: Arc<Backplane>,
-    /// The epoch its ids must use (`None`: the router draws one).
-    pub epoch: Option<u64>,
+    /// The epoch of each partition's ids, in partition order (`[None]`: one router, which draws
+    /// one).
+    pub epochs: Vec<Option<u64>>,
     /// Whether a broker's stream numbers the events (of every replica).
     pub shared_sequence: bool,
     /// What the data dir held (`--data-dir`), to rebuild the router from before serving.
@@ -35,7 +36,7 @@ pub(super) async fn connect_backplane(settings: &BackplaneSettings) -> Result<Co
     match settings {
         BackplaneSettings::Memory { dedupe_window, data: None } => Ok(Connected {
             backplane: Arc::new(Backplane::memory(*dedupe_window)),
-            epoch: None,
+            epochs: vec![None],
             shared_sequence: false,
             recovered: None,
         }),
@@ -51,17 +52,17 @@ pub(super) async fn connect_backplane(settings: &BackplaneSettings) -> Result<Co
                 })??;
             Ok(Connected {
                 backplane: Arc::new(Backplane::durable(*dedupe_window, Arc::new(store))),
-                epoch: Some(recovered.epoch),
+                epochs: vec![Some(recovered.epoch)],
                 shared_sequence: false,
                 recovered: Some(recovered),
             })
         }
         BackplaneSettings::Nats(nats) => {
-            let nats = NatsBackplane::connect(nats.clone()).await?;
-            let epoch = nats.epoch;
+            let nats = NatsStreams::connect(nats.clone()).await?;
+            let epochs = nats.epochs().into_iter().map(Some).collect();
             Ok(Connected {
                 backplane: Arc::new(Backplane::Nats(Arc::new(nats))),
-                epoch: Some(epoch),
+                epochs,
                 shared_sequence: true,
                 recovered: None,
             })

@@ -17,7 +17,7 @@ use crate::{
     event_stream, grpc, http,
     net::{self, Budget, Gate, Policy},
     presence::{self, Hub},
-    router::{CloseReason, Router, RouterConfig},
+    router::{CloseReason, Partitions, Router, RouterConfig},
     store::StoreError,
     telemetry::metrics::Metrics,
     tls::{self, ReloadingCert},
@@ -66,7 +66,7 @@ pub struct Application {
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
-    router: Arc<Router>,
+    routers: Arc<Partitions>,
     app: http::App,
     metrics: Arc<Metrics>,
     publisher_auth: PublisherAuth,
@@ -140,14 +140,32 @@ impl Application {
     /// Builds from the flags (`Settings::from_args`) and binds the listeners.
     pub async fn build(args: ServeArgs) -> Result<Self, StartupError> {
         let settings = Settings::from_args(args)?;
-        let Connected { backplane, epoch, shared_sequence, recovered } = connect_backplane(&settings.backplane).await?;
-        let router = Router::new(RouterConfig {
-            // One shard per runtime worker: fan-out to different shards can run in parallel.
-            shards: tokio::runtime::Handle::current().metrics().num_workers(),
-            epoch,
-            shared_sequence,
-            ..settings.router.clone()
-        });
+        let Connected { backplane, epochs, shared_sequence, recovered } = connect_backplane(&settings.backplane).await?;
+        let count = epochs.len();
+        let per_partition = |total: usize| total.div_ceil(count).max(1);
+        let routers = epochs
+            .into_iter()
+            .map(|epoch| {
+                let mut config = RouterConfig {
+                    // One shard per runtime worker: fan-out to different shards can run in parallel.
+                    shards: tokio::runtime::Handle::current().metrics().num_workers(),
+                    epoch,
+                    shared_sequence,
+                    ..settings.router.clone()
+                };
+                if count > 1 {
+                    // The flags bound the replica: each partition holds its share (a broadcast,
+                    // group or topic event is in every partition's log).
+                    config.replay.capacity = per_partition(config.replay.capacity);
+                    config.replay.max_bytes = per_partition(config.replay.max_bytes);
+                    config.retained.max_bytes = per_partition(config.retained.max_bytes);
+                    config.max_connections = per_partition(config.max_connections);
+                }
+                Router::new(config)
+            })
+            .collect();
+        let routers = Arc::new(Partitions::new(routers));
+        let router = routers.first().clone();
         if let Some(recovered) = recovered {
             // Before any connection exists: the replay log, retained values and keys come back.
             backplane.restore(&router, recovered).await?;
@@ -157,9 +175,9 @@ impl Application {
         // If building fails from here on, the tasks already started stop.
         let stop_on_drop = stop.clone().drop_guard();
         if let Backplane::Nats(nats) = &*backplane {
-            // Fill the replay log and catch up before serving anyone.
-            let capacity = u64::try_from(settings.router.replay.capacity).unwrap_or(u64::MAX);
-            nats.start(router.clone(), capacity, settings.nats_catch_up, &stop, &tracker).await?;
+            // Fill the replay logs and catch up before serving anyone.
+            let capacity = u64::try_from(routers.first().replay_window().capacity).unwrap_or(u64::MAX);
+            nats.start(routers.clone(), capacity, settings.nats_catch_up, &stop, &tracker).await?;
         }
         let presence = match &*backplane {
             Backplane::Nats(nats) => {
@@ -169,14 +187,14 @@ impl Application {
                     .start_presence(hub.clone(), &stop, &tracker)
                     .await
                     .map_err(|e| NatsError::Presence(e.to_string()))?;
-                presence::start(hub.clone(), router.clone(), Some(link), &stop, &tracker);
+                presence::start(hub.clone(), &routers, Some(link), &stop, &tracker);
                 hub
             }
             Backplane::Memory(_) => {
                 // A fresh id per process, as a cluster replica's: the webhook's event ids start
                 // with it, so ids of a restarted process never repeat earlier ones.
                 let hub = Hub::new(format!("{:016x}", fastrand::u64(..)).into(), settings.presence.clone());
-                presence::start(hub.clone(), router.clone(), None, &stop, &tracker);
+                presence::start(hub.clone(), &routers, None, &stop, &tracker);
                 hub
             }
         };
@@ -185,7 +203,7 @@ impl Application {
             presence.set_webhook(out.clone());
             presence::webhook::start(config, out, &stop, &tracker);
         }
-        let metrics = Arc::new(Metrics::new(router.clone(), backplane.clone(), presence.clone()));
+        let metrics = Arc::new(Metrics::new(routers.clone(), backplane.clone(), presence.clone()));
         let subscriber_auth =
             subscriber_auth(&settings.subscriber, settings.reload_every, &stop, &tracker, &metrics.edge)?;
         let (cert, tls) = match &settings.tls {
@@ -205,7 +223,7 @@ impl Application {
                 ApiKeys::load_for("console tokens", Some(file.clone()), None).map_err(StartupError::ConsoleTokens)?,
             )),
         };
-        let app = http::app(router.clone(), subscriber_auth, &settings.http, metrics.edge.clone())?;
+        let app = http::app(routers.clone(), subscriber_auth, &settings.http, metrics.edge.clone())?;
         let http = bind(settings.http_addr, "http").await?;
         let grpc = bind(settings.grpc_addr, "grpc").await?;
         let admin = bind(settings.admin_addr, "admin").await?;
@@ -214,7 +232,7 @@ impl Application {
             http,
             grpc,
             admin,
-            router,
+            routers,
             app,
             metrics,
             publisher_auth,
@@ -253,7 +271,7 @@ impl Application {
             http,
             grpc,
             admin,
-            router,
+            routers,
             app,
             metrics,
             publisher_auth,
@@ -310,7 +328,7 @@ impl Application {
 
         let grpc_task = tokio::spawn(grpc::serve(
             grpc,
-            router.clone(),
+            routers.clone(),
             grpc::GrpcSettings {
                 limits: settings.grpc.clone(),
                 auth: publisher_auth,
@@ -335,16 +353,16 @@ impl Application {
             stop.clone(),
             tracker.clone(),
         ));
-        router.start_timers(settings.heartbeat_interval, &stop, &tracker);
+        routers.start_timers(settings.heartbeat_interval, &stop, &tracker);
         if backplane.has_data_dir() {
-            let (backplane, router, stop) = (backplane.clone(), router.clone(), stop.clone());
+            let (backplane, router, stop) = (backplane.clone(), routers.first().clone(), stop.clone());
             tracker.spawn(async move { backplane.maintain(&router, stop).await });
         }
         let console = console_tokens.map(|tokens| {
             tokens.clone().watch(settings.reload_every, &stop, &tracker);
             tracing::info!(path = "/console/", admin = %admin_addr, "admin console on");
             http::console::Console::new(
-                router.clone(),
+                routers.clone(),
                 backplane.clone(),
                 metrics.edge.clone(),
                 tokens,
@@ -386,7 +404,7 @@ impl Application {
         }
         tracing::info!(grace_ms = millis(drain.grace), "shutting down: draining connections");
         let retry_ms = millis(drain.retry);
-        let closed = router.close_all(CloseReason::Shutdown, move || {
+        let closed = routers.close_all(CloseReason::Shutdown, move || {
             // Spread reconnections over [retry, 2*retry + 1s) so thousands of clients do not come
             // back in the same millisecond. The `retry:` travels in a named event of its own
             // (`ssegate.shutdown`, its data the same delay): a parser that reports `retry` only
@@ -411,7 +429,7 @@ impl Application {
             Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed"),
             Err(_) => tracing::warn!(streams = closed, "grace period over: dropping what is still open"),
         }
-        backplane.close(&router).await;
+        backplane.close(routers.first()).await;
         admin_stop.cancel();
         if let Err(e) = admin_task.await {
             tracing::warn!(error = %e, "admin server task failed");

@@ -229,6 +229,8 @@ impl Settings {
                 stream_replicas: usize::from(a.nats_stream_replicas),
                 interest: a.nats_delivery == crate::config::NatsDelivery::Interest,
                 linger: a.nats_interest_linger,
+                partitions: usize::from(a.nats_partitions),
+                partition: 0,
             }),
         };
         Ok(Self {

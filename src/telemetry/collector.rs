@@ -17,11 +17,11 @@ use super::{
 use crate::{
     backplane::Backplane,
     presence::Hub,
-    router::{CloseReason, RESUME_OUTCOMES, Router, TARGET_KINDS},
+    router::{CloseReason, Partitions, RESUME_OUTCOMES, TARGET_KINDS},
 };
 
 pub(super) struct ServerCollector {
-    pub router: Arc<Router>,
+    pub routers: Arc<Partitions>,
     pub backplane: Arc<Backplane>,
     pub presence: Arc<Hub>,
     pub edge: Arc<EdgeMetrics>,
@@ -76,7 +76,7 @@ fn histogram(enc: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram)
 impl Collector for ServerCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use MetricType::{Counter as C, Gauge as G};
-        let s = self.router.stats();
+        let s = self.routers.stats();
         let e = &self.edge;
         single(&mut enc, "ssegate_connections", "Open SSE connections", G, s.connections as f64)?;
         single(&mut enc, "ssegate_users", "Distinct users with an open connection", G, s.users as f64)?;
@@ -285,6 +285,6 @@ impl Collector for ServerCollector {
             )?;
             single(&mut enc, "ssegate_data_dir_segments", "Segment files in --data-dir", G, segments as f64)?;
         }
-        single(&mut enc, "ssegate_uptime_seconds", "Seconds since start", G, self.router.uptime().as_secs_f64())
+        single(&mut enc, "ssegate_uptime_seconds", "Seconds since start", G, self.routers.uptime().as_secs_f64())
     }
 }

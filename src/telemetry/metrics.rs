@@ -20,7 +20,7 @@ use prometheus_client::{
 use super::{collector::ServerCollector, histogram::Histogram, process};
 use crate::{
     backplane::Backplane,
-    router::{CloseReason, Router, TARGET_KINDS},
+    router::{CloseReason, Partitions, TARGET_KINDS},
 };
 
 /// Why a subscription was refused, for `ssegate_connections_rejected_total{reason}`.
@@ -176,7 +176,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(router: Arc<Router>, backplane: Arc<Backplane>, presence: Arc<crate::presence::Hub>) -> Self {
+    pub fn new(routers: Arc<Partitions>, backplane: Arc<Backplane>, presence: Arc<crate::presence::Hub>) -> Self {
         let edge = Arc::new(EdgeMetrics::new());
         let mut registry = Registry::default();
         registry.register(
@@ -189,7 +189,7 @@ impl Metrics {
             "Time from a gRPC request's arrival to its final status, by method",
             edge.grpc_duration.clone(),
         );
-        registry.register_collector(Box::new(ServerCollector { router, backplane, presence, edge: edge.clone() }));
+        registry.register_collector(Box::new(ServerCollector { routers, backplane, presence, edge: edge.clone() }));
         registry.register_collector(Box::new(process::ProcessCollector));
         Self { registry, edge }
     }

@@ -26,7 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     domain::{GroupId, Topic, UserId},
-    router::{Router, Stats, StreamView, Subject},
+    router::{Partitions, Stats, StreamView, Subject},
 };
 
 /// A question every replica answers about its own connections.
@@ -81,30 +81,80 @@ pub struct Answer {
     pub replica: String,
 }
 
-/// Answers `query` from this process's router.
-pub fn answer(router: &Router, query: &Query) -> Answer {
+/// Answers `query` from this process's routers (one per partition; a user's connections are
+/// all in its user's partition, a group's or topic's in any).
+pub fn answer(parts: &Partitions, query: &Query) -> Answer {
     match query {
         Query::Presence { users, groups, topics, online } => {
             let (online, more_online) = match online {
-                Some(page) => router.online_users(page.after.as_deref(), page.limit),
+                Some(page) => online_page(parts, page),
                 None => (Vec::new(), false),
             };
+            let per_router: Vec<Vec<u64>> =
+                parts.all().iter().map(|r| r.user_presence(users).iter().map(|p| p.connections).collect()).collect();
+            let user_connections =
+                users.iter().enumerate().map(|(i, u)| per_router[parts.index_of(u)].get(i).copied().unwrap_or(0)).collect();
             Answer {
-                user_connections: router.user_presence(users).iter().map(|p| p.connections).collect(),
-                group_connections: router.group_connections(groups),
-                topic_connections: router.topic_connections(topics),
+                user_connections,
+                group_connections: summed(parts.all().iter().map(|r| r.group_connections(groups))),
+                topic_connections: summed(parts.all().iter().map(|r| r.topic_connections(topics))),
                 online,
                 more_online,
                 ..Default::default()
             }
         }
-        Query::Stats => Answer { stats: Some(router.stats()), ..Default::default() },
-        Query::Disconnect { user, reason } => Answer { closed: router.disconnect(user, reason), ..Default::default() },
+        Query::Stats => Answer { stats: Some(parts.stats()), ..Default::default() },
+        Query::Disconnect { user, reason } => {
+            Answer { closed: parts.of_user(user).disconnect(user, reason), ..Default::default() }
+        }
         Query::Streams { subject, limit } => {
-            let (streams, total) = router.streams(subject, *limit);
-            Answer { streams, streams_total: total as u64, ..Default::default() }
+            let routers = match subject {
+                Subject::User(user) => std::slice::from_ref(parts.of_user(user)),
+                _ => parts.all(),
+            };
+            let (mut streams, mut total) = (Vec::new(), 0u64);
+            for r in routers {
+                let (more, n) = r.streams(subject, limit.saturating_sub(streams.len()));
+                streams.extend(more);
+                total += n as u64;
+            }
+            Answer { streams, streams_total: total, ..Default::default() }
         }
     }
+}
+
+/// Element-wise sums of equally long lists of counts.
+fn summed(lists: impl Iterator<Item = Vec<u64>>) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for list in lists {
+        if out.is_empty() {
+            out = list;
+        } else {
+            for (a, b) in out.iter_mut().zip(list) {
+                *a += b;
+            }
+        }
+    }
+    out
+}
+
+/// A page of this replica's online users over its partitions (each user is in one): every
+/// partition's page, merged in order and cut to the limit.
+fn online_page(parts: &Partitions, page: &OnlinePage) -> (Vec<UserId>, bool) {
+    let mut all = Vec::new();
+    let mut more = false;
+    for r in parts.all() {
+        let (users, m) = r.online_users(page.after.as_deref(), page.limit);
+        more |= m;
+        all.extend(users);
+    }
+    all.sort_unstable();
+    all.dedup();
+    if all.len() > page.limit {
+        all.truncate(page.limit);
+        more = true;
+    }
+    (all, more)
 }
 
 /// The answers gathered for one query.
@@ -163,7 +213,7 @@ impl Cluster {
     /// when `stop` is cancelled.
     pub async fn start(
         self: &Arc<Self>,
-        router: Arc<Router>,
+        parts: Arc<Partitions>,
         stop: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<(), async_nats::Error> {
@@ -195,7 +245,7 @@ impl Cluster {
                         continue;
                     }
                 };
-                let mut answer = answer(&router, &query);
+                let mut answer = answer(&parts, &query);
                 answer.replica.clone_from(&id);
                 let bytes = wire::encode_answer(&answer);
                 if let Err(e) = client.publish(reply, bytes.into()).await {

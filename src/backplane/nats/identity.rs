@@ -45,8 +45,25 @@ pub(super) fn stream_config(settings: &NatsSettings) -> Config {
         storage: StorageType::File,
         discard: DiscardPolicy::Old,
         num_replicas: settings.stream_replicas,
+        description: (settings.partitions > 1)
+            .then(|| format!("{PARTITION_MARK}{} of {}", settings.partition, settings.partitions)),
         ..Default::default()
     }
+}
+
+/// How a partitioned stream's description begins: `ssegate partition <k> of <n>`. An
+/// unpartitioned stream (one partition) has no description, as before partitions existed.
+const PARTITION_MARK: &str = "ssegate partition ";
+
+/// How many partitions the stream was made for (1 without the mark).
+pub(super) fn partitions_of(info: &stream::Info) -> usize {
+    info.config
+        .description
+        .as_deref()
+        .and_then(|d| d.strip_prefix(PARTITION_MARK))
+        .and_then(|rest| rest.split(" of ").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(1)
 }
 
 /// Whether a stream republishes its events for interest delivery as this version sets it up

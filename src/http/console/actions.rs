@@ -80,7 +80,7 @@ pub(super) async fn publish(State(console): State<Console>, ext: Extensions, raw
         }
         let retain = if b.retain { Retain::Set { expires_at: None } } else { Retain::No };
         let c = &console.0;
-        let accepted = c.backplane.publish(&c.router, subject.target(), event, retain, None).await?;
+        let accepted = c.backplane.publish(&c.routers, subject.target(), event, retain, None).await?;
         Ok(json!({ "id": accepted.id.to_string(), "recipients": accepted.recipients }))
     }
     .await;
@@ -105,7 +105,7 @@ pub(super) async fn clear_retained(State(console): State<Console>, ext: Extensio
         let subject = subject(&b.kind, &b.id)?;
         let event = Event { name: name(b.name.as_deref())?, data: String::new() };
         let c = &console.0;
-        let accepted = c.backplane.publish(&c.router, subject.target(), event, Retain::Clear, None).await?;
+        let accepted = c.backplane.publish(&c.routers, subject.target(), event, Retain::Clear, None).await?;
         Ok(json!({ "id": accepted.id.to_string(), "name": b.name.unwrap_or_default() }))
     }
     .await;
@@ -133,7 +133,7 @@ pub(super) async fn disconnect(State(console): State<Console>, ext: Extensions, 
         }
         let reason = if b.reason.is_empty() { "console".to_owned() } else { b.reason };
         let c = &console.0;
-        let g = c.backplane.gather(&c.router, &Query::Disconnect { user, reason }).await;
+        let g = c.backplane.gather(&c.routers, &Query::Disconnect { user, reason }).await;
         let closed: u64 = g.answers.iter().map(|a| a.closed).sum();
         Ok(json!({ "closed": closed, "replicas": g.answers.len(), "partial": g.partial }))
     }

@@ -66,18 +66,19 @@ pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Looku
         Some(s) => Some(s.parse::<EventId>().map_err(|e| ConsoleError::BadRequest(format!("event id `{s}`: {e}")))?),
     };
     let c = &console.0;
+    let router = c.router_of(&subject);
     // With interest delivery a replica holds a user's, group's or topic's own events only
     // while following it: follow it for this answer (its events in the replay window are read
     // in).
-    let all = Some(EventId { epoch: c.router.epoch(), seq: 0 });
+    let all = Some(EventId { epoch: router.epoch(), seq: 0 });
     let followed = match &subject {
-        Subject::User(user) => c.router.follow(Some(user), &[], &[], all).await,
-        Subject::Group(group) => c.router.follow(None, std::slice::from_ref(group), &[], all).await,
-        Subject::Topic(topic) => c.router.follow(None, &[], std::slice::from_ref(topic), all).await,
+        Subject::User(user) => router.follow(Some(user), &[], &[], all).await,
+        Subject::Group(group) => router.follow(None, std::slice::from_ref(group), &[], all).await,
+        Subject::Topic(topic) => router.follow(None, &[], std::slice::from_ref(topic), all).await,
     };
     let _held = followed.map_err(|e| ConsoleError::Unavailable(e.to_string()))?;
     let gathered =
-        c.backplane.gather(&c.router, &cluster::Query::Streams { subject: subject.clone(), limit: MAX_STREAMS }).await;
+        c.backplane.gather(&c.routers, &cluster::Query::Streams { subject: subject.clone(), limit: MAX_STREAMS }).await;
     let this_id = c.backplane.replica_id();
     // This replica's answer first; in memory the only answer is this process's (no id).
     let mut answers: Vec<(bool, cluster::Answer)> = gathered
@@ -88,9 +89,9 @@ pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Looku
     answers.sort_by_key(|(this, _)| !*this);
     let streams: Vec<(bool, &str, &StreamView)> =
         answers.iter().flat_map(|(this, a)| a.streams.iter().map(move |s| (*this, a.replica.as_str(), s))).collect();
-    let epoch = c.router.epoch();
+    let epoch = router.epoch();
     let id = |seq: u64| EventId { epoch, seq }.to_string();
-    let history = c.router.history(&subject.target(), None, q.limit.unwrap_or(RECENT).clamp(1, MAX_RECENT));
+    let history = router.history(&subject.target(), None, q.limit.unwrap_or(RECENT).clamp(1, MAX_RECENT));
     let recent: Vec<Value> = history
         .events
         .iter()
@@ -99,8 +100,7 @@ pub(super) async fn lookup(State(console): State<Console>, Query(q): Query<Looku
             json!({ "id": id(e.seq), "name": name, "data": data, "age_s": e.frame.published_at.elapsed().as_secs_f64() })
         })
         .collect();
-    let retained: Vec<Value> = c
-        .router
+    let retained: Vec<Value> = router
         .retained_of(&subject)
         .iter()
         .map(|v| {
@@ -172,7 +172,9 @@ fn stream_json(s: &StreamView, epoch: u64) -> Value {
 /// Whether event `event` reached `subject`'s streams here (see the module's definition).
 fn reached(console: &Console, subject: &Subject, streams: &[(&str, &StreamView)], event: EventId) -> Value {
     let unknown = |reason: String| json!({ "event": event.to_string(), "verdict": "unknown", "reason": reason });
-    let logged = match console.0.router.find_event(event) {
+    let c = &console.0;
+    let router = c.routers.of_epoch(event.epoch).map_or_else(|| c.router_of(subject), |k| &c.routers.all()[k]);
+    let logged = match router.find_event(event) {
         EventLookup::Found(logged) => logged,
         EventLookup::OtherEpoch => {
             return unknown("the id is of another epoch (an earlier process or a recreated stream)".into());

@@ -41,7 +41,12 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::ConsoleError;
 
-use crate::{auth::ApiKeys, backplane::Backplane, router::Router, telemetry::metrics::EdgeMetrics};
+use crate::{
+    auth::ApiKeys,
+    backplane::Backplane,
+    router::{Partitions, Router, Subject},
+    telemetry::metrics::EdgeMetrics,
+};
 
 /// Overview streams (`/console/api/live`) open at once, at most.
 pub const MAX_LIVE: usize = 16;
@@ -53,7 +58,7 @@ pub const MAX_TAILS: usize = 8;
 pub struct Console(Arc<Inner>);
 
 struct Inner {
-    router: Arc<Router>,
+    routers: Arc<Partitions>,
     backplane: Arc<Backplane>,
     edge: Arc<EdgeMetrics>,
     tokens: Arc<ApiKeys>,
@@ -66,9 +71,20 @@ struct Inner {
     stop: CancellationToken,
 }
 
+impl Inner {
+    /// The router holding `subject`'s streams and events here: a user's partition's; a group's
+    /// or topic's events are in every partition (with their own ids), the first is read.
+    fn router_of(&self, subject: &Subject) -> &Arc<Router> {
+        match subject {
+            Subject::User(user) => self.routers.of_user(user),
+            _ => self.routers.first(),
+        }
+    }
+}
+
 impl Console {
     pub fn new(
-        router: Arc<Router>,
+        routers: Arc<Partitions>,
         backplane: Arc<Backplane>,
         edge: Arc<EdgeMetrics>,
         tokens: Arc<ApiKeys>,
@@ -76,7 +92,7 @@ impl Console {
         stop: CancellationToken,
     ) -> Self {
         Console(Arc::new(Inner {
-            router,
+            routers,
             backplane,
             edge,
             tokens,

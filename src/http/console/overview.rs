@@ -69,8 +69,8 @@ pub(super) async fn live(State(console): State<Console>) -> Result<Response, Con
 /// The overview now, with rates since `prev` if given.
 async fn overview(console: &Console, prev: Option<&Sample>) -> (Value, Sample) {
     let c = &console.0;
-    let stats = c.router.stats();
-    let window = c.router.replay_window();
+    let stats = c.routers.stats();
+    let window = c.routers.first().replay_window();
     let cut_off = c.edge.closed_count(CloseReason::SlowConsumer);
     let now = Instant::now();
     let sample = Sample { at: now, published: stats.events_published, delivered: stats.events_delivered };
@@ -80,7 +80,7 @@ async fn overview(console: &Console, prev: Option<&Sample>) -> (Value, Sample) {
             f(&sample).saturating_sub(f(p)) as f64 / secs
         })
     };
-    let gathered = c.backplane.gather(&c.router, &Query::Stats).await;
+    let gathered = c.backplane.gather(&c.routers, &Query::Stats).await;
     let all: Vec<&Stats> = gathered.answers.iter().filter_map(|a| a.stats.as_ref()).collect();
     let this_id = c.backplane.replica_id();
     let mut per_replica: Vec<Value> = gathered
@@ -134,7 +134,7 @@ async fn overview(console: &Console, prev: Option<&Sample>) -> (Value, Sample) {
             "slow_consumer_cutoffs": cut_off,
             "publishes_per_s": rate(|s| s.published),
             "deliveries_per_s": rate(|s| s.delivered),
-            "uptime_s": c.router.uptime().as_secs(),
+            "uptime_s": c.routers.uptime().as_secs(),
         },
         "cluster": {
             "replicas": gathered.answers.len(),

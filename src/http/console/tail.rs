@@ -44,7 +44,7 @@ pub(super) async fn tail(State(console): State<Console>, Query(q): Query<TailQue
     }
     let permit = console.0.tails.clone().try_acquire_owned().map_err(|_| ConsoleError::Busy(MAX_TAILS))?;
     let (tx, rx) = mpsc::channel::<Event>(QUEUE);
-    let router = console.0.router.clone();
+    let router = console.0.router_of(&subject).clone();
     let stop = console.0.stop.clone();
     let target = subject.target();
     let replay_on = router.replay_window().capacity > 0;
