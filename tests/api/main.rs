@@ -27,6 +27,7 @@ mod hostile;
 mod http_edge;
 mod limits;
 mod observability;
+mod partitions;
 mod presence_events;
 mod resume;
 mod retained;
