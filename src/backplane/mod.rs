@@ -374,7 +374,9 @@ impl Backplane {
     /// Asks every replica (or just this process, in memory) about its connections.
     pub async fn gather(&self, routers: &Partitions, query: &cluster::Query) -> cluster::Gathered {
         match self {
-            Backplane::Memory(_) => cluster::Gathered { answers: vec![cluster::answer(routers, query)], partial: false },
+            Backplane::Memory(_) => {
+                cluster::Gathered { answers: vec![cluster::answer(routers, query)], partial: false }
+            }
             Backplane::Nats(n) => match n.cluster.gather(query).await {
                 Ok(g) => g,
                 Err(e) => {

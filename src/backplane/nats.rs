@@ -283,7 +283,11 @@ impl NatsBackplane {
         }
         let made_for = identity::partitions_of(&info);
         if made_for != settings.partitions {
-            return Err(NatsError::Partitions { stream: settings.stream.clone(), found: made_for, flag: settings.partitions });
+            return Err(NatsError::Partitions {
+                stream: settings.stream.clone(),
+                found: made_for,
+                flag: settings.partitions,
+            });
         }
         if !info.config.subjects.contains(&settings.subject) {
             return Err(NatsError::Conflict {

@@ -140,7 +140,8 @@ impl Application {
     /// Builds from the flags (`Settings::from_args`) and binds the listeners.
     pub async fn build(args: ServeArgs) -> Result<Self, StartupError> {
         let settings = Settings::from_args(args)?;
-        let Connected { backplane, epochs, shared_sequence, recovered } = connect_backplane(&settings.backplane).await?;
+        let Connected { backplane, epochs, shared_sequence, recovered } =
+            connect_backplane(&settings.backplane).await?;
         let count = epochs.len();
         let per_partition = |total: usize| total.div_ceil(count).max(1);
         let routers = epochs

@@ -56,7 +56,11 @@ async fn user_events_are_stored_in_their_partition_and_everyones_in_each_with_th
     a.publish_group("g", "to the group").await;
     a.broadcast("to everyone").await;
     for s in ["SSEGATE", "SSEGATE-p1", "SSEGATE-p2"] {
-        assert_eq!(stored(&nats, s).await, 4, "{s}: its user's event, the three users' one (split), the group's, the broadcast");
+        assert_eq!(
+            stored(&nats, s).await,
+            4,
+            "{s}: its user's event, the three users' one (split), the group's, the broadcast"
+        );
     }
     let mut epochs = Vec::new();
     for (u, sub) in users.iter().zip(&mut subs) {
@@ -70,7 +74,11 @@ async fn user_events_are_stored_in_their_partition_and_everyones_in_each_with_th
     epochs.sort();
     epochs.dedup();
     assert_eq!(epochs.len(), P, "each partition numbers its own events");
-    assert_eq!(epoch_of(&to_all.event_id), epoch_of(&subs[0].last_event_id()), "the answer names the first partition's id");
+    assert_eq!(
+        epoch_of(&to_all.event_id),
+        epoch_of(&subs[0].last_event_id()),
+        "the answer names the first partition's id"
+    );
 }
 
 #[tokio::test]
@@ -202,7 +210,8 @@ async fn a_replica_with_another_partition_count_refuses_to_start_and_says_why() 
     let nats = Broker::start().await;
     let _a = replica(&nats, FLAGS).await;
     let url = nats.url();
-    let args = ["serve", "--backplane", "nats", "--nats-url", &url, "--nats-partitions", "2", "--http-addr", "127.0.0.1:0"];
+    let args =
+        ["serve", "--backplane", "nats", "--nats-url", &url, "--nats-partitions", "2", "--http-addr", "127.0.0.1:0"];
     let rest = ["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--insecure-dev-identity"];
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ssegate"))
         .args(args)
@@ -214,4 +223,121 @@ async fn a_replica_with_another_partition_count_refuses_to_start_and_says_why() 
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("made for 3 partition(s), not --nats-partitions 2"), "{stderr}");
+}
+
+/// (event type, data) of the retained events a fresh stream of `user` is sent before its
+/// cursor, read until a marker published after the cursor.
+async fn sent_on_connect(app: &crate::helpers::TestApp, user: &str, extra: &str) -> Vec<(String, String)> {
+    let mut stream = app.subscribe(&format!("user={user}{extra}")).await;
+    stream.cursor().await;
+    app.publish_users(&[user], "", "marker").await;
+    let mut retained = Vec::new();
+    loop {
+        let e = stream.next_event().await;
+        if e.data == "marker" {
+            return retained;
+        }
+        retained.push((e.event_type, e.data));
+    }
+}
+
+#[tokio::test]
+async fn retained_values_reach_users_of_every_partition_and_survive_a_restart_of_the_replicas() {
+    let nats = Broker::start().await;
+    let mut a = replica(&nats, FLAGS).await;
+    let users = one_per_partition("k");
+    let keep = Some(pb::Retain { ttl_seconds: 0, clear: false });
+    let group = pb::PublishGroupRequest {
+        group: "g".into(),
+        event: Some(ev("status", "busy")),
+        retain: keep,
+        ..Default::default()
+    };
+    a.client.clone().publish_group(group).await.expect("group value");
+    for u in &users {
+        let req = pb::PublishRequest {
+            user_ids: vec![u.clone()],
+            event: Some(ev("badge", u)),
+            retain: keep,
+            ..Default::default()
+        };
+        a.client.clone().publish(req).await.expect("user value");
+    }
+    let expect = |u: &str| vec![("status".to_owned(), "busy".to_owned()), ("badge".to_owned(), u.to_owned())];
+    for u in &users {
+        assert_eq!(sent_on_connect(&a, u, "&group=g").await, expect(u), "before the restart");
+    }
+    a.stop().await;
+    // No replay log: the values can only come from each partition's bucket.
+    let b = replica(&nats, &["--nats-partitions", "3", "--replay-capacity", "0"]).await;
+    for u in &users {
+        assert_eq!(sent_on_connect(&b, u, "&group=g").await, expect(u), "after the restart");
+    }
+}
+
+#[tokio::test]
+async fn an_event_stored_in_some_partitions_only_is_answered_partial_and_a_retry_with_its_key_completes_it_once() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, FLAGS).await;
+    let users = one_per_partition("f");
+    let mut subs = Vec::new();
+    for u in &users {
+        subs.push(a.subscribe(&format!("user={u}")).await);
+    }
+    // Partition 1's stream refuses anything but tiny messages for a while.
+    let js = nats.jetstream().await;
+    let mut p1 = js.get_stream("SSEGATE-p1").await.expect("partition 1");
+    let config = p1.info().await.expect("info").config.clone();
+    js.update_stream(async_nats::jetstream::stream::Config { max_message_size: 16, ..config.clone() })
+        .await
+        .expect("shrink");
+    let req = pb::BroadcastRequest {
+        event: Some(ev("", "for everyone")),
+        idempotency_key: "everyone-1".into(),
+        ..Default::default()
+    };
+    let err = a.client.clone().broadcast(req.clone()).await.expect_err("partition 1 refuses it");
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(err.message().contains("outcome partial: stored in 2 of the 3 partitions"), "{}", err.message());
+
+    js.update_stream(config).await.expect("restore");
+    let retried = a.client.clone().broadcast(req).await.expect("the retry completes it").into_inner();
+    assert!(!retried.event_id.is_empty());
+    a.broadcast("marker").await;
+    for (u, sub) in users.iter().zip(&mut subs) {
+        assert_eq!(sub.next_data(2).await, ["for everyone", "marker"], "{u}: once, whichever attempt stored it");
+    }
+}
+
+#[tokio::test]
+async fn a_recreated_partition_stream_concerns_its_own_users_only() {
+    let nats = Broker::start().await;
+    let a = replica(&nats, FLAGS).await;
+    let users = one_per_partition("d");
+    let (mut in_p0, mut in_p2) =
+        (a.subscribe(&format!("user={}", users[0])).await, a.subscribe(&format!("user={}", users[2])).await);
+    a.publish_users(&[&users[0]], "", "before").await;
+    let old = a.publish_users(&[&users[2]], "", "before").await.event_id;
+    assert_eq!(in_p0.next_data(1).await, ["before"]);
+    assert_eq!(in_p2.next_data(1).await, ["before"]);
+
+    nats.jetstream().await.delete_stream("SSEGATE-p2").await.expect("delete partition 2");
+    // Partition 2's replica side notices (its probe recreates the stream) and tells its users.
+    let e = in_p2.next_event().await;
+    assert_eq!(e.event_type, "ssegate.missed", "{e:?}");
+    let why: serde_json::Value = serde_json::from_str(&e.data).expect("JSON");
+    assert_eq!((why["reason"].as_str(), why["last_event_id"].as_str()), (Some("stream_recreated"), Some(old.as_str())));
+    // Publishes to partition 2 work again once the replica has followed the new stream.
+    let end = deadline();
+    let req =
+        pb::PublishRequest { user_ids: vec![users[2].clone()], event: Some(ev("", "after")), ..Default::default() };
+    while a.client.clone().publish(req.clone()).await.is_err() {
+        assert!(tokio::time::Instant::now() < end, "partition 2 never took publishes again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(in_p2.next_data(1).await, ["after"]);
+    // Partition 0 saw nothing of it: its stream goes on, no ssegate.missed.
+    a.publish_users(&[&users[0]], "", "after").await;
+    let e = in_p0.next_event().await;
+    assert_eq!((e.event_type.as_str(), e.data.as_str()), ("message", "after"));
 }

@@ -92,8 +92,11 @@ pub fn answer(parts: &Partitions, query: &Query) -> Answer {
             };
             let per_router: Vec<Vec<u64>> =
                 parts.all().iter().map(|r| r.user_presence(users).iter().map(|p| p.connections).collect()).collect();
-            let user_connections =
-                users.iter().enumerate().map(|(i, u)| per_router[parts.index_of(u)].get(i).copied().unwrap_or(0)).collect();
+            let user_connections = users
+                .iter()
+                .enumerate()
+                .map(|(i, u)| per_router[parts.index_of(u)].get(i).copied().unwrap_or(0))
+                .collect();
             Answer {
                 user_connections,
                 group_connections: summed(parts.all().iter().map(|r| r.group_connections(groups))),

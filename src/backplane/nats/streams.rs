@@ -41,7 +41,9 @@ impl NatsStreams {
         let order = Arc::new(OrderStats { late: AtomicU64::new(0), reordered: Histogram::latency() });
         let mut parts = Vec::with_capacity(settings.partitions);
         for k in 0..settings.partitions.max(1) {
-            parts.push(Arc::new(NatsBackplane::open(&link, settings.for_partition(k), cluster.clone(), order.clone()).await?));
+            parts.push(Arc::new(
+                NatsBackplane::open(&link, settings.for_partition(k), cluster.clone(), order.clone()).await?,
+            ));
         }
         Ok(Self { parts, cluster, up: watch::channel(true).0 })
     }
@@ -69,9 +71,12 @@ impl NatsStreams {
             stream: self.parts[0].settings.stream.clone(),
             reason: format!("cannot subscribe to the control subjects: {e}"),
         })?;
-        let started = join_all(self.parts.iter().zip(routers.all()).map(|(part, router)| {
-            part.start(router.clone(), replay_capacity, catch_up, stop, tracker)
-        }))
+        let started = join_all(
+            self.parts
+                .iter()
+                .zip(routers.all())
+                .map(|(part, router)| part.start(router.clone(), replay_capacity, catch_up, stop, tracker)),
+        )
         .await;
         started.into_iter().collect::<Result<Vec<()>, _>>()?;
         if self.parts.len() > 1 {
@@ -117,7 +122,8 @@ impl NatsStreams {
         for (k, t) in &split {
             super::super::broker_admits(&routers.all()[*k], t, &event, retain)?;
         }
-        let outcomes = join_all(split.into_iter().map(|(k, t)| self.parts[k].publish(t, event.clone(), retain, key))).await;
+        let outcomes =
+            join_all(split.into_iter().map(|(k, t)| self.parts[k].publish(t, event.clone(), retain, key))).await;
         combine(outcomes)
     }
 
@@ -195,7 +201,8 @@ mod tests {
     #[test]
     fn an_event_stored_everywhere_has_the_first_id_and_one_stored_somewhere_is_partial() {
         assert_eq!(combine(vec![Ok(id(3)), Ok(id(5))]).unwrap(), id(3));
-        let none = combine(vec![Err(BackplaneError::Unavailable("a".into())), Err(BackplaneError::Refused("b".into()))]);
+        let none =
+            combine(vec![Err(BackplaneError::Unavailable("a".into())), Err(BackplaneError::Refused("b".into()))]);
         assert!(matches!(none, Err(BackplaneError::Unavailable(_))), "nothing stored: the first failure as it is");
         let some = combine(vec![Ok(id(3)), Err(BackplaneError::Unavailable("down".into())), Ok(id(4))]);
         match some {
