@@ -90,6 +90,44 @@ start_nats_replicas() {
   for i in $(seq 0 $((count - 1))); do wait_port "127.0.0.1:1808$i"; wait_port "127.0.0.1:1505$i"; done
 }
 
+# A 3-node JetStream cluster (bench-nats-cluster.sh, bench-nats-partitions.sh); its nodes' pids.
+NODE_PIDS=()
+
+stop_cluster() {
+  stop_pids "${NODE_PIDS[@]}"
+  NODE_PIDS=()
+}
+# start_cluster: three fresh nodes n0..n2 (client ports 14222-14224, routes 16222-16224,
+# monitoring 18222-18224), returning once JetStream has a meta leader seen by every node.
+start_cluster() {
+  stop_cluster
+  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null \
+    || die "cannot install nats-server"
+  local server routes="nats://127.0.0.1:16222,nats://127.0.0.1:16223,nats://127.0.0.1:16224"
+  server=$(command -v nats-server || echo /usr/sbin/nats-server)
+  for i in 0 1 2; do
+    rm -rf "$SCRATCH/n$i"
+    # The tag lets `raw-nats --place-on` put a stream on this node (R1 leaders spread).
+    printf 'server_tags: ["n%s"]\n' "$i" >"$SCRATCH/n$i.conf"
+    taskset -c "$SERVER_CPU" "$server" -c "$SCRATCH/n$i.conf" -js -a 127.0.0.1 -p $((14222 + i)) \
+      -m $((18222 + i)) --name "n$i" --cluster_name ssegate-bench --cluster "nats://127.0.0.1:$((16222 + i))" \
+      --routes "$routes" -sd "$SCRATCH/n$i" >"$SCRATCH/n$i.log" 2>&1 &
+    NODE_PIDS+=($!)
+  done
+  for i in 0 1 2; do
+    local ok=
+    for _ in $(seq 1 300); do
+      if curl -fsS "http://127.0.0.1:$((18222 + i))/jsz" 2>/dev/null \
+        | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin).get("meta_cluster",{}).get("leader") else 1)'; then
+        ok=1; break
+      fi
+      sleep 0.1
+    done
+    [ -n "$ok" ] || die "node n$i saw no JetStream meta leader within 30 s (log: $SCRATCH/n$i.log)"
+  done
+}
+
 # field FILE KEY: a value from the last JSON line of a load generator's output.
 field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])[sys.argv[2]])" "$1" "$2"; }
 
