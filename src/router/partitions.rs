@@ -40,14 +40,6 @@ impl Partitions {
         Self { routers: routers.into() }
     }
 
-    pub fn single(router: Arc<Router>) -> Self {
-        Self::new(vec![router])
-    }
-
-    pub fn count(&self) -> usize {
-        self.routers.len()
-    }
-
     pub fn all(&self) -> &[Arc<Router>] {
         &self.routers
     }
@@ -90,10 +82,6 @@ impl Partitions {
 
     pub fn uptime(&self) -> Duration {
         self.routers[0].uptime()
-    }
-
-    pub fn is_closing(&self) -> bool {
-        self.routers[0].is_closing()
     }
 
     /// Closes every connection of every partition (see `Router::close_all`); how many.

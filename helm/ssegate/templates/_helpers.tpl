@@ -90,6 +90,7 @@ backplane: backplane.type
 nats-url: backplane.nats.urls
 nats-stream: backplane.nats.stream
 nats-stream-replicas: backplane.nats.streamReplicas
+nats-partitions: backplane.nats.partitions
 nats-creds-file: backplane.nats.credsSecret
 nats-tls-ca-file: backplane.nats.tlsCaSecret
 jwt-secret-file: jwt.existingSecret + jwt.secretKey

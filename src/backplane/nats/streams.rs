@@ -48,10 +48,6 @@ impl NatsStreams {
         Ok(Self { parts, cluster, up: watch::channel(true).0 })
     }
 
-    pub fn count(&self) -> usize {
-        self.parts.len()
-    }
-
     /// Each partition's epoch now, in partition order.
     pub fn epochs(&self) -> Vec<u64> {
         self.parts.iter().map(|p| p.epoch).collect()
