@@ -55,7 +55,7 @@ use async_nats::{
 use tokio::sync::{Notify, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use streams::{MAX_PARTITIONS, NatsStreams, combine};
+pub use streams::{NatsStreams, combine};
 
 use super::{
     cluster::Cluster,

@@ -2,7 +2,7 @@
 //! retained-values bucket, consumer or follow task, probe) per partition, on one connection,
 //! with one `Cluster` (hello, queries, presence) for the replica. An event for users is written
 //! to each of their users' partitions; any other event to every partition, and it is
-//! acknowledged once every one of them stored it. See ARCHITECTURE.md ("Partitions").
+//! acknowledged once every one of them stored it. See ARCHITECTURE.md ("The cluster at scale", goal 3).
 
 use std::{
     sync::{Arc, atomic::AtomicU64},
@@ -20,10 +20,6 @@ use crate::{
     router::Partitions,
     telemetry::histogram::Histogram,
 };
-
-/// Most partitions (`--nats-partitions`): each is a stream, a bucket and a follow task per
-/// replica, and an event for everyone is written to each.
-pub const MAX_PARTITIONS: usize = 64;
 
 pub struct NatsStreams {
     /// One per partition, in partition order; never empty.
