@@ -116,7 +116,7 @@ impl Memory {
         match key {
             None => {
                 let (p, ticket) = self.publish(router, target, event, retain, None)?;
-                Ok((Accepted { id: p.id, recipients: Some(p.recipients) }, ticket, false))
+                Ok((Accepted::one(p.id, Some(p.recipients)), ticket, false))
             }
             Some(key) => self.dedupe.publish_once(self, router, target, event, retain, key),
         }
@@ -210,7 +210,7 @@ impl Dedupe {
         }
         if let Some((id, _)) = seen.ids.get(key) {
             let write = seen.pending.get(key).map(Ticket::follow);
-            return Ok((Accepted { id: *id, recipients: None }, write, false));
+            return Ok((Accepted::one(*id, None), write, false));
         }
         let (p, ticket) = memory.publish(router, target, event, retain, Some(key))?;
         seen.ids.insert(key.clone(), (p.id, now));
@@ -218,7 +218,7 @@ impl Dedupe {
         if let Some(t) = &ticket {
             seen.pending.insert(key.clone(), t.follow());
         }
-        Ok((Accepted { id: p.id, recipients: Some(p.recipients) }, ticket, true))
+        Ok((Accepted::one(p.id, Some(p.recipients)), ticket, true))
     }
 
     /// The keys remembered now, with the sequence number of their event and when (wall clock)
@@ -257,11 +257,29 @@ impl Dedupe {
 }
 
 /// An accepted publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub id: EventId,
     /// Connections it was queued for, when known at publish time (memory only).
     pub recipients: Option<u64>,
+    /// Its id in each partition it was stored in, in partition order, when more than one
+    /// (`--nats-partitions`); empty otherwise.
+    pub partition_ids: Vec<EventId>,
+}
+
+impl Accepted {
+    fn one(id: EventId, recipients: Option<u64>) -> Self {
+        Self { id, recipients, partition_ids: Vec::new() }
+    }
+
+    /// An event stored in each partition of `ids` (never empty), in partition order.
+    fn stored(ids: Vec<EventId>) -> Self {
+        match ids.as_slice() {
+            [one] => Self::one(*one, None),
+            [first, ..] => Self { id: *first, recipients: None, partition_ids: ids },
+            [] => Self::one(EventId { epoch: 0, seq: 0 }, None),
+        }
+    }
 }
 
 /// Why a publish failed, and whether the event may still have been stored: the first three
@@ -357,8 +375,8 @@ impl Backplane {
             Backplane::Nats(nats) => {
                 // The id names the stream that stored it (its epoch may be newer than the router's
                 // for a moment, while this replica catches up with a recreated stream).
-                let id = nats.publish(routers, target, event, retain, idempotency_key).await?;
-                Ok(Accepted { id, recipients: None })
+                let ids = nats.publish(routers, target, event, retain, idempotency_key).await?;
+                Ok(Accepted::stored(ids))
             }
         }
     }
@@ -445,8 +463,7 @@ impl Backplane {
                         }
                     };
                     let outcomes = futures_util::future::join_all(parts.into_iter().map(one)).await;
-                    let id = nats::combine(outcomes)?;
-                    Ok(Accepted { id, recipients: None })
+                    Ok(Accepted::stored(nats::combine(outcomes)?))
                 }
                 .boxed()
             }

@@ -178,6 +178,7 @@ fn accepted_item(index: u64, p: &Accepted) -> pb::PublishStreamResponse {
         message: String::new(),
         event_id: p.id.to_string(),
         recipients: p.recipients,
+        partition_event_ids: p.partition_ids.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -282,7 +283,7 @@ impl StreamPipeline {
 
 /// The answer to a stream item that was not published.
 fn item_refused(index: u64, code: Code, message: String) -> pb::PublishStreamResponse {
-    pb::PublishStreamResponse { index, code: code as i32, message, event_id: String::new(), recipients: None }
+    pb::PublishStreamResponse { index, code: code as i32, message, ..Default::default() }
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse, Status>> + Send>>;

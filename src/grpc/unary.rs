@@ -73,6 +73,10 @@ impl PublisherService {
         self.within_limit(&req)?;
         let target = req.target(&self.limits);
         let p = self.publish(R::KIND, target, req.into_parts()).await?;
-        Ok(Response::new(pb::PublishResponse { event_id: p.id.to_string(), recipients: p.recipients }))
+        Ok(Response::new(pb::PublishResponse {
+            event_id: p.id.to_string(),
+            recipients: p.recipients,
+            partition_event_ids: p.partition_ids.iter().map(ToString::to_string).collect(),
+        }))
     }
 }

@@ -228,11 +228,14 @@ impl Counts {
     }
 }
 
-/// The acknowledged publishes indexed by what they address, each list in id order.
+/// The acknowledged publishes indexed by what they address, each list in id order. With
+/// partitioned streams a publish stored in several partitions is listed under each of its
+/// ids; a client sees the one of its own partition, told apart by its epoch.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    /// By publish number: the acknowledged id (if any) and the target.
-    by_n: Vec<Option<(Option<Pos>, Target)>>,
+    /// By publish number: the acknowledged ids (none if unacknowledged; several if stored in
+    /// several partitions) and the target.
+    by_n: Vec<Option<(Vec<Pos>, Target)>>,
     /// By publish number: attempts it took.
     attempts: Vec<u32>,
     users: Vec<Vec<(Pos, u64)>>,
@@ -256,7 +259,7 @@ impl Ledger {
                 l.attempts.resize(n + 1, 0);
             }
             l.attempts[n] = r.attempts;
-            if let Some(id) = r.id {
+            for id in r.ids() {
                 let e = (id, r.n);
                 let slot = |v: &mut Vec<Vec<(Pos, u64)>>, i: u32| {
                     if let Some(list) = v.get_mut(i as usize) {
@@ -270,7 +273,7 @@ impl Ledger {
                     Target::Broadcast => l.broadcast.push(e),
                 }
             }
-            l.by_n[n] = Some((r.id, r.target));
+            l.by_n[n] = Some((r.ids().collect(), r.target));
         }
         for v in l.users.iter_mut().chain(l.groups.iter_mut()).chain(l.topics.iter_mut()) {
             v.sort_unstable();
@@ -284,7 +287,13 @@ impl Ledger {
         self.attempts.get(n as usize).copied().unwrap_or(0)
     }
 
-    /// Acknowledged publishes addressed to `id`, as `(id, n)`, in id order.
+    /// Whether publish `n` was stored in several partitions.
+    fn partitioned(&self, n: u64) -> bool {
+        self.by_n.get(n as usize).and_then(Option::as_ref).is_some_and(|(ids, _)| ids.len() > 1)
+    }
+
+    /// Acknowledged publishes addressed to `id`, as `(id, n)`, in id order (a publish stored in
+    /// several partitions once per partition).
     fn addressed(&self, id: &Identity) -> Vec<(Pos, u64)> {
         let empty = Vec::new();
         let get = |v: &[Vec<(Pos, u64)>], i: u32| v.get(i as usize).unwrap_or(&empty).clone();
@@ -297,9 +306,19 @@ impl Ledger {
     }
 }
 
+/// Whether a client whose last id is `last` reached the end barrier: `ends` has the highest
+/// acknowledged id of each partition's newest stream (one entry without partitions).
+pub fn reached(last: Pos, ends: &[Pos]) -> bool {
+    match ends {
+        [end] => last >= *end,
+        _ => ends.iter().any(|e| e.epoch == last.epoch && last >= *e),
+    }
+}
+
 /// Checks one client. Returns its counts and, for the report, up to `max_notes` descriptions
-/// of what went wrong.
-pub fn check(log: &ClientLog, id: &Identity, ledger: &Ledger, end: Pos, max_notes: usize) -> (Counts, Vec<String>) {
+/// of what went wrong. `ends`: as for `reached`; an id above the end of its epoch is after
+/// the barrier.
+pub fn check(log: &ClientLog, id: &Identity, ledger: &Ledger, ends: &[Pos], max_notes: usize) -> (Counts, Vec<String>) {
     let mut c = Counts {
         clients: 1,
         foreign: log.foreign,
@@ -368,21 +387,32 @@ pub fn check(log: &ClientLog, id: &Identity, ledger: &Ledger, end: Pos, max_note
                     c.misrouted += 1;
                     note(format!("misrouted n={n} ({target:?}) id={pos}"));
                 }
-                match acked {
-                    None => c.unacked_delivered += u64::from(seen.get(&n).is_some_and(|s| s.0 == i)),
-                    Some(a) if a.epoch > pos.epoch && retried => c.lost_stream_copies += 1,
-                    Some(a) if *a != pos => {
+                match acked.as_slice() {
+                    [] => c.unacked_delivered += u64::from(seen.get(&n).is_some_and(|s| s.0 == i)),
+                    ids if ids.contains(&pos) => {}
+                    ids if ids.iter().any(|a| a.epoch > pos.epoch) && retried => c.lost_stream_copies += 1,
+                    [a, ..] => {
                         c.id_mismatch += 1;
                         note(format!("n={n} acknowledged as id={a}, received as id={pos}"));
                     }
-                    Some(_) => {}
                 }
             }
         }
     }
 
+    // The epochs this client's partition had while it was there: of a publish stored in
+    // several partitions, the client is expected to see the id of one of these.
+    let mut epochs: std::collections::HashSet<u64> = log.epochs.iter().map(|&(_, e)| e).collect();
+    epochs.extend(log.segs.iter().flat_map(|s| [s.cursor, s.resume]).flatten().map(|p| p.epoch));
+    let after_end = |pos: Pos| match ends {
+        [end] => pos > *end,
+        _ => ends.iter().any(|e| e.epoch == pos.epoch && pos > *e),
+    };
     for (pos, n) in ledger.addressed(id) {
-        if pos <= first_cursor || pos > end {
+        if ledger.partitioned(n) && !epochs.contains(&pos.epoch) {
+            continue;
+        }
+        if pos <= first_cursor || after_end(pos) {
             continue;
         }
         if log.excused(pos) {
@@ -447,7 +477,7 @@ mod tests {
     }
 
     fn rec(n: u64, seq: Option<u64>, target: Target) -> Record {
-        Record { n, target, id: seq.map(|s| p(E1, s)), attempts: 1, sent_ns: 0, acked_ns: 0 }
+        Record { n, target, id: seq.map(|s| p(E1, s)), others: Vec::new(), attempts: 1, sent_ns: 0, acked_ns: 0 }
     }
 
     fn ledger() -> Ledger {
@@ -496,7 +526,7 @@ mod tests {
             &[(E1, 10, 1), (E1, 12, 3), (E1, 13, 4), (E1, 14, 5), (E1, 16, 7)],
             vec![seg(None, 9, 0), seg(Some(12), 12, 2)],
         );
-        let (c, notes) = check(&l, &ME, &ledger(), p(E1, 16), 10);
+        let (c, notes) = check(&l, &ME, &ledger(), &[p(E1, 16)], 10);
         assert_eq!((c.expected, c.received, c.lost, c.duplicated, c.unacked_delivered), (4, 5, 0, 0, 1), "{notes:?}");
         assert!(notes.is_empty());
     }
@@ -504,7 +534,7 @@ mod tests {
     #[test]
     fn losses_start_after_the_first_cursor_and_end_at_the_barrier() {
         let l = log(&[(E1, 14, 5)], vec![seg(None, 10, 0)]);
-        let (c, _) = check(&l, &ME, &ledger(), p(E1, 15), 10);
+        let (c, _) = check(&l, &ME, &ledger(), &[p(E1, 15)], 10);
         assert_eq!((c.expected, c.lost), (2, 1), "12 lost; 10 before the cursor; 16 after the end");
     }
 
@@ -512,7 +542,7 @@ mod tests {
     fn a_missed_signal_excuses_its_gap_only() {
         let mut l = log(&[(E1, 10, 1), (E1, 16, 7)], vec![seg(None, 9, 0), seg(Some(10), 14, 1)]);
         l.misses.push(missed(Miss::Expired, p(E1, 10), p(E1, 14), 1));
-        let (c, _) = check(&l, &ME, &ledger(), p(E1, 16), 10);
+        let (c, _) = check(&l, &ME, &ledger(), &[p(E1, 16)], 10);
         assert_eq!((c.expected, c.excused, c.lost, c.missed_expired), (2, 2, 0, 1));
     }
 
@@ -523,7 +553,7 @@ mod tests {
             vec![seg(None, 9, 0), seg(Some(12), 9, 2)],
         );
         l.misses.push(missed(Miss::Unknown, p(E1, 12), p(E1, 9), 2));
-        let (c, notes) = check(&l, &ME, &ledger(), p(E1, 16), 10);
+        let (c, notes) = check(&l, &ME, &ledger(), &[p(E1, 16)], 10);
         assert_eq!(
             (c.duplicated, c.duplicated_after_missed, c.out_of_order, c.misrouted, c.phantom, c.id_mismatch),
             (1, 1, 1, 1, 1, 1),
@@ -535,14 +565,22 @@ mod tests {
     #[test]
     fn never_connected() {
         let l = ClientLog::default();
-        let (c, _) = check(&l, &ME, &ledger(), p(E1, 16), 10);
+        let (c, _) = check(&l, &ME, &ledger(), &[p(E1, 16)], 10);
         assert_eq!((c.never_connected, c.expected), (1, 0));
     }
 
     /// The broker lost its store: the stream was recreated (epoch E2, sequences from 1 again).
     /// The lost stream's events 11 and 12 never reached this client.
     fn recreated() -> Ledger {
-        let b = |n, id| Record { n, target: Target::Broadcast, id: Some(id), attempts: 1, sent_ns: 0, acked_ns: 0 };
+        let b = |n, id| Record {
+            n,
+            target: Target::Broadcast,
+            id: Some(id),
+            others: Vec::new(),
+            attempts: 1,
+            sent_ns: 0,
+            acked_ns: 0,
+        };
         Ledger::build(&L, vec![b(1, p(E1, 10)), b(2, p(E1, 11)), b(3, p(E1, 12)), b(4, p(E2, 1)), b(5, p(E2, 2))])
     }
 
@@ -551,7 +589,7 @@ mod tests {
         // Mid-stream: the replica noticed the new stream and told its connection.
         let mut l = log(&[(E1, 10, 1), (E2, 1, 4), (E2, 2, 5)], vec![seg(None, 9, 0)]);
         l.misses.push(Missed { seg: 0, to_event: true, ..missed(Miss::StreamRecreated, p(E1, 10), p(E2, 1), 1) });
-        let (c, notes) = check(&l, &ME, &recreated(), p(E2, 2), 10);
+        let (c, notes) = check(&l, &ME, &recreated(), &[p(E2, 2)], 10);
         assert_eq!(
             (c.lost, c.excused, c.expected, c.out_of_order, c.missed_stream_recreated),
             (0, 2, 3, 0, 1),
@@ -563,20 +601,20 @@ mod tests {
             vec![seg(None, 9, 0), Segment { cursor: Some(p(E2, 0)), ..seg(Some(10), 0, 1) }],
         );
         l.misses.push(missed(Miss::OtherEpoch, p(E1, 10), p(E2, 0), 1));
-        let (c, notes) = check(&l, &ME, &recreated(), p(E2, 2), 10);
+        let (c, notes) = check(&l, &ME, &recreated(), &[p(E2, 2)], 10);
         assert_eq!((c.lost, c.excused, c.expected), (0, 2, 3), "{notes:?}");
     }
 
     #[test]
     fn what_a_lost_stream_held_is_lost_without_a_missed_or_with_one_received_before_it() {
         let l = log(&[(E1, 10, 1), (E2, 1, 4), (E2, 2, 5)], vec![seg(None, 9, 0)]);
-        let (c, notes) = check(&l, &ME, &recreated(), p(E2, 2), 10);
+        let (c, notes) = check(&l, &ME, &recreated(), &[p(E2, 2)], 10);
         assert_eq!((c.lost, c.excused), (2, 0), "{notes:?}");
         // The signal came while the client was at 12: it excuses nothing before 12, and 11
         // (never received) stays lost.
         let mut l = log(&[(E1, 10, 1), (E1, 12, 3), (E2, 1, 4), (E2, 2, 5)], vec![seg(None, 9, 0)]);
         l.misses.push(Missed { seg: 0, to_event: true, ..missed(Miss::StreamRecreated, p(E1, 12), p(E2, 1), 2) });
-        let (c, notes) = check(&l, &ME, &recreated(), p(E2, 2), 10);
+        let (c, notes) = check(&l, &ME, &recreated(), &[p(E2, 2)], 10);
         assert_eq!((c.lost, c.excused, c.out_of_order), (1, 0, 0), "{notes:?}");
         assert!(notes[0].contains("lost n=2"), "{notes:?}");
     }
@@ -586,11 +624,27 @@ mod tests {
         // n=3's first attempt was stored in the lost stream (E1 12) and its answer lost; the
         // retry was stored in the new stream and acknowledged as E2 1.
         let mut records = vec![
-            Record { n: 1, target: Target::Broadcast, id: Some(p(E1, 10)), attempts: 1, sent_ns: 0, acked_ns: 0 },
-            Record { n: 3, target: Target::Broadcast, id: Some(p(E2, 1)), attempts: 2, sent_ns: 0, acked_ns: 0 },
+            Record {
+                n: 1,
+                target: Target::Broadcast,
+                id: Some(p(E1, 10)),
+                others: Vec::new(),
+                attempts: 1,
+                sent_ns: 0,
+                acked_ns: 0,
+            },
+            Record {
+                n: 3,
+                target: Target::Broadcast,
+                id: Some(p(E2, 1)),
+                others: Vec::new(),
+                attempts: 2,
+                sent_ns: 0,
+                acked_ns: 0,
+            },
         ];
         let l = log(&[(E1, 10, 1), (E1, 12, 3), (E2, 1, 3)], vec![seg(None, 9, 0)]);
-        let (c, notes) = check(&l, &ME, &Ledger::build(&L, records.clone()), p(E2, 1), 10);
+        let (c, notes) = check(&l, &ME, &Ledger::build(&L, records.clone()), &[p(E2, 1)], 10);
         assert_eq!(
             (c.duplicated, c.duplicated_across_epochs, c.lost_stream_copies, c.id_mismatch, c.lost),
             (0, 1, 1, 0, 0),
@@ -598,7 +652,7 @@ mod tests {
         );
         // Acknowledged at the first attempt, it cannot have been stored twice: a bug.
         records[1].attempts = 1;
-        let (c, notes) = check(&l, &ME, &Ledger::build(&L, records), p(E2, 1), 10);
+        let (c, notes) = check(&l, &ME, &Ledger::build(&L, records), &[p(E2, 1)], 10);
         assert_eq!((c.duplicated, c.duplicated_across_epochs, c.id_mismatch), (1, 0, 1), "{notes:?}");
     }
 
@@ -613,5 +667,36 @@ mod tests {
         l.saw_id(p(E2, 5), true);
         l.saw_id(p(E2, 6), false);
         assert_eq!((l.misses[0].to, l.misses[0].to_event, l.misses[0].at_rec), (Some(p(E2, 5)), true, 0));
+    }
+
+    #[test]
+    fn with_partitions_a_client_is_held_to_the_ids_of_its_own_partition() {
+        // Partition 0's stream has epoch E1, the client's partition E3: a broadcast is stored in
+        // both, a message to the client's user in its partition only.
+        const E3: u64 = 0x300;
+        let both = |n, s0, s3| Record {
+            n,
+            target: Target::Broadcast,
+            id: Some(p(E1, s0)),
+            others: vec![p(E3, s3)],
+            attempts: 1,
+            sent_ns: 0,
+            acked_ns: 0,
+        };
+        let mine =
+            |n, s3| Record { target: Target::Users(vec![0]), id: Some(p(E3, s3)), others: Vec::new(), ..both(n, 0, 0) };
+        let records = vec![both(1, 10, 4), mine(2, 5), both(3, 11, 6), both(4, 12, 7)];
+        let ends = [p(E1, 12), p(E3, 7)];
+        let clean = log(&[(E3, 4, 1), (E3, 5, 2), (E3, 6, 3), (E3, 7, 4)], vec![seg(None, 3, 0)]);
+        let mut clean = clean;
+        clean.segs[0].cursor = Some(p(E3, 3));
+        let (c, notes) = check(&clean, &ME, &Ledger::build(&L, records.clone()), &ends, 10);
+        assert_eq!((c.expected, c.lost, c.id_mismatch, c.out_of_order), (4, 0, 0, 0), "{notes:?}");
+        assert!(reached(p(E3, 7), &ends) && !reached(p(E3, 6), &ends) && !reached(p(E1, 11), &ends));
+
+        let mut gap = log(&[(E3, 4, 1), (E3, 5, 2), (E3, 7, 4)], vec![seg(None, 3, 0)]);
+        gap.segs[0].cursor = Some(p(E3, 3));
+        let (c, notes) = check(&gap, &ME, &Ledger::build(&L, records), &ends, 10);
+        assert_eq!((c.expected, c.lost), (4, 1), "the broadcast missing in its partition is lost: {notes:?}");
     }
 }

@@ -72,10 +72,14 @@ pub struct StatLine {
     pub events: u64,
 }
 
-/// Coordinator → worker: publishing is over; `end` is the end barrier's id.
+/// Coordinator → worker: publishing is over; `end` is the end barrier's id (the highest
+/// acknowledged), and `ends` the highest acknowledged id in each partition's newest stream (one
+/// entry without partitions: `end`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EndLine {
     pub end: Pos,
+    #[serde(default)]
+    pub ends: Vec<Pos>,
     pub ledger: String,
     pub drain_ms: u64,
 }
@@ -273,7 +277,8 @@ async fn run(args: ChaosWorkerArgs) -> Result<(), String> {
 
     // Drain: until every client's last id reached the barrier, or the deadline.
     let drain_by = Instant::now() + Duration::from_millis(end.drain_ms);
-    while ctx.last.iter().any(|s| s.get() < end.end) && Instant::now() < drain_by {
+    let ends = if end.ends.is_empty() { vec![end.end] } else { end.ends.clone() };
+    while ctx.last.iter().any(|s| !check::reached(s.get(), &ends)) && Instant::now() < drain_by {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
             _ = tick.tick() => say("stat", &stat(&ctx)),
@@ -281,7 +286,7 @@ async fn run(args: ChaosWorkerArgs) -> Result<(), String> {
     }
     say("stat", &stat(&ctx));
     ctx.stopping.set(true);
-    let drained = ctx.last.iter().filter(|s| s.get() >= end.end).count() as u64;
+    let drained = ctx.last.iter().filter(|s| check::reached(s.get(), &ends)).count() as u64;
     let result = finish(&ctx, &end, drained)?;
     say("result", &result);
     // The client tasks are still parked in reads; the process ends here.
@@ -353,7 +358,8 @@ fn finish(ctx: &Ctx, end: &EndLine, drained: u64) -> Result<ResultLine, String> 
         }
         let global = ctx.args.first + local as u64;
         let id = ctx.layout.identity(global);
-        let (c, notes) = check::check(log, &id, &ledger, end.end, NOTES_PER_CLIENT);
+        let ends = if end.ends.is_empty() { std::slice::from_ref(&end.end) } else { end.ends.as_slice() };
+        let (c, notes) = check::check(log, &id, &ledger, ends, NOTES_PER_CLIENT);
         counts.add(&c);
         for s in &log.segs {
             *reasons.entry(s.end).or_default() += 1;

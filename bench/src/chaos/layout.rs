@@ -209,6 +209,9 @@ pub struct Record {
     pub target: Target,
     /// The event id of the first OK answer; `None` if no attempt succeeded.
     pub id: Option<Pos>,
+    /// With partitioned streams, the event's ids in the other partitions it was stored in
+    /// (`partition_event_ids` after the first); a client sees the one of its partition.
+    pub others: Vec<Pos>,
     pub attempts: u32,
     pub sent_ns: u64,
     /// When the OK answer arrived.
@@ -216,17 +219,27 @@ pub struct Record {
 }
 
 impl Record {
+    /// Every id of the event (none if unacknowledged).
+    pub fn ids(&self) -> impl Iterator<Item = Pos> + '_ {
+        self.id.into_iter().chain(self.others.iter().copied())
+    }
+
     pub fn encode(&self) -> String {
-        let id = self.id.map_or("-".to_string(), |p| p.to_string());
+        let id = match self.id {
+            None => "-".to_string(),
+            Some(_) => self.ids().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+        };
         format!("{} {id} {} {} {} {}", self.n, self.attempts, self.sent_ns, self.acked_ns, self.target.encode())
     }
 
     pub fn decode(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split(' ').collect();
         let [n, id, attempts, sent_ns, acked_ns, target] = f.as_slice() else { return None };
+        let ids = if *id == "-" { Vec::new() } else { id.split(',').map(Pos::parse).collect::<Option<Vec<_>>>()? };
         Some(Record {
             n: n.parse().ok()?,
-            id: if *id == "-" { None } else { Some(Pos::parse(id)?) },
+            id: ids.first().copied(),
+            others: ids.get(1..).unwrap_or_default().to_vec(),
             attempts: attempts.parse().ok()?,
             sent_ns: sent_ns.parse().ok()?,
             acked_ns: acked_ns.parse().ok()?,
@@ -290,7 +303,7 @@ mod tests {
         assert!(Pos { epoch: 2, seq: 1 } > Pos { epoch: 1, seq: 900 }, "a recreated stream's ids sort after");
         for target in [Target::Users(vec![1, 22]), Target::Group(3), Target::Topic(0), Target::Broadcast] {
             let id = Some(Pos { epoch: 0x18f3a, seq: 9 });
-            let r = Record { n: 5, target, id, attempts: 2, sent_ns: 100, acked_ns: 200 };
+            let r = Record { n: 5, target, id, others: Vec::new(), attempts: 2, sent_ns: 100, acked_ns: 200 };
             assert_eq!(Record::decode(&r.encode()), Some(r.clone()));
             let unacked = Record { id: None, ..r };
             assert_eq!(Record::decode(&unacked.encode()), Some(unacked));

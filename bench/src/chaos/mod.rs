@@ -520,6 +520,7 @@ fn run(
         n: barrier_n,
         target: Target::Broadcast,
         id: None,
+        others: Vec::new(),
         attempts: 0,
         sent_ns,
         acked_ns: 0,
@@ -537,12 +538,20 @@ fn run(
     outcome.ledger = shared.records().clone();
     outcome.publish = std::mem::take(&mut *shared.stats.lock().unwrap_or_else(|e| e.into_inner()));
     outcome.end = outcome.ledger.iter().filter_map(|r| r.id).max().unwrap_or_default();
+    // With partitions, each partition's newest stream has its own end: the highest acknowledged
+    // id of the epoch of each of the barrier's ids (one per partition, as it went to everyone).
+    let ends: Vec<Pos> = barrier
+        .unwrap_or_default()
+        .iter()
+        .map(|b| outcome.ledger.iter().flat_map(Record::ids).filter(|p| p.epoch == b.epoch).max().unwrap_or(*b))
+        .collect();
     let ledger_path = out.join("ledger.txt");
     let text: String = outcome.ledger.iter().map(|r| r.encode() + "\n").collect();
     std::fs::write(&ledger_path, text).map_err(|e| format!("{}: {e}", ledger_path.display()))?;
 
     let end = EndLine {
         end: outcome.end,
+        ends,
         ledger: ledger_path.display().to_string(),
         drain_ms: profile.drain.as_millis() as u64,
     };

@@ -103,7 +103,7 @@ impl Shared {
     }
 
     /// Records the outcome of publish `n` (its ledger slot is `n - 1`).
-    fn settle(&self, n: u64, outcome: Result<Pos, ()>, attempts: u32) {
+    fn settle(&self, n: u64, outcome: Result<Vec<Pos>, ()>, attempts: u32) {
         {
             let mut s = self.stats();
             s.attempts += u64::from(attempts);
@@ -116,8 +116,9 @@ impl Shared {
         let mut ledger = self.records();
         if let Some(r) = ledger.get_mut((n - 1) as usize) {
             r.attempts = attempts;
-            if let Ok(id) = outcome {
-                r.id = Some(id);
+            if let Ok(ids) = outcome {
+                r.id = ids.first().copied();
+                r.others = ids.get(1..).unwrap_or_default().to_vec();
                 r.acked_ns = now_ns();
             }
         }
@@ -147,7 +148,13 @@ fn event(data: &str) -> Option<pb::Event> {
 }
 
 /// One unary attempt on replica `r`; the event id on success.
-async fn unary_once(shared: &Shared, r: usize, target: &Target, data: &str, key: &str) -> Result<Pos, tonic::Status> {
+async fn unary_once(
+    shared: &Shared,
+    r: usize,
+    target: &Target,
+    data: &str,
+    key: &str,
+) -> Result<Vec<Pos>, tonic::Status> {
     let mut c = shared.clients[r % shared.clients.len()].clone();
     let key = key.to_string();
     let call = async {
@@ -183,25 +190,41 @@ async fn unary_once(shared: &Shared, r: usize, target: &Target, data: &str, key:
                 c.broadcast(pb::BroadcastRequest { retain: None, event: event(data), idempotency_key: key }).await
             }
         }?;
-        let id = resp.into_inner().event_id;
-        Pos::parse(&id).ok_or_else(|| tonic::Status::internal(format!("unreadable event id {id:?}")))
+        let resp = resp.into_inner();
+        ids_of(&resp.event_id, &resp.partition_event_ids)
+            .ok_or_else(|| tonic::Status::internal(format!("unreadable event id {:?}", resp.event_id)))
     };
     tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), call)
         .await
         .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("client-side timeout")))
 }
 
-/// Publishes with retries; records the outcome in the ledger. Returns the event id if acked.
-pub async fn publish_unary(shared: &Shared, n: u64, target: &Target, data: &str, first_attempt: u32) -> Option<Pos> {
+/// An answer's ids: every partition's when the event has several (the first is `event_id`),
+/// else `event_id`; `None` if one does not parse.
+fn ids_of(event_id: &str, partition_ids: &[String]) -> Option<Vec<Pos>> {
+    if partition_ids.is_empty() {
+        return Pos::parse(event_id).map(|p| vec![p]);
+    }
+    partition_ids.iter().map(|s| Pos::parse(s)).collect()
+}
+
+/// Publishes with retries; records the outcome in the ledger. Returns the event's ids if acked.
+pub async fn publish_unary(
+    shared: &Shared,
+    n: u64,
+    target: &Target,
+    data: &str,
+    first_attempt: u32,
+) -> Option<Vec<Pos>> {
     let key = layout::idempotency_key(n);
     let mut attempts = first_attempt;
     while attempts < MAX_ATTEMPTS {
         let r = (n as usize + attempts as usize) % shared.clients.len();
         attempts += 1;
         match unary_once(shared, r, target, data, &key).await {
-            Ok(id) => {
-                shared.settle(n, Ok(id), attempts);
-                return Some(id);
+            Ok(ids) => {
+                shared.settle(n, Ok(ids.clone()), attempts);
+                return Some(ids);
             }
             Err(st) if retryable(st.code()) => {
                 shared.failed_attempt(format!("{:?}", st.code()));
@@ -253,7 +276,15 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, stop: Arc<AtomicBool>) {
         let target = plan.layout.target(n, plan.broadcast_every, plan.seed);
         let sent_ns = now_ns();
         let data = layout::payload(n, sent_ns);
-        shared.records().push(Record { n, target: target.clone(), id: None, attempts: 0, sent_ns, acked_ns: 0 });
+        shared.records().push(Record {
+            n,
+            target: target.clone(),
+            id: None,
+            others: Vec::new(),
+            attempts: 0,
+            sent_ns,
+            acked_ns: 0,
+        });
         let via_stream = !stream_txs.is_empty() && layout::mix64(n ^ 0x5157) % 1000 < plan.stream_per_mille;
         if via_stream {
             let tx = &stream_txs[(n as usize) % stream_txs.len()];
@@ -362,9 +393,9 @@ async fn stream_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Item>, task: us
             match tokio::time::timeout_at(deadline, answers.message()).await {
                 Ok(Ok(Some(a))) => {
                     answered += 1;
-                    let id = (a.code == 0).then(|| Pos::parse(&a.event_id)).flatten();
-                    match id {
-                        Some(id) => shared.settle(item.n, Ok(id), item.attempts),
+                    let ids = (a.code == 0).then(|| ids_of(&a.event_id, &a.partition_event_ids)).flatten();
+                    match ids {
+                        Some(ids) => shared.settle(item.n, Ok(ids), item.attempts),
                         None if a.code == 0 || retryable(Code::from(a.code)) => {
                             // UNAVAILABLE (draining, broker away): retry on another replica.
                             shared.failed_attempt(format!("stream item {:?}", Code::from(a.code)));

@@ -504,6 +504,7 @@ mod tests {
             n,
             target: Target::Broadcast,
             id: seq.map(|seq| Pos { epoch: 1, seq }),
+            others: Vec::new(),
             attempts: 1,
             sent_ns,
             acked_ns: 0,

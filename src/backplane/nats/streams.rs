@@ -92,8 +92,8 @@ impl NatsStreams {
         }
     }
 
-    /// Publishes to the partitions `target` reaches and waits for every acknowledgement; the id
-    /// is the first partition's. A failure in one partition after another stored the event is
+    /// Publishes to the partitions `target` reaches and waits for every acknowledgement; the ids
+    /// in partition order (never none). A failure in one partition after another stored the event is
     /// `Partial` (retry with the same idempotency key: JetStream's duplicate detection keeps
     /// the partitions that have it from storing it twice).
     pub async fn publish(
@@ -103,13 +103,13 @@ impl NatsStreams {
         event: Event,
         retain: Retain,
         key: Option<&IdempotencyKey>,
-    ) -> Result<EventId, BackplaneError> {
+    ) -> Result<Vec<EventId>, BackplaneError> {
         let mut split = routers.split(target);
         if split.len() == 1
             && let Some((k, target)) = split.pop()
         {
             super::super::broker_admits(&routers.all()[k], &target, &event, retain)?;
-            return self.parts[k].publish(target, event, retain, key).await;
+            return Ok(vec![self.parts[k].publish(target, event, retain, key).await?]);
         }
         for (k, t) in &split {
             super::super::broker_admits(&routers.all()[*k], t, &event, retain)?;
@@ -156,29 +156,25 @@ impl NatsStreams {
     }
 }
 
-/// One outcome for an event written to several partitions: the first id if every one stored
-/// it; the failure alone if none did; `Partial` if some did.
-pub fn combine(outcomes: Vec<Result<EventId, BackplaneError>>) -> Result<EventId, BackplaneError> {
+/// One outcome for an event written to several partitions (outcomes in partition order): every
+/// id if every one stored it; the failure alone if none did; `Partial` if some did.
+pub fn combine(outcomes: Vec<Result<EventId, BackplaneError>>) -> Result<Vec<EventId>, BackplaneError> {
     let of = outcomes.len();
-    let mut first_id = None;
+    let mut ids = Vec::with_capacity(of);
     let mut first_err = None;
-    let mut stored = 0;
     for o in outcomes {
         match o {
-            Ok(id) => {
-                stored += 1;
-                first_id.get_or_insert(id);
-            }
+            Ok(id) => ids.push(id),
             Err(e) => {
                 first_err.get_or_insert(e);
             }
         }
     }
-    match (first_id, first_err) {
-        (Some(id), None) => Ok(id),
-        (_, Some(e)) if stored == 0 => Err(e),
-        (_, Some(e)) => Err(BackplaneError::Partial { stored, of, reason: e.to_string() }),
-        (None, None) => Err(BackplaneError::Unavailable("no partition to publish to".into())),
+    match first_err {
+        None if !ids.is_empty() => Ok(ids),
+        None => Err(BackplaneError::Unavailable("no partition to publish to".into())),
+        Some(e) if ids.is_empty() => Err(e),
+        Some(e) => Err(BackplaneError::Partial { stored: ids.len(), of, reason: e.to_string() }),
     }
 }
 
@@ -191,8 +187,8 @@ mod tests {
     }
 
     #[test]
-    fn an_event_stored_everywhere_has_the_first_id_and_one_stored_somewhere_is_partial() {
-        assert_eq!(combine(vec![Ok(id(3)), Ok(id(5))]).unwrap(), id(3));
+    fn an_event_stored_everywhere_has_every_id_and_one_stored_somewhere_is_partial() {
+        assert_eq!(combine(vec![Ok(id(3)), Ok(id(5))]).unwrap(), [id(3), id(5)]);
         let none =
             combine(vec![Err(BackplaneError::Unavailable("a".into())), Err(BackplaneError::Refused("b".into()))]);
         assert!(matches!(none, Err(BackplaneError::Unavailable(_))), "nothing stored: the first failure as it is");

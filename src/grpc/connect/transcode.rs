@@ -145,7 +145,8 @@ mod tests {
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.to_string().contains("unknown field `userIdz`"), "{err}");
         assert!(decode_request::<pb::StatsRequest>(b"", Codec::Json).unwrap().is_empty());
-        let resp = pb::PublishResponse { event_id: "1-2".into(), recipients: Some(3) }.encode_to_vec();
+        let resp =
+            pb::PublishResponse { event_id: "1-2".into(), recipients: Some(3), ..Default::default() }.encode_to_vec();
         let json = encode_response::<pb::PublishResponse>(&resp, Codec::Json).unwrap();
         assert_eq!(String::from_utf8(json).unwrap(), r#"{"eventId":"1-2","recipients":"3"}"#);
     }
