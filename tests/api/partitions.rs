@@ -63,6 +63,7 @@ async fn user_events_are_stored_in_their_partition_and_everyones_in_each_with_th
         );
     }
     let mut epochs = Vec::new();
+    let mut to_all_ids = Vec::new();
     for (u, sub) in users.iter().zip(&mut subs) {
         let got = [sub.next_event().await, sub.next_event().await, sub.next_event().await, sub.next_event().await];
         let data: Vec<&str> = got.iter().map(|e| e.data.as_str()).collect();
@@ -70,6 +71,7 @@ async fn user_events_are_stored_in_their_partition_and_everyones_in_each_with_th
         let epoch = epoch_of(&got[0].last_event_id);
         assert!(got.iter().all(|e| epoch_of(&e.last_event_id) == epoch), "one partition, one epoch: {got:?}");
         epochs.push(epoch.to_owned());
+        to_all_ids.push(got[1].last_event_id.clone());
     }
     epochs.sort();
     epochs.dedup();
@@ -79,6 +81,11 @@ async fn user_events_are_stored_in_their_partition_and_everyones_in_each_with_th
         epoch_of(&subs[0].last_event_id()),
         "the answer names the first partition's id"
     );
+    assert_eq!(to_all.partition_event_ids.len(), P, "an id in each partition: {to_all:?}");
+    assert_eq!(to_all.partition_event_ids[0], to_all.event_id, "the first is event_id");
+    assert_eq!(to_all.partition_event_ids, to_all_ids, "each user saw its partition's id of the event");
+    let one = a.publish_users(&[&users[1]], "", "one partition").await;
+    assert!(one.partition_event_ids.is_empty(), "an event with one id lists none: {one:?}");
 }
 
 #[tokio::test]
