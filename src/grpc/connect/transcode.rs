@@ -148,6 +148,6 @@ mod tests {
         let resp =
             pb::PublishResponse { event_id: "1-2".into(), recipients: Some(3), ..Default::default() }.encode_to_vec();
         let json = encode_response::<pb::PublishResponse>(&resp, Codec::Json).unwrap();
-        assert_eq!(String::from_utf8(json).unwrap(), r#"{"eventId":"1-2","recipients":"3"}"#);
+        assert_eq!(String::from_utf8(json).unwrap(), r#"{"eventId":"1-2","recipients":"3","partitionEventIds":[]}"#);
     }
 }
