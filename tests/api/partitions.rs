@@ -18,10 +18,16 @@ use crate::{
 const P: usize = 3;
 const FLAGS: &[&str] = &["--nats-partitions", "3"];
 
-/// Users named `<prefix><n>`, one in each partition, in partition order.
+/// Users named `<prefix><n>`, one in each partition, in partition order (panics, rather than
+/// searching forever, if 1,000 names do not reach every partition).
 fn one_per_partition(prefix: &str) -> Vec<String> {
     (0..P)
-        .map(|k| (0..).map(|n| format!("{prefix}{n}")).find(|u| partition_of(u, P) == k).unwrap_or_default())
+        .map(|k| {
+            (0..1000)
+                .map(|n| format!("{prefix}{n}"))
+                .find(|u| partition_of(u, P) == k)
+                .unwrap_or_else(|| panic!("no user of partition {k} among 1,000 names"))
+        })
         .collect()
 }
 
