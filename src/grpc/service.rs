@@ -170,6 +170,11 @@ fn item_kind(req: &pb::PublishStreamRequest) -> &'static str {
     }
 }
 
+/// `partition_event_ids` of an answer (empty unless the event was stored in several partitions).
+pub(super) fn partition_ids(p: &Accepted) -> Vec<String> {
+    p.partition_ids.iter().map(ToString::to_string).collect()
+}
+
 /// The answer to a stream item that was published.
 fn accepted_item(index: u64, p: &Accepted) -> pb::PublishStreamResponse {
     pb::PublishStreamResponse {
@@ -178,7 +183,7 @@ fn accepted_item(index: u64, p: &Accepted) -> pb::PublishStreamResponse {
         message: String::new(),
         event_id: p.id.to_string(),
         recipients: p.recipients,
-        partition_event_ids: p.partition_ids.iter().map(ToString::to_string).collect(),
+        partition_event_ids: partition_ids(p),
     }
 }
 
@@ -453,7 +458,7 @@ impl pb::publisher_server::Publisher for PublisherService {
         // each with its own ids: the partition `before` names, or the first.
         let router = match (&target, before) {
             (Target::Users(users), _) if users.len() == 1 => self.routers.of_user(&users[0]),
-            (_, Some(id)) => self.routers.of_epoch(id.epoch).map_or(self.routers.first(), |k| &self.routers.all()[k]),
+            (_, Some(id)) => self.routers.of_epoch(id.epoch).unwrap_or(self.routers.first()),
             _ => self.routers.first(),
         };
         let before = match before {

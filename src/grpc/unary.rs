@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ApiError, convert, pb,
-    service::{Limits, PublisherService},
+    service::{Limits, PublisherService, partition_ids},
 };
 use crate::domain::Target;
 
@@ -76,7 +76,7 @@ impl PublisherService {
         Ok(Response::new(pb::PublishResponse {
             event_id: p.id.to_string(),
             recipients: p.recipients,
-            partition_event_ids: p.partition_ids.iter().map(ToString::to_string).collect(),
+            partition_event_ids: partition_ids(&p),
         }))
     }
 }

@@ -58,9 +58,9 @@ impl Partitions {
         &self.routers[self.index_of(user)]
     }
 
-    /// The partition whose current epoch is `epoch`.
-    pub fn of_epoch(&self, epoch: u64) -> Option<usize> {
-        self.routers.iter().position(|r| r.epoch() == epoch)
+    /// The router of the partition whose current epoch is `epoch`.
+    pub fn of_epoch(&self, epoch: u64) -> Option<&Arc<Router>> {
+        self.routers.iter().find(|r| r.epoch() == epoch)
     }
 
     /// Where an event for `target` is written: `(partition, target)` pairs in partition order,

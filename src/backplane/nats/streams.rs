@@ -104,13 +104,7 @@ impl NatsStreams {
         retain: Retain,
         key: Option<&IdempotencyKey>,
     ) -> Result<Vec<EventId>, BackplaneError> {
-        let mut split = routers.split(target);
-        if split.len() == 1
-            && let Some((k, target)) = split.pop()
-        {
-            super::super::broker_admits(&routers.all()[k], &target, &event, retain)?;
-            return Ok(vec![self.parts[k].publish(target, event, retain, key).await?]);
-        }
+        let split = routers.split(target);
         for (k, t) in &split {
             super::super::broker_admits(&routers.all()[*k], t, &event, retain)?;
         }
@@ -124,10 +118,7 @@ impl NatsStreams {
     }
 
     pub fn is_up(&self) -> bool {
-        match self.parts.as_slice() {
-            [one] => one.is_up(),
-            all => all.iter().all(|p| p.is_up()),
-        }
+        self.parts.iter().all(|p| p.is_up())
     }
 
     pub fn watch_up(&self) -> watch::Receiver<bool> {

@@ -173,7 +173,7 @@ fn stream_json(s: &StreamView, epoch: u64) -> Value {
 fn reached(console: &Console, subject: &Subject, streams: &[(&str, &StreamView)], event: EventId) -> Value {
     let unknown = |reason: String| json!({ "event": event.to_string(), "verdict": "unknown", "reason": reason });
     let c = &console.0;
-    let router = c.routers.of_epoch(event.epoch).map_or_else(|| c.router_of(subject), |k| &c.routers.all()[k]);
+    let router = c.routers.of_epoch(event.epoch).unwrap_or_else(|| c.router_of(subject));
     let logged = match router.find_event(event) {
         EventLookup::Found(logged) => logged,
         EventLookup::OtherEpoch => {
